@@ -1,0 +1,353 @@
+"""Guidance rules: how two noise predictions are combined at each DDPM step.
+
+A rule is an immutable pytree whose hyperparameters are float32/int32 array
+leaves, so ``jax.vmap`` can map over any of them (a grid of guidance scales,
+temperatures, ...). Like an optax transformation it is three pure functions:
+
+* ``init(x) -> state``: the state for a batch ``x`` of shape (B, *sample_shape).
+* ``guide(state, x_t, eps_u, eps_c, step) -> (eps, lam, state)``: the guided
+  prediction (B, ...), the effective scale lambda_t per sample (B,), and the
+  state after guiding (SLD's momentum).
+* ``update(state, x_t, x_next, eps_u, eps_c, step) -> state``: after the DDPM
+  step x_t -> x_next (DNG's posterior update).
+
+``eps_u`` is the unconditional prediction and ``eps_c`` the second one: the
+unwanted concept's eps(x | c-) for NP, SLD and DNG, the wanted condition's
+eps(x | c) for CFG. ``step`` is a :class:`Step` with the chain's quantities.
+
+Hyperparameters are checked on construction when they are concrete values:
+illegal ones raise ``ValueError`` naming the parameter. (Inside jit/vmap,
+with traced values, nothing can be checked.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, ClassVar, Tuple
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jnp.ndarray
+
+VARIANCES = ("posterior", "beta")
+
+
+@struct.dataclass
+class Step:
+    """Quantities of one transition x_t -> x_{t-1} of the chain (scalars).
+
+    index: position in the chain (0 = least noisy). t: network timestep index.
+    beta, alpha_bar, alpha_bar_prev, posterior_variance: the chain's own values.
+    warm: number of steps already taken (0 at the first, noisiest step).
+    is_last: True at the final step (index 0; no noise is added).
+    """
+
+    index: Array
+    t: Array
+    beta: Array
+    alpha_bar: Array
+    alpha_bar_prev: Array
+    posterior_variance: Array
+    warm: Array
+    is_last: Array
+
+
+def ddpm_mean(x: Array, eps: Array, step: Step) -> Array:
+    """Mean of p(x_{t-1} | x_t) for a prediction eps: (x - beta/sqrt(1-ab) eps) / sqrt(1-beta)."""
+    return (x - step.beta / jnp.sqrt(1.0 - step.alpha_bar) * eps) / jnp.sqrt(1.0 - step.beta)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _is_concrete(v: Any) -> bool:
+    return not isinstance(v, jax.core.Tracer) and isinstance(
+        v, (int, float, np.ndarray, np.generic, jax.Array))
+
+
+def _check(name: str, value: Any, ok: Callable[[np.ndarray], np.ndarray], what: str) -> None:
+    if not _is_concrete(value):
+        return
+    arr = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if not np.all(ok(arr)):
+        raise ValueError(f"{name} must be {what}, got {value}")
+
+
+def _rule(cls):
+    """Frozen dataclass + pytree whose array fields are leaves and other fields static.
+
+    Unflattening bypasses ``__init__`` so that pytrees built by jax (vmap axes,
+    tracers, ``None`` placeholders) are never validated or converted.
+    """
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = dataclasses.fields(cls)
+    leaf_names = tuple(f.name for f in fields if not f.metadata.get("static", False))
+    static_names = tuple(f.name for f in fields if f.metadata.get("static", False))
+
+    def flatten(obj):
+        return (tuple(getattr(obj, n) for n in leaf_names),
+                tuple(getattr(obj, n) for n in static_names))
+
+    def unflatten(aux, children):
+        obj = object.__new__(cls)
+        for n, v in zip(leaf_names, children):
+            object.__setattr__(obj, n, v)
+        for n, v in zip(static_names, aux):
+            object.__setattr__(obj, n, v)
+        return obj
+
+    jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+    cls.leaf_names = leaf_names
+    return cls
+
+
+def _static(default=dataclasses.MISSING):
+    return dataclasses.field(default=default, metadata={"static": True})
+
+
+def _as_leaf(obj, name: str, dtype=jnp.float32) -> None:
+    v = getattr(obj, name)
+    if _is_concrete(v) or isinstance(v, (list, tuple)):
+        object.__setattr__(obj, name, jnp.asarray(v, dtype))
+
+
+class GuidanceRule:
+    """Base class: no state, no update."""
+
+    #: whether the rule needs the second prediction eps_c (the sampler skips that call if not).
+    needs_second_prediction: ClassVar[bool] = True
+
+    def init(self, x: Array) -> Any:
+        return ()
+
+    def guide(self, state, x_t: Array, eps_u: Array, eps_c: Array, step: Step) -> Tuple[Array, Array, Any]:
+        raise NotImplementedError
+
+    def update(self, state, x_t: Array, x_next: Array, eps_u: Array, eps_c: Array, step: Step) -> Any:
+        return state
+
+    def posterior(self, state, batch: int) -> Array:
+        """p(c- | x_t) per sample (B,) for rules that track it; NaN otherwise."""
+        return jnp.full((batch,), jnp.nan, jnp.float32)
+
+    def replace(self, **changes):
+        """A copy with some hyperparameters changed (validated like the constructor)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _per_sample(scale: Array, like: Array) -> Array:
+    """Broadcast a scalar or (B,) scale against a (B, ...) array."""
+    scale = jnp.asarray(scale)
+    return scale.reshape(scale.shape + (1,) * (like.ndim - scale.ndim))
+
+
+# --------------------------------------------------------------------------- rules
+
+@_rule
+class NoGuidance(GuidanceRule):
+    """eps = eps_u; lambda_t = 0."""
+
+    needs_second_prediction: ClassVar[bool] = False
+
+    def guide(self, state, x_t, eps_u, eps_c, step):
+        return eps_u, jnp.zeros((eps_u.shape[0],), jnp.float32), state
+
+
+@_rule
+class NegativePrompting(GuidanceRule):
+    """Negative prompting: eps = eps_u - scale (eps_neg - eps_u), lambda_t = scale."""
+
+    scale: Any = 1.0
+
+    def __post_init__(self):
+        _check("scale", self.scale, lambda a: a >= 0, ">= 0")
+        _as_leaf(self, "scale")
+
+    def guide(self, state, x_t, eps_u, eps_c, step):
+        eps = eps_u - _per_sample(self.scale, eps_u) * (eps_c - eps_u)
+        return eps, jnp.broadcast_to(self.scale, (eps_u.shape[0],)).astype(jnp.float32), state
+
+
+@_rule
+class ClassifierFreeGuidance(GuidanceRule):
+    """Classifier-free guidance toward a condition: eps = eps_u + scale (eps_cond - eps_u)."""
+
+    scale: Any = 1.0
+
+    def __post_init__(self):
+        _check("scale", self.scale, lambda a: a >= 0, ">= 0")
+        _as_leaf(self, "scale")
+
+    def guide(self, state, x_t, eps_u, eps_c, step):
+        eps = eps_u + _per_sample(self.scale, eps_u) * (eps_c - eps_u)
+        return eps, jnp.broadcast_to(self.scale, (eps_u.shape[0],)).astype(jnp.float32), state
+
+
+@_rule
+class SafeLatentDiffusion(GuidanceRule):
+    """Safe Latent Diffusion (Schramowski et al. 2023), as in the DNG paper's appendix E.
+
+    d = eps_u - eps_neg; mask = where(d < threshold, min(1, s_s |d|), 0) element-wise;
+    corr = -mask d + s_m m; m <- beta_m m + (1 - beta_m) corr; eps = eps_u - scale corr,
+    except during the first ``warmup`` steps where eps = eps_u (the momentum still
+    accumulates, as in the reference implementation). State: the momentum m, shape of x.
+    The reported lambda_t is scale * mean(mask) per sample (0 during warm-up).
+    """
+
+    scale: Any = 1.0
+    threshold: Any = 0.04
+    s_s: Any = 100.0
+    beta_m: Any = 0.2
+    s_m: Any = 0.1
+    warmup: Any = 0
+
+    def __post_init__(self):
+        _check("scale", self.scale, lambda a: a >= 0, ">= 0")
+        _check("threshold", self.threshold, lambda a: np.ones_like(a, bool), "a number")
+        _check("s_s", self.s_s, lambda a: a >= 0, ">= 0")
+        _check("beta_m", self.beta_m, lambda a: (a >= 0) & (a <= 1), "in [0, 1]")
+        _check("s_m", self.s_m, lambda a: a >= 0, ">= 0")
+        _check("warmup", self.warmup, lambda a: (a >= 0) & (a == np.round(a)), "an integer >= 0")
+        for n in ("scale", "threshold", "s_s", "beta_m", "s_m"):
+            _as_leaf(self, n)
+        _as_leaf(self, "warmup", jnp.int32)
+
+    def init(self, x):
+        return jnp.zeros_like(x)
+
+    def guide(self, momentum, x_t, eps_u, eps_c, step):
+        d = eps_u - eps_c
+        mask = jnp.where(d < _per_sample(self.threshold, d),
+                         jnp.minimum(1.0, _per_sample(self.s_s, d) * jnp.abs(d)), 0.0)
+        corr = -mask * d + _per_sample(self.s_m, d) * momentum
+        beta_m = _per_sample(self.beta_m, d)
+        momentum = beta_m * momentum + (1.0 - beta_m) * corr
+        active = step.warm >= self.warmup
+        scale = jnp.where(active, self.scale, 0.0)
+        eps = eps_u - _per_sample(scale, eps_u) * corr
+        lam = jnp.broadcast_to(scale, (eps_u.shape[0],)) * mask.reshape(mask.shape[0], -1).mean(-1)
+        return eps, lam.astype(jnp.float32), momentum
+
+
+@_rule
+class DynamicNegativeGuidance(GuidanceRule):
+    """Dynamic Negative Guidance (Koulischer et al., ICLR 2025, Alg. 1-2).
+
+    State: log p(c- | x_t) per sample, initialised to log(prior).
+    Guidance: eps = eps_u - lambda_t (eps_neg - eps_u), lambda_t = scale p / (1 - p).
+    Update after x_t -> x_{t-1}, with mu_u, mu_neg the DDPM means of eps_u, eps_neg at x_t:
+        log p += (-temperature (|x_{t-1} - mu_neg|^2 - |x_{t-1} - mu_u|^2) + offset) / (2 sigma_t^2),
+    then p is clamped to [p_min, p_max].
+
+    ``variance`` chooses sigma_t^2:
+      * ``"posterior"`` (default): beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t),
+        and beta_t at the final step (where beta_tilde is 0) -- what the authors' code uses
+        and what produced the paper's numbers;
+      * ``"beta"``: beta_t, as written in the paper's Alg. 2.
+    Both use the transition variances of the chain being sampled (respaced or not).
+    """
+
+    scale: Any = 1.0
+    prior: Any = 0.25
+    temperature: Any = 0.25
+    offset: Any = 0.0
+    p_min: Any = 1e-6
+    p_max: Any = 0.99
+    variance: str = _static("posterior")
+
+    def __post_init__(self):
+        _check("scale", self.scale, lambda a: a >= 0, ">= 0")
+        _check("prior", self.prior, lambda a: (a > 0) & (a < 1), "in (0, 1)")
+        _check("temperature", self.temperature, lambda a: a >= 0, ">= 0")
+        _check("offset", self.offset, lambda a: np.ones_like(a, bool), "a number")
+        _check("p_min", self.p_min, lambda a: a > 0, "> 0")
+        _check("p_max", self.p_max, lambda a: a < 1, "< 1")
+        if _is_concrete(self.p_min) and _is_concrete(self.p_max):
+            if np.any(np.asarray(self.p_min) >= np.asarray(self.p_max)):
+                raise ValueError(f"p_min must be < p_max, got p_min={self.p_min}, p_max={self.p_max}")
+        if self.variance not in VARIANCES:
+            raise ValueError(f"variance must be one of {VARIANCES}, got {self.variance!r}")
+        for n in ("scale", "prior", "temperature", "offset", "p_min", "p_max"):
+            _as_leaf(self, n)
+
+    def init(self, x):
+        return jnp.broadcast_to(jnp.log(self.prior), (x.shape[0],)).astype(jnp.float32)
+
+    def guide(self, log_p, x_t, eps_u, eps_c, step):
+        lam = self.scale * _odds(log_p)
+        eps = eps_u - _per_sample(lam, eps_u) * (eps_c - eps_u)
+        return eps, lam.astype(jnp.float32), log_p
+
+    def update(self, log_p, x_t, x_next, eps_u, eps_c, step):
+        mu_u = ddpm_mean(x_t, eps_u, step)
+        mu_neg = ddpm_mean(x_t, eps_c, step)
+        axes = tuple(range(1, x_t.ndim))
+        sq_neg = jnp.sum(jnp.square(x_next - mu_neg), axis=axes)
+        sq_u = jnp.sum(jnp.square(x_next - mu_u), axis=axes)
+        sigma2 = transition_variance(step, self.variance)
+        increment = (-self.temperature * (sq_neg - sq_u) + self.offset) / (2.0 * sigma2)
+        # +-inf increments (possible when sigma2 is tiny) are absorbed by the clamp; NaN never arises
+        # from finite inputs, but is mapped to "no change" rather than poisoning the chain.
+        increment = jnp.where(jnp.isnan(increment), 0.0, increment)
+        return jnp.clip(log_p + increment, jnp.log(self.p_min), jnp.log(self.p_max))
+
+    def posterior(self, log_p, batch):
+        return jnp.exp(log_p)
+
+
+def transition_variance(step: Step, variance: str) -> Array:
+    """sigma_t^2 used by DNG's posterior update (see :class:`DynamicNegativeGuidance`)."""
+    if variance == "beta":
+        return step.beta
+    return jnp.where(step.is_last, step.beta, step.posterior_variance)
+
+
+def _odds(log_p: Array) -> Array:
+    """p / (1 - p) from log p < 0, without overflow for p close to 1."""
+    log_p = jnp.minimum(log_p, -1e-12)
+    return jnp.exp(log_p - jnp.log(-jnp.expm1(log_p)))
+
+
+@_rule
+class ExactDynamicNegativeGuidance(GuidanceRule):
+    """DNG with a given exact posterior (analytic models): lambda_t = scale p / (1 - p).
+
+    ``posterior_fn(x, t) -> p`` of shape (B,) where t is the network timestep index (B,).
+    It may instead return log p (set ``log_space=True``), which avoids rounding p to 1.
+    p is capped at ``p_max`` so that lambda_t stays finite.
+    """
+
+    scale: Any = 1.0
+    posterior_fn: Callable = _static(None)
+    p_max: Any = 1.0 - 1e-6
+    log_space: bool = _static(False)
+
+    def __post_init__(self):
+        _check("scale", self.scale, lambda a: a >= 0, ">= 0")
+        _check("p_max", self.p_max, lambda a: (a > 0) & (a < 1), "in (0, 1)")
+        if not callable(self.posterior_fn):
+            raise ValueError("posterior_fn must be a callable posterior_fn(x, t) -> p (B,)")
+        _as_leaf(self, "scale")
+        _as_leaf(self, "p_max")
+
+    def init(self, x):
+        return jnp.zeros((x.shape[0],), jnp.float32)  # the posterior at the last guided step, for traces
+
+    def _log_p(self, x, t):
+        out = self.posterior_fn(x, jnp.broadcast_to(t, (x.shape[0],)))
+        log_p = out if self.log_space else jnp.log(out)
+        return jnp.minimum(log_p.astype(jnp.float32), jnp.log(self.p_max))
+
+    def guide(self, state, x_t, eps_u, eps_c, step):
+        log_p = self._log_p(x_t, step.t)
+        lam = self.scale * _odds(log_p)
+        eps = eps_u - _per_sample(lam, eps_u) * (eps_c - eps_u)
+        return eps, lam.astype(jnp.float32), jnp.exp(log_p)
+
+    def posterior(self, state, batch):
+        return state
