@@ -86,6 +86,10 @@ class UNet(nn.Module):
       out_ch: output channels (defaults to the input's).
       num_classes: if > 0, class-conditional; label ``num_classes`` means "no label".
       groups: GroupNorm groups. dtype: compute dtype (params stay float32).
+      downsample_padding: padding of the stride-2 downsampling convs, as diffusers'
+        ``downsample_padding``: 1 pads one pixel on every side (PyTorch style); 0 pads
+        one pixel at the bottom and right only, as TensorFlow's ``'SAME'`` in Ho et al.'s
+        code and in ``google/ddpm-cifar10-32`` (whose config says 0).
     """
 
     ch: int = 128
@@ -97,12 +101,16 @@ class UNet(nn.Module):
     num_classes: int = 0
     groups: int = 32
     dtype: Any = jnp.float32
+    downsample_padding: int = 1
 
     @nn.compact
     def __call__(self, x: Array, t: Array, label: Optional[Array] = None,
                  train: bool = False) -> Array:
         if x.ndim != 4:
             raise ValueError(f"UNet expects NHWC input of rank 4, got shape {x.shape}")
+        if self.downsample_padding not in (0, 1):
+            raise ValueError(f"downsample_padding must be 0 or 1, got {self.downsample_padding}")
+        down_pad = _PAD if self.downsample_padding == 1 else ((0, 1), (0, 1))
         b = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t), (b,))
         temb_dim = self.ch * 4
@@ -128,7 +136,7 @@ class UNet(nn.Module):
                     h = AttnBlock(self.groups, self.dtype, name=f"down_{level}_attn_{i}")(h)
                 skips.append(h)
             if level != n_levels - 1:
-                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=_PAD, dtype=self.dtype,
+                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=down_pad, dtype=self.dtype,
                             name=f"down_{level}_downsample")(h)
                 skips.append(h)
 

@@ -1,0 +1,467 @@
+"""Convert a diffusers ``UNet2DModel`` checkpoint to the Flax :class:`~dngjax.models.unet.UNet`.
+
+The source is a directory as ``save_pretrained`` writes it or as it is
+downloaded from the Hugging Face hub (e.g. ``google/ddpm-cifar10-32``):
+``config.json`` plus ``diffusion_pytorch_model.safetensors`` (read with
+``safetensors``' numpy API) or ``diffusion_pytorch_model.bin`` (read with
+``torch.load(weights_only=True)``; never an arbitrary pickle). A pipeline
+directory whose UNet sits in ``unet/`` works too.
+
+Only configurations the Flax UNet represents exactly are accepted: positional
+``[sin, cos]`` timestep embedding with ``freq_shift=1``, ``DownBlock2D`` /
+``AttnDownBlock2D`` and the mirrored ``UpBlock2D`` / ``AttnUpBlock2D``,
+single-head attention, SiLU, GroupNorm eps 1e-6, no class embedding; anything
+else raises a ``ValueError`` naming the config field.
+
+CLI::
+
+    python -m dngjax.models.convert_diffusers SRC_DIR OUT_DIR
+
+writes ``OUT_DIR/params.msgpack`` (``flax.serialization``) and
+``OUT_DIR/config.json`` (the ``UNet`` keyword arguments); load them back with
+:func:`load_converted`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from .unet import UNet
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
+BIN_NAME = "diffusion_pytorch_model.bin"
+PARAMS_NAME = "params.msgpack"
+
+# Defaults of diffusers' UNet2DModel.__init__ (0.42): a field missing from
+# config.json takes this value in diffusers, so it is validated as such.
+DIFFUSERS_DEFAULTS: Dict[str, Any] = dict(
+    sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
+    time_embedding_type="positional", time_embedding_dim=None, freq_shift=0,
+    flip_sin_to_cos=True,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2D",
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1,
+    downsample_padding=1, downsample_type="conv", upsample_type="conv", dropout=0.0,
+    act_fn="silu", attention_head_dim=8, norm_num_groups=32, attn_norm_num_groups=None,
+    norm_eps=1e-5, resnet_time_scale_shift="default", add_attention=True,
+    class_embed_type=None, num_class_embeds=None, num_train_timesteps=None,
+)
+
+_DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
+_UP_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+_FLAX_NORM_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _reject(field: str, value: Any, why: str) -> None:
+    raise ValueError(f"unsupported diffusers UNet2DModel config: {field}={value!r}: {why}")
+
+
+def unet_kwargs_from_config(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """Validate a diffusers ``UNet2DModel`` config; return the equivalent ``UNet(**kwargs)``.
+
+    Raises:
+      ValueError: naming the first field the Flax UNet cannot represent exactly.
+    """
+    cls = config.get("_class_name", "UNet2DModel")
+    if cls != "UNet2DModel":
+        _reject("_class_name", cls, "only UNet2DModel checkpoints can be converted")
+    cfg = dict(DIFFUSERS_DEFAULTS)
+    cfg.update({k: v for k, v in config.items() if not k.startswith("_")})
+
+    def need(field: str, ok: bool, why: str) -> None:
+        if not ok:
+            _reject(field, cfg[field], why)
+
+    need("time_embedding_type", cfg["time_embedding_type"] == "positional",
+         "only the 'positional' sinusoidal embedding is supported")
+    need("flip_sin_to_cos", cfg["flip_sin_to_cos"] is False,
+         "the Flax UNet's timestep embedding is [sin, cos] (flip_sin_to_cos=False)")
+    need("freq_shift", cfg["freq_shift"] == 1,
+         "the Flax UNet's frequencies are exp(-log(10000) i / (half - 1)) (freq_shift=1)")
+    need("center_input_sample", not cfg["center_input_sample"], "must be False")
+    need("act_fn", cfg["act_fn"] in ("silu", "swish"), "only silu/swish is supported")
+    need("resnet_time_scale_shift", cfg["resnet_time_scale_shift"] == "default",
+         "only 'default' (additive timestep embedding) is supported")
+    need("class_embed_type", cfg["class_embed_type"] is None,
+         "class-conditional diffusers models are not supported")
+    need("num_class_embeds", cfg["num_class_embeds"] is None,
+         "class-conditional diffusers models are not supported")
+    need("mid_block_type", cfg["mid_block_type"] == "UNetMidBlock2D",
+         "only 'UNetMidBlock2D' is supported")
+    need("add_attention", cfg["add_attention"] is True,
+         "the Flax UNet always has mid-block attention")
+    need("mid_block_scale_factor", cfg["mid_block_scale_factor"] == 1, "must be 1")
+    need("downsample_type", cfg["downsample_type"] == "conv", "only 'conv' is supported")
+    need("upsample_type", cfg["upsample_type"] == "conv", "only 'conv' is supported")
+    need("downsample_padding", cfg["downsample_padding"] in (0, 1), "must be 0 or 1")
+    need("norm_eps", isinstance(cfg["norm_eps"], (int, float))
+         and math.isclose(cfg["norm_eps"], _FLAX_NORM_EPS, rel_tol=1e-6),
+         f"the Flax UNet's GroupNorm eps is {_FLAX_NORM_EPS}")
+
+    boc = cfg["block_out_channels"]
+    need("block_out_channels", isinstance(boc, (list, tuple)) and len(boc) >= 1
+         and all(isinstance(c, int) and c > 0 for c in boc), "must be a list of positive ints")
+    boc = tuple(boc)
+    ch = boc[0]
+    need("block_out_channels", all(c % ch == 0 for c in boc),
+         "every entry must be a multiple of the first (the Flax UNet uses ch * ch_mult)")
+    n = len(boc)
+    down, up = tuple(cfg["down_block_types"]), tuple(cfg["up_block_types"])
+    need("down_block_types", len(down) == n, "must have one entry per block_out_channels entry")
+    need("up_block_types", len(up) == n, "must have one entry per block_out_channels entry")
+    for i, d in enumerate(down):
+        if d not in _DOWN_TYPES:
+            _reject(f"down_block_types[{i}]", d, f"supported block types are {_DOWN_TYPES}")
+    for j, u in enumerate(up):
+        if u not in _UP_TYPES:
+            _reject(f"up_block_types[{j}]", u, f"supported block types are {_UP_TYPES}")
+    attn_levels = [i for i, d in enumerate(down) if d == "AttnDownBlock2D"]
+    for j, u in enumerate(up):
+        level = n - 1 - j
+        if (u == "AttnUpBlock2D") != (level in attn_levels):
+            _reject("up_block_types", list(up),
+                    f"up_block_types[{j}] ({u}) must mirror down_block_types[{level}] "
+                    f"({down[level]}): the Flax UNet uses attention at the same resolutions "
+                    "on both paths")
+
+    lpb = cfg["layers_per_block"]
+    need("layers_per_block", isinstance(lpb, int) and lpb >= 1, "must be a positive int")
+    groups = cfg["norm_num_groups"]
+    need("norm_num_groups", isinstance(groups, int) and groups > 0
+         and all(c % groups == 0 for c in boc), "must be a positive int dividing every channel count")
+    need("attn_norm_num_groups", cfg["attn_norm_num_groups"] in (None, groups),
+         "the Flax UNet's attention GroupNorm uses norm_num_groups")
+    temb_dim = cfg["time_embedding_dim"]
+    need("time_embedding_dim", temb_dim in (None, 4 * ch),
+         f"the Flax UNet's time embedding has 4 * block_out_channels[0] = {4 * ch} features")
+    head_dim = cfg["attention_head_dim"]
+    attn_channels = sorted({boc[i] for i in attn_levels} | {boc[-1]})  # + the mid block
+    need("attention_head_dim", head_dim is None or all(c == head_dim for c in attn_channels),
+         f"the Flax UNet's attention is single-head: attention_head_dim must be null or equal "
+         f"to the channels of every attention block {attn_channels}")
+
+    size = cfg["sample_size"]
+    if isinstance(size, (list, tuple)):
+        need("sample_size", len(size) == 2 and all(isinstance(s, int) for s in size),
+             "must be an int or [height, width]")
+        height = size[0]
+    else:
+        need("sample_size", isinstance(size, int) and size > 0,
+             "an int is needed to place attention by resolution")
+        height = size
+    need("sample_size", height % (2 ** (n - 1)) == 0,
+         f"the height must be divisible by 2**(len(block_out_channels)-1) = {2 ** (n - 1)}")
+    for name in ("in_channels", "out_channels"):
+        need(name, isinstance(cfg[name], int) and cfg[name] > 0, "must be a positive int")
+    dropout = cfg["dropout"]
+    need("dropout", isinstance(dropout, (int, float)) and 0 <= dropout < 1, "must be in [0, 1)")
+
+    return dict(
+        ch=ch,
+        ch_mult=tuple(c // ch for c in boc),
+        num_res_blocks=lpb,
+        attn_resolutions=tuple(height // 2 ** i for i in attn_levels),
+        dropout=float(dropout),
+        out_ch=cfg["out_channels"],
+        num_classes=0,
+        groups=groups,
+        downsample_padding=cfg["downsample_padding"],
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _find_model_dir(src: str) -> str:
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"diffusers checkpoint directory not found: {src!r}")
+    if os.path.isfile(os.path.join(src, CONFIG_NAME)):
+        return src
+    sub = os.path.join(src, "unet")
+    if os.path.isfile(os.path.join(sub, CONFIG_NAME)):
+        return sub
+    raise FileNotFoundError(f"no {CONFIG_NAME} in {src!r} (nor in {sub!r})")
+
+
+def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
+    try:
+        from safetensors import safe_open
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"reading {path!r} needs safetensors: pip install safetensors") from e
+    out = {}
+    with safe_open(path, framework="np") as f:
+        for k in f.keys():
+            try:
+                out[k] = np.asarray(f.get_tensor(k))
+            except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy lacks
+                raise ValueError(
+                    f"{path!r}: tensor {k!r} has a dtype numpy cannot read ({e}); "
+                    "re-save the checkpoint in float32 or float16") from e
+    return out
+
+
+def _load_bin(path: str) -> Dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"reading {path!r} needs torch (or convert it to .safetensors)") from e
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not load {path!r} with torch.load(weights_only=True): {e}") from e
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path!r} does not hold a state dict (got {type(sd).__name__})")
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{path!r}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        out[k] = v.detach().to(torch.float32).cpu().numpy()
+    return out
+
+
+def load_diffusers_checkpoint(src: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    """(config dict, state dict of numpy arrays) of a diffusers UNet2DModel directory."""
+    model_dir = _find_model_dir(src)
+    with open(os.path.join(model_dir, CONFIG_NAME)) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{os.path.join(model_dir, CONFIG_NAME)!r} is not valid JSON: {e}") from e
+    st, pt = os.path.join(model_dir, SAFETENSORS_NAME), os.path.join(model_dir, BIN_NAME)
+    if os.path.isfile(st):
+        state = _load_safetensors(st)
+    elif os.path.isfile(pt):
+        state = _load_bin(pt)
+    else:
+        raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {model_dir!r}")
+    return config, state
+
+
+# --------------------------------------------------------------------------- mapping
+
+# Old diffusers AttentionBlock names -> the current Attention names.
+_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY_RE = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+
+
+def _normalize_keys(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    out = {}
+    for k, v in state.items():
+        m = _LEGACY_RE.match(k)
+        if m:
+            k = f"{m.group(1)}.{_LEGACY_ATTN[m.group(2)]}.{m.group(3)}"
+        if k in out:
+            raise ValueError(f"checkpoint holds both the legacy and the current name of {k!r}")
+        out[k] = v
+    return out
+
+
+def _module_map(n_levels: int, params_shape: Mapping[str, Any]) -> Dict[str, Tuple[str, str]]:
+    """Flax module path -> (diffusers prefix, kind) for every module of the Flax tree."""
+    mapping: Dict[str, Tuple[str, str]] = {
+        "conv_in": ("conv_in", "conv"),
+        "temb_dense0": ("time_embedding.linear_1", "dense"),
+        "temb_dense1": ("time_embedding.linear_2", "dense"),
+        "norm_out": ("conv_norm_out", "norm"),
+        "conv_out": ("conv_out", "conv"),
+        "mid_res_0": ("mid_block.resnets.0", "res"),
+        "mid_res_1": ("mid_block.resnets.1", "res"),
+        "mid_attn": ("mid_block.attentions.0", "attn"),
+    }
+    pat = re.compile(r"^(down|up)_(\d+)_(res|attn)_(\d+)$|^(down|up)_(\d+)_(downsample|upsample)$")
+    for name in params_shape:
+        if name in mapping:
+            continue
+        m = pat.match(name)
+        if not m:
+            raise AssertionError(f"unexpected Flax module {name!r}")
+        if m.group(1):
+            path, level, kind, i = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+            block = f"down_blocks.{level}" if path == "down" else f"up_blocks.{n_levels - 1 - level}"
+            sub = "resnets" if kind == "res" else "attentions"
+            mapping[name] = (f"{block}.{sub}.{i}", kind)
+        else:
+            path, level, kind = m.group(5), int(m.group(6)), m.group(7)
+            if kind == "downsample":
+                mapping[name] = (f"down_blocks.{level}.downsamplers.0.conv", "conv")
+            else:
+                mapping[name] = (f"up_blocks.{n_levels - 1 - level}.upsamplers.0.conv", "conv")
+    return mapping
+
+
+_SUBMODULES = {
+    "res": {"norm1": ("norm1", "norm"), "conv1": ("conv1", "conv"),
+            "temb_proj": ("time_emb_proj", "dense"), "norm2": ("norm2", "norm"),
+            "conv2": ("conv2", "conv"), "shortcut": ("conv_shortcut", "conv")},
+    "attn": {"norm": ("group_norm", "norm"), "q": ("to_q", "dense"), "k": ("to_k", "dense"),
+             "v": ("to_v", "dense"), "proj_out": ("to_out.0", "dense")},
+}
+
+
+def _convert_leaf(kind: str, leaf: str, key: str, w: np.ndarray) -> np.ndarray:
+    if kind == "conv" and leaf == "kernel":
+        if w.ndim != 4:
+            raise ValueError(f"{key}: expected a 4-D conv weight, got shape {w.shape}")
+        return np.transpose(w, (2, 3, 1, 0))  # (O, I, kh, kw) -> (kh, kw, I, O)
+    if kind == "dense" and leaf == "kernel":
+        if w.ndim == 4 and w.shape[2:] == (1, 1):  # a 1x1 conv stored for a linear layer
+            w = w[:, :, 0, 0]
+        if w.ndim != 2:
+            raise ValueError(f"{key}: expected a 2-D linear weight, got shape {w.shape}")
+        return w.T  # (out, in) -> (in, out)
+    return w
+
+
+def _torch_key(prefix: str, kind: str, leaf: str) -> str:
+    if kind == "norm":
+        return f"{prefix}.{'weight' if leaf == 'scale' else 'bias'}"
+    return f"{prefix}.{'weight' if leaf == 'kernel' else 'bias'}"
+
+
+def convert_state_dict(state: Mapping[str, np.ndarray], module: UNet,
+                       sample_shape: Tuple[int, int, int]) -> Dict[str, Any]:
+    """Map a diffusers state dict onto ``module``'s parameter tree ({'params': ...}).
+
+    Every Flax parameter must be found with the right shape and every checkpoint
+    tensor must be used; otherwise a ``ValueError`` lists the offending keys.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    h, w, c = sample_shape
+    x = jax.ShapeDtypeStruct((1, h, w, c), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x, t)["params"]
+    state = _normalize_keys(state)
+    modules = _module_map(len(module.ch_mult), shapes)
+    used, missing, mismatched, bad_shape = set(), [], [], set()
+    params: Dict[str, Any] = {}
+    for name, sub in shapes.items():
+        prefix, kind = modules[name]
+        if kind in _SUBMODULES:
+            items = [(child, leaves, f"{prefix}.{_SUBMODULES[kind][child][0]}",
+                      _SUBMODULES[kind][child][1]) for child, leaves in sub.items()]
+        else:
+            items = [(None, sub, prefix, kind)]
+        out: Dict[str, Any] = {}
+        for child, leaves, tprefix, tkind in items:
+            dest = out if child is None else out.setdefault(child, {})
+            for leaf, spec in leaves.items():
+                key = _torch_key(tprefix, tkind, leaf)
+                if key not in state:
+                    missing.append(key)
+                    continue
+                arr = _convert_leaf(tkind, leaf, key, np.asarray(state[key]))
+                if tuple(arr.shape) != tuple(spec.shape):
+                    mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)} -> "
+                                      f"{tuple(arr.shape)}, Flax {name} expects {tuple(spec.shape)}")
+                    bad_shape.add(key)
+                    continue
+                used.add(key)
+                dest[leaf] = np.ascontiguousarray(arr, dtype=np.float32)
+        params[name] = out
+    unexpected = sorted(set(state) - used - bad_shape)
+    problems = []
+    if mismatched:
+        problems.append("shape mismatches:\n  " + "\n  ".join(mismatched))
+    if missing:
+        problems.append("missing from the checkpoint:\n  " + "\n  ".join(missing))
+    if unexpected:
+        problems.append("checkpoint tensors with no Flax counterpart:\n  " + "\n  ".join(unexpected))
+    if problems:
+        raise ValueError("checkpoint does not match its config:\n" + "\n".join(problems))
+    return {"params": jax.tree_util.tree_map(jnp.asarray, params)}
+
+
+def convert(src: str) -> Tuple[UNet, Dict[str, Any]]:
+    """Convert a diffusers ``UNet2DModel`` directory: returns ``(UNet module, params)``.
+
+    ``module.apply(params, x, t)`` with ``x`` NHWC equals the diffusers model's
+    output on the NCHW transpose of ``x``.
+    """
+    config, state = load_diffusers_checkpoint(src)
+    kwargs = unet_kwargs_from_config(config)
+    module = UNet(**kwargs)
+    size = config.get("sample_size")
+    hgt, wid = (size, size) if isinstance(size, int) else tuple(size)
+    in_ch = config.get("in_channels", DIFFUSERS_DEFAULTS["in_channels"])
+    return module, convert_state_dict(state, module, (hgt, wid, in_ch))
+
+
+def param_count(params: Any) -> int:
+    import jax
+    return int(sum(np.size(p) for p in jax.tree_util.tree_leaves(params)))
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_converted(out_dir: str, module: UNet, params: Any) -> None:
+    """Write ``params.msgpack`` and ``config.json`` (the ``UNet`` kwargs) into ``out_dir``."""
+    import jax
+    from flax import serialization
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = {f: getattr(module, f) for f in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions",
+                                            "dropout", "out_ch", "num_classes", "groups",
+                                            "downsample_padding")}
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+        json.dump({"unet": cfg, "source": "diffusers UNet2DModel"}, f, indent=2)
+    with open(os.path.join(out_dir, PARAMS_NAME), "wb") as f:
+        f.write(serialization.msgpack_serialize(
+            jax.tree_util.tree_map(np.asarray, params)))
+
+
+def load_converted(out_dir: str) -> Tuple[UNet, Dict[str, Any]]:
+    """Read what :func:`save_converted` (or the CLI) wrote: ``(UNet module, params)``."""
+    import jax
+    import jax.numpy as jnp
+    from flax import serialization
+    for name in (CONFIG_NAME, PARAMS_NAME):
+        if not os.path.isfile(os.path.join(out_dir, name)):
+            raise FileNotFoundError(f"no {name} in {out_dir!r}")
+    with open(os.path.join(out_dir, CONFIG_NAME)) as f:
+        cfg = json.load(f)["unet"]
+    for k in ("ch_mult", "attn_resolutions"):
+        cfg[k] = tuple(cfg[k])
+    with open(os.path.join(out_dir, PARAMS_NAME), "rb") as f:
+        params = serialization.msgpack_restore(f.read())
+    return UNet(**cfg), jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m dngjax.models.convert_diffusers",
+        description="Convert a diffusers UNet2DModel directory (e.g. google/ddpm-cifar10-32) "
+                    "to dngjax Flax params (OUT_DIR/params.msgpack + OUT_DIR/config.json).")
+    ap.add_argument("src", metavar="SRC_DIR", help="directory with config.json and "
+                    "diffusion_pytorch_model.safetensors (or .bin)")
+    ap.add_argument("out", metavar="OUT_DIR", help="output directory")
+    args = ap.parse_args(argv)
+    try:
+        module, params = convert(args.src)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    save_converted(args.out, module, params)
+    print(f"converted {param_count(params):,} parameters -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
