@@ -284,13 +284,13 @@ class DynamicNegativeGuidance(GuidanceRule):
         return eps, lam.astype(jnp.float32), log_p
 
     def update(self, log_p, x_t, x_next, eps_u, eps_c, step):
-        mu_u = ddpm_mean(x_t, eps_u, step)
-        mu_neg = ddpm_mean(x_t, eps_c, step)
-        axes = tuple(range(1, x_t.ndim))
-        sq_neg = jnp.sum(jnp.square(x_next - mu_neg), axis=axes)
-        sq_u = jnp.sum(jnp.square(x_next - mu_u), axis=axes)
+        # |x' - mu_neg|^2 - |x' - mu_u|^2 = b.(2a + b) with a = x' - mu_u, b = mu_u - mu_neg
+        # = c (eps_neg - eps_u): no cancellation between two nearly equal squared norms.
+        a = x_next - ddpm_mean(x_t, eps_u, step)
+        b = step.beta / (jnp.sqrt(1.0 - step.alpha_bar) * jnp.sqrt(1.0 - step.beta)) * (eps_c - eps_u)
+        sq_diff = jnp.sum(b * (2.0 * a + b), axis=tuple(range(1, x_t.ndim)))
         sigma2 = transition_variance(step, self.variance)
-        increment = (-self.temperature * (sq_neg - sq_u) + self.offset) / (2.0 * sigma2)
+        increment = (-self.temperature * sq_diff + self.offset) / (2.0 * sigma2)
         # +-inf increments (possible when sigma2 is tiny) are absorbed by the clamp; NaN never arises
         # from finite inputs, but is mapped to "no change" rather than poisoning the chain.
         increment = jnp.where(jnp.isnan(increment), 0.0, increment)

@@ -1,0 +1,185 @@
+import functools
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+import dngjax as dj
+from dngjax import sampler as sampler_mod
+from tests.oracle import sample_numpy
+
+SHAPE = (3, 2)
+
+
+# Two smooth, non-linear, time-dependent "networks" (numpy and jax twins).
+def _eps_u_np(x, t):
+    return 0.3 * np.tanh(x) + 1e-3 * t * 0.05 + 0.1
+
+
+def _eps_c_np(x, t):
+    return 0.3 * np.tanh(x - 0.5) - 0.02 * np.sin(x) + 1e-4 * t
+
+
+def eps_u(x, t):
+    return 0.3 * jnp.tanh(x) + 1e-3 * t.reshape(-1, 1, 1) * 0.05 + 0.1
+
+
+def eps_c(x, t):
+    return 0.3 * jnp.tanh(x - 0.5) - 0.02 * jnp.sin(x) + 1e-4 * t.reshape(-1, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return dj.respace(dj.linear_schedule(), 25)
+
+
+CASES = [
+    ("none", dj.NoGuidance(), {}),
+    ("np", dj.NegativePrompting(0.7), {"scale": 0.7}),
+    ("cfg", dj.ClassifierFreeGuidance(1.5), {"scale": 1.5}),
+    ("sld", dj.SafeLatentDiffusion(0.6, warmup=3),
+     {"scale": 0.6, "threshold": 0.04, "s_s": 100.0, "beta_m": 0.2, "s_m": 0.1, "warmup": 3}),
+    ("dng", dj.DynamicNegativeGuidance(3.0, prior=0.3, temperature=0.25, offset=1e-4),
+     {"scale": 3.0, "prior": 0.3, "temperature": 0.25, "offset": 1e-4, "variance": "posterior"}),
+    ("dng", dj.DynamicNegativeGuidance(3.0, prior=0.3, temperature=0.25, offset=1e-4, variance="beta"),
+     {"scale": 3.0, "prior": 0.3, "temperature": 0.25, "offset": 1e-4, "variance": "beta"}),
+]
+
+
+@pytest.mark.parametrize("method,rule,hp", CASES, ids=[c[0] + "-" + c[2].get("variance", "") for c in CASES])
+def test_scan_matches_numpy_loop(schedule, method, rule, hp):
+    keys = dj.keys_from_seeds(np.arange(4))
+    x, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, eps_c=eps_c, return_trace=True)
+    x_ref, lam_ref, p_ref = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, method, hp)
+    np.testing.assert_allclose(np.asarray(x), x_ref, rtol=1e-4, atol=1e-4)
+    lam, p = np.asarray(tr.lam), np.asarray(tr.p)
+    if method == "dng":
+        # The last update divides by beta_tilde of the second-to-last step (~1e-5 on this chain),
+        # which amplifies float32 rounding of x ~5e4-fold: compare that row at 2e-3, the rest at 1e-4.
+        np.testing.assert_allclose(lam[:-1], lam_ref[:-1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(p[:-1], p_ref[:-1], rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(lam[-1], lam_ref[-1], rtol=2e-3)
+        np.testing.assert_allclose(p[-1], p_ref[-1], rtol=2e-3)
+        assert np.ptp(p_ref) > 0.05, "the posterior must actually move for this test to mean something"
+    else:
+        np.testing.assert_allclose(lam, lam_ref, rtol=1e-4, atol=1e-5)
+        assert np.all(np.isnan(p))
+    if method == "sld":
+        assert 0 < np.mean(lam_ref[3:] > 0) and lam_ref[:3].max() == 0.0
+
+
+def test_dng_static_limit_equals_np(schedule):
+    keys = dj.keys_from_seeds(np.arange(5))
+    scale, prior = 2.0, 0.2
+    dng = dj.DynamicNegativeGuidance(scale, prior=prior, temperature=0.0, offset=0.0, p_min=1e-6, p_max=0.99)
+    np_rule = dj.NegativePrompting(scale * prior / (1 - prior))
+    x1 = dj.sample(eps_u, schedule, keys, SHAPE, rule=dng, eps_c=eps_c)
+    x2 = dj.sample(eps_u, schedule, keys, SHAPE, rule=np_rule, eps_c=eps_c)
+    np.testing.assert_allclose(np.asarray(x1), np.asarray(x2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(scale=1e3, prior=1e-8, p_min=1e-9, p_max=0.999999, temperature=0.25, offset=1e6),
+    dict(scale=1e3, prior=0.999, p_min=1e-30, p_max=0.999999, temperature=1e3, offset=-1e6),
+    dict(scale=1e3, prior=0.5, p_min=1e-6, p_max=0.999999, temperature=1e3, offset=0.0, variance="beta"),
+])
+def test_dng_extreme_settings_stay_finite_and_clamped(kw):
+    schedule = dj.respace(dj.linear_schedule(), 20)
+    rule = dj.DynamicNegativeGuidance(**kw)
+    keys = dj.keys_from_seeds(np.arange(6))
+    x, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, eps_c=eps_c, return_trace=True)
+    p = np.asarray(tr.p)[1:]  # after the first update
+    assert np.all(np.isfinite(np.asarray(tr.lam))) and np.all(np.isfinite(p))
+    assert p.min() >= np.float32(kw["p_min"]) * (1 - 1e-5) and p.max() <= np.float32(kw["p_max"]) * (1 + 1e-6)
+    # clamps are reached: the offset drives p to one end
+    if kw["offset"] > 0:
+        assert np.isclose(p[-1].max(), kw["p_max"], rtol=1e-5)
+    if kw["offset"] < 0:
+        assert np.isclose(p[-1].min(), kw["p_min"], rtol=1e-3)
+    # x itself may be huge at scale 1e3 on this toy pair, but never NaN
+    assert not np.any(np.isnan(np.asarray(x)))
+
+
+def test_batch_independence(schedule):
+    rule = dj.DynamicNegativeGuidance(4.0, prior=0.3, temperature=0.25)
+    keys = dj.keys_from_seeds(np.arange(10, 18))
+    x_all = np.asarray(dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, eps_c=eps_c))
+    perm = np.array([5, 2, 7, 0, 1, 3, 6, 4])
+    x_perm = np.asarray(dj.sample(eps_u, schedule, keys[perm], SHAPE, rule=rule, eps_c=eps_c))
+    np.testing.assert_allclose(x_perm, x_all[perm], rtol=1e-6, atol=1e-6)
+    x_one = np.asarray(dj.sample(eps_u, schedule, keys[3:4], SHAPE, rule=rule, eps_c=eps_c))
+    np.testing.assert_allclose(x_one[0], x_all[3], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(x_all[0], x_all[1])
+
+
+def test_sweep_matches_single_calls_and_compiles_once(schedule):
+    # a fresh schedule length so nothing is cached from other tests
+    sched = dj.respace(dj.linear_schedule(), 17)
+    rule = dj.DynamicNegativeGuidance(1.0, prior=0.3, temperature=0.25)
+    scales = np.array([0.0, 1.0, 2.5, 5.0], np.float32)
+    keys = dj.keys_from_seeds(np.arange(7))
+    before = dj.trace_count()
+    x, tr = dj.sweep(eps_u, sched, keys, SHAPE, rule=rule, grid={"scale": scales}, eps_c=eps_c,
+                     chunk_size=3, return_trace=True)
+    assert dj.trace_count() - before == 1, "3 chunks (one padded) must share one compilation"
+    assert x.shape == (4, 7) + SHAPE and tr.lam.shape == (4, 17, 7) and tr.p.shape == (4, 17, 7)
+    for k in (0, 2, 3):
+        for n in (0, 4, 6):
+            single = dj.sample(eps_u, sched, keys[n:n + 1], SHAPE, rule=rule.replace(scale=scales[k]), eps_c=eps_c)
+            np.testing.assert_allclose(x[k, n], np.asarray(single)[0], rtol=1e-5, atol=1e-5)
+    # sweeping a different leaf works too
+    xt = dj.sweep(eps_u, sched, keys[:2], SHAPE, rule=rule.replace(scale=3.0),
+                  grid={"temperature": [0.0, 0.5]}, eps_c=eps_c)
+    assert not np.allclose(xt[0], xt[1])
+
+
+def test_sweep_over_two_leaves_and_clear_grid_errors(schedule):
+    rule = dj.SafeLatentDiffusion(0.5)
+    keys = dj.keys_from_seeds(np.arange(2))
+    x = dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"scale": [0.1, 0.5], "threshold": [0.0, 0.04]},
+                 eps_c=eps_c)
+    assert x.shape == (2, 2) + SHAPE
+    with pytest.raises(ValueError, match="mismatched lengths"):
+        dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"scale": [0.1, 0.5], "threshold": [0.0]}, eps_c=eps_c)
+    with pytest.raises(ValueError, match="no hyperparameter"):
+        dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"lambda": [0.1]}, eps_c=eps_c)
+    with pytest.raises(ValueError, match="scale"):
+        dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"scale": [0.1, -1.0]}, eps_c=eps_c)
+
+
+def test_wrong_denoiser_shape_errors_before_compiling(schedule):
+    bad = lambda x, t: x[..., :1]
+    keys = dj.keys_from_seeds(np.arange(2))
+    with pytest.raises(ValueError, match="must have the shape of x"):
+        dj.sample(bad, schedule, keys, SHAPE)
+    with pytest.raises(ValueError, match="eps_c"):
+        dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(1.0), eps_c=bad)
+    with pytest.raises(ValueError, match="pass eps_c"):
+        dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(1.0))
+    with pytest.raises(ValueError, match="keys"):
+        dj.sample(eps_u, schedule, jnp.zeros((2, 3)), SHAPE)
+
+
+def test_exact_dng_uses_posterior_fn(schedule):
+    # constant posterior p -> exact DNG equals NP with scale * p / (1 - p)
+    def posterior(x, t):
+        return jnp.full((x.shape[0],), 0.2)
+    keys = dj.keys_from_seeds(np.arange(3))
+    x1, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.ExactDynamicNegativeGuidance(2.0, posterior),
+                       eps_c=eps_c, return_trace=True)
+    x2 = dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(0.5), eps_c=eps_c)
+    np.testing.assert_allclose(np.asarray(x1), np.asarray(x2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(tr.p), 0.2, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(tr.lam), 0.5, rtol=1e-5)
+
+
+def test_vmap_over_rule_leaf_directly(schedule):
+    """A user can vmap sample() over a rule's leaves themselves (the rule is a pytree)."""
+    keys = dj.keys_from_seeds(np.arange(3))
+    rule = dj.NegativePrompting(jnp.array([0.0, 1.0]))
+    f = jax.vmap(lambda r: sampler_mod._sample_impl(dj.as_denoiser(eps_u), dj.as_denoiser(eps_c), r,
+                                                   schedule, keys, SHAPE, False))
+    x = f(rule)
+    x0 = dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(1.0), eps_c=eps_c)
+    np.testing.assert_allclose(np.asarray(x[1]), np.asarray(x0), rtol=1e-5, atol=1e-5)
