@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+import dngjax as dj
+
+
+@pytest.mark.parametrize("ctor,kw,name", [
+    (dj.NegativePrompting, dict(scale=-1.0), "scale"),
+    (dj.ClassifierFreeGuidance, dict(scale=-0.1), "scale"),
+    (dj.NegativePrompting, dict(scale=float("nan")), "scale"),
+    (dj.SafeLatentDiffusion, dict(scale=-1.0), "scale"),
+    (dj.SafeLatentDiffusion, dict(scale=1.0, warmup=-1), "warmup"),
+    (dj.SafeLatentDiffusion, dict(scale=1.0, warmup=1.5), "warmup"),
+    (dj.SafeLatentDiffusion, dict(scale=1.0, beta_m=1.5), "beta_m"),
+    (dj.SafeLatentDiffusion, dict(scale=1.0, threshold=float("inf")), "threshold"),
+    (dj.DynamicNegativeGuidance, dict(scale=-1.0), "scale"),
+    (dj.DynamicNegativeGuidance, dict(prior=0.0), "prior"),
+    (dj.DynamicNegativeGuidance, dict(prior=1.0), "prior"),
+    (dj.DynamicNegativeGuidance, dict(prior=1.5), "prior"),
+    (dj.DynamicNegativeGuidance, dict(temperature=-0.1), "temperature"),
+    (dj.DynamicNegativeGuidance, dict(p_min=0.0), "p_min"),
+    (dj.DynamicNegativeGuidance, dict(p_min=-1e-3), "p_min"),
+    (dj.DynamicNegativeGuidance, dict(p_max=1.0), "p_max"),
+    (dj.DynamicNegativeGuidance, dict(p_min=0.5, p_max=0.4), "p_min"),
+    (dj.DynamicNegativeGuidance, dict(p_min=0.5, p_max=0.5), "p_min"),
+    (dj.DynamicNegativeGuidance, dict(offset=float("inf")), "offset"),
+    (dj.DynamicNegativeGuidance, dict(temperature=float("nan")), "temperature"),
+    (dj.DynamicNegativeGuidance, dict(scale=np.array([1.0, -2.0])), "scale"),
+    (dj.ExactDynamicNegativeGuidance, dict(scale=-1.0, posterior_fn=lambda x, t: x), "scale"),
+])
+def test_illegal_hyperparameters_raise_naming_the_parameter(ctor, kw, name):
+    with pytest.raises(ValueError, match=name):
+        ctor(**kw)
+
+
+def test_variance_convention_is_checked():
+    with pytest.raises(ValueError, match="variance"):
+        dj.DynamicNegativeGuidance(variance="beta_tilde")
+    assert dj.DynamicNegativeGuidance().variance == "posterior"
+
+
+def test_exact_needs_callable():
+    with pytest.raises(ValueError, match="posterior_fn"):
+        dj.ExactDynamicNegativeGuidance(1.0)
+
+
+def test_replace_validates():
+    rule = dj.DynamicNegativeGuidance(1.0)
+    with pytest.raises(ValueError, match="prior"):
+        rule.replace(prior=2.0)
+    assert float(rule.replace(scale=3.0).scale) == 3.0
+
+
+def test_rules_are_pytrees_with_array_leaves():
+    rule = dj.DynamicNegativeGuidance(2.0, prior=0.1, temperature=0.3, offset=1e-3, variance="beta")
+    leaves, treedef = jax.tree_util.tree_flatten(rule)
+    assert len(leaves) == 6 and all(isinstance(l, jax.Array) for l in leaves)
+    back = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert back.variance == "beta" and float(back.prior) == pytest.approx(0.1)
+    # jax may build such trees with placeholders (vmap axes): no validation on unflatten
+    axes = jax.tree_util.tree_unflatten(treedef, [0, None, None, None, None, None])
+    assert axes.scale == 0
+    # traced values pass through construction inside jit
+    f = jax.jit(lambda s: dj.DynamicNegativeGuidance(s).scale * 2)
+    assert float(f(1.5)) == 3.0
+
+
+def test_dng_lambda_and_update_by_hand():
+    rule = dj.DynamicNegativeGuidance(2.0, prior=0.2, temperature=0.5, offset=0.1, p_min=1e-6, p_max=0.99)
+    x = jnp.ones((1, 2))
+    state = rule.init(x)
+    np.testing.assert_allclose(np.exp(state), [0.2], rtol=1e-6)
+    eps_u, eps_c = jnp.zeros((1, 2)), jnp.ones((1, 2))
+    step = dj.Step(index=jnp.array(3), t=jnp.array(30), beta=jnp.array(0.02), alpha_bar=jnp.array(0.5),
+                   alpha_bar_prev=jnp.array(0.51), posterior_variance=jnp.array(0.015),
+                   warm=jnp.array(0), is_last=jnp.array(False))
+    eps, lam, state = rule.guide(state, x, eps_u, eps_c, step)
+    np.testing.assert_allclose(lam, [2.0 * 0.2 / 0.8], rtol=1e-6)
+    np.testing.assert_allclose(eps, -0.5 * np.ones((1, 2)), rtol=1e-6)
+    x_next = jnp.array([[0.3, -0.2]])
+    new = rule.update(state, x, x_next, eps_u, eps_c, step)
+    c = 0.02 / np.sqrt(0.5)
+    mu_u = (1.0 - c * 0.0) / np.sqrt(0.98)
+    mu_n = (1.0 - c * 1.0) / np.sqrt(0.98)
+    d = np.sum((np.array([0.3, -0.2]) - mu_n) ** 2) - np.sum((np.array([0.3, -0.2]) - mu_u) ** 2)
+    expected = np.log(0.2) + (-0.5 * d + 0.1) / (2 * 0.015)
+    expected = np.clip(expected, np.log(1e-6), np.log(0.99))
+    np.testing.assert_allclose(new, [expected], rtol=1e-5)
+    # the final step uses beta_t, not beta_tilde_t (which is 0 there)
+    last = step.replace(is_last=jnp.array(True), posterior_variance=jnp.array(0.0))
+    new_last = rule.update(state, x, x_next, eps_u, eps_c, last)
+    exp_last = np.clip(np.log(0.2) + (-0.5 * d + 0.1) / (2 * 0.02), np.log(1e-6), np.log(0.99))
+    np.testing.assert_allclose(new_last, [exp_last], rtol=1e-5)
+
+
+def test_sld_mask_by_hand():
+    rule = dj.SafeLatentDiffusion(scale=2.0, threshold=0.04, s_s=100.0, beta_m=0.2, s_m=0.1)
+    eps_u = jnp.array([[0.0, 0.0, 0.0]])
+    eps_c = jnp.array([[0.001, 0.5, -0.5]])  # d = eps_u - eps_c = [-0.001, -0.5, 0.5]
+    m = rule.init(eps_u)
+    step = dj.Step(index=jnp.array(0), t=jnp.array(0), beta=jnp.array(0.01), alpha_bar=jnp.array(0.5),
+                   alpha_bar_prev=jnp.array(0.5), posterior_variance=jnp.array(0.0), warm=jnp.array(0),
+                   is_last=jnp.array(False))
+    eps, lam, m = rule.guide(m, eps_u, eps_u, eps_c, step)
+    mask = np.array([0.1, 1.0, 0.0])                     # min(1, 100 |d|) where d < 0.04
+    corr = -mask * np.array([-0.001, -0.5, 0.5])
+    np.testing.assert_allclose(eps, [-2.0 * corr], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(m, [0.8 * corr], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(lam, [2.0 * mask.mean()], rtol=1e-6)
