@@ -1,0 +1,296 @@
+"""Analytic Gaussian mixtures under the DDPM (VP) forward process.
+
+A mixture ``p_0 = sum_i c_i N(mu_i, s_i^2 I)`` in d dimensions, diffused by
+``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps``, stays a mixture:
+
+    p_t(x) = sum_i c_i N(x; sqrt(alpha_bar_t) mu_i, (1 - alpha_bar_t + alpha_bar_t s_i^2) I).
+
+Everything the DNG paper needs is therefore exact and cheap:
+
+* the score ``grad log p_t`` and the noise prediction
+  ``eps(x, t) = -sqrt(1 - alpha_bar_t) grad log p_t(x)`` of the full mixture, of the
+  to-forget sub-mixture and of the to-remember sub-mixture (weights renormalised);
+* the posterior of the forbidden concept ``p(c- | x, t) = c_f p_f,t(x) / p_t(x)``.
+
+All of it is computed in log space with log-sum-exp (no underflow far from the
+modes), is pure, and works under ``jit`` / ``vmap`` / ``grad``.
+
+Typical use with the sampler::
+
+    lab = ForgetSplit(GaussianMixture.create([.25, .35, .4], [[-2.], [0.], [2.]], [.4, .35, .5]),
+                      forget=[1], schedule=linear_schedule())
+    x0 = sample(lab.eps_full, sched, keys, (1,), rule=ExactDynamicNegativeGuidance(
+        1.0, posterior_fn=lab.posterior_fn, log_space=True), eps_c=lab.eps_forget)
+
+The denoisers are :class:`dngjax.denoiser.Denoiser` objects whose ``params`` are the
+mixture and an alpha_bar table (pytree leaves, so nothing is baked into the compiled
+program and a new mixture of the same shape does not recompile). ``posterior_fn``
+must be hashable for :class:`~dngjax.guidance.ExactDynamicNegativeGuidance` (it is a
+static field there), so :class:`ExactForgetPosterior` holds concrete numpy copies and
+hashes them by value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Sequence, Tuple
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from .denoiser import Denoiser
+from .schedules import Schedule
+
+Array = jnp.ndarray
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------- the mixture
+
+@struct.dataclass
+class GaussianMixture:
+    """``sum_i c_i N(mu_i, s_i^2 I)`` in d dimensions; a pytree of float32 arrays.
+
+    Attributes:
+      log_weights: (K,) log c_i, normalised (logsumexp = 0).
+      means: (K, d) mu_i.
+      stds: (K,) isotropic standard deviations s_i (> 0).
+    """
+
+    log_weights: Array
+    means: Array
+    stds: Array
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def create(cls, weights: Sequence[float], means, stds) -> "GaussianMixture":
+        """From weights (K,) (normalised here), means (K,) or (K, d), stds (K,) or a scalar."""
+        w = np.asarray(weights, np.float64).reshape(-1)
+        if w.size == 0 or np.any(~np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"weights must be non-negative, finite and not all zero, got {weights}")
+        m = np.asarray(means, np.float64)
+        if m.ndim == 1:
+            m = m[:, None]
+        if m.ndim != 2 or m.shape[0] != w.size:
+            raise ValueError(f"means must be (K,) or (K, d) with K = {w.size}, got shape {m.shape}")
+        s = np.broadcast_to(np.asarray(stds, np.float64), (w.size,)).copy()
+        if np.any(~np.isfinite(s)) or np.any(s <= 0):
+            raise ValueError(f"stds must be positive and finite, got {stds}")
+        with np.errstate(divide="ignore"):
+            lw = np.log(w / w.sum())
+        return cls(log_weights=jnp.asarray(lw, jnp.float32), means=jnp.asarray(m, jnp.float32),
+                   stds=jnp.asarray(s, jnp.float32))
+
+    @property
+    def num_components(self) -> int:
+        return int(self.means.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+    @property
+    def weights(self) -> Array:
+        return jnp.exp(self.log_weights)
+
+    def subset(self, indices: Sequence[int]) -> "GaussianMixture":
+        """The sub-mixture of the given components, weights renormalised."""
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        if idx.size == 0:
+            raise ValueError("a sub-mixture needs at least one component")
+        lw = self.log_weights[idx]
+        return GaussianMixture(log_weights=lw - jax.scipy.special.logsumexp(lw),
+                               means=self.means[idx], stds=self.stds[idx])
+
+    # ---------------------------------------------------------------- diffused densities
+    def _terms(self, x: Array, alpha_bar):
+        """Shared pieces, laid out (K, ..., B) so that the long batch axis is the minor one.
+
+        Returns diff (K, d, B) = x - sqrt(ab) mu_i, var (K, B) and the joint log densities
+        log c_i + log N(x; sqrt(ab) mu_i, var_i I) (K, B).
+        """
+        x = jnp.asarray(x, jnp.float32)
+        ab = jnp.broadcast_to(jnp.asarray(alpha_bar, jnp.float32), x.shape[:1])     # (B,)
+        var = 1.0 - ab[None] + ab[None] * jnp.square(self.stds)[:, None]              # (K, B)
+        diff = x.T[None] - jnp.sqrt(ab)[None, None] * self.means[:, :, None]          # (K, d, B)
+        sq = jnp.sum(jnp.square(diff), axis=1)                                         # (K, B)
+        d = x.shape[-1]
+        joint = self.log_weights[:, None] - 0.5 * (sq / var + d * (jnp.log(var) + _LOG_2PI))
+        return diff, var, joint, ab
+
+    def component_log_probs(self, x: Array, alpha_bar) -> Array:
+        """log N(x; sqrt(ab) mu_i, (1 - ab + ab s_i^2) I) for x (B, d), ab scalar or (B,) -> (B, K)."""
+        _, _, joint, _ = self._terms(x, alpha_bar)
+        return (joint - self.log_weights[:, None]).T
+
+    def joint_log_probs(self, x: Array, alpha_bar) -> Array:
+        """log c_i + log N_i,t(x) (B, K)."""
+        return self._terms(x, alpha_bar)[2].T
+
+    def responsibilities(self, x: Array, alpha_bar) -> Array:
+        """p(component i | x_t) (B, K)."""
+        return jax.nn.softmax(self._terms(x, alpha_bar)[2], axis=0).T
+
+    def log_prob(self, x: Array, alpha_bar=1.0) -> Array:
+        """log p_t(x) (B,); ``alpha_bar = 1`` is the data density p_0."""
+        return jax.scipy.special.logsumexp(self._terms(x, alpha_bar)[2], axis=0)
+
+    def score(self, x: Array, alpha_bar=1.0) -> Array:
+        """grad_x log p_t(x) (B, d) = sum_i r_i(x) (sqrt(ab) mu_i - x) / var_i."""
+        diff, var, joint, _ = self._terms(x, alpha_bar)
+        r = jax.nn.softmax(joint, axis=0)
+        return -jnp.sum((r / var)[:, None] * diff, axis=0).T
+
+    def eps(self, x: Array, alpha_bar) -> Array:
+        """The exact noise prediction E[eps | x_t] = -sqrt(1 - ab) grad log p_t(x) (B, d).
+
+        Written per component as sqrt(1 - ab) r_i (x - sqrt(ab) mu_i) / var_i, which is
+        bounded (and exactly 0 at ab = 1) instead of a product of a tiny and a huge number.
+        """
+        diff, var, joint, ab = self._terms(x, alpha_bar)
+        r = jax.nn.softmax(joint, axis=0)
+        coef = r * jnp.sqrt(1.0 - ab)[None] / var                                     # (K, B)
+        return jnp.sum(coef[:, None] * diff, axis=0).T
+
+    # ---------------------------------------------------------------- data
+    def sample(self, key: Array, n: int) -> Array:
+        """n exact samples of p_0, (n, d) float32."""
+        k1, k2 = jax.random.split(key)
+        comp = jax.random.categorical(k1, self.log_weights, shape=(n,))
+        z = jax.random.normal(k2, (n, self.dim), jnp.float32)
+        return self.means[comp] + self.stds[comp][:, None] * z
+
+    def classify(self, x: Array, alpha_bar=1.0) -> Array:
+        """The most probable component of each x (B,) int32."""
+        return jnp.argmax(self.joint_log_probs(x, alpha_bar), axis=-1)
+
+    def density_1d(self, grid) -> np.ndarray:
+        """p_0 on a 1-D grid (numpy, for plots); only for d = 1."""
+        g = jnp.asarray(np.asarray(grid, np.float32).reshape(-1, 1))
+        return np.exp(np.asarray(self.log_prob(g)))
+
+
+# --------------------------------------------------------------------------- denoisers
+
+def alpha_bar_table(schedule: Schedule) -> Array:
+    """alpha_bar indexed by network timestep: (max timestep + 1,) float32.
+
+    For a respaced chain only its own timesteps are filled (the others are NaN, and
+    the sampler never asks for them); respacing keeps alpha_bar at those timesteps,
+    so the table agrees with the full schedule's there.
+    """
+    ts = np.asarray(schedule.timesteps, np.int64)
+    table = np.full(int(ts.max()) + 1, np.nan, np.float32)
+    table[ts] = np.asarray(schedule.alpha_bars, np.float32)
+    return jnp.asarray(table)
+
+
+def _mixture_eps(params, x, t):
+    mixture, table = params
+    return mixture.eps(x, table[t])
+
+
+def _mixture_score(params, x, t):
+    mixture, table = params
+    return mixture.score(x, table[t])
+
+
+def mixture_denoiser(mixture: GaussianMixture, schedule: Schedule) -> Denoiser:
+    """The exact eps(x, t) of ``mixture`` under ``schedule``, as a sampler-ready Denoiser."""
+    return Denoiser(apply_fn=_mixture_eps, params=(mixture, alpha_bar_table(schedule)))
+
+
+def mixture_score_fn(mixture: GaussianMixture, schedule: Schedule) -> Denoiser:
+    """The exact score grad log p_t(x) at network timestep t (same calling convention)."""
+    return Denoiser(apply_fn=_mixture_score, params=(mixture, alpha_bar_table(schedule)))
+
+
+def log_posterior(mixture: GaussianMixture, forget: Sequence[int], x: Array, alpha_bar) -> Array:
+    """log p(c- | x_t) = log(c_f p_f,t(x)) - log p_t(x) (B,), c_f the forget components' weight."""
+    forget = np.asarray(forget, np.int64).reshape(-1)
+    joint = mixture._terms(x, alpha_bar)[2]                                      # (K, B)
+    lse = jax.scipy.special.logsumexp
+    return jnp.minimum(lse(joint[forget], axis=0) - lse(joint, axis=0), 0.0)
+
+
+class ExactForgetPosterior:
+    """Hashable ``posterior_fn(x, t) -> log p(c- | x_t)`` for ExactDynamicNegativeGuidance.
+
+    Use with ``log_space=True``. The mixture and the alpha_bar table are held as numpy
+    copies (compile-time constants; hashed by value, so equal labs share one compilation).
+    """
+
+    def __init__(self, mixture: GaussianMixture, forget: Sequence[int], schedule_or_table):
+        self.mixture = jax.tree.map(lambda a: np.asarray(a, np.float32), mixture)
+        self.forget = tuple(int(i) for i in np.asarray(forget).reshape(-1))
+        table = (alpha_bar_table(schedule_or_table) if isinstance(schedule_or_table, Schedule)
+                 else schedule_or_table)
+        self.table = np.asarray(table, np.float32)
+        h = hashlib.sha1()
+        for a in (self.mixture.log_weights, self.mixture.means, self.mixture.stds, self.table):
+            h.update(np.ascontiguousarray(a).tobytes())
+            h.update(str(a.shape).encode())
+        h.update(str(self.forget).encode())
+        self._key = h.hexdigest()
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, ExactForgetPosterior) and other._key == self._key
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        mixture = jax.tree.map(jnp.asarray, self.mixture)
+        ab = jnp.asarray(self.table)[t]
+        return log_posterior(mixture, self.forget, x.reshape(x.shape[0], -1), ab)
+
+    def __repr__(self):
+        return f"ExactForgetPosterior(K={self.mixture.means.shape[0]}, forget={self.forget})"
+
+
+# --------------------------------------------------------------------------- a lab
+
+class ForgetSplit:
+    """A mixture split into components to forget (c-) and to remember, under one schedule.
+
+    Attributes:
+      full, forget_mixture, remember_mixture: the mixtures (sub-mixtures renormalised).
+      forget_weight: c_f, the prior probability of the forbidden concept.
+      eps_full, eps_forget, eps_remember: exact Denoisers eps(x, t).
+      posterior_fn: hashable log p(c- | x_t) for ExactDynamicNegativeGuidance(log_space=True).
+    """
+
+    def __init__(self, mixture: GaussianMixture, forget: Sequence[int], schedule: Schedule):
+        k = mixture.num_components
+        forget = sorted({int(i) for i in np.asarray(forget).reshape(-1)})
+        if not forget or any(i < 0 or i >= k for i in forget) or len(forget) == k:
+            raise ValueError(f"forget must name some but not all of the {k} components, got {forget}")
+        self.full = mixture
+        self.forget = tuple(forget)
+        self.remember = tuple(i for i in range(k) if i not in forget)
+        self.forget_mixture = mixture.subset(self.forget)
+        self.remember_mixture = mixture.subset(self.remember)
+        self.forget_weight = float(np.exp(np.asarray(mixture.log_weights))[list(self.forget)].sum())
+        self.schedule = schedule
+        self.eps_full = mixture_denoiser(mixture, schedule)
+        self.eps_forget = mixture_denoiser(self.forget_mixture, schedule)
+        self.eps_remember = mixture_denoiser(self.remember_mixture, schedule)
+        self.posterior_fn = ExactForgetPosterior(mixture, self.forget, schedule)
+
+    def log_posterior(self, x: Array, alpha_bar) -> Array:
+        return log_posterior(self.full, self.forget, x, alpha_bar)
+
+    def in_forget(self, x: Array) -> np.ndarray:
+        """Whether each x_0 is closest (most probable component at t = 0) to a forbidden mode."""
+        comp = np.asarray(self.full.classify(jnp.asarray(x).reshape(x.shape[0], -1)))
+        return np.isin(comp, self.forget)
+
+    def remember_fractions(self, x: Array) -> np.ndarray:
+        """Fraction of the samples that are not forbidden assigned to each remembered mode."""
+        comp = np.asarray(self.full.classify(jnp.asarray(x).reshape(x.shape[0], -1)))
+        counts = np.array([(comp == i).sum() for i in self.remember], np.float64)
+        return counts / max(counts.sum(), 1.0)
