@@ -2,8 +2,9 @@
 
 Layer for layer this is the architecture of the original TensorFlow code and
 of diffusers' ``UNet2DModel`` with the ``google/ddpm-cifar10-32`` config, so
-that released weights convert exactly (convolutions pad symmetrically, as in
-PyTorch). Optional class conditioning adds a learned label embedding to the
+that released weights convert exactly (3x3 convolutions pad one pixel on every
+side, as in PyTorch; the stride-2 downsampling either does too or, with
+``downsample_padding=0``, pads bottom/right only like TensorFlow's 'SAME'). Optional class conditioning adds a learned label embedding to the
 timestep embedding; label ``num_classes`` is the null label, so one network
 serves as eps(x) and eps(x | c).
 """
