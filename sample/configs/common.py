@@ -1,0 +1,55 @@
+"""Shared defaults of the class-removal configs (each ``get_config`` starts from these)."""
+
+import ml_collections
+
+#: Safe Latent Diffusion hyperparameters of the DNG paper's appendix E.
+SLD = dict(threshold=0.04, s_s=100.0, beta_m=0.2, s_m=0.1, warmup=0)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "class_removal"
+    c.dataset = "mnist"
+    c.removed_class = 0
+    # Models. "{root}" is replaced by `checkpoints`, "{c}" by the removed class. Relative paths
+    # are looked up from the working directory, then from the repository root.
+    c.checkpoints = "checkpoints/mnist"
+    c.uncond = "{root}/ddpm"
+    c.forget = "{root}/forget_{c}"
+    c.classifier = "{root}/classifier"
+    # Reference Gaussian statistics (mu, sigma) of the training set without the removed class,
+    # in the feature space of `features` ("classifier": penultimate layer, reported as FD;
+    # "inception": pytorch-fid's Inception-v3 pool features, reported as FID).
+    c.reference_stats = "{root}/reference_stats/train_without_{c}.npz"
+    c.features = "classifier"
+    c.fid_weights = ""           # features="inception": pt_inception-2015-12-05-*.pth (or $DNGJAX_FID_WEIGHTS)
+    c.compute_reference = False  # if the reference file is missing: compute it from the data set and save it
+    c.data_dir = ""              # offline data folder for compute_reference (else $DNGJAX_DATA_DIR)
+
+    # Sampling: N samples per grid point, the same seeds seed..seed+N-1 at every point.
+    c.n = 256
+    c.seed = 0
+    c.T = 1000                   # training chain: linear betas 1e-4 .. 0.02
+    c.steps = 50                 # sampled chain: respaced to this many steps (= T: no respacing)
+    c.chunk_size = 128           # seeds per compiled call (times the grid size of the method)
+    c.baseline = True            # also sample without guidance (the point "none", scale 0)
+
+    # Guidance: one compiled sweep per method over its grid of scales.
+    c.methods = ("NP", "SLD", "DNG")
+    c.grid = ml_collections.ConfigDict()
+    c.grid.NP = (0.5, 1.0, 2.0)
+    c.grid.SLD = (0.5, 1.0, 2.0)
+    c.grid.DNG = (2.0, 5.0, 10.0)
+    c.sld = ml_collections.ConfigDict(SLD)
+    c.dng = ml_collections.ConfigDict(dict(prior=0.25, temperature=0.25, offset=0.0, p_min=1e-6,
+                                           p_max=0.99, variance="posterior"))
+
+    # Scoring and outputs.
+    c.high_safety = 1.0          # % of removed class counted as "high safety" (plots, summary)
+    c.kl_pseudo_count = 0.5      # additive smoothing of the generated histogram (see dngjax.metrics)
+    c.eval_batch = 512
+    c.grid_images = 64           # samples per saved grid image
+    c.outdir = ""                # default: outputs/class_removal/<name>-<dataset>-c<class>-<UTC time>
+    c.save_samples = False       # also write samples.npz (uint8, all points)
+    c.progress = True
+    return c

@@ -1,0 +1,59 @@
+"""MNIST class removal.
+
+``python sample/main.py`` runs ``quick`` (the README's main job: the shipped CPU
+checkpoints, remove 0, a small grid on a 50-step respaced chain; a few minutes on
+2 CPU cores). Named configs: ``--config=sample/configs/mnist.py:NAME`` with NAME
+
+* ``quick`` (default): n = 256 per point, 50 steps, 2-3 scales per method;
+* ``report``: what docs/results.md ran on a 2-core CPU (more samples and scales);
+* ``full``: the paper's protocol (10,240 samples per point, the full T = 1000 chain,
+  wide grids) -- for a GPU;
+* ``tiny``: smoke tests (a handful of samples and steps).
+
+The paper's MNIST hyperparameters: DNG prior 0.25, temperature 0.25, offset 0;
+SLD threshold 0.04, s_s 100, beta_m 0.2, s_m 0.1.
+"""
+
+from sample.configs.common import base_config
+
+
+def get_config(name: str = "quick"):
+    c = base_config()
+    c.name = name
+    c.dataset = "mnist"
+    c.checkpoints = "checkpoints/mnist"
+    c.dng.prior = 0.25
+    c.dng.temperature = 0.25
+    c.dng.offset = 0.0
+    if name == "quick":
+        c.n = 256
+        c.steps = 50
+        c.chunk_size = 128
+    elif name == "report":
+        c.n = 1024
+        c.steps = 100
+        c.chunk_size = 256
+        c.grid.NP = (0.25, 0.5, 1.0, 2.0, 4.0)
+        c.grid.SLD = (0.25, 0.5, 1.0, 2.0, 4.0)
+        c.grid.DNG = (1.0, 2.0, 5.0, 10.0, 20.0)
+    elif name == "full":
+        c.n = 10240
+        c.steps = 1000
+        c.chunk_size = 1024
+        c.grid.NP = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+        c.grid.SLD = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+        c.grid.DNG = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+        c.progress = True
+    elif name == "tiny":
+        c.n = 8
+        c.steps = 3
+        c.chunk_size = 4
+        c.grid.NP = (0.5, 2.0)
+        c.grid.SLD = (1.0,)
+        c.grid.DNG = (5.0,)
+        c.grid_images = 4
+        c.eval_batch = 8
+        c.progress = False
+    else:
+        raise ValueError(f"unknown config {name!r}: quick, report, full or tiny")
+    return c

@@ -1,0 +1,232 @@
+"""Figures of the class-removal experiment (matplotlib, Agg backend, PNG files).
+
+* :func:`plot_tradeoff`: KL vs safety and FD vs safety, one curve per method (paper figs. 4/14);
+* :func:`plot_histograms`: class histograms of the samples against the ideal (fig. 13);
+* :func:`plot_lambda`: lambda_t (and DNG's posterior p_t) over diffusion time, averaged over
+  samples (figs. 5b/12);
+* :func:`save_grid` / :func:`plot_overview`: sample grids.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"none": "black", "NP": "tab:blue", "SLD": "tab:orange", "DNG": "tab:green"}
+MARKERS = {"none": "*", "NP": "o", "SLD": "s", "DNG": "^"}
+
+
+def _color(method: str) -> str:
+    return COLORS.get(method, "tab:gray")
+
+
+def to_image(x: np.ndarray) -> np.ndarray:
+    """Model space [-1, 1] -> float [0, 1] (clipped); (..., H, W, C)."""
+    return np.clip((np.asarray(x, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def tile(x: np.ndarray, ncols: Optional[int] = None, pad: int = 1) -> np.ndarray:
+    """(N, H, W, C) in [0, 1] -> one (rows*(H+pad)-pad, cols*(W+pad)-pad, C) image, white gaps."""
+    n, h, w, c = x.shape
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    out = np.ones((nrows * (h + pad) - pad, ncols * (w + pad) - pad, c), np.float32)
+    for i in range(n):
+        r, q = divmod(i, ncols)
+        out[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = x[i]
+    return out
+
+
+def _imshow(ax, img):
+    if img.shape[-1] == 1:
+        ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(img, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def save_grid(x: np.ndarray, path: str, title: str = "", labels: Optional[np.ndarray] = None,
+              removed_class: Optional[int] = None, ncols: int = 8) -> str:
+    """A grid of samples (model space); samples the classifier assigns to the removed class get a red frame."""
+    imgs = to_image(x)
+    if imgs.shape[-1] == 1 and labels is not None and removed_class is not None:
+        imgs = np.repeat(imgs, 3, axis=-1)
+    if labels is not None and removed_class is not None:
+        hit = np.asarray(labels) == removed_class
+        imgs = imgs.copy()
+        imgs[hit, 0, :, :] = imgs[hit, -1, :, :] = imgs[hit, :, 0, :] = imgs[hit, :, -1, :] = (1.0, 0.0, 0.0)
+    grid = tile(imgs, ncols)
+    fig, ax = plt.subplots(figsize=(grid.shape[1] / 40 + 0.5, grid.shape[0] / 40 + 0.8), dpi=100)
+    _imshow(ax, grid)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_overview(rows: Sequence[Mapping], samples: Mapping[str, np.ndarray], path: str, per_row: int = 16) -> str:
+    """One row of the first ``per_row`` samples per grid point; the same seeds in every row."""
+    n = len(rows)
+    first = next(iter(samples.values()))
+    h = first.shape[1]
+    fig, axes = plt.subplots(n, 1, figsize=(per_row * h / 28 * 0.45 + 1.6, n * 0.5 + 0.4), squeeze=False)
+    for ax, row in zip(axes[:, 0], rows):
+        x = samples[row["key"]][:per_row]
+        _imshow(ax, tile(to_image(x), per_row))
+        ax.set_ylabel(f"{row['method']} {row['scale']:g}\n{row['safety_pct']:.1f}%", rotation=0,
+                      ha="right", va="center", fontsize=7)
+    axes[0, 0].set_title("same seeds in every row; label: method, scale, % removed class", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(rows: Sequence[Mapping], path: str, high_safety: float = 1.0,
+                  fd_label: str = "FD") -> str:
+    """KL (left) and FD (right) against safety (% of samples in the removed class), one curve per method.
+
+    Points of a method are joined in the order of its guidance scale (annotated).
+    Lower-left is better; the dashed line marks the high-safety threshold.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = []
+    for r in rows:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    for ax, key, ylabel in ((axes[0], "kl", "KL(ideal || generated) [nats]"),
+                            (axes[1], "fd", f"{fd_label} to the data without the removed class")):
+        for m in methods:
+            pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["scale"])
+            xs = [r["safety_pct"] for r in pts]
+            ys = [r[key] for r in pts]
+            if m == "none":
+                ax.scatter(xs, ys, marker="*", s=160, color="black", zorder=5, label="unguided")
+                continue
+            ax.plot(xs, ys, marker=MARKERS.get(m, "o"), color=_color(m), label=m)
+            for r in pts:
+                ax.annotate(f"{r['scale']:g}", (r["safety_pct"], r[key]), textcoords="offset points",
+                            xytext=(4, 3), fontsize=7, color=_color(m))
+        ax.axvline(high_safety, color="gray", ls="--", lw=0.8)
+        ax.set_xlabel("safety: % of samples classified as the removed class (lower is safer)")
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=-0.05)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    r0 = rows[0]
+    fig.suptitle(f"{r0['dataset']}: remove class {r0['removed_class']} "
+                 f"(n = {r0['n']} per point, {r0['steps']} steps); lower left is better", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def pick_rows_for_histogram(rows: Sequence[Mapping], high_safety: float = 1.0) -> List[Mapping]:
+    """The unguided point, and per method the lowest scale with safety <= ``high_safety``
+    (else the method's safest point)."""
+    out = [r for r in rows if r["method"] == "none"][:1]
+    methods = []
+    for r in rows:
+        if r["method"] != "none" and r["method"] not in methods:
+            methods.append(r["method"])
+    for m in methods:
+        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["scale"])
+        ok = [r for r in pts if r["safety_pct"] <= high_safety]
+        out.append(ok[0] if ok else min(pts, key=lambda r: (r["safety_pct"], r["scale"])))
+    return out
+
+
+def plot_histograms(rows: Sequence[Mapping], path: str, class_names: Optional[Sequence[str]] = None,
+                    high_safety: float = 1.0) -> str:
+    """Class frequencies (%) of the samples, grouped bars per class, against the ideal (fig. 13)."""
+    chosen = pick_rows_for_histogram(rows, high_safety)
+    k = len(chosen[0]["histogram"])
+    removed = chosen[0]["removed_class"]
+    ideal = np.full(k, 100.0 / (k - 1))
+    ideal[removed] = 0.0
+    width = 0.8 / max(len(chosen), 1)
+    fig, ax = plt.subplots(figsize=(max(8, k * 0.9), 4))
+    xs = np.arange(k)
+    for i, r in enumerate(chosen):
+        h = np.asarray(r["histogram"], np.float64)
+        freq = 100.0 * h / max(h.sum(), 1)
+        label = ("unguided" if r["method"] == "none" else f"{r['method']} scale {r['scale']:g}") + \
+            f" (safety {r['safety_pct']:.1f}%, KL {r['kl']:.3f})"
+        ax.bar(xs - 0.4 + width * (i + 0.5), freq, width, color=_color(r["method"]),
+               alpha=0.85 if r["method"] != "none" else 0.4, label=label)
+    ax.step(np.r_[xs - 0.5, k - 0.5], np.r_[ideal, ideal[-1]], where="post", color="red", lw=1.2,
+            label="ideal (0 on removed class, uniform elsewhere)")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(list(class_names) if class_names else [str(i) for i in range(k)])
+    ax.set_ylabel("% of samples")
+    ax.set_xlabel("class assigned by the classifier")
+    ax.set_title(f"class histograms; per method the lowest scale with <= {high_safety:g}% removed class "
+                 "(else its safest point)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_lambda(traces: Mapping[str, Dict], path: str, removed_mask: Optional[np.ndarray] = None,
+                T: Optional[int] = None) -> str:
+    """Mean lambda_t over samples against the network timestep t (sampling runs right to left in t).
+
+    ``traces[method] = {"t": (S,), "scales": (K,), "lam": (K, S, N), "p": (K, S, N)}``.
+    One panel per method, one line per scale. For methods that track a posterior
+    (DNG), a second row shows the mean p_t. If ``removed_mask`` (N,) is given (the
+    seeds whose *unguided* sample is classified as the removed class), dashed
+    lines average over those seeds and solid lines over the others.
+    """
+    methods = list(traces)
+    has_p = [m for m in methods if np.isfinite(np.asarray(traces[m]["p"])).any()]
+    nrows = 2 if has_p else 1
+    fig, axes = plt.subplots(nrows, len(methods), figsize=(4.2 * len(methods), 3.3 * nrows), squeeze=False)
+    for j, m in enumerate(methods):
+        tr = traces[m]
+        t = np.asarray(tr["t"])
+        lam, p = np.asarray(tr["lam"]), np.asarray(tr["p"])
+        cmap = plt.get_cmap("viridis")
+        K = lam.shape[0]
+        for row, (arr, name) in enumerate(((lam, "lambda_t"), (p, "p_t = p(c- | x_t)"))):
+            if row == 1 and m not in has_p:
+                if nrows == 2:
+                    axes[1, j].axis("off")
+                continue
+            ax = axes[row, j]
+            for k in range(K):
+                color = cmap(k / max(K - 1, 1))
+                lab = f"scale {tr['scales'][k]:g}"
+                if removed_mask is not None and removed_mask.any() and (~removed_mask).any():
+                    ax.plot(t, arr[k][:, ~removed_mask].mean(-1), color=color, label=lab)
+                    ax.plot(t, arr[k][:, removed_mask].mean(-1), color=color, ls="--")
+                else:
+                    ax.plot(t, arr[k].mean(-1), color=color, label=lab)
+            ax.set_xlim(t.max(), t.min())
+            ax.set_xlabel("diffusion timestep t (sampling goes left to right)")
+            ax.set_ylabel(f"mean {name}")
+            if row == 0 and arr.max() > 0 and np.nanmax(arr) / max(np.nanmin(arr[arr > 0]) if (arr > 0).any() else 1, 1e-12) > 100:
+                ax.set_yscale("symlog", linthresh=1e-2)
+            ax.set_title(f"{m}: {name}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.legend(fontsize=7)
+    note = ("solid: seeds whose unguided sample is another class; dashed: seeds whose unguided sample "
+            "is the removed class" if removed_mask is not None else "mean over all samples")
+    fig.suptitle(note, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

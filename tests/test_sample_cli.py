@@ -1,0 +1,116 @@
+"""sample/main.py end to end on tiny random models: every output file, sane numbers."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from dngjax import checkpoint
+from dngjax.models.classifier import Classifier
+from dngjax.models.configs import mnist_unet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_params(module, *args, seed=0):
+    """Random weights from numpy on the module's parameter shapes (no XLA compilation: fast).
+
+    Kernels ~ N(0, 1/fan_in), norm scales ~ 1, biases and embeddings small; the UNet's
+    zero-initialised output conv gets random weights too, so eps is not identically 0.
+    """
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = str(path[-1].key)
+        if name == "scale":
+            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(s.shape), s.dtype)
+        if name == "kernel" or name == "embedding":
+            fan_in = int(np.prod(s.shape[:-1])) or 1
+            return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
+        return jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    unet = mnist_unet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, groups=4)
+    x = jnp.zeros((1, 28, 28, 1))
+    t = jnp.zeros((1,), jnp.int32)
+    for name, seed, card in (("ddpm", 0, {}), ("forget_1", 1, {"only_class": 1})):
+        params = random_params(unet, x, t, seed=seed)
+        checkpoint.save_model(str(root / name), unet, params, {"dataset": "mnist", **card})
+    clf = Classifier(num_classes=10, widths=(4,), feature_dim=8, dropout=0.0)
+    checkpoint.save_model(str(root / "classifier"), clf, random_params(clf, x, seed=2), {"dataset": "mnist"})
+    os.makedirs(root / "reference_stats")
+    np.savez(root / "reference_stats" / "train_without_1.npz", mu=np.zeros(8), sigma=np.eye(8))
+    return root
+
+
+def test_cli_end_to_end_writes_every_file(tiny_checkpoints, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(REPO, "sample", "main.py"),
+           f"--config={os.path.join(REPO, 'sample', 'configs', 'mnist.py')}:tiny",
+           f"--config.checkpoints={tiny_checkpoints}", "--config.removed_class=1",
+           f"--config.outdir={out}"]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"output folder: {out}" in res.stdout
+    assert "safety %" in res.stdout and "DNG" in res.stdout      # the results table
+
+    for f in ("results.csv", "results.json", "config.json", "summary.txt", "labels.npz",
+              "tradeoff.png", "class_histogram.png", "lambda_t.png", "samples_overview.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    # tiny config: NP (0.5, 2.0), SLD (1.0,), DNG (5.0,), plus the unguided point
+    expected = {"unguided", "NP_scale0.5", "NP_scale2", "SLD_scale1", "DNG_scale5"}
+    assert {p[:-4] for p in os.listdir(out / "samples")} == expected
+
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["scale"]) for r in rows] == [
+        ("none", 0.0), ("NP", 0.5), ("NP", 2.0), ("SLD", 1.0), ("DNG", 5.0)]
+    for r in rows:
+        assert r["n"] == 8 and r["steps"] == 3 and r["seed"] == 0 and r["removed_class"] == 1
+        assert 0.0 <= r["safety_pct"] <= 100.0
+        assert np.isfinite(r["kl"]) and r["kl"] >= 0 and np.isfinite(r["fd"]) and r["fd"] >= 0
+        assert sum(r["histogram"]) == 8
+    dng = rows[-1]
+    assert dng["prior"] == 0.25 and dng["temperature"] == 0.25 and dng["offset"] == 0.0
+    sld = rows[3]
+    assert sld["threshold"] == 0.04 and sld["s_s"] == 100.0 and sld["beta_m"] == 0.2 and sld["s_m"] == 0.1
+
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 5
+    for col in ("method", "scale", "safety_pct", "kl", "fd", "n", "seed", "steps", "prior", "threshold"):
+        assert col in table[0]
+    assert table[4]["method"] == "DNG" and float(table[4]["prior"]) == 0.25
+
+    labels = np.load(out / "labels.npz")
+    assert labels["seeds"].tolist() == list(range(8))
+    assert labels["none_0"].shape == (8,)
+
+
+def test_resolve_path_and_bad_method(tmp_path):
+    sys.path.insert(0, REPO)
+    from sample import main as sm
+    from sample.configs import mnist
+
+    c = mnist.get_config("tiny")
+    c.checkpoints = "checkpoints/mnist"
+    c.removed_class = 2
+    assert sm.resolve_path(c.forget, c).endswith(os.path.join("checkpoints", "mnist", "forget_2"))
+    assert sm.resolve_path(c.reference_stats, c).endswith("train_without_2.npz")
+    with pytest.raises(ValueError, match="unknown method"):
+        sm.build_rule("CFG", c)
+    with pytest.raises(ValueError, match="unknown config"):
+        mnist.get_config("huge")
