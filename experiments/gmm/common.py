@@ -1,0 +1,134 @@
+"""Shared pieces of the Gaussian-mixture lab: labs, rules, chunked sampling, tables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from dngjax import (NoGuidance, NegativePrompting, ClassifierFreeGuidance, linear_schedule, respace,
+                    sample, keys_from_seeds)
+from dngjax.gmm import ForgetSplit, toy_1d, toy_2d, wasserstein1_1d
+
+METHOD_LABELS = {
+    "none": "no guidance",
+    "cfg": "CFG toward remaining modes, lambda=1",
+    "np": "negative prompting, lambda=1",
+    "dng_exact": "DNG, exact posterior, lambda0=1",
+    "dng_approx": "DNG, Markov-chain posterior, lambda0=1",
+}
+
+
+def chain(steps: int):
+    """The linear T = 1000 schedule, respaced to ``steps`` steps when steps < 1000."""
+    base = linear_schedule()
+    return base if steps >= base.num_steps else respace(base, steps)
+
+
+def lab_1d(schedule) -> ForgetSplit:
+    mixture, forget = toy_1d()
+    return ForgetSplit(mixture, forget, schedule)
+
+
+def lab_2d(schedule) -> ForgetSplit:
+    mixture, forget = toy_2d()
+    return ForgetSplit(mixture, forget, schedule)
+
+
+def rule_for(lab: ForgetSplit, method: str, scale: float = 1.0, **kw):
+    """(rule, eps_c) for a method name (see METHOD_LABELS)."""
+    if method == "none":
+        return NoGuidance(), None
+    if method == "cfg":
+        return ClassifierFreeGuidance(scale), lab.eps_remember
+    if method == "np":
+        return NegativePrompting(scale), lab.eps_forget
+    if method == "dng_exact":
+        return lab.exact_dng(scale), lab.eps_forget
+    if method == "dng_approx":
+        return lab.approximate_dng(scale, **kw), lab.eps_forget
+    raise ValueError(f"unknown method {method!r}; choose among {list(METHOD_LABELS)}")
+
+
+def sample_chunked(lab: ForgetSplit, rule, eps_c, schedule, n: int, *, seed0: int = 0,
+                   chunk: int = 25_000, progress: bool = True, desc: str = "",
+                   trace_reducer=None):
+    """Samples for seeds seed0 .. seed0+n-1 in chunks (one compilation; a tqdm bar over chunks).
+
+    ``trace_reducer(x0_chunk, trace_chunk)`` is called per chunk when given (the trace is
+    then requested), so that per-step statistics can be accumulated without holding an
+    (S, n) array. Returns x0 (n, d) as numpy.
+    """
+    from tqdm.auto import tqdm
+    d = lab.full.dim
+    xs = []
+    starts = range(0, n, chunk)
+    it = tqdm(starts, desc=desc, unit="chunk", disable=not progress, leave=False)
+    for s in it:
+        m = min(chunk, n - s)
+        seeds = np.arange(seed0 + s, seed0 + s + chunk)          # full chunks: one compilation
+        keys = keys_from_seeds(seeds)
+        if trace_reducer is None:
+            x = sample(lab.eps_full, schedule, keys, (d,), rule=rule, eps_c=eps_c)
+            xs.append(np.asarray(x)[:m])
+        else:
+            x, tr = sample(lab.eps_full, schedule, keys, (d,), rule=rule, eps_c=eps_c, return_trace=True)
+            x = np.asarray(x)[:m]
+            trace_reducer(x, np.asarray(tr.t), np.asarray(tr.p)[:, :m], np.asarray(tr.lam)[:, :m])
+            xs.append(x)
+    return np.concatenate(xs, axis=0)
+
+
+def summarize_1d(lab: ForgetSplit, x: np.ndarray) -> Dict[str, float]:
+    """W1 to the remaining-modes law, forbidden mass, the remembered modes' relative weights."""
+    fr = lab.remember_fractions(x)
+    return {"W1": wasserstein1_1d(x[:, 0], lab.remember_mixture),
+            "forbidden": float(lab.in_forget(x).mean()),
+            "w_left": float(fr[0]), "w_right": float(fr[1]),
+            "mean": float(x.mean()), "std": float(x.std())}
+
+
+def print_table(title: str, rows: Sequence[Dict], columns: Sequence[Tuple[str, str, str]]) -> str:
+    """Print (and return) a markdown table; columns = (key, header, format)."""
+    lines = [f"\n{title}", "| " + " | ".join(h for _, h, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        cells = []
+        for k, _, f in columns:
+            v = r.get(k, "")
+            cells.append(format(v, f) if isinstance(v, (int, float, np.floating)) and f else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    out = "\n".join(lines)
+    print(out, flush=True)
+    return out
+
+
+def base_parser(description: str, n_default: int, steps_default: int = 1000) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default="outputs/gmm", help="folder for the PNGs and the table (default outputs/gmm)")
+    p.add_argument("--n", type=int, default=n_default, help=f"samples per method (default {n_default})")
+    p.add_argument("--steps", type=int, default=steps_default,
+                   help="chain length: 1000 = the full linear schedule, fewer = respaced (default %(default)s)")
+    p.add_argument("--chunk", type=int, default=25_000, help="samples per compiled call")
+    p.add_argument("--seed", type=int, default=0, help="first sample seed")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def prepare_out(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.time()
+        return self
+
+    def __exit__(self, *a):
+        self.s = time.time() - self.t0
