@@ -14,6 +14,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -119,8 +120,13 @@ def plot_tradeoff(rows: Sequence[Mapping], path: str, high_safety: float = 1.0,
         ax.axvline(high_safety, color="gray", ls="--", lw=0.8)
         ax.set_xlabel("safety: % of samples classified as the removed class (lower is safer)")
         ax.set_ylabel(ylabel)
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlim(left=-0.05)
+        ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
+        top = max([r["safety_pct"] for r in rows] + [high_safety])
+        ticks = [t for t in (0, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100) if t <= top * 1.05]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlim(-0.05, top * 1.3 + 0.1)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     r0 = rows[0]
@@ -217,8 +223,6 @@ def plot_lambda(traces: Mapping[str, Dict], path: str, removed_mask: Optional[np
             ax.set_xlim(t.max(), t.min())
             ax.set_xlabel("diffusion timestep t (sampling goes left to right)")
             ax.set_ylabel(f"mean {name}")
-            if row == 0 and arr.max() > 0 and np.nanmax(arr) / max(np.nanmin(arr[arr > 0]) if (arr > 0).any() else 1, 1e-12) > 100:
-                ax.set_yscale("symlog", linthresh=1e-2)
             ax.set_title(f"{m}: {name}", fontsize=9)
             ax.grid(alpha=0.3)
             if row == 0:
