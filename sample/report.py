@@ -1,0 +1,144 @@
+"""Aggregate several class-removal runs (sample/main.py output folders) into one report.
+
+  python sample/report.py OUT/class_0 OUT/class_1 ... [--out OUT]
+  python sample/report.py OUT            # every sub-folder of OUT holding a results.json
+
+Writes ``report.md`` (per class: the full table, and the paper's comparison --
+among the points with <= 1% removed class, each method's lowest KL and lowest FD)
+and ``tradeoff_all.png`` (KL and FD against safety, one row per removed class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import numpy as np  # noqa: E402
+
+
+def find_runs(paths: List[str]) -> List[str]:
+    runs = []
+    for p in paths:
+        if os.path.isfile(os.path.join(p, "results.json")):
+            runs.append(p)
+        elif os.path.isdir(p):
+            runs += sorted(os.path.join(p, d) for d in os.listdir(p)
+                           if os.path.isfile(os.path.join(p, d, "results.json")))
+    if not runs:
+        raise SystemExit(f"no results.json under {paths}")
+    return runs
+
+
+def best_at_high_safety(rows: List[Dict], high_safety: float = 1.0) -> Dict[str, Dict[str, Optional[Dict]]]:
+    """Per method: the point of lowest KL and of lowest FD among points with safety <= high_safety."""
+    out = {}
+    for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
+        ok = [r for r in rows if r["method"] == m and r["safety_pct"] <= high_safety]
+        out[m] = {"kl": min(ok, key=lambda r: r["kl"]) if ok else None,
+                  "fd": min(ok, key=lambda r: r["fd"]) if ok else None}
+    return out
+
+
+def verdict(best: Dict[str, Dict[str, Optional[Dict]]], key: str) -> str:
+    """Does DNG have the lowest ``key`` among the methods that reach high safety?"""
+    if "DNG" not in best or best["DNG"][key] is None:
+        return "DNG never reaches high safety"
+    others = {m: b[key][key] for m, b in best.items() if m != "DNG" and b[key] is not None}
+    if not others:
+        return "only DNG reaches high safety"
+    d = best["DNG"][key][key]
+    worse = [m for m, v in others.items() if v <= d]
+    return "DNG lowest" if not worse else f"DNG not lowest ({', '.join(worse)} <= DNG)"
+
+
+def markdown(runs: List[str], high_safety: float = 1.0) -> str:
+    lines = []
+    summary = ["| removed class | n | steps | unguided % | KL at <= 1%: NP / SLD / DNG | FD at <= 1%: NP / SLD / DNG | KL claim | FD claim |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run in runs:
+        rows = json.load(open(os.path.join(run, "results.json")))
+        r0 = rows[0]
+        lines.append(f"### {r0['dataset']}, removed class {r0['removed_class']} "
+                     f"(n = {r0['n']} per point, {r0['steps']}-step chain, T = {r0['T']}, seed {r0['seed']})\n")
+        lines.append("| method | scale | safety % | KL | FD | empty classes | mean lambda |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            lines.append(f"| {r['method']} | {r['scale']:g} | {r['safety_pct']:.2f} | {r['kl']:.4f} | "
+                         f"{r['fd']:.3f} | {r['n_empty_classes']} | {r['mean_lambda']:.3g} |")
+        lines.append("")
+        best = best_at_high_safety(rows, high_safety)
+
+        def fmt(key):
+            vals = []
+            for m in ("NP", "SLD", "DNG"):
+                b = best.get(m, {}).get(key)
+                vals.append("--" if b is None else f"{b[key]:.3f} ({b['scale']:g})")
+            return " / ".join(vals)
+
+        base = next((r for r in rows if r["method"] == "none"), None)
+        base_str = "--" if base is None else f"{base['safety_pct']:.2f}"
+        summary.append(f"| {r0['removed_class']} | {r0['n']} | {r0['steps']} | {base_str} | "
+                       f"{fmt('kl')} | {fmt('fd')} | {verdict(best, 'kl')} | {verdict(best, 'fd')} |")
+    head = [f"Among the grid points with <= {high_safety:g}% of samples in the removed class, each method's "
+            "lowest KL and lowest FD (its guidance scale in brackets); -- : the method never reaches that "
+            "safety on its grid.\n"]
+    return "\n".join(head + summary + [""] + lines)
+
+
+def plot_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
+    from sample import plots
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.6 * len(runs)), squeeze=False)
+    for i, run in enumerate(runs):
+        rows = json.load(open(os.path.join(run, "results.json")))
+        for j, key in enumerate(("kl", "fd")):
+            ax = axes[i, j]
+            for m in dict.fromkeys(r["method"] for r in rows):
+                pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["scale"])
+                xs, ys = [r["safety_pct"] for r in pts], [r[key] for r in pts]
+                if m == "none":
+                    ax.scatter(xs, ys, marker="*", s=140, color="black", zorder=5, label="unguided")
+                else:
+                    ax.plot(xs, ys, marker=plots.MARKERS.get(m, "o"), color=plots.COLORS.get(m), label=m)
+            ax.axvline(high_safety, color="gray", ls="--", lw=0.8)
+            ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
+            ax.set_xlabel("% of samples in the removed class")
+            ax.set_ylabel(("KL(ideal || generated)" if key == "kl" else "FD") + f", class {rows[0]['removed_class']} removed")
+            ax.grid(alpha=0.3)
+        axes[i, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="output folders of sample/main.py, or a folder of them")
+    ap.add_argument("--out", default=None, help="where to write report.md and tradeoff_all.png "
+                                                  "(default: the common parent folder)")
+    ap.add_argument("--high_safety", type=float, default=1.0)
+    args = ap.parse_args(argv)
+    runs = find_runs(args.runs)
+    out = args.out or os.path.commonpath([os.path.abspath(r) for r in runs])
+    if os.path.isfile(os.path.join(out, "results.json")):
+        out = os.path.dirname(out)
+    os.makedirs(out, exist_ok=True)
+    md = markdown(runs, args.high_safety)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(md + "\n")
+    plot_all(runs, os.path.join(out, "tradeoff_all.png"), args.high_safety)
+    print(md)
+    print(f"\nwrote {os.path.join(out, 'report.md')} and {os.path.join(out, 'tradeoff_all.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The paper's MNIST class-removal protocol, one command (meant for a GPU):
+# for each removed class, NP, SLD and DNG over wide grids of guidance scales,
+# 10,240 samples per grid point on the full T = 1000 chain (config mnist.py:full),
+# then one report (report.md, tradeoff_all.png) over all classes.
+#
+#   bash sample/run_protocol.sh                       # classes 0-3 (the shipped forget models)
+#   CLASSES="0" CONFIG=sample/configs/mnist.py:report bash sample/run_protocol.sh   # smaller
+#   bash sample/run_protocol.sh --config.n=2048       # extra flags go to every sample/main.py run
+#
+# Environment: CLASSES (default "0 1 2 3"), CONFIG (default sample/configs/mnist.py:full),
+# OUT (default outputs/protocol/<UTC time>), PYTHON (default python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CLASSES=${CLASSES:-"0 1 2 3"}
+CONFIG=${CONFIG:-sample/configs/mnist.py:full}
+OUT=${OUT:-outputs/protocol/$(date -u +%Y%m%d-%H%M%S)}
+PYTHON=${PYTHON:-python}
+mkdir -p "$OUT"
+echo "protocol: config $CONFIG, classes $CLASSES -> $OUT"
+"$PYTHON" -c "import jax; print('devices:', jax.devices())" | tee "$OUT/devices.txt"
+for c in $CLASSES; do
+  start=$(date +%s)
+  "$PYTHON" sample/main.py --config="$CONFIG" --config.removed_class="$c" \
+      --config.outdir="$OUT/class_$c" "$@" 2>&1 | tee "$OUT/class_$c.log"
+  echo "class $c: $(( $(date +%s) - start )) s" | tee -a "$OUT/timings.txt"
+done
+"$PYTHON" sample/report.py "$OUT"
