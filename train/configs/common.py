@@ -1,0 +1,50 @@
+"""Shared defaults of the training configs (``get_config`` of each file starts from these)."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "model"
+    c.dataset = "mnist"
+    c.data_dir = ""  # offline folder; empty = $DNGJAX_DATA_DIR, then TensorFlow Datasets
+    c.only_class = -1  # >= 0: train only on this class (forget-class model)
+    c.drop_class = -1  # >= 0: train without this class
+    c.limit_examples = 0  # > 0: use only the first N examples (tests)
+    c.seed = 0
+    c.batch_size = 64
+    c.num_steps = 1000
+    c.log_every = 50
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 2
+    c.sample_every = 0  # DDPMs: sample-grid PNG every N steps (0: only at the end)
+    c.sample_steps = 100  # respaced chain length for sample grids
+    c.final_samples = 64
+    c.halt_after_steps = 0  # tests: stop after N steps of this run (simulated interruption)
+    c.progress = True
+    c.init_from = ""  # model folder to initialise the parameters from (fine-tuning)
+    c.ema_decay = 0.999
+    c.augment_shift = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.kind = "unet"
+    c.model.kwargs = ml_collections.ConfigDict()
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-4
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.0
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "constant"  # or "cosine"
+    c.optim.grad_clip = 1.0
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.num_timesteps = 1000
+    c.diffusion.beta_start = 1e-4
+    c.diffusion.beta_end = 0.02
+    return c
+
+
+def unet_kwargs(**kw) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(kw)

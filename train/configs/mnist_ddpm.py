@@ -1,0 +1,55 @@
+"""MNIST unconditional DDPM (eps-prediction, linear betas, T = 1000).
+
+``--config=train/configs/mnist_ddpm.py`` (GPU size: the project's ``mnist_unet()``,
+ch 32, ~1.1 M parameters) or ``...mnist_ddpm.py:cpu`` (the size that the shipped
+checkpoints were trained with on a 2-core CPU) or ``:tiny`` (tests).
+A forget-class model is the same config with ``--config.only_class=C``
+(see ``mnist_forget.py``).
+"""
+
+from train.configs.common import base_config, unet_kwargs
+
+
+def get_config(size: str = "gpu"):
+    c = base_config()
+    c.name = "mnist_ddpm"
+    c.dataset = "mnist"
+    c.model.kind = "unet"
+    if size == "gpu":
+        c.model.kwargs = unet_kwargs(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
+                                     dropout=0.1, groups=8)
+        c.batch_size = 128
+        c.num_steps = 8000
+        c.optim.lr = 5e-4
+        c.optim.warmup_steps = 200
+        c.checkpoint_every = 1000
+        c.sample_every = 2000
+        c.log_every = 100
+        c.ema_decay = 0.999
+    elif size == "cpu":
+        c.model.kwargs = unet_kwargs(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
+                                     dropout=0.0, groups=8)
+        c.batch_size = 64
+        c.num_steps = 3000
+        c.optim.lr = 1e-3
+        c.optim.warmup_steps = 100
+        c.checkpoint_every = 100
+        c.sample_every = 0
+        c.log_every = 10
+        c.ema_decay = 0.995
+    elif size == "tiny":
+        c.model.kwargs = unet_kwargs(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                                     dropout=0.0, groups=4)
+        c.batch_size = 8
+        c.num_steps = 6
+        c.optim.lr = 1e-3
+        c.optim.warmup_steps = 1
+        c.checkpoint_every = 2
+        c.log_every = 1
+        c.final_samples = 0
+        c.progress = False
+        c.limit_examples = 256
+        c.ema_decay = 0.9
+    else:
+        raise ValueError(f"unknown size {size!r}: gpu, cpu or tiny")
+    return c

@@ -1,0 +1,337 @@
+"""Training loop for DDPMs (unconditional / forget-class) and the evaluation classifier.
+
+Flax-examples style: ``train_and_evaluate(config, workdir)``. Everything that
+varies between runs is in the ``ml_collections`` config (see ``train/configs``).
+
+* optax Adam(W) with linear warm-up (then constant or cosine), global-norm clipping;
+* EMA of the parameters (used for sampling and exported);
+* a jitted train step, data-parallel over the local devices (batch sharded on a
+  1-D mesh, parameters replicated) when there are several;
+* orbax ``CheckpointManager``: periodic saves, automatic resume from the latest
+  complete save (orbax writes to a temporary folder and renames it when done,
+  so a kill -9 leaves no corrupt checkpoint behind);
+* the batch at step s and every random draw at step s are functions of
+  (seed, s) only, so a resumed run reproduces an uninterrupted one;
+* tqdm progress (loss, steps/s), a PNG grid of samples at intervals, and at the
+  end ``WORKDIR/model`` (``params.msgpack`` + ``card.json``, see
+  :mod:`dngjax.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import time
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dngjax import checkpoint as ckpt
+from dngjax import data as data_lib
+from dngjax.models.classifier import Classifier
+from dngjax.models.unet import UNet
+from dngjax.schedules import linear_schedule, respace
+
+
+# --------------------------------------------------------------------------- model / data
+
+def build_model(config):
+    m = config.model
+    kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in m.kwargs.items()}
+    if m.kind == "unet":
+        return UNet(**kwargs)
+    if m.kind == "classifier":
+        return Classifier(**kwargs)
+    raise ValueError(f"unknown model kind {m.kind!r}")
+
+
+def _opt_class(c) -> int | None:
+    return None if c is None or c < 0 else int(c)
+
+
+def load_training_data(config):
+    x, y = data_lib.load_dataset(
+        config.dataset, "train", data_dir=config.data_dir or None, as_float=False,
+        only_class=_opt_class(config.only_class), drop_class=_opt_class(config.get("drop_class", -1)),
+        limit=config.get("limit_examples", 0) or None)
+    return x, y
+
+
+def hardware_description() -> Dict[str, Any]:
+    devs = jax.local_devices()
+    return {"platform": devs[0].platform, "device_kind": devs[0].device_kind,
+            "num_devices": len(devs), "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "host": platform.node(), "jax": jax.__version__}
+
+
+# --------------------------------------------------------------------------- optimiser
+
+def make_optimizer(config):
+    o = config.optim
+    warm = max(int(o.warmup_steps), 1)
+    if o.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, warm, max(config.num_steps, warm + 1),
+                                                end_value=o.lr * 0.01)
+    else:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), optax.constant_schedule(o.lr)], [warm])
+    if o.weight_decay > 0:
+        opt = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+    else:
+        opt = optax.adam(lr, b1=o.b1, b2=o.b2)
+    if o.grad_clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
+    return opt
+
+
+# --------------------------------------------------------------------------- steps
+
+def _shift_augment(x, key, max_shift):
+    """Random integer translation by up to max_shift pixels (zero = background -1 padding)."""
+    if max_shift <= 0:
+        return x
+    b, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)), constant_values=-1.0)
+    offs = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
+    crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
+    return jax.vmap(crop)(xp, offs)
+
+
+def make_train_step(module, opt, config, alpha_bars):
+    kind = config.model.kind
+    ema_decay = float(config.ema_decay)
+    num_t = int(alpha_bars.shape[0])
+    shift = int(config.get("augment_shift", 0))
+
+    def loss_fn(params, x, y, key):
+        k_t, k_n, k_d, k_a = jax.random.split(key, 4)
+        if kind == "unet":
+            t = jax.random.randint(k_t, (x.shape[0],), 0, num_t)
+            noise = jax.random.normal(k_n, x.shape, x.dtype)
+            ab = alpha_bars[t][:, None, None, None]
+            xt = jnp.sqrt(ab) * x + jnp.sqrt(1.0 - ab) * noise
+            pred = module.apply(params, xt, t, train=True, rngs={"dropout": k_d})
+            return jnp.mean((pred - noise) ** 2), {}
+        x = _shift_augment(x, k_a, shift)
+        logits = module.apply(params, x, train=True, rngs={"dropout": k_d})
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+
+    def train_step(state, x, y, key):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], x, y, key)
+        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        step = state["step"] + 1
+        # EMA with warm-up of the decay (so short runs are not dominated by the initialisation).
+        d = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+        ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state["ema_params"], params)
+        new = dict(state, step=step, params=params, ema_params=ema, opt_state=opt_state)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        return new, metrics
+
+    return train_step
+
+
+# --------------------------------------------------------------------------- sampling / evaluation
+
+def sample_images(module, params, n: int, seed: int, input_shape, num_steps: int = 100,
+                  batch_size: int = 256) -> np.ndarray:
+    """n samples (float [-1,1]) of a DDPM with the project's ancestral sampler on a respaced chain."""
+    from dngjax.denoiser import denoiser
+    from dngjax.sampler import keys_from_seeds, sample
+
+    sched = respace(linear_schedule(), num_steps)
+    eps = denoiser(module, params)
+    out = []
+    for s in range(0, n, batch_size):
+        seeds = np.arange(s, min(n, s + batch_size)) + seed * 1_000_003
+        out.append(np.asarray(sample(eps, sched, keys_from_seeds(seeds), tuple(input_shape))))
+    return np.concatenate(out)[:n]
+
+
+def save_grid(path: str, x: np.ndarray, nrow: int | None = None) -> None:
+    """Save images (N,H,W,C) float in [-1,1] as a PNG grid."""
+    from PIL import Image
+
+    x = data_lib.to_uint8(x)
+    n, h, w, c = x.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    grid = np.full((ncol * (h + 2) + 2, nrow * (w + 2) + 2, c), 255, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = x[i]
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+
+
+def classifier_accuracy(module, params, x_uint8, y, batch_size: int = 1000) -> float:
+    fn = jax.jit(lambda p, x: jnp.argmax(module.apply(p, x), -1))
+    correct = 0
+    for s in range(0, len(x_uint8), batch_size):
+        pred = np.asarray(fn(params, data_lib.to_model_space(x_uint8[s:s + batch_size])))
+        correct += int((pred == y[s:s + batch_size]).sum())
+    return correct / len(x_uint8)
+
+
+# --------------------------------------------------------------------------- main loop
+
+def _init_state(module, opt, config, input_shape):
+    key = jax.random.PRNGKey(config.seed)
+    x = jnp.zeros((1, *input_shape), jnp.float32)
+    if config.model.kind == "unet":
+        params = module.init(key, x, jnp.zeros((1,), jnp.int32))
+    else:
+        params = module.init(key, x)
+    if config.get("init_from", ""):
+        m2, p2, card = ckpt.load_model(config.init_from)
+        if ckpt.arch_of(m2) != ckpt.arch_of(module):
+            raise ValueError(f"init_from={config.init_from}: its architecture {ckpt.arch_of(m2)} differs "
+                             f"from the config's {ckpt.arch_of(module)}")
+        params = p2
+        logging.info("initialised from %s", config.init_from)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return {"step": jnp.asarray(0, jnp.int32), "params": params,
+            "ema_params": jax.tree_util.tree_map(jnp.copy, params),
+            "opt_state": opt.init(params), "wall_time": jnp.asarray(0.0, jnp.float32),
+            "loss_avg": jnp.asarray(0.0, jnp.float32)}
+
+
+def config_to_dict(config) -> Dict[str, Any]:
+    return json.loads(config.to_json_best_effort())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Train (resuming from ``workdir`` if it holds a checkpoint); return the model card."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    kind = config.model.kind
+    input_shape = data_lib.SHAPES[config.dataset]
+    module = build_model(config)
+    opt = make_optimizer(config)
+
+    x_train, y_train = load_training_data(config)
+    n_ex = len(x_train)
+    logging.info("%s train examples: %d (only_class=%s)", config.dataset, n_ex, config.only_class)
+
+    devices = jax.local_devices()
+    n_dev = len(devices)
+    mesh = Mesh(np.asarray(devices), ("data",))
+    repl = NamedSharding(mesh, P())
+    data_sh = NamedSharding(mesh, P("data")) if n_dev > 1 and config.batch_size % n_dev == 0 else repl
+
+    state = _init_state(module, opt, config, input_shape)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    mngr = ocp.CheckpointManager(
+        ckpt_dir,
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.get("keep_checkpoints", 2),
+                                             save_interval_steps=1, create=True,
+                                             enable_async_checkpointing=False))
+    latest = mngr.latest_step()
+    if latest is not None:
+        state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+        logging.info("resumed from step %d in %s", latest, ckpt_dir)
+    state = jax.device_put(state, repl)
+    start = int(state["step"])
+
+    sched = linear_schedule(config.diffusion.num_timesteps, config.diffusion.beta_start, config.diffusion.beta_end)
+    step_fn = jax.jit(make_train_step(module, opt, config, sched.alpha_bars), donate_argnums=(0,))
+    base_key = jax.random.PRNGKey(config.seed)
+
+    stop = config.num_steps
+    if config.get("halt_after_steps", 0):  # for tests: simulate an interruption
+        stop = min(stop, start + config.halt_after_steps)
+
+    from tqdm import tqdm
+    pbar = tqdm(total=config.num_steps, initial=start, desc=config.get("name", kind), unit="step",
+                disable=not config.get("progress", True), dynamic_ncols=True, mininterval=2.0)
+    wall0 = float(state["wall_time"])
+    t_start = time.time()
+    loss_avg = float(state["loss_avg"])
+    last_metrics = {}
+    step = start
+    pending = []
+    while step < stop:
+        idx = data_lib.batch_indices(n_ex, config.batch_size, step, config.seed)
+        xb = jax.device_put(data_lib.to_model_space(x_train[idx]), data_sh)
+        yb = jax.device_put(y_train[idx], data_sh)
+        key = jax.random.fold_in(base_key, step)
+        state, metrics = step_fn(state, xb, yb, key)
+        step += 1
+        pending.append(metrics)
+        if step % config.log_every == 0 or step == stop:
+            for m in jax.device_get(pending):
+                loss_avg = float(m["loss"]) if loss_avg == 0.0 else 0.98 * loss_avg + 0.02 * float(m["loss"])
+            last_metrics = {k: float(v) for k, v in jax.device_get(pending[-1]).items()}
+            pending = []
+            pbar.set_postfix(loss=f"{last_metrics['loss']:.4f}", avg=f"{loss_avg:.4f}")
+            pbar.update(config.log_every if step % config.log_every == 0 else step - pbar.n)
+            with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "loss_avg": loss_avg, **last_metrics,
+                                    "elapsed_s": wall0 + time.time() - t_start}) + "\n")
+        if step % config.checkpoint_every == 0 or step == stop:
+            state = dict(state, wall_time=jnp.asarray(wall0 + time.time() - t_start, jnp.float32),
+                         loss_avg=jnp.asarray(loss_avg, jnp.float32))
+            mngr.save(step, args=ocp.args.StandardSave(state))
+        if kind == "unet" and config.sample_every and step % config.sample_every == 0 and step < config.num_steps:
+            xs = sample_images(module, state["ema_params"], 64, 0, input_shape, config.sample_steps)
+            save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), xs)
+    pbar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    wall = wall0 + time.time() - t_start
+    if step < config.num_steps:
+        logging.info("halted at step %d of %d", step, config.num_steps)
+        return {"step": step, "halted": True}
+
+    card = {
+        "name": config.get("name", kind),
+        "kind": "ddpm" if kind == "unet" else "classifier",
+        "dataset": config.dataset,
+        "input_shape": list(input_shape),
+        "only_class": _opt_class(config.only_class),
+        "init_from": config.get("init_from", "") or None,
+        "steps": int(step),
+        "batch_size": int(config.batch_size),
+        "train_examples": int(n_ex),
+        "wall_time_s": round(wall, 1),
+        "hardware": hardware_description(),
+        "final_loss": round(loss_avg, 5),
+        "final_loss_note": "exponential moving average (0.98) of the training loss",
+        "params": "EMA of the parameters" if kind == "unet" else "EMA of the parameters",
+        "config": config_to_dict(config),
+    }
+    if kind == "unet":
+        card["diffusion"] = {"num_timesteps": config.diffusion.num_timesteps,
+                             "beta_start": config.diffusion.beta_start, "beta_end": config.diffusion.beta_end,
+                             "schedule": "linear", "prediction": "eps"}
+    params_out = state["ema_params"]
+    if kind == "classifier":
+        x_test, y_test = data_lib.load_dataset(config.dataset, "test", data_dir=config.data_dir or None,
+                                               as_float=False)
+        acc_ema = classifier_accuracy(module, state["ema_params"], x_test, y_test)
+        acc_raw = classifier_accuracy(module, state["params"], x_test, y_test)
+        if acc_raw > acc_ema:
+            params_out, card["params"] = state["params"], "raw parameters (scored higher than the EMA)"
+        card["test_accuracy"] = max(acc_ema, acc_raw)
+        card["test_accuracy_ema"], card["test_accuracy_raw"] = acc_ema, acc_raw
+        logging.info("test accuracy: ema %.4f raw %.4f", acc_ema, acc_raw)
+    out = os.path.join(workdir, "model")
+    ckpt.save_model(out, module, params_out, card)
+    if kind == "unet" and config.get("final_samples", 64):
+        xs = sample_images(module, params_out, int(config.final_samples), 0, input_shape, config.sample_steps)
+        save_grid(os.path.join(workdir, "samples", "final.png"), xs)
+    logging.info("model written to %s", out)
+    return ckpt.load_card(out)
