@@ -157,7 +157,8 @@ def sample_baseline(eps_u, schedule, keys, shape, chunk: int):
 def score(x, labels_fn, features_fn, ref, config) -> Dict[str, Any]:
     from dngjax import metrics
     labels = labels_fn(x)
-    hist = metrics.class_histogram(labels, 10)
+    from dngjax.data import NUM_CLASSES
+    hist = metrics.class_histogram(labels, NUM_CLASSES[config.dataset])
     feats = features_fn(x)
     return dict(
         labels=labels,
@@ -230,8 +231,19 @@ def run(config) -> str:
     common = dict(n=config.n, seed=config.seed, steps=schedule.num_steps, T=config.T,
                   dataset=config.dataset, removed_class=config.removed_class, feature_space=space)
     rows: List[Dict[str, Any]] = []
-    samples: Dict[str, np.ndarray] = {}
-    traces: Dict[str, Dict[str, Any]] = {}
+    previews: Dict[str, np.ndarray] = {}      # the first samples of each point, for the grids
+    saved: Dict[str, np.ndarray] = {}         # all samples as uint8 (config.save_samples)
+    traces: Dict[str, Dict[str, Any]] = {}    # mean lambda_t / p_t curves per method
+    keep = max(config.grid_images, 16)
+    removed_mask = None
+
+    def record(row, x):
+        row.update(score(x, labels_fn, features_fn, ref, config))
+        rows.append(row)
+        previews[row["key"]] = np.asarray(x[:keep])
+        if config.save_samples:
+            from dngjax.data import to_uint8
+            saved[row["key"]] = to_uint8(x)
     total = int(config.baseline) + sum(len(config.grid[m]) for m in methods)
     bar = tqdm(total=total, desc="grid points", unit="point", disable=not config.progress)
 
@@ -239,10 +251,8 @@ def run(config) -> str:
         t0 = time.time()
         x = sample_baseline(eps_u, schedule, keys, shape, config.chunk_size)
         dt = time.time() - t0
-        row = dict(method="none", scale=0.0, mean_lambda=0.0, sample_seconds=dt, key="none_0", **common)
-        row.update(score(x, labels_fn, features_fn, ref, config))
-        rows.append(row)
-        samples[row["key"]] = x
+        record(dict(method="none", scale=0.0, mean_lambda=0.0, sample_seconds=dt, key="none_0", **common), x)
+        removed_mask = rows[0]["labels"] == config.removed_class
         bar.update(1)
 
     for m in methods:
@@ -251,18 +261,15 @@ def run(config) -> str:
         t0 = time.time()
         x, trace = dj.sweep(eps_u, schedule, keys, shape, rule=rule, grid={"scale": scales},
                             eps_c=eps_neg, chunk_size=config.chunk_size, return_trace=True,
-                            progress=False)
+                            progress=config.progress)
         dt = time.time() - t0
-        traces[m] = dict(t=np.asarray(trace.t), scales=scales, lam=np.asarray(trace.lam), p=np.asarray(trace.p))
+        traces[m] = plots.reduce_trace(trace, scales, removed_mask)
         for k, s in enumerate(scales):
-            row = dict(method=m, scale=s, mean_lambda=float(np.mean(trace.lam[k])),
-                       sample_seconds=dt / len(scales), key=f"{m}_{k}", **common, **hyper)
-            row.update(score(x[k], labels_fn, features_fn, ref, config))
-            rows.append(row)
-            samples[row["key"]] = x[k]
+            record(dict(method=m, scale=s, mean_lambda=float(np.mean(trace.lam[k])),
+                        sample_seconds=dt / len(scales), key=f"{m}_{k}", **common, **hyper), x[k])
             bar.update(1)
         bar.set_postfix_str(f"{m} done in {dt:.0f}s")
-        del x
+        del x, trace
     bar.close()
 
     # ---- files
@@ -270,22 +277,20 @@ def run(config) -> str:
     np.savez_compressed(os.path.join(outdir, "labels.npz"), seeds=seeds,
                         **{r["key"]: r["labels"].astype(np.int8) for r in rows})
     if config.save_samples:
-        from dngjax.data import to_uint8
-        np.savez_compressed(os.path.join(outdir, "samples.npz"), **{k: to_uint8(v) for k, v in samples.items()})
+        np.savez_compressed(os.path.join(outdir, "samples.npz"), seeds=seeds, **saved)
     for r in rows:
         name = "unguided" if r["method"] == "none" else f"{r['method']}_scale{r['scale']:g}"
-        plots.save_grid(samples[r["key"]][:config.grid_images], os.path.join(outdir, "samples", f"{name}.png"),
+        plots.save_grid(previews[r["key"]][:config.grid_images], os.path.join(outdir, "samples", f"{name}.png"),
                         title=f"{name}: {r['safety_pct']:.1f}% class {config.removed_class} "
                               f"(red frame), KL {r['kl']:.3f}, {fd_name} {r['fd']:.2f}",
                         labels=r["labels"][:config.grid_images], removed_class=config.removed_class)
-    plots.plot_overview(rows, samples, os.path.join(outdir, "samples_overview.png"))
+    plots.plot_overview(rows, previews, os.path.join(outdir, "samples_overview.png"))
     plots.plot_tradeoff(rows, os.path.join(outdir, "tradeoff.png"), config.high_safety, fd_label=fd_name)
     plots.plot_histograms(rows, os.path.join(outdir, "class_histogram.png"), high_safety=config.high_safety)
-    removed_mask = None
-    if config.baseline:
-        removed_mask = rows[0]["labels"] == config.removed_class
     if traces:
-        plots.plot_lambda(traces, os.path.join(outdir, "lambda_t.png"), removed_mask=removed_mask, T=config.T)
+        plots.plot_lambda(traces, os.path.join(outdir, "lambda_t.png"))
+        np.savez(os.path.join(outdir, "lambda_t.npz"),
+                 **{f"{m}/{k}": np.asarray(v) for m, tr in traces.items() for k, v in tr.items() if v is not None})
 
     wall = time.time() - t_start
     table = _fmt_table(rows, fd_name)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import matplotlib
@@ -186,49 +186,63 @@ def plot_histograms(rows: Sequence[Mapping], path: str, class_names: Optional[Se
     return path
 
 
-def plot_lambda(traces: Mapping[str, Dict], path: str, removed_mask: Optional[np.ndarray] = None,
-                T: Optional[int] = None) -> str:
-    """Mean lambda_t over samples against the network timestep t (sampling runs right to left in t).
+def reduce_trace(trace, scales, removed_mask: Optional[np.ndarray] = None) -> Dict[str, Any]:
+    """Mean lambda_t and p_t curves (K, S) of a sweep's Trace, over all samples and, given
+    ``removed_mask`` (N,), separately over the seeds whose unguided sample is (not) the removed class."""
+    lam, p = np.asarray(trace.lam, np.float64), np.asarray(trace.p, np.float64)
+    out: Dict[str, Any] = {"t": np.asarray(trace.t), "scales": np.asarray(scales, np.float64)}
+    split = removed_mask is not None and np.any(removed_mask) and not np.all(removed_mask)
+    for name, arr in (("lam", lam), ("p", p)):
+        out[f"{name}_all"] = arr.mean(-1)
+        out[f"{name}_removed"] = arr[..., removed_mask].mean(-1) if split else None
+        out[f"{name}_other"] = arr[..., ~removed_mask].mean(-1) if split else None
+    return out
 
-    ``traces[method] = {"t": (S,), "scales": (K,), "lam": (K, S, N), "p": (K, S, N)}``.
-    One panel per method, one line per scale. For methods that track a posterior
-    (DNG), a second row shows the mean p_t. If ``removed_mask`` (N,) is given (the
-    seeds whose *unguided* sample is classified as the removed class), dashed
-    lines average over those seeds and solid lines over the others.
+
+def plot_lambda(traces: Mapping[str, Dict], path: str) -> str:
+    """Mean lambda_t over samples against the network timestep t (sampling runs from high to low t).
+
+    ``traces[method]`` from :func:`reduce_trace`. One panel per method, one line per scale.
+    For methods that track a posterior (DNG) a second row shows the mean p_t. Where
+    the unguided run is known, solid lines average over the seeds whose *unguided*
+    sample is another class and dashed lines over those whose unguided sample is the
+    removed class; otherwise one line averages over all seeds.
     """
     methods = list(traces)
-    has_p = [m for m in methods if np.isfinite(np.asarray(traces[m]["p"])).any()]
+    has_p = [m for m in methods if np.isfinite(traces[m]["p_all"]).any()]
     nrows = 2 if has_p else 1
     fig, axes = plt.subplots(nrows, len(methods), figsize=(4.2 * len(methods), 3.3 * nrows), squeeze=False)
+    split_any = False
     for j, m in enumerate(methods):
         tr = traces[m]
         t = np.asarray(tr["t"])
-        lam, p = np.asarray(tr["lam"]), np.asarray(tr["p"])
         cmap = plt.get_cmap("viridis")
-        K = lam.shape[0]
-        for row, (arr, name) in enumerate(((lam, "lambda_t"), (p, "p_t = p(c- | x_t)"))):
+        K = len(tr["scales"])
+        for row, (name, title) in enumerate((("lam", "lambda_t"), ("p", "p_t = p(c- | x_t)"))):
             if row == 1 and m not in has_p:
                 if nrows == 2:
                     axes[1, j].axis("off")
                 continue
             ax = axes[row, j]
+            split = tr.get(f"{name}_removed") is not None
+            split_any |= split
             for k in range(K):
                 color = cmap(k / max(K - 1, 1))
                 lab = f"scale {tr['scales'][k]:g}"
-                if removed_mask is not None and removed_mask.any() and (~removed_mask).any():
-                    ax.plot(t, arr[k][:, ~removed_mask].mean(-1), color=color, label=lab)
-                    ax.plot(t, arr[k][:, removed_mask].mean(-1), color=color, ls="--")
+                if split:
+                    ax.plot(t, tr[f"{name}_other"][k], color=color, label=lab)
+                    ax.plot(t, tr[f"{name}_removed"][k], color=color, ls="--")
                 else:
-                    ax.plot(t, arr[k].mean(-1), color=color, label=lab)
+                    ax.plot(t, tr[f"{name}_all"][k], color=color, label=lab)
             ax.set_xlim(t.max(), t.min())
             ax.set_xlabel("diffusion timestep t (sampling goes left to right)")
-            ax.set_ylabel(f"mean {name}")
-            ax.set_title(f"{m}: {name}", fontsize=9)
+            ax.set_ylabel(f"mean {title}")
+            ax.set_title(f"{m}: {title}", fontsize=9)
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.legend(fontsize=7)
     note = ("solid: seeds whose unguided sample is another class; dashed: seeds whose unguided sample "
-            "is the removed class" if removed_mask is not None else "mean over all samples")
+            "is the removed class" if split_any else "mean over all samples")
     fig.suptitle(note, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -69,7 +69,7 @@ def test_cli_end_to_end_writes_every_file(tiny_checkpoints, tmp_path):
     assert "safety %" in res.stdout and "DNG" in res.stdout      # the results table
 
     for f in ("results.csv", "results.json", "config.json", "summary.txt", "labels.npz",
-              "tradeoff.png", "class_histogram.png", "lambda_t.png", "samples_overview.png"):
+              "tradeoff.png", "class_histogram.png", "lambda_t.png", "lambda_t.npz", "samples_overview.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     # tiny config: NP (0.5, 2.0), SLD (1.0,), DNG (5.0,), plus the unguided point
     expected = {"unguided", "NP_scale0.5", "NP_scale2", "SLD_scale1", "DNG_scale5"}
@@ -98,6 +98,14 @@ def test_cli_end_to_end_writes_every_file(tiny_checkpoints, tmp_path):
     labels = np.load(out / "labels.npz")
     assert labels["seeds"].tolist() == list(range(8))
     assert labels["none_0"].shape == (8,)
+
+    # the multi-class report over this run
+    sys.path.insert(0, REPO)
+    from sample import report
+    report.main([str(out), "--out", str(tmp_path / "report")])
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "removed class 1" in md and "| DNG | 5 |" in md
+    assert (tmp_path / "report" / "tradeoff_all.png").stat().st_size > 0
 
 
 def test_resolve_path_and_bad_method(tmp_path):
