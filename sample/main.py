@@ -70,6 +70,18 @@ def resolve_path(template: str, config) -> str:
     return alt if os.path.exists(alt) else path
 
 
+def load_unet(path: str):
+    """(module, params, card) of a DDPM: a dngjax model folder (card.json, e.g. the shipped
+    checkpoints) or the output of ``python -m dngjax.models.convert_diffusers`` (config.json)."""
+    from dngjax import checkpoint
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, checkpoint.CARD_FILE)) \
+            and os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "params.msgpack")):
+        from dngjax.models.convert_diffusers import load_converted
+        module, params = load_converted(path)
+        return module, params, {"source": "converted diffusers UNet2DModel"}
+    return checkpoint.load_model(path, expect_kind="unet")
+
+
 def make_outdir(config) -> str:
     if config.outdir:
         out = config.outdir
@@ -211,8 +223,8 @@ def run(config) -> str:
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r} in config.methods; choose among {METHODS}")
-    umod, uparams, ucard = checkpoint.load_model(resolve_path(config.uncond, config), expect_kind="unet")
-    fmod, fparams, fcard = checkpoint.load_model(resolve_path(config.forget, config), expect_kind="unet")
+    umod, uparams, _ = load_unet(resolve_path(config.uncond, config))
+    fmod, fparams, fcard = load_unet(resolve_path(config.forget, config))
     only = fcard.get("only_class", config.removed_class)
     if only not in (None, -1, config.removed_class):
         raise ValueError(f"the forget model {config.forget} was trained on class {only}, "

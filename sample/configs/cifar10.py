@@ -3,7 +3,9 @@
 ``python sample/main.py --config=sample/configs/cifar10.py[:full] --config.fid_weights=PATH``
 where PATH is pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (download it from
 https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth).
-Needs checkpoints/cifar10/{ddpm,forget_C,classifier} (not shipped). The reference
+Needs checkpoints/cifar10/{ddpm,forget_C,classifier} (not shipped; ``ddpm`` may be Ho et
+al.'s model converted with ``python -m dngjax.models.convert_diffusers``, see docs/cifar10.md,
+and ``forget_C`` a model fine-tuned on class C only, in either format). The reference
 Inception statistics of the training set without the removed class are computed
 from the data set on the first run (``compute_reference``) and cached.
 
