@@ -186,6 +186,20 @@ def classifier_accuracy(module, params, x_uint8, y, batch_size: int = 1000) -> f
 
 # --------------------------------------------------------------------------- main loop
 
+_STEP_CACHE: Dict[Any, Any] = {}
+
+
+def _jitted_step(module, opt, config, sched):
+    """The jitted train step, reused across calls with an identical setup (saves recompiles in tests)."""
+    key = (module, config.model.kind, config.optim.to_json(), config.num_steps, float(config.ema_decay),
+           int(config.get("augment_shift", 0)), config.diffusion.to_json())
+    if key not in _STEP_CACHE:
+        if len(_STEP_CACHE) > 8:
+            _STEP_CACHE.clear()
+        _STEP_CACHE[key] = jax.jit(make_train_step(module, opt, config, sched.alpha_bars), donate_argnums=(0,))
+    return _STEP_CACHE[key]
+
+
 def _init_state(module, opt, config, input_shape):
     key = jax.random.PRNGKey(config.seed)
     x = jnp.zeros((1, *input_shape), jnp.float32)
@@ -247,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     start = int(state["step"])
 
     sched = linear_schedule(config.diffusion.num_timesteps, config.diffusion.beta_start, config.diffusion.beta_end)
-    step_fn = jax.jit(make_train_step(module, opt, config, sched.alpha_bars), donate_argnums=(0,))
+    step_fn = _jitted_step(module, opt, config, sched)
     base_key = jax.random.PRNGKey(config.seed)
 
     stop = config.num_steps

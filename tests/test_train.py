@@ -1,0 +1,176 @@
+"""train/: tiny configs train, the loss falls, an interrupted run resumes to the same parameters."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dngjax import checkpoint, data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from train import train  # noqa: E402
+from train.configs import (cifar10_classifier, cifar10_ddpm, cifar10_forget, mnist_classifier,  # noqa: E402
+                           mnist_ddpm, mnist_forget)
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory):
+    """A small MNIST-like npz with learnable structure (class = position of a bright square) + CIFAR."""
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+
+    def make(n, shape):
+        y = (np.arange(n) % 10).astype(np.uint8)
+        x = rng.integers(0, 40, (n, *shape), dtype=np.uint8)
+        for i, c in enumerate(y):
+            r, q = divmod(int(c), 5)
+            x[i, 4 + 10 * r:12 + 10 * r, 2 + 5 * q:7 + 5 * q] = 250
+        return x, y
+
+    xtr, ytr = make(300, (28, 28))
+    xte, yte = make(50, (28, 28))
+    np.savez(d / "mnist.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    xtr, ytr = make(40, (32, 32, 3))
+    np.savez(d / "cifar10.npz", x_train=xtr, y_train=ytr, x_test=xtr[:10], y_test=ytr[:10])
+    data._load_offline_file.cache_clear()
+    return str(d)
+
+
+def _cfg(mod, fake_data, **over):
+    c = mod.get_config("tiny")
+    c.data_dir = fake_data
+    for k, v in over.items():
+        c[k] = v
+    return c
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def _params_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_ddpm_tiny_trains_loss_falls_and_resumes_identically(fake_data, tmp_path):
+    cfg = _cfg(mnist_ddpm, fake_data, num_steps=8, checkpoint_every=4)
+    full = str(tmp_path / "full")
+    card = train.train_and_evaluate(cfg, full)
+    assert card["steps"] == 8 and card["kind"] == "ddpm"
+    for key in ("config", "wall_time_s", "hardware", "final_loss", "arch", "num_params"):
+        assert key in card
+    losses = _losses(full)
+    assert len(losses) == 8
+    assert np.mean(losses[-3:]) < losses[0]  # eps-prediction loss starts near 1 and falls
+
+    # interrupted after 4 steps (as if killed right after the save), then the same command again
+    part = str(tmp_path / "part")
+    halted = train.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=8, checkpoint_every=4,
+                                           halt_after_steps=5), part)
+    assert halted["halted"] and halted["step"] == 5
+    assert not os.path.exists(os.path.join(part, "model"))
+    # step 5 was saved too (the last step of a run is always saved); drop it to resume from step 4
+    import shutil
+    shutil.rmtree(os.path.join(part, "checkpoints", "5"))
+    train.train_and_evaluate(cfg, part)
+    m1, p1, _ = checkpoint.load_model(full)
+    m2, p2, _ = checkpoint.load_model(part)
+    assert m1 == m2
+    _params_equal(p1, p2)
+
+
+def test_classifier_tiny_trains_and_card_has_accuracy(fake_data, tmp_path):
+    cfg = _cfg(mnist_classifier, fake_data, num_steps=30, checkpoint_every=15)
+    card = train.train_and_evaluate(cfg, str(tmp_path / "clf"))
+    assert card["kind"] == "classifier"
+    assert 0.0 <= card["test_accuracy"] <= 1.0
+    losses = _losses(str(tmp_path / "clf"))
+    assert np.mean(losses[-2:]) < losses[0]
+    module, params, _ = checkpoint.load_classifier(str(tmp_path / "clf"))
+    x = np.zeros((2, 28, 28, 1), np.float32)
+    assert module.apply(params, x).shape == (2, 10)
+    assert module.apply(params, x, method="features").shape == (2, 16)
+
+
+def test_forget_config_trains_only_on_its_class(fake_data, tmp_path):
+    cfg = _cfg(mnist_forget, fake_data, num_steps=2, only_class=3)
+    x, y = train.load_training_data(cfg)
+    assert len(y) == 30 and np.all(y == 3)
+
+
+@pytest.mark.slow
+def test_init_from_a_trained_model(fake_data, tmp_path):
+    src = str(tmp_path / "src")
+    train.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=2), src)
+    cfg = _cfg(mnist_forget, fake_data, num_steps=2, only_class=1, init_from=os.path.join(src, "model"))
+    card = train.train_and_evaluate(cfg, str(tmp_path / "ft"))
+    assert card["init_from"].endswith("model")
+    bad = _cfg(mnist_forget, fake_data, num_steps=2)
+    bad.model.kwargs.ch = 16
+    bad.init_from = os.path.join(src, "model")
+    with pytest.raises(ValueError, match="architecture"):
+        train.train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("mod", [pytest.param(cifar10_ddpm, marks=pytest.mark.slow),
+                                 pytest.param(cifar10_forget, marks=pytest.mark.slow), cifar10_classifier])
+def test_cifar10_configs_run_a_couple_of_steps(mod, fake_data, tmp_path):
+    cfg = _cfg(mod, fake_data)
+    card = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert card["steps"] == 2 and card["dataset"] == "cifar10"
+    assert card["input_shape"] == [32, 32, 3]
+
+
+def test_gpu_and_cpu_sizes_build():
+    for mod in (mnist_ddpm, mnist_forget, mnist_classifier):
+        for size in ("gpu", "cpu", "tiny"):
+            c = mod.get_config(size)
+            assert c.num_steps > 0
+            train.build_model(c)
+    for mod in (cifar10_ddpm, cifar10_forget, cifar10_classifier):
+        train.build_model(mod.get_config("gpu"))
+    with pytest.raises(ValueError):
+        mnist_ddpm.get_config("huge")
+
+
+def test_sample_grid_png(tmp_path):
+    x = np.random.default_rng(0).uniform(-1, 1, (10, 28, 28, 1)).astype(np.float32)
+    train.save_grid(str(tmp_path / "g.png"), x)
+    from PIL import Image
+    assert Image.open(tmp_path / "g.png").size[0] > 28 * 3
+
+
+def test_main_reports_missing_data_clearly(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop(data.ENV_VAR, None)
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train", "main.py"),
+                        "--config=" + os.path.join(REPO, "train/configs/mnist_classifier.py:tiny"),
+                        f"--workdir={tmp_path / 'w'}", f"--data_dir={tmp_path / 'nowhere'}"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "--data_dir" in r.stderr and data.ENV_VAR in r.stderr
+
+
+@pytest.mark.slow
+def test_main_cli_trains_and_resumes(fake_data, tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    cmd = [sys.executable, os.path.join(REPO, "train", "main.py"),
+           "--config=" + os.path.join(REPO, "train/configs/mnist_ddpm.py:tiny"),
+           f"--workdir={tmp_path / 'w'}", f"--data_dir={fake_data}", "--config.num_steps=4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(cmd[:-1] + ["--config.num_steps=6"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from step 4" in r.stderr
+    assert checkpoint.load_card(str(tmp_path / "w"))["steps"] == 6
