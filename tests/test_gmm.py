@@ -1,0 +1,314 @@
+"""The analytic Gaussian-mixture lab (dngjax.gmm): exactness of eps / score / posterior, and
+the sampler checked against exact targets.
+
+Default suite: 20,000 samples of the 1-D lab mixture (toy_1d: modes -3/0/3, middle one
+forbidden) on the linear T = 1000 schedule respaced to 250 steps, fixed seeds 0..19,999.
+The `slow` tests repeat the sampling checks with 100,000 samples on the full 1000-step chain.
+
+Where the W1 bounds come from (W1 between samples and the exact law, computed from the
+exact CDF, see dngjax.gmm.wasserstein1_1d):
+* sampling error: W1 of n exact samples of the target, 500 seeds at n = 20k and 200 at
+  n = 100k: mean 0.0195 / 0.0081, 99.9% quantile 0.062 / 0.030 (max 0.064 / 0.030). It is
+  dominated by the binomial error of the two kept modes' weights times their distance 6:
+  6 sqrt(2/pi) sqrt(w(1-w)/n) = 0.0165 / 0.0074 on average, 99.9% quantile 3.29 times the
+  scale = 0.068 / 0.030;
+* discretisation error of the chain (exact eps, same seeds, 200k samples): 250 steps shift
+  the kept weights by ~0.004 (W1 ~ 0.02 beyond noise); 1000 steps by < 0.001 (within noise).
+Bounds: 0.062 + 0.03 -> W1_BOUND_FAST = 0.10 (20k, 250 steps); 0.030 + 0.005 ->
+W1_BOUND_SLOW = 0.035 (100k, 1000 steps).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from scipy.stats import ks_2samp, norm
+
+import dngjax as dj
+from dngjax.gmm import (ExactForgetPosterior, ForgetSplit, GaussianMixture, alpha_bar_table,
+                        log_posterior, mixture_denoiser, toy_1d, toy_2d, wasserstein1_1d)
+
+N_FAST, STEPS_FAST = 20_000, 250
+N_SLOW, STEPS_SLOW = 100_000, 1000
+W1_BOUND_FAST = 0.10
+W1_BOUND_SLOW = 0.035
+KEPT_WEIGHTS = np.array([0.25, 0.40]) / 0.65          # 0.3846, 0.6154
+
+
+def _chain(steps):
+    base = dj.linear_schedule()
+    return base if steps == base.num_steps else dj.respace(base, steps)
+
+
+@functools.lru_cache(maxsize=None)
+def _lab(steps):
+    mixture, forget = toy_1d()
+    return ForgetSplit(mixture, forget, _chain(steps))
+
+
+@functools.lru_cache(maxsize=None)
+def _run(method, steps, n, seed0=0, trace=False):
+    """x0 (n, 1) numpy [and trace p (S, n)] for a method on the 1-D lab, seeds seed0 .. seed0+n-1."""
+    lab = _lab(steps)
+    rules = {
+        "none": (dj.NoGuidance(), None),
+        "target": (dj.NoGuidance(), None),                          # eps_remember, unguided
+        "cfg": (dj.ClassifierFreeGuidance(1.0), lab.eps_remember),
+        "np": (dj.NegativePrompting(1.0), lab.eps_forget),
+        "dng_exact": (lab.exact_dng(1.0), lab.eps_forget),
+        "dng_approx": (lab.approximate_dng(1.0), lab.eps_forget),
+        "track_exact": (lab.exact_dng(0.0), lab.eps_forget),
+        "track_approx": (lab.approximate_dng(0.0, p_max=1 - 1e-6), lab.eps_forget),
+    }
+    rule, eps_c = rules[method]
+    eps_u = lab.eps_remember if method == "target" else lab.eps_full
+    keys = dj.keys_from_seeds(np.arange(seed0, seed0 + n))
+    out = dj.sample(eps_u, lab.schedule, keys, (1,), rule=rule, eps_c=eps_c, return_trace=trace)
+    if trace:
+        return np.asarray(out[0]), np.asarray(out[1].p)
+    return np.asarray(out)
+
+
+# --------------------------------------------------------------------------- analytic parts
+
+def _mixtures():
+    rng = np.random.default_rng(0)
+    m3 = GaussianMixture.create(rng.uniform(0.1, 1, 4), rng.normal(0, 2, (4, 3)), rng.uniform(0.2, 0.8, 4))
+    return [toy_1d()[0], toy_2d()[0], m3]
+
+
+@jax.jit
+def _autodiff_check(mixture, ab):
+    d = mixture.dim
+    x = jnp.concatenate([jax.random.normal(jax.random.key(1), (64, d)) * 3.0,
+                         jnp.sqrt(ab) * mixture.means + 0.01,               # at the modes
+                         jnp.full((2, d), 12.0), jnp.full((2, d), -12.0)])  # far tails
+    grad = jax.vmap(jax.grad(lambda xi: mixture.log_prob(xi[None], ab)[0]))(x)
+    return grad, mixture.score(x, ab), mixture.eps(x, ab)
+
+
+@pytest.mark.parametrize("ab", [0.9999, 0.99, 0.7, 0.3, 0.02, 4e-5])
+def test_eps_and_score_match_autodiff(ab):
+    """eps = -sqrt(1 - ab) grad log p_t and score = grad log p_t, against jax.grad, float32."""
+    for mixture in _mixtures():
+        grad, score, eps = _autodiff_check(mixture, jnp.float32(ab))
+        assert np.all(np.isfinite(np.asarray(grad)))
+        scale = 1.0 + np.abs(np.asarray(grad))
+        np.testing.assert_array_less(np.abs(np.asarray(score - grad)) / scale, 5e-5)
+        scale_e = 1.0 + np.abs(np.asarray(eps))
+        np.testing.assert_array_less(np.abs(np.asarray(eps + math.sqrt(1 - ab) * grad)) / scale_e, 5e-5)
+
+
+def test_log_prob_is_the_diffused_mixture():
+    """p_t(x) = sum_i c_i N(sqrt(ab) mu_i, 1 - ab + ab s_i^2), against scipy in float64; normalised."""
+    mixture, _ = toy_1d()
+    w = np.array([0.25, 0.35, 0.40])
+    mu = np.array([-3.0, 0.0, 3.0])
+    s = np.array([0.35, 0.50, 0.40])
+    grid = np.linspace(-12, 12, 24001)
+    for ab in (1.0, 0.8, 0.1):
+        ref = np.sum(w * norm.pdf(grid[:, None], np.sqrt(ab) * mu, np.sqrt(1 - ab + ab * s ** 2)), -1)
+        got = np.exp(np.asarray(mixture.log_prob(jnp.asarray(grid[:, None], jnp.float32), ab)))
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-30)
+        assert abs(np.trapezoid(got, grid) - 1.0) < 1e-5
+    np.testing.assert_allclose(mixture.cdf_1d(grid)[[0, -1]], [0.0, 1.0], atol=1e-12)
+    np.testing.assert_allclose(mixture.density_1d(grid), np.sum(w * norm.pdf(grid[:, None], mu, s), -1),
+                               rtol=2e-5)
+
+
+def test_sub_mixtures_and_posterior_follow_bayes():
+    lab = _lab(STEPS_FAST)
+    assert lab.forget == (1,) and lab.remember == (0, 2)
+    assert abs(lab.forget_weight - 0.35) < 1e-6
+    np.testing.assert_allclose(np.asarray(lab.remember_mixture.weights), KEPT_WEIGHTS, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(lab.forget_mixture.weights), [1.0], rtol=1e-6)
+    x = jnp.linspace(-6, 6, 97)[:, None]
+    parts = jax.jit(lambda ab: (lab.forget_mixture.log_prob(x, ab), lab.full.log_prob(x, ab),
+                                lab.remember_mixture.log_prob(x, ab), lab.log_posterior(x, ab)))
+    for ab in (0.9999, 0.9, 0.4, 0.01):
+        lf, lu, lr, lp = (np.asarray(a, np.float64) for a in parts(jnp.float32(ab)))
+        p = np.exp(lp)
+        ok = lu > -60                                     # where the densities are representable
+        np.testing.assert_allclose(p[ok], (0.35 * np.exp(lf - lu))[ok], rtol=2e-4, atol=1e-7)
+        # p_t = c_f p_f + (1 - c_f) p_r
+        np.testing.assert_allclose(np.exp(lu[ok]), (0.35 * np.exp(lf) + 0.65 * np.exp(lr))[ok], rtol=2e-4)
+
+
+def test_posterior_is_stable_and_jit_vmap_safe():
+    lab = _lab(STEPS_FAST)
+    far = jnp.array([[-1e3], [-40.0], [-3.0], [0.0], [3.0], [40.0], [1e3]])
+    f = jax.jit(jax.vmap(lambda ab: lab.log_posterior(far, ab)))
+    out = np.asarray(f(jnp.array([1.0, 0.9999, 0.5, 1e-5])))
+    assert out.shape == (4, 7) and np.all(np.isfinite(out)) and np.all(out <= 0.0)
+    assert out[0, 3] > -1e-4                              # at the forbidden mode at t = 0: p ~ 1
+    assert out[0, 2] < -10 and out[0, 4] < -10            # at the kept modes: p ~ 0 (log p finite)
+    # far out the widest component (the forbidden one, std 0.5) dominates: p -> 1 without overflow
+    assert out[0, 0] > -1e-4 and out[0, -1] > -1e-4
+    np.testing.assert_allclose(out[-1], np.log(0.35), atol=1e-3)   # pure noise: the prior
+    eps = jax.jit(jax.vmap(lambda ab: lab.full.eps(far, ab)))(jnp.array([0.9999, 0.5, 1e-5]))
+    assert np.all(np.isfinite(np.asarray(eps)))
+
+
+def test_denoisers_posterior_fn_and_compile_cache():
+    base = dj.linear_schedule()
+    sched = _chain(STEPS_FAST)
+    lab = _lab(STEPS_FAST)
+    t = jnp.asarray(np.asarray(sched.timesteps)[[0, 17, 100, -1]], jnp.int32)
+    x = jnp.linspace(-4, 4, 4)[:, None]
+    ab = np.asarray(base.alpha_bars)[np.asarray(t)]
+    np.testing.assert_allclose(np.asarray(lab.eps_full(x, t)), np.asarray(lab.full.eps(x, ab)), rtol=1e-6)
+    # a respaced chain's table agrees with the full schedule's at its own timesteps
+    np.testing.assert_allclose(np.asarray(alpha_bar_table(sched))[np.asarray(t)], ab, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(mixture_denoiser(lab.full, base)(x, t)),
+                               np.asarray(lab.eps_full(x, t)), rtol=1e-6)
+    lp = np.asarray(lab.posterior_fn(x, t))
+    np.testing.assert_allclose(lp, np.asarray(log_posterior(lab.full, (1,), x, ab)), rtol=1e-6, atol=1e-7)
+    # equal labs give equal (hashable) posterior functions: no recompilation
+    other = ForgetSplit(*toy_1d(), sched)
+    assert other.posterior_fn == lab.posterior_fn and hash(other.posterior_fn) == hash(lab.posterior_fn)
+    assert ExactForgetPosterior(lab.full, (0,), sched) != lab.posterior_fn
+    keys = dj.keys_from_seeds(np.arange(8))
+    dj.sample(lab.eps_full, sched, keys, (1,), rule=lab.exact_dng(1.0), eps_c=lab.eps_forget)
+    n0 = dj.trace_count()
+    dj.sample(other.eps_full, sched, keys, (1,), rule=other.exact_dng(2.0), eps_c=other.eps_forget)
+    assert dj.trace_count() == n0
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eps_all(lab, x, t):
+    tt = jnp.full((x.shape[0],), t, jnp.int32)
+    return lab.eps_full(x, tt), lab.eps_forget(x, tt), lab.eps_remember(x, tt), lab.posterior_fn(x, tt)
+
+
+@pytest.mark.parametrize("t", [0, 10, 100, 300, 600, 999])
+def test_exact_dng_and_cfg_give_the_remaining_modes_eps(t):
+    """eps_u - p/(1-p) (eps_- - eps_u) = eps_r = eps_u + 1 (eps_r - eps_u), pointwise (float32).
+
+    Checked where p(c-|x_t) <= 0.999: closer to 1 the difference eps_- - eps_u = (1-p)(eps_- - eps_r)
+    cancels in float32 (the sampler's trajectories never get there; see docs/gmm.md)."""
+    base = dj.linear_schedule()
+    lab = _lab(1000)
+    x = jnp.linspace(-7, 7, 1401)[:, None]
+    e_u, e_f, e_r, log_p = (np.asarray(a, np.float64) for a in _eps_all(lab, x, jnp.int32(t)))
+    p = np.exp(log_p)
+    ok = p <= 0.999
+    assert ok.mean() > 0.5
+    dng = e_u - (p / (1 - p))[:, None] * (e_f - e_u)
+    tol = 1e-5 + 2e-6 / (1 - p[ok])[:, None] * (1 + np.abs(e_f[ok]))
+    np.testing.assert_array_less(np.abs(dng[ok] - e_r[ok]), tol)
+    # the rule itself, through guide()
+    rule = lab.exact_dng(1.0)
+    step = dj.Step(index=0, t=jnp.int32(t), beta=base.betas[t], alpha_bar=base.alpha_bars[t],
+                   alpha_bar_prev=base.alpha_bars_prev[t], posterior_variance=base.posterior_variances[t],
+                   warm=0, is_last=False)
+    eps, lam, p_rule = rule.guide(rule.init(x), x, jnp.asarray(e_u, jnp.float32), jnp.asarray(e_f, jnp.float32), step)
+    np.testing.assert_allclose(np.asarray(p_rule)[ok], p[ok], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_less(np.abs(np.asarray(eps, np.float64)[ok] - e_r[ok]), tol + 1e-5)
+    cfg, _, _ = dj.ClassifierFreeGuidance(1.0).guide((), x, jnp.asarray(e_u, jnp.float32),
+                                                       jnp.asarray(e_r, jnp.float32), step)
+    np.testing.assert_allclose(np.asarray(cfg), e_r, atol=1e-6)
+
+
+def test_wasserstein1_1d_against_scipy():
+    from scipy.stats import wasserstein_distance
+    mixture, _ = toy_1d()
+    x = np.asarray(mixture.sample(jax.random.key(3), 20_000))[:, 0]
+    ref = np.asarray(mixture.sample(jax.random.key(4), 2_000_000))[:, 0]
+    assert abs(wasserstein1_1d(x, mixture) - wasserstein_distance(x, ref)) < 3e-3
+    shifted = wasserstein1_1d(np.asarray(mixture.sample(jax.random.key(5), 200_000))[:, 0] + 0.5, mixture)
+    assert abs(shifted - 0.5) < 0.01                      # W1 of a shift is the shift
+
+
+# --------------------------------------------------------------------------- sampling (fast)
+
+def _kept_weights(lab, x):
+    return lab.remember_fractions(x)
+
+
+def test_exact_dng_reproduces_the_remaining_modes():
+    lab = _lab(STEPS_FAST)
+    x = _run("dng_exact", STEPS_FAST, N_FAST)
+    w1 = wasserstein1_1d(x, lab.remember_mixture)
+    assert w1 < W1_BOUND_FAST, w1
+    assert lab.in_forget(x).mean() < 0.005
+    assert np.all(np.abs(_kept_weights(lab, x) - KEPT_WEIGHTS) < 0.03)
+    # the same seeds through CFG (lambda = 1) and through plain sampling of the target: the same paths
+    for other in ("cfg", "target"):
+        y = _run(other, STEPS_FAST, N_FAST)
+        d = np.abs(x - y)
+        assert np.quantile(d, 0.999) < 1e-3 and d.max() < 1e-2, (other, d.max())
+        assert wasserstein1_1d(y, lab.remember_mixture) < W1_BOUND_FAST
+
+
+def test_unguided_and_np_do_not_reproduce_the_target():
+    lab = _lab(STEPS_FAST)
+    w1_dng = wasserstein1_1d(_run("dng_exact", STEPS_FAST, N_FAST), lab.remember_mixture)
+    x_none = _run("none", STEPS_FAST, N_FAST)
+    assert abs(lab.in_forget(x_none).mean() - 0.35) < 0.02
+    x_np = _run("np", STEPS_FAST, N_FAST)
+    w1_np = wasserstein1_1d(x_np, lab.remember_mixture)
+    assert w1_np > 5 * W1_BOUND_FAST and w1_np > 15 * w1_dng, (w1_np, w1_dng)
+    # NP pushes the kept modes outward: the median |x| moves well past 3
+    assert np.median(np.abs(x_np)) > 3.8
+
+
+def test_markov_chain_posterior_tracks_the_exact_one():
+    lab = _lab(STEPS_FAST)
+    xa, pa = _run("track_approx", STEPS_FAST, N_FAST, trace=True)
+    xe, pe = _run("track_exact", STEPS_FAST, N_FAST, trace=True)
+    assert np.array_equal(xa, xe)                         # lambda = 0: the very same trajectories
+    forb = lab.in_forget(xe)
+    assert 0.3 < forb.mean() < 0.4
+    ma = np.stack([pa[:, forb].mean(1), pa[:, ~forb].mean(1)])
+    me = np.stack([pe[:, forb].mean(1), pe[:, ~forb].mean(1)])
+    gap = np.abs(ma - me).max()
+    assert gap < 0.15, gap                                # measured 0.096 (250 steps), 0.04 (1000)
+    np.testing.assert_allclose(ma[:, 0], 0.35, atol=1e-6)  # both start at the prior
+    assert ma[0, -1] > 0.8 and ma[1, -1] < 0.01           # forbidden group ends near 1, the others near 0
+    assert ma[0, -1] - ma[1, -1] > 0.75
+
+
+def test_approximate_dng_removes_most_forbidden_mass():
+    lab = _lab(STEPS_FAST)
+    x = _run("dng_approx", STEPS_FAST, N_FAST)
+    forb = lab.in_forget(x).mean()
+    assert forb < 0.06, forb                              # from 0.35 unguided; measured 0.036
+    w = _kept_weights(lab, x)
+    assert np.all(np.abs(w - KEPT_WEIGHTS) < 0.02), w     # measured |dw| = 0.010
+    assert wasserstein1_1d(x, lab.remember_mixture) < 0.15
+
+
+# --------------------------------------------------------------------------- sampling (slow)
+
+@pytest.mark.slow
+def test_slow_exact_dng_full_chain_100k():
+    lab = _lab(STEPS_SLOW)
+    x = _run("dng_exact", STEPS_SLOW, N_SLOW)
+    assert wasserstein1_1d(x, lab.remember_mixture) < W1_BOUND_SLOW
+    assert lab.in_forget(x).mean() < 0.005
+    # CFG on other seeds: statistically indistinguishable from DNG
+    y = _run("cfg", STEPS_SLOW, N_SLOW, seed0=10 ** 6)
+    assert wasserstein1_1d(y, lab.remember_mixture) < W1_BOUND_SLOW
+    assert ks_2samp(x[:, 0], y[:, 0]).pvalue > 1e-3
+    x_np = _run("np", STEPS_SLOW, N_SLOW)
+    assert wasserstein1_1d(x_np, lab.remember_mixture) > 20 * W1_BOUND_SLOW
+
+
+@pytest.mark.slow
+def test_slow_tracking_and_approximate_dng_full_chain():
+    lab = _lab(STEPS_SLOW)
+    n = 50_000
+    xa, pa = _run("track_approx", STEPS_SLOW, n, trace=True)
+    xe, pe = _run("track_exact", STEPS_SLOW, n, trace=True)
+    forb = lab.in_forget(xe)
+    gap = max(np.abs(pa[:, forb].mean(1) - pe[:, forb].mean(1)).max(),
+              np.abs(pa[:, ~forb].mean(1) - pe[:, ~forb].mean(1)).max())
+    assert gap < 0.07, gap
+    x = _run("dng_approx", STEPS_SLOW, N_SLOW)
+    assert lab.in_forget(x).mean() < 0.03
+    assert np.all(np.abs(_kept_weights(lab, x) - KEPT_WEIGHTS) < 0.01)
