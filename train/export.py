@@ -59,6 +59,7 @@ def copy_models(workdir, out, classes):
             print(f"skip {src}: no finished model in {s}")
             continue
         os.makedirs(d, exist_ok=True)
+        old = _read(d) if os.path.isfile(os.path.join(d, "card.json")) else {}
         for f in ("params.msgpack", "card.json"):
             shutil.copy2(os.path.join(s, f), os.path.join(d, f))
         card = _read(d)
@@ -67,6 +68,10 @@ def copy_models(workdir, out, classes):
             card["init_from_workdir"] = card["init_from"]
             card["init_from"] = "ddpm (the shipped unconditional model, before its quality evaluation)"
         card["config"].pop("data_dir", None)
+        if old.get("params_sha256") == card.get("params_sha256"):  # same model: keep its measured quality
+            for k in ("quality", "samples_png"):
+                if k in old:
+                    card[k] = old[k]
         _write(d, card)
         print(f"copied {s} -> {d}")
 

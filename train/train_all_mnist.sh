@@ -26,11 +26,12 @@ run() {  # run <name> <args...>
   echo "== $name: training ($(date -u +%H:%M:%S))"
   $PY train/main.py --workdir="$WORKDIR/$name" "$@"
 }
-# forget-class fine-tuning starts from the unconditional model (CPU size); on a GPU from scratch.
+# forget-class models are fine-tuned from the unconditional model (set FORGET_FROM_SCRATCH=1 to
+# train them from scratch instead; then raise their step count, e.g. STEPS_FORGET=3000).
 run mnist_classifier --config=train/configs/mnist_classifier.py:$SIZE $(steps classifier "${STEPS_CLASSIFIER:-}")
 run mnist_ddpm --config=train/configs/mnist_ddpm.py:$SIZE $(steps ddpm "${STEPS_DDPM:-}")
 for c in $CLASSES; do
-  if [ "$SIZE" = cpu ]; then init="--config.init_from=$WORKDIR/mnist_ddpm/model"; else init=""; fi
+  if [ "${FORGET_FROM_SCRATCH:-0}" = 1 ]; then init=""; else init="--config.init_from=$WORKDIR/mnist_ddpm/model"; fi
   run mnist_forget_$c --config=train/configs/mnist_forget.py:$SIZE --config.only_class=$c $init \
       $(steps forget "${STEPS_FORGET:-}")
 done

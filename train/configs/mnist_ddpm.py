@@ -19,7 +19,7 @@ def get_config(size: str = "gpu"):
         c.model.kwargs = unet_kwargs(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
                                      dropout=0.1, groups=8)
         c.batch_size = 128
-        c.num_steps = 8000
+        c.num_steps = 6000
         c.optim.lr = 5e-4
         c.optim.warmup_steps = 200
         c.checkpoint_every = 1000

@@ -1,9 +1,9 @@
 """MNIST forget-class DDPM: the DDPM trained only on the class to remove (default 0).
 
 ``--config=train/configs/mnist_forget.py:cpu --config.only_class=3``.
-The shipped CPU models are initialised from the unconditional model
-(``--config.init_from=checkpoints/mnist/ddpm``) and fine-tuned on the class;
-the GPU size trains from scratch.
+``train/train_all_mnist.sh`` initialises it from the unconditional model
+(``--config.init_from=WORKDIR/mnist_ddpm/model``) and fine-tunes it on the class,
+on both sizes; without ``init_from`` it trains from scratch (give it more steps).
 """
 
 from train.configs import mnist_ddpm
@@ -14,8 +14,10 @@ def get_config(size: str = "gpu"):
     c.name = "mnist_forget"
     c.only_class = 0
     if size == "gpu":
-        c.num_steps = 3000
-        c.sample_every = 1000
+        c.num_steps = 1000
+        c.optim.lr = 2e-4
+        c.optim.warmup_steps = 50
+        c.sample_every = 0
     elif size == "cpu":
         c.num_steps = 400
         c.optim.lr = 3e-4
