@@ -233,7 +233,7 @@ NOTES = {
     "ddpm": "Reduced from the project's mnist_unet() (ch 32, ~1.1 M parameters) to ch 16 (~280 k parameters), "
             "dropout 0, to fit about 30 minutes of CPU: 2200 steps x 64 (~2.3 epochs). The wall time includes "
             "XLA compilation and one kill -9 + automatic resume (at step 100).",
-    "forget": "Initialised from the unconditional model (ddpm) and fine-tuned on class {c} only for 150 steps x 64 "
+    "forget": "Initialised from the unconditional model (ddpm) and fine-tuned on class {c} only for {steps} steps x 64 "
               "(not trained from scratch, for lack of CPU time).",
 }
 HARDWARE_NOTE = ("2-core x86_64 CPU VM shared with other jobs that ran at the same time (load average ~7), "
@@ -249,7 +249,7 @@ def add_notes(out, classes):
         if card.get("hardware", {}).get("platform") != "cpu":
             continue  # notes describe the CPU-trained shipped models only
         key = "forget" if name.startswith("forget_") else name
-        card["notes"] = NOTES[key].format(c=card.get("only_class"))
+        card["notes"] = NOTES[key].format(c=card.get("only_class"), steps=card.get("steps"))
         card["hardware_note"] = HARDWARE_NOTE
         _write(d, card)
 
