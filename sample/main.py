@@ -93,17 +93,29 @@ def make_outdir(config) -> str:
     return out
 
 
+def parse_method(method: str) -> Tuple[str, str]:
+    """``"DNG"`` -> ("DNG", ""); ``"DNG:beta"`` -> ("DNG", "beta") (a DNG variance-convention variant)."""
+    base, _, variant = method.partition(":")
+    if base not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose among {METHODS} (DNG also as DNG:posterior / DNG:beta)")
+    if variant and base != "DNG":
+        raise ValueError(f"only DNG has variants (DNG:posterior, DNG:beta), got {method!r}")
+    return base, variant
+
+
 def build_rule(method: str, config):
+    """(rule with scale 1, its other hyperparameters) for ``method`` ("NP", "SLD", "DNG", "DNG:beta", ...)."""
     import dngjax as dj
-    if method == "NP":
+    base, variant = parse_method(method)
+    if base == "NP":
         return dj.NegativePrompting(scale=1.0), {}
-    if method == "SLD":
+    if base == "SLD":
         h = dict(config.sld)
         return dj.SafeLatentDiffusion(scale=1.0, **h), h
-    if method == "DNG":
-        h = dict(config.dng)
-        return dj.DynamicNegativeGuidance(scale=1.0, **h), h
-    raise ValueError(f"unknown method {method!r}; choose among {METHODS}")
+    h = dict(config.dng)
+    if variant:
+        h["variance"] = variant
+    return dj.DynamicNegativeGuidance(scale=1.0, **h), h
 
 
 def make_scorer(config) -> Tuple[Callable, Callable, str, Tuple[np.ndarray, np.ndarray]]:
@@ -219,10 +231,9 @@ def run(config) -> str:
     with open(os.path.join(outdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
 
-    methods = [m for m in config.methods]
+    methods = list(config.methods)
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r} in config.methods; choose among {METHODS}")
+        parse_method(m)
     umod, uparams, _ = load_unet(resolve_path(config.uncond, config))
     fmod, fparams, fcard = load_unet(resolve_path(config.forget, config))
     only = fcard.get("only_class", config.removed_class)
@@ -256,7 +267,7 @@ def run(config) -> str:
         if config.save_samples:
             from dngjax.data import to_uint8
             saved[row["key"]] = to_uint8(x)
-    total = int(config.baseline) + sum(len(config.grid[m]) for m in methods)
+    total = int(config.baseline) + sum(len(config.grid[parse_method(m)[0]]) for m in methods)
     bar = tqdm(total=total, desc="grid points", unit="point", disable=not config.progress)
 
     if config.baseline:
@@ -268,7 +279,7 @@ def run(config) -> str:
         bar.update(1)
 
     for m in methods:
-        scales = [float(s) for s in config.grid[m]]
+        scales = [float(s) for s in config.grid[parse_method(m)[0]]]
         rule, hyper = build_rule(m, config)
         t0 = time.time()
         x, trace = dj.sweep(eps_u, schedule, keys, shape, rule=rule, grid={"scale": scales},
@@ -278,7 +289,7 @@ def run(config) -> str:
         traces[m] = plots.reduce_trace(trace, scales, removed_mask)
         for k, s in enumerate(scales):
             record(dict(method=m, scale=s, mean_lambda=float(np.mean(trace.lam[k])),
-                        sample_seconds=dt / len(scales), key=f"{m}_{k}", **common, **hyper), x[k])
+                        sample_seconds=dt / len(scales), key=f"{m.replace(':', '-')}_{k}", **common, **hyper), x[k])
             bar.update(1)
         bar.set_postfix_str(f"{m} done in {dt:.0f}s")
         del x, trace
@@ -291,7 +302,7 @@ def run(config) -> str:
     if config.save_samples:
         np.savez_compressed(os.path.join(outdir, "samples.npz"), seeds=seeds, **saved)
     for r in rows:
-        name = "unguided" if r["method"] == "none" else f"{r['method']}_scale{r['scale']:g}"
+        name = "unguided" if r["method"] == "none" else f"{r['method'].replace(':', '-')}_scale{r['scale']:g}"
         plots.save_grid(previews[r["key"]][:config.grid_images], os.path.join(outdir, "samples", f"{name}.png"),
                         title=f"{name}: {r['safety_pct']:.1f}% class {config.removed_class} "
                               f"(red frame), KL {r['kl']:.3f}, {fd_name} {r['fd']:.2f}",

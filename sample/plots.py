@@ -19,8 +19,9 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"none": "black", "NP": "tab:blue", "SLD": "tab:orange", "DNG": "tab:green"}
-MARKERS = {"none": "*", "NP": "o", "SLD": "s", "DNG": "^"}
+COLORS = {"none": "black", "NP": "tab:blue", "SLD": "tab:orange", "DNG": "tab:green",
+          "DNG:beta": "tab:green", "DNG:posterior": "tab:olive"}
+MARKERS = {"none": "*", "NP": "o", "SLD": "s", "DNG": "^", "DNG:beta": "^", "DNG:posterior": "v"}
 
 
 def _color(method: str) -> str:
@@ -113,7 +114,8 @@ def plot_tradeoff(rows: Sequence[Mapping], path: str, high_safety: float = 1.0,
             if m == "none":
                 ax.scatter(xs, ys, marker="*", s=160, color="black", zorder=5, label="unguided")
                 continue
-            ax.plot(xs, ys, marker=MARKERS.get(m, "o"), color=_color(m), label=m)
+            ax.plot(xs, ys, marker=MARKERS.get(m, "o"), color=_color(m), label=m,
+                    ls="--" if m == "DNG:posterior" else "-")
             for r in pts:
                 ax.annotate(f"{r['scale']:g}", (r["safety_pct"], r[key]), textcoords="offset points",
                             xytext=(4, 3), fontsize=7, color=_color(m))

@@ -120,5 +120,10 @@ def test_resolve_path_and_bad_method(tmp_path):
     assert sm.resolve_path(c.reference_stats, c).endswith("train_without_2.npz")
     with pytest.raises(ValueError, match="unknown method"):
         sm.build_rule("CFG", c)
+    with pytest.raises(ValueError, match="only DNG has variants"):
+        sm.build_rule("NP:beta", c)
+    rule, h = sm.build_rule("DNG:beta", c)
+    assert rule.variance == "beta" and h["variance"] == "beta" and h["prior"] == 0.25
+    assert sm.build_rule("DNG", c)[0].variance == c.dng.variance
     with pytest.raises(ValueError, match="unknown config"):
         mnist.get_config("huge")

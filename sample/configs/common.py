@@ -35,12 +35,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.baseline = True            # also sample without guidance (the point "none", scale 0)
 
     # Guidance: one compiled sweep per method over its grid of scales.
-    c.methods = ("NP", "SLD", "DNG")
+    c.methods = ("NP", "SLD", "DNG")  # DNG:posterior / DNG:beta: DNG with that variance convention
     c.grid = ml_collections.ConfigDict()
     c.grid.NP = (0.5, 1.0, 2.0)
     c.grid.SLD = (0.5, 1.0, 2.0)
     c.grid.DNG = (2.0, 5.0, 10.0)
     c.sld = ml_collections.ConfigDict(SLD)
+    # DNG's posterior update divides by sigma_t^2: "posterior" = beta_tilde_t (the authors' code, the
+    # library default) or "beta" = beta_t (paper Alg. 2, and the variance of the noise the ancestral
+    # sampler actually adds). On the full T = 1000 chain they differ only in the last few steps. On a
+    # respaced chain the last step's beta_tilde is ~200x smaller than its beta (25 steps), so with
+    # "posterior" the final update of p is dominated by the sampling noise and throws p to p_min or
+    # p_max at random, and lambda_t spikes at the last step (see docs/results.md). The respaced
+    # configs therefore use "beta"; methods "DNG:posterior" / "DNG:beta" run either variant.
     c.dng = ml_collections.ConfigDict(dict(prior=0.25, temperature=0.25, offset=0.0, p_min=1e-6,
                                            p_max=0.99, variance="posterior"))
 
