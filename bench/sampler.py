@@ -1,0 +1,542 @@
+#!/usr/bin/env python
+"""Sampler benchmark (issue 2): prints a table of ratios measured side by side in one run.
+
+    PYTHONPATH=. python bench/sampler.py [--quick] [--batches 1,16,128] [--steps N] [--threads T]
+
+Model: the small MNIST UNet (``mnist_unet()``, ~1.1 M parameters, NHWC) with
+random but non-degenerate parameters (the zero-initialised layers are filled in,
+every leaf is perturbed), two different parameter sets for eps_u and eps_neg.
+
+Measurements (each compares things timed in the same run, interleaved, median
+of ``--repeats``; compile time is excluded from throughput by a warm-up call):
+
+* DNG vs NP time per image (target <= 1.03): both make two network calls per step.
+* K = 8 guidance scales in one ``sweep`` vs 8 separate ``sample`` calls (target < 1)
+  and vs one ``sample`` call of the same 8N images (target <= 1.10).
+* compile time (trace + lower + XLA compile) of the sampler for a 1000-step vs a
+  10-step chain (target <= 1.5).
+* dngjax vs an equivalent PyTorch Python-loop sampler (``bench/torch_reference.py``,
+  authors' style, same weights) in images/s at each batch (target >= 1.0).
+* Variants (no target; what helps and what does not): a faster GroupNorm
+  formulation, micro-batching the network, fusing the two network calls with
+  ``vmap`` over stacked params, bfloat16 compute, XLA's YNNPACK off, NCHW
+  convolutions, torch channels_last.
+
+Timing: every measurement records wall-clock and process CPU time. On a shared,
+contended CPU the wall clock mostly measures the scheduler, so with one thread
+(the default on CPU, see ``--threads``) the pass/fail ratios use CPU time, which
+for a single-threaded process equals the wall time it would take on an idle
+core; both ratios are printed. With more threads (or on a GPU) wall time is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="short run: batches 1,16, 4 steps, 3 repeats, small sweep, no variants")
+    ap.add_argument("--batches", default=None, help="batches for the torch comparison (default 1,16,128)")
+    ap.add_argument("--steps", type=int, default=None, help="chain length for throughput (default 10)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads for JAX (XLA intra-op) and torch alike; 0 = all cores "
+                         "(default 1: see docs/benchmarks.md for why on a shared host)")
+    ap.add_argument("--sweep-n", type=int, default=None, help="seeds per grid point in the sweep test (default 16)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    ap.add_argument("--no-variants", action="store_true", help="skip the variant measurements")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated subset of: dng_np,sweep,compile,torch,variants")
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.batches = [int(b) for b in (args.batches or ("1,16" if q else "1,16,128")).split(",")]
+    args.steps = args.steps or (4 if q else 10)
+    args.repeats = args.repeats or (3 if q else 5)
+    args.sweep_n = args.sweep_n or (4 if q else 16)
+    if q and args.only is None:
+        args.no_variants = True
+    sections = {"dng_np", "sweep", "compile", "torch", "variants"}
+    args.sections = set(args.only.split(",")) if args.only else sections
+    if args.no_torch:
+        args.sections.discard("torch")
+    if args.no_variants:
+        args.sections.discard("variants")
+    if not args.sections <= sections:
+        ap.error(f"--only: unknown sections {sorted(args.sections - sections)}")
+    return args
+
+
+ARGS = _parse_args() if __name__ == "__main__" else None
+N_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+if ARGS is not None and ARGS.threads > 0:
+    # Must happen before jax (XLA) and torch (OpenMP) are imported.
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags += (f" --xla_cpu_multi_thread_eigen={'false' if ARGS.threads == 1 else 'true'}"
+              f" intra_op_parallelism_threads={ARGS.threads}")
+    os.environ["XLA_FLAGS"] = flags.strip()
+    os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
+
+import dataclasses  # noqa: E402
+import importlib  # noqa: E402
+import inspect  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+
+import numpy as np  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import flax.linen as nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dngjax as dj  # noqa: E402
+from dngjax import sampler as dj_sampler  # noqa: E402
+from dngjax.models import unet as dj_unet  # noqa: E402
+from dngjax.models.configs import mnist_unet  # noqa: E402
+
+SHAPE = (28, 28, 1)
+K_SCALES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0)
+
+
+# --------------------------------------------------------------------------- timing
+
+@dataclasses.dataclass
+class Timing:
+    wall: float   # median seconds per call
+    cpu: float    # median process CPU seconds per call
+    walls: list
+    cpus: list
+
+
+def measure(fns, repeats, warmup=True):
+    """Time each zero-argument callable ``repeats`` times, interleaved (order alternating)."""
+    if warmup:
+        for f in fns.values():
+            f()
+    walls = {k: [] for k in fns}
+    cpus = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            w0, c0 = time.perf_counter(), time.process_time()
+            fns[k]()
+            walls[k].append(time.perf_counter() - w0)
+            cpus[k].append(time.process_time() - c0)
+    return {k: Timing(float(np.median(walls[k])), float(np.median(cpus[k])), walls[k], cpus[k])
+            for k in fns}
+
+
+class Table:
+    def __init__(self, metric):
+        self.metric = metric          # "cpu" or "wall": which ratio decides pass/fail
+        self.rows = []
+
+    def add(self, name, num: Timing, den: Timing, target=None, cmp="<=", detail="", invert=False):
+        """ratio = num / den (or den / num with invert=True: a speedup)."""
+        rc = (den.cpu / num.cpu) if invert else (num.cpu / den.cpu)
+        rw = (den.wall / num.wall) if invert else (num.wall / den.wall)
+        r = rc if self.metric == "cpu" else rw
+        other = rw if self.metric == "cpu" else rc
+        if target is None:
+            ok = ""
+        elif cmp == "<=":
+            ok = "pass" if r <= target else "FAIL"
+        elif cmp == "<":
+            ok = "pass" if r < target else "FAIL"
+        else:
+            ok = "pass" if r >= target else "FAIL"
+        tgt = "" if target is None else f"{cmp} {target:g}"
+        self.rows.append((name, f"{r:.3f}", tgt, ok, f"{other:.3f}", detail))
+        print(f"  .. {name}: {r:.3f} {tgt} {ok}  ({detail})", flush=True)
+
+    def section(self, title):
+        self.rows.append((f"-- {title}", "", "", "", "", ""))
+
+    def render(self):
+        other = "wall ratio" if self.metric == "cpu" else "cpu ratio"
+        head = ("measurement", f"ratio ({self.metric})", "target", "pass/fail", other, "detail")
+        w = [max(len(str(r[i])) for r in self.rows + [head]) for i in range(6)]
+        line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"
+        out = [line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"]
+        out += [line(r) for r in self.rows]
+        return "\n".join(out)
+
+
+def per_img(t: Timing, n_img, metric):
+    v = t.cpu if metric == "cpu" else t.wall
+    return v / n_img
+
+
+# --------------------------------------------------------------------------- models
+
+def perturbed_params(module, seed):
+    """Random params with no degenerate layer: zero-initialised kernels get a lecun-normal
+    draw, and every leaf (incl. GroupNorm scales/biases) gets a small perturbation."""
+    p = module.init(jax.random.key(seed), jnp.zeros((1, *SHAPE)), jnp.zeros((1,), jnp.int32))
+    leaves, tdef = jax.tree_util.tree_flatten(p)
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in leaves:
+        a = np.asarray(a, np.float64)
+        if a.ndim >= 2 and not a.any():
+            a = rng.normal(size=a.shape) / np.sqrt(np.prod(a.shape[:-1]))
+        else:
+            a = a + 0.05 * rng.normal(size=a.shape)
+        out.append(jnp.asarray(a, jnp.float32))
+    return jax.tree_util.tree_unflatten(tdef, out)
+
+
+class FastGroupNorm(nn.Module):
+    """GroupNorm with the same params and math as ``nn.GroupNorm`` (fast variance,
+    E[x^2] - E[x]^2), but reduced per channel over the spatial axes first and then
+    per group on the small (B, C) sums, with normalisation folded into one
+    per-channel scale and shift. XLA CPU turns flax's reduction over the
+    non-contiguous axes (H, W, C/G) of a (B, H, W, G, C/G) view into slow kernels."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        g = self.num_groups
+        k = c // g
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        axes = tuple(range(1, x.ndim - 1))
+        n = k * int(np.prod(x.shape[1:-1]))
+        mean = jnp.sum(xf, axis=axes).reshape(-1, g, k).sum(-1) / n            # (B, G)
+        mean2 = jnp.sum(xf * xf, axis=axes).reshape(-1, g, k).sum(-1) / n
+        inv = jax.lax.rsqrt(jnp.maximum(mean2 - mean * mean, 0.0) + self.epsilon)
+        a = jnp.repeat(inv, k, axis=1) * scale                                   # (B, C)
+        b = bias - jnp.repeat(mean, k, axis=1) * a
+        bshape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
+        return (xf * a.reshape(bshape) + b.reshape(bshape)).astype(self.dtype or x.dtype)
+
+
+def unet_variant(name, **nn_overrides):
+    """A copy of ``dngjax.models.unet`` whose ``nn`` namespace has some members replaced.
+
+    A distinct module (distinct classes), so jit caches never mix it up with the library's
+    UNet; the library's files are untouched."""
+    nnv = types.ModuleType(f"nn_{name}")
+    nnv.__dict__.update(nn.__dict__)
+    nnv.__dict__.update(nn_overrides)
+    mod = types.ModuleType(f"dngjax_bench_unet_{name}")
+    sys.modules[mod.__name__] = mod
+    exec(compile(inspect.getsource(dj_unet), dj_unet.__file__, "exec"), mod.__dict__)
+    mod.nn = nnv
+    return mod
+
+
+def fast_gn_unet(**overrides):
+    mod = unet_variant("fastgn", GroupNorm=lambda num_groups, epsilon=1e-6, dtype=None, name=None:
+                       FastGroupNorm(num_groups, epsilon, dtype, name=name))
+    base = mnist_unet(**overrides)
+    kw = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name not in ("parent", "name")}
+    return mod.UNet(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatched:
+    """apply(params, x, t) run over micro-batches of ``size`` with ``lax.map`` (hashable)."""
+
+    apply_fn: object
+    size: int
+
+    def __call__(self, params, x, t):
+        b = x.shape[0]
+        if b <= self.size or b % self.size:
+            return self.apply_fn(params, x, t)
+        xs = x.reshape(b // self.size, self.size, *x.shape[1:])
+        ts = t.reshape(b // self.size, self.size)
+        out = jax.lax.map(lambda xt: self.apply_fn(params, *xt), (xs, ts))
+        return out.reshape(x.shape)
+
+
+# --------------------------------------------------------------------------- sections
+
+def jax_sampler(eu, ec, rule, sched, b, seed0=0):
+    keys = dj.keys_from_seeds(np.arange(seed0, seed0 + b))
+    return lambda: np.asarray(dj.sample(eu, sched, keys, SHAPE, rule=rule, eps_c=ec))
+
+
+def section_dng_np(tab, ctx):
+    b = 16
+    sched = ctx["sched"]
+    dng = dj.DynamicNegativeGuidance(scale=2.0)
+    npr = dj.NegativePrompting(scale=2.0)
+    t = measure({"dng": jax_sampler(ctx["eu"], ctx["ec"], dng, sched, b),
+                 "np": jax_sampler(ctx["eu"], ctx["ec"], npr, sched, b)}, ctx["repeats"])
+    m = tab.metric
+    tab.add("DNG / NP time per image", t["dng"], t["np"], 1.03, "<=",
+            f"B={b}, {sched.num_steps} steps; DNG {per_img(t['dng'], b, m) * 1e3:.1f} ms/img, "
+            f"NP {per_img(t['np'], b, m) * 1e3:.1f} ms/img ({m})")
+
+
+def section_sweep(tab, ctx):
+    n = ctx["sweep_n"]
+    k = len(K_SCALES)
+    sched = ctx["sched"]
+    eu, ec = ctx["eu"], ctx["ec"]
+    rule = dj.DynamicNegativeGuidance(scale=1.0)
+    keys = dj.keys_from_seeds(range(n))
+    keys_kn = dj.keys_from_seeds(range(k * n))
+
+    def one_sweep():
+        return dj.sweep(eu, sched, keys, SHAPE, rule=rule, grid={"scale": list(K_SCALES)}, eps_c=ec)
+
+    def separate():
+        return [np.asarray(dj.sample(eu, sched, keys, SHAPE, rule=rule.replace(scale=s), eps_c=ec))
+                for s in K_SCALES]
+
+    def batched():
+        return np.asarray(dj.sample(eu, sched, keys_kn, SHAPE, rule=rule, eps_c=ec))
+
+    t = measure({"sweep": one_sweep, "separate": separate, "batched": batched}, ctx["repeats"])
+    m = tab.metric
+    tab.add(f"sweep K={k} / {k} separate calls", t["sweep"], t["separate"], 1.0, "<",
+            f"N={n} per scale, {sched.num_steps} steps; sweep {per_img(t['sweep'], k * n, m) * 1e3:.1f}, "
+            f"separate {per_img(t['separate'], k * n, m) * 1e3:.1f} ms/img")
+    tab.add(f"sweep K={k} / one batched call of {k}N", t["sweep"], t["batched"], 1.10, "<=",
+            f"batched {per_img(t['batched'], k * n, m) * 1e3:.1f} ms/img")
+
+
+def compile_once(ctx, n_steps, b=16):
+    """Trace + lower + XLA-compile the library's sampler afresh (AOT, nothing cached)."""
+    sched = dj.respace(dj.linear_schedule(), n_steps)
+    rule = dj.DynamicNegativeGuidance(scale=2.0)
+    eu, ec, shape = dj_sampler._prepare(ctx["eu"], ctx["ec"], rule, SHAPE)
+    keys = dj_sampler._as_keys(dj.keys_from_seeds(range(b)))
+    before = dj.trace_count()
+    lowered = dj_sampler._sample_jit.lower(eu, ec, rule, sched, keys, shape, False)
+    lowered.compile()
+    assert dj.trace_count() == before + 1, "the sampler was not traced afresh"
+
+
+def section_compile(tab, ctx):
+    # A new batch size per repeat, so every call traces, lowers and compiles afresh (jax caches
+    # traces per argument signature); both chain lengths get the same batch size in a repeat.
+    reps = max(2, ctx["repeats"] // 2)
+    compile_once(ctx, 10, b=15)                                      # one-time warm-up costs
+    walls, cpus = {"1000": [], "10": []}, {"1000": [], "10": []}
+    for r in range(reps):
+        for k in (("1000", "10") if r % 2 == 0 else ("10", "1000")):
+            w0, c0 = time.perf_counter(), time.process_time()
+            compile_once(ctx, int(k), b=16 + r)
+            walls[k].append(time.perf_counter() - w0)
+            cpus[k].append(time.process_time() - c0)
+    t = {k: Timing(float(np.median(walls[k])), float(np.median(cpus[k])), walls[k], cpus[k]) for k in walls}
+    tab.add("compile 1000 steps / 10 steps", t["1000"], t["10"], 1.5, "<=",
+            f"trace+lower+compile, DNG, B=16..: 1000 steps {t['1000'].wall:.1f} s wall / {t['1000'].cpu:.1f} s cpu, "
+            f"10 steps {t['10'].wall:.1f} s wall / {t['10'].cpu:.1f} s cpu")
+
+
+def section_torch(tab, ctx):
+    import torch
+    from bench.torch_reference import TorchUNet, dng_sample  # noqa: E402
+
+    module, pu, pn = ctx["module"], ctx["pu"], ctx["pn"]
+    tu, tn = TorchUNet(module, pu).eval(), TorchUNet(module, pn).eval()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, *SHAPE)).astype(np.float32)
+    t = np.array([0, 10, 500, 999], np.int32)
+    yj = np.asarray(jax.jit(module.apply)(pu, x, t))
+    with torch.no_grad():
+        yt = tu(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t).long())
+    yt = yt.numpy().transpose(0, 2, 3, 1)
+    rel = float(np.abs(yj - yt).max() / np.abs(yj).max())
+    print(f"  torch/flax UNet agreement: max rel err {rel:.2e} (output std {yj.std():.3f})", flush=True)
+    assert rel < 1e-4, f"the PyTorch twin disagrees with the Flax UNet: max rel err {rel:.2e}"
+    ctx["torch_rel_err"] = rel
+
+    sched = ctx["sched"]
+    rule = dj.DynamicNegativeGuidance(scale=2.0)
+    fast = ctx.get("fast_eu")
+    for b in ctx["batches"]:
+        gen = torch.Generator().manual_seed(0)
+        fns = {"jax": jax_sampler(ctx["eu"], ctx["ec"], rule, sched, b),
+               "torch": lambda b=b, gen=gen: dng_sample(tu, tn, sched, b, (1, 28, 28), scale=2.0,
+                                                        generator=gen)}
+        if fast is not None:
+            fns["jax_fast"] = jax_sampler(fast[b][0], fast[b][1], rule, sched, b)
+        reps = ctx["repeats"] if b < 64 else max(2, ctx["repeats"] // 2)
+        tt = measure(fns, reps)
+        m = tab.metric
+        ips = lambda k: b / (tt[k].cpu if m == "cpu" else tt[k].wall)
+        tab.add(f"dngjax / torch images/s, B={b}", tt["jax"], tt["torch"], 1.0, ">=",
+                f"{sched.num_steps} steps DNG; jax {ips('jax'):.2f} img/s, torch {ips('torch'):.2f} img/s ({m})",
+                invert=True)
+        if fast is not None:
+            tab.add(f"dngjax+fastGN{'+ubatch16' if b > 16 else ''} / torch, B={b}", tt["jax_fast"], tt["torch"],
+                    1.0, ">=", f"jax (recommended changes) {ips('jax_fast'):.2f} img/s", invert=True)
+
+
+def section_variants(tab, ctx):
+    """Network-level (one forward pass) comparisons of what might speed up CPU sampling."""
+    import torch
+    from bench.torch_reference import TorchUNet  # noqa: E402
+
+    module, pu, pn = ctx["module"], ctx["pu"], ctx["pn"]
+    reps = ctx["repeats"]
+    rng = np.random.default_rng(2)
+    big = max(ctx["batches"])
+    for b in sorted({16, big}):
+        x = jnp.asarray(rng.normal(size=(b, *SHAPE)), jnp.float32)
+        t = jnp.full((b,), 500, jnp.int32)
+        n_inner = max(1, 64 // b)
+
+        def loop(f, *a):
+            def g():
+                for _ in range(n_inner):
+                    jax.block_until_ready(f(*a))
+            return g
+
+        base = jax.jit(module.apply)
+        ref = np.asarray(base(pu, x, t))
+        fns = {"base": loop(base, pu, x, t)}
+        errs = {}
+        fastm = fast_gn_unet()
+        f_fast = jax.jit(fastm.apply)
+        fns["fastgn"] = loop(f_fast, pu, x, t)
+        errs["fastgn"] = np.abs(np.asarray(f_fast(pu, x, t)) - ref).max() / np.abs(ref).max()
+        bf = mnist_unet(dtype=jnp.bfloat16)
+        f_bf = jax.jit(bf.apply)
+        fns["bf16"] = loop(f_bf, pu, x, t)
+        errs["bf16"] = np.abs(np.asarray(f_bf(pu, x, t)) - ref).max() / np.abs(ref).max()
+        if jax.default_backend() == "cpu":
+            f_eigen = jax.jit(module.apply, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
+            fns["no_ynn"] = loop(f_eigen, pu, x, t)
+        if b > 16:
+            mb = jax.jit(MicroBatched(module.apply, 16))
+            fns["ubatch16"] = loop(mb, pu, x, t)
+            errs["ubatch16"] = np.abs(np.asarray(mb(pu, x, t)) - ref).max() / np.abs(ref).max()
+        # two network calls (eps_u, eps_neg) as two calls vs one vmap over stacked params
+        two = jax.jit(lambda pa, pb, x, t: (module.apply(pa, x, t), module.apply(pb, x, t)))
+        stacked = jax.tree.map(lambda a, c: jnp.stack([a, c]), pu, pn)
+        fused = jax.jit(jax.vmap(module.apply, in_axes=(0, None, None)))
+        fns["two_calls"] = loop(two, pu, pn, x, t)
+        fns["vmap_pair"] = loop(fused, stacked, x, t)
+        errs["vmap_pair"] = np.abs(np.asarray(fused(stacked, x, t)[1]) - np.asarray(two(pu, pn, x, t)[1])).max() \
+            / np.abs(ref).max()
+        tu = TorchUNet(module, pu).eval()
+        tcl = TorchUNet(module, pu).eval().to(memory_format=torch.channels_last)
+        xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+        xcl = xt.contiguous(memory_format=torch.channels_last)
+        tt = torch.from_numpy(np.asarray(t)).long()
+
+        def tloop(model, xx):
+            def g():
+                with torch.no_grad():
+                    for _ in range(n_inner):
+                        model(xx, tt)
+            return g
+
+        fns["torch"] = tloop(tu, xt)
+        fns["torch_cl"] = tloop(tcl, xcl)
+        r = measure(fns, reps)
+        e = lambda k: f"; max rel err {errs[k]:.1e}" if k in errs else ""
+        tab.add(f"fast GroupNorm / flax GroupNorm, fwd B={b}", r["fastgn"], r["base"], detail="UNet forward" + e("fastgn"))
+        if b > 16:
+            tab.add(f"micro-batches of 16 (lax.map) / whole batch, fwd B={b}", r["ubatch16"], r["base"],
+                    detail="UNet forward" + e("ubatch16"))
+        tab.add(f"bf16 compute / f32, fwd B={b}", r["bf16"], r["base"], detail="UNet forward" + e("bf16"))
+        if "no_ynn" in r:
+            tab.add(f"XLA YNNPACK off (Eigen) / default, fwd B={b}", r["no_ynn"], r["base"],
+                    detail="compiler_options xla_cpu_experimental_ynn_fusion_type=''")
+        tab.add(f"vmap over stacked params / two calls, B={b}", r["vmap_pair"], r["two_calls"],
+                detail="eps_u and eps_neg in one call" + e("vmap_pair"))
+        tab.add(f"torch NCHW / jax, fwd B={b}", r["torch"], r["base"], detail=">1: jax faster (one forward pass)")
+        tab.add(f"torch channels_last / jax, fwd B={b}", r["torch_cl"], r["base"],
+                detail="not the authors' style; oneDNN NHWC convolutions")
+    # convolution layout in XLA: NCHW vs NHWC, one 3x3 conv 32->32 at 28x28, batch 16
+    x = jnp.asarray(rng.normal(size=(16, 28, 28, 32)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 32, 32)), jnp.float32)
+    conv = lambda dn: jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))
+    nhwc, nchw = conv(("NHWC", "HWIO", "NHWC")), conv(("NCHW", "OIHW", "NCHW"))
+    xc, wc = jnp.transpose(x, (0, 3, 1, 2)), jnp.transpose(w, (3, 2, 0, 1))
+    r = measure({"nhwc": lambda: [nhwc(x, w).block_until_ready() for _ in range(8)],
+                 "nchw": lambda: [nchw(xc, wc).block_until_ready() for _ in range(8)]}, reps)
+    tab.add("JAX conv NCHW / NHWC (3x3 32->32, 28x28, B=16)", r["nchw"], r["nhwc"], detail="layout")
+
+
+# --------------------------------------------------------------------------- main
+
+def main(args):
+    import torch
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    else:
+        torch.set_num_threads(N_CORES)
+    backend = jax.default_backend()
+    metric = "cpu" if (backend == "cpu" and args.threads == 1) else "wall"
+    module = mnist_unet()
+    pu, pn = perturbed_params(module, 0), perturbed_params(module, 1)
+    n_params = sum(a.size for a in jax.tree_util.tree_leaves(pu))
+    sched = dj.respace(dj.linear_schedule(), args.steps)
+    ctx = dict(module=module, pu=pu, pn=pn, eu=dj.denoiser(module, pu), ec=dj.denoiser(module, pn),
+               sched=sched, repeats=args.repeats, batches=args.batches, sweep_n=args.sweep_n)
+    if "torch" in args.sections and not args.quick:
+        fm = fast_gn_unet()
+        ctx["fast_eu"] = {}
+        for b in args.batches:
+            fn = MicroBatched(dj.denoiser(fm, pu).apply_fn, 16) if b > 16 else dj.denoiser(fm, pu).apply_fn
+            ctx["fast_eu"][b] = (dj.Denoiser(apply_fn=fn, params=pu), dj.Denoiser(apply_fn=fn, params=pn))
+
+    dev = jax.devices()[0]
+    cpu_name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu_name = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    threads = args.threads if args.threads > 0 else N_CORES
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    context = (f"device: {dev.device_kind} ({backend}); host CPU: {cpu_name}, {N_CORES} cores, load avg {load:.1f}\n"
+               f"jax {jax.__version__}, flax {importlib.import_module('flax').__version__}, "
+               f"torch {torch.__version__}, numpy {np.__version__}, python {platform.python_version()}\n"
+               f"threads: {threads} for JAX (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}) and torch "
+               f"(torch.get_num_threads()={torch.get_num_threads()})\n"
+               f"model: mnist_unet, {n_params / 1e6:.2f} M params, NHWC f32; chain: {args.steps} respaced steps; "
+               f"repeats {args.repeats} (medians); pass/fail metric: {metric} time")
+    print(context, flush=True)
+
+    tab = Table(metric)
+    t0 = time.perf_counter()
+    if "dng_np" in args.sections:
+        tab.section("guidance cost")
+        print("[dng_np]", flush=True)
+        section_dng_np(tab, ctx)
+    if "sweep" in args.sections:
+        tab.section("sweeps")
+        print("[sweep]", flush=True)
+        section_sweep(tab, ctx)
+    if "compile" in args.sections:
+        tab.section("compilation")
+        print("[compile]", flush=True)
+        section_compile(tab, ctx)
+    if "torch" in args.sections:
+        tab.section("dngjax vs PyTorch loop sampler (ratio = speedup of dngjax)")
+        print("[torch]", flush=True)
+        section_torch(tab, ctx)
+    if "variants" in args.sections:
+        tab.section("variants (no target; < 1 = the variant is faster, except torch / jax rows)")
+        print("[variants]", flush=True)
+        section_variants(tab, ctx)
+    print()
+    print(context)
+    print(f"total benchmark time {time.perf_counter() - t0:.0f} s")
+    print(tab.render())
+    return tab
+
+
+if __name__ == "__main__":
+    main(ARGS)
