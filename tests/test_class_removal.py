@@ -38,25 +38,28 @@ def models():
     return eps_u, forget, classify
 
 
-def test_forget_models_sample_their_class(models):
+@pytest.mark.parametrize("c", FORGET_CLASSES)
+def test_forget_model_samples_its_class(models, c):
     _, forget, classify = models
     schedule = dj.respace(dj.linear_schedule(), STEPS)
     keys = dj.keys_from_seeds(np.arange(64))
-    for c in FORGET_CLASSES:       # same shapes and module: one compilation for all four models
-        x = dj.sample(forget[c], schedule, keys, (28, 28, 1))
-        frac = float(np.mean(np.asarray(classify(x)) == c))
-        assert frac >= 0.95, f"forget model {c}: only {100 * frac:.1f}% of its samples are classified as {c}"
+    x = dj.sample(forget[c], schedule, keys, (28, 28, 1))   # same shapes and module: compiled once for all c
+    labels = np.asarray(classify(x))
+    frac = float(np.mean(labels == c))
+    assert frac >= 0.95, (f"forget model {c}: only {100 * frac:.1f}% of 64 samples ({STEPS} steps) are classified "
+                          f"as {c}; class histogram {np.bincount(labels, minlength=10).tolist()}")
 
 
 def test_dng_high_scale_removes_the_class(models):
     eps_u, forget, classify = models
     removed = 0
     schedule = dj.respace(dj.linear_schedule(), STEPS)
-    keys = dj.keys_from_seeds(np.arange(128))
-    rule = dj.DynamicNegativeGuidance(scale=1.0, prior=0.25, temperature=0.25, offset=0.0)
+    keys = dj.keys_from_seeds(np.arange(64))
+    # the main job's DNG (paper's MNIST hyperparameters; sigma^2 = beta on a respaced chain)
+    rule = dj.DynamicNegativeGuidance(scale=1.0, prior=0.25, temperature=0.25, offset=0.0, variance="beta")
     # scale 0 is exactly the unguided model (lambda_t = 0); the same seeds at both points
     x = dj.sweep(eps_u, schedule, keys, (28, 28, 1), rule=rule, grid={"scale": [0.0, 10.0]},
-                 eps_c=forget[removed], chunk_size=128)
+                 eps_c=forget[removed], chunk_size=64)
     unguided = 100 * float(np.mean(np.asarray(classify(x[0])) == removed))
     guided = 100 * float(np.mean(np.asarray(classify(x[1])) == removed))
     assert unguided >= 3.0, f"the unguided model makes too few {removed}s ({unguided:.1f}%) for this test"
