@@ -164,6 +164,23 @@ def frechet_distance_features(features, ref_mu, ref_sigma) -> float:
     return frechet_distance(mu, sigma, ref_mu, ref_sigma)
 
 
+# --------------------------------------------------------------------------- uncertainty
+
+def bootstrap_std(stat_fn: Callable[[np.ndarray], float], n: int, num: int = 20, seed: int = 0) -> float:
+    """Bootstrap standard error of a statistic of n samples.
+
+    ``stat_fn(idx)`` computes the statistic on the samples ``idx`` (an int array of
+    length n drawn with replacement); returns the standard deviation over ``num``
+    resamples. The same ``seed`` gives the same index sets, so statistics of
+    different sample sets with shared seeds are resampled in pairs.
+    """
+    if num < 2:
+        raise ValueError(f"need at least 2 bootstrap resamples, got {num}")
+    rng = np.random.default_rng(seed)
+    vals = [stat_fn(rng.integers(0, n, n)) for _ in range(num)]
+    return float(np.std(vals, ddof=1))
+
+
 # --------------------------------------------------------------------------- batching helper
 
 def batched_apply(fn: Callable[[np.ndarray], Iterable], x, batch_size: int = 512):

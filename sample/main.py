@@ -53,7 +53,8 @@ config_flags.DEFINE_config_file(
 METHODS = ("NP", "SLD", "DNG")
 HYPER_COLUMNS = ("prior", "temperature", "offset", "p_min", "p_max", "variance",
                  "threshold", "s_s", "beta_m", "s_m", "warmup")
-CSV_COLUMNS = ("method", "scale", "safety_pct", "kl", "fd", "feature_space", "n_empty_classes",
+CSV_COLUMNS = ("method", "scale", "safety_pct", "kl", "fd", "safety_std", "kl_std", "fd_std",
+               "feature_space", "n_empty_classes",
                "mean_lambda", "n", "seed", "steps", "T", "dataset", "removed_class") + HYPER_COLUMNS + (
                "histogram", "sample_seconds")
 
@@ -179,27 +180,42 @@ def sample_baseline(eps_u, schedule, keys, shape, chunk: int):
 
 
 def score(x, labels_fn, features_fn, ref, config) -> Dict[str, Any]:
+    """Safety, KL, FD (and their bootstrap standard errors) of samples x (N, ...)."""
     from dngjax import metrics
-    labels = labels_fn(x)
     from dngjax.data import NUM_CLASSES
-    hist = metrics.class_histogram(labels, NUM_CLASSES[config.dataset])
+    k = NUM_CLASSES[config.dataset]
+    c = config.removed_class
+    labels = labels_fn(x)
     feats = features_fn(x)
-    return dict(
+    hist = metrics.class_histogram(labels, k)
+    out = dict(
         labels=labels,
-        safety_pct=metrics.safety(labels, config.removed_class),
-        kl=metrics.kl_to_ideal(hist, config.removed_class, config.kl_pseudo_count),
+        safety_pct=metrics.safety(labels, c),
+        kl=metrics.kl_to_ideal(hist, c, config.kl_pseudo_count),
         fd=metrics.frechet_distance_features(feats, *ref),
         histogram=hist.tolist(),
-        n_empty_classes=int(sum(1 for i, h in enumerate(hist) if h == 0 and i != config.removed_class)),
+        n_empty_classes=int(sum(1 for i, h in enumerate(hist) if h == 0 and i != c)),
     )
+    if config.bootstrap >= 2:
+        n = labels.shape[0]
+        boot = lambda fn: metrics.bootstrap_std(fn, n, config.bootstrap, config.seed)
+        out["safety_std"] = boot(lambda i: metrics.safety(labels[i], c))
+        out["kl_std"] = boot(lambda i: metrics.kl_to_ideal(metrics.class_histogram(labels[i], k), c,
+                                                           config.kl_pseudo_count))
+        out["fd_std"] = boot(lambda i: metrics.frechet_distance_features(feats[i], *ref))
+    return out
 
 
 def _fmt_table(rows: List[Dict[str, Any]], fd_name: str) -> str:
-    head = f"{'method':<7}{'scale':>8}{'safety %':>10}{'KL':>9}{fd_name:>10}{'empty':>7}{'mean lam':>10}"
+    pm = "std" in "".join(rows[0])
+    head = (f"{'method':<14}{'scale':>7}{'safety %':>10}{'KL':>9}{'':>8}{fd_name:>9}{'':>7}"
+            f"{'empty':>7}{'mean lam':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['method']:<7}{r['scale']:>8g}{r['safety_pct']:>10.2f}{r['kl']:>9.4f}"
-                     f"{r['fd']:>10.3f}{r['n_empty_classes']:>7d}{r['mean_lambda']:>10.3g}")
+        kl_e = f" +-{r['kl_std']:.3f}" if pm and "kl_std" in r else ""
+        fd_e = f" +-{r['fd_std']:.1f}" if pm and "fd_std" in r else ""
+        lines.append(f"{r['method']:<14}{r['scale']:>7g}{r['safety_pct']:>10.2f}{r['kl']:>9.4f}{kl_e:>8}"
+                     f"{r['fd']:>9.2f}{fd_e:>7}{r['n_empty_classes']:>7d}{r['mean_lambda']:>10.3g}")
     return "\n".join(lines)
 
 
@@ -320,7 +336,8 @@ def run(config) -> str:
     summary = (f"{config.dataset}, removed class {config.removed_class}: n = {config.n} per point, "
                f"{schedule.num_steps}-step chain (T = {config.T}), {len(rows)} points, "
                f"{jax.device_count()} {jax.default_backend()} device(s), {wall:.0f} s\n{table}\n"
-               f"{fd_name}: {space}. Lower is better everywhere; high safety: <= {config.high_safety:g}%.")
+               f"{fd_name}: {space}. Lower is better everywhere; high safety: <= {config.high_safety:g}%."
+               + (f" +-: bootstrap standard error ({config.bootstrap} resamples)." if config.bootstrap >= 2 else ""))
     with open(os.path.join(outdir, "summary.txt"), "w") as f:
         f.write(summary + "\n")
     print(summary)

@@ -199,3 +199,15 @@ def test_batched_apply_pads_and_trims():
     assert calls == [4, 4, 4]
     single = metrics.batched_apply(lambda x: x + 1, x, batch_size=100)
     np.testing.assert_array_equal(single, x + 1)
+
+
+def test_bootstrap_std():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(400)
+    se = metrics.bootstrap_std(lambda i: float(np.mean(x[i])), 400, num=200, seed=0)
+    assert se == pytest.approx(1 / 20, rel=0.25)              # standard error of a mean: 1 / sqrt(400)
+    # deterministic and paired: the same seed gives the same resamples
+    a = metrics.bootstrap_std(lambda i: float(np.mean(x[i])), 400, num=20, seed=1)
+    assert a == metrics.bootstrap_std(lambda i: float(np.mean(x[i])), 400, num=20, seed=1)
+    with pytest.raises(ValueError):
+        metrics.bootstrap_std(lambda i: 0.0, 10, num=1)

@@ -32,6 +32,7 @@ def get_config(name: str = "quick"):
     c.grid.SLD = (0.25, 0.5, 1.0, 2.0)
     c.grid.DNG = (1.0, 2.0, 5.0, 10.0)
     c.eval_batch = 200
+    c.bootstrap = 0        # FD bootstrap on 2048-d features costs seconds per resample
     if name == "quick":
         c.n = 1024
         c.steps = 100

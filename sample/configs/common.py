@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Scoring and outputs.
     c.high_safety = 1.0          # % of removed class counted as "high safety" (plots, summary)
     c.kl_pseudo_count = 0.5      # additive smoothing of the generated histogram (see dngjax.metrics)
+    c.bootstrap = 50             # resamples for the standard errors of safety, KL and FD (0: none)
     c.eval_batch = 512
     c.grid_images = 64           # samples per saved grid image
     c.outdir = ""                # default: outputs/class_removal/<name>-<dataset>-c<class>-<UTC time>

@@ -64,6 +64,7 @@ def get_config(name: str = "quick"):
         c.grid.DNG = (5.0,)
         c.grid_images = 4
         c.eval_batch = 8
+        c.bootstrap = 5
         c.progress = False
     else:
         raise ValueError(f"unknown config {name!r}: quick, report, full or tiny")
