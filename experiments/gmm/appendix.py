@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from scipy.special import logsumexp
 
-from .common import (METHOD_LABELS, Timer, base_parser, chain, lab_2d, prepare_out, print_table,
+from .common import (save_png, METHOD_LABELS, Timer, base_parser, chain, lab_2d, prepare_out, print_table,
                      rule_for, sample_chunked)
 
 TIMES = (300, 100, 10)
@@ -139,9 +139,8 @@ def _figure(lab, rows, path, suptitle, bg_kind):
     fig.colorbar(cs, cax=cax2, label="posterior $p(c^-|x_t)$ (background)" if bg_kind == "posterior"
                  else "log $p_t(x)$ (background)")
     fig.suptitle(suptitle, fontsize=11)
-    fig.savefig(path, dpi=90)
+    save_png(fig, path, dpi=90)
     plt.close(fig)
-    print(f"wrote {path}")
 
 
 def _at_modes(lab, t, m):

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from .common import (METHOD_LABELS, Timer, base_parser, chain, lab_1d, prepare_out, print_table,
+from .common import (save_png, METHOD_LABELS, Timer, base_parser, chain, lab_1d, prepare_out, print_table,
                      rule_for, sample_chunked, summarize_1d)
 
 METHODS = ("none", "cfg", "np", "dng_exact")
@@ -102,9 +102,8 @@ def plot(lab, samples, rows, path, n, steps):
     fig.suptitle("1-D Gaussian mixture, middle mode forbidden: samples of each guidance rule vs. the target "
                  f"(DDPM, {steps} steps)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
-    print(f"wrote {path}")
 
 
 def main(argv=None):

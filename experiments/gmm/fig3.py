@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from .common import (Timer, base_parser, chain, lab_1d, prepare_out, print_table, sample_chunked,
+from .common import (save_png, Timer, base_parser, chain, lab_1d, prepare_out, print_table, sample_chunked,
                      summarize_1d)
 
 
@@ -161,9 +161,8 @@ def plot(lab, t, ma, me, pa_all, forb, xb, row_b, path, args, steps):
                  f"{lab.forget_weight:.2f}, temperature 1, offset 0, $\\sigma_t^2$ = {args.variance}",
                  fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
-    print(f"wrote {path}")
 
 
 def main(argv=None):
