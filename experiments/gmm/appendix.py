@@ -54,8 +54,10 @@ def _np_terms(mix, x, ab):
 
 
 def alpha_bar_at(lab, t):
-    return float(np.asarray(lab.schedule.alpha_bars, np.float64)[
-        np.searchsorted(np.asarray(lab.schedule.timesteps), t)])
+    """abar at network timestep t of the full linear T = 1000 schedule (the fields do not
+    depend on the chain that --steps picks for the sampling part)."""
+    from dngjax import linear_schedule
+    return float(np.asarray(linear_schedule().alpha_bars, np.float64)[t])
 
 
 def fields(lab, x, t):
