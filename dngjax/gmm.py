@@ -17,10 +17,10 @@ modes), is pure, and works under ``jit`` / ``vmap`` / ``grad``.
 
 Typical use with the sampler::
 
-    lab = ForgetSplit(GaussianMixture.create([.25, .35, .4], [[-2.], [0.], [2.]], [.4, .35, .5]),
-                      forget=[1], schedule=linear_schedule())
-    x0 = sample(lab.eps_full, sched, keys, (1,), rule=ExactDynamicNegativeGuidance(
-        1.0, posterior_fn=lab.posterior_fn, log_space=True), eps_c=lab.eps_forget)
+    sched = linear_schedule()
+    lab = ForgetSplit(*toy_1d(), sched)                 # modes -3 / 0 / 3, forget the middle one
+    keys = keys_from_seeds(range(10_000))
+    x0 = sample(lab.eps_full, sched, keys, (1,), rule=lab.exact_dng(1.0), eps_c=lab.eps_forget)
 
 The denoisers are :class:`dngjax.denoiser.Denoiser` objects whose ``params`` are the
 mixture and an alpha_bar table (pytree leaves, so nothing is baked into the compiled
