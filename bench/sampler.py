@@ -523,26 +523,17 @@ def main(args):
 
     tab = Table(metric)
     t0 = time.perf_counter()
-    if "dng_np" in args.sections:
-        tab.section("guidance cost")
-        print("[dng_np]", flush=True)
-        section_dng_np(tab, ctx)
-    if "sweep" in args.sections:
-        tab.section("sweeps")
-        print("[sweep]", flush=True)
-        section_sweep(tab, ctx)
-    if "compile" in args.sections:
-        tab.section("compilation")
-        print("[compile]", flush=True)
-        section_compile(tab, ctx)
-    if "torch" in args.sections:
-        tab.section("dngjax vs PyTorch loop sampler (ratio = speedup of dngjax)")
-        print("[torch]", flush=True)
-        section_torch(tab, ctx)
-    if "variants" in args.sections:
-        tab.section("variants (no target; < 1 = the variant is faster, except torch / jax rows)")
-        print("[variants]", flush=True)
-        section_variants(tab, ctx)
+    sections = (("dng_np", "guidance cost", section_dng_np),
+                ("sweep", "sweeps", section_sweep),
+                ("compile", "compilation", section_compile),
+                ("torch", "dngjax vs PyTorch loop sampler (ratio = speedup of dngjax)", section_torch),
+                ("variants", "variants (no target; < 1 = the variant is faster, except torch / jax rows)",
+                 section_variants))
+    for key, title, run_section in sections:
+        if key in args.sections:
+            tab.section(title)
+            print(f"[{key}]", flush=True)
+            run_section(tab, ctx)
     print()
     print(context)
     print(f"total benchmark time {time.perf_counter() - t0:.0f} s")
