@@ -325,7 +325,7 @@ def compile_once(ctx, n_steps, b=16):
     """Trace + lower + XLA-compile the library's sampler afresh (AOT, nothing cached)."""
     sched = dj.respace(dj.linear_schedule(), n_steps)
     rule = dj.DynamicNegativeGuidance(scale=2.0)
-    eu, ec, shape = dj_sampler._prepare(ctx["eu"], ctx["ec"], rule, SHAPE)
+    eu, ec, shape = dj_sampler._prepare(ctx["eu"], ctx["ec"], rule, SHAPE, "beta")
     keys = dj_sampler._as_keys(dj.keys_from_seeds(range(b)))
     before = dj.trace_count()
     lowered = dj_sampler._sample_jit.lower(eu, ec, rule, sched, keys, shape, False)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .denoiser import Denoiser, as_denoiser
-from .guidance import GuidanceRule, NoGuidance, Step, ddpm_mean
+from .guidance import VARIANCES, GuidanceRule, NoGuidance, Step, ddpm_mean, transition_variance
 from .schedules import Schedule
 
 Array = jnp.ndarray
@@ -74,7 +74,7 @@ def _check_prediction(name: str, eps: Array, x: Array) -> None:
 
 def _sample_impl(eps_u: Denoiser, eps_c: Optional[Denoiser], rule: GuidanceRule,
                  schedule: Schedule, keys: Array, shape: Tuple[int, ...],
-                 return_trace: bool):
+                 return_trace: bool, variance: str = "beta"):
     _TRACES["sample"] += 1
     batch = keys.shape[0]
     split = jax.vmap(jax.random.split)                       # (B,) -> (B, 2)
@@ -105,7 +105,7 @@ def _sample_impl(eps_u: Denoiser, eps_c: Optional[Denoiser], rule: GuidanceRule,
         p = rule.posterior(state, batch)                    # the posterior this step used
         keys = split(keys)
         z = normal(keys[:, 1])
-        noise_scale = jnp.where(step.is_last, 0.0, jnp.sqrt(step.beta))
+        noise_scale = jnp.where(step.is_last, 0.0, jnp.sqrt(transition_variance(step, variance)))
         x_next = ddpm_mean(x, eps, step) + noise_scale * z
         state = rule.update(state, x, x_next, e_u, e_c, step)
         out = (lam, p) if return_trace else None
@@ -117,10 +117,12 @@ def _sample_impl(eps_u: Denoiser, eps_c: Optional[Denoiser], rule: GuidanceRule,
     return x
 
 
-_sample_jit = jax.jit(_sample_impl, static_argnames=("shape", "return_trace"))
+_sample_jit = jax.jit(_sample_impl, static_argnames=("shape", "return_trace", "variance"))
 
 
-def _prepare(eps_u, eps_c, rule, shape):
+def _prepare(eps_u, eps_c, rule, shape, variance):
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
     eps_u = as_denoiser(eps_u)
     if not isinstance(rule, GuidanceRule):
         raise TypeError(f"rule must be a guidance rule from dngjax.guidance, got {type(rule).__name__}")
@@ -136,10 +138,11 @@ def _prepare(eps_u, eps_c, rule, shape):
 
 
 def sample(eps_u, schedule: Schedule, keys, shape: Sequence[int], *,
-           rule: GuidanceRule = NoGuidance(), eps_c=None, return_trace: bool = False):
+           rule: GuidanceRule = NoGuidance(), eps_c=None, return_trace: bool = False,
+           variance: str = "beta"):
     """Ancestral DDPM sampling from x_T ~ N(0, I) with a guidance rule.
 
-    x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sqrt(beta_t) z,
+    x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sigma_t z,
     with no noise at the final step, eps the rule's combination of eps_u and eps_c.
 
     Args:
@@ -150,25 +153,29 @@ def sample(eps_u, schedule: Schedule, keys, shape: Sequence[int], *,
       rule: guidance rule (default: none).
       eps_c: second denoiser (c- for NP/SLD/DNG, c for CFG); unused by NoGuidance.
       return_trace: also return a :class:`Trace` of lambda_t and p_t, (S, B) each.
+      variance: the reverse step's noise variance sigma_t^2: ``"beta"`` (default) beta_t,
+        DDPM's upper bound; ``"posterior"`` beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) /
+        (1 - alpha_bar_t), the lower bound, which leaves less residual noise on short
+        respaced chains. Both are the chain's own (respaced) values.
 
     Returns:
       x_0 of shape (B, *shape), float32 (and the Trace).
     """
-    eps_u, eps_c, shape = _prepare(eps_u, eps_c, rule, shape)
-    return _sample_jit(eps_u, eps_c, rule, schedule, _as_keys(keys), shape, return_trace)
+    eps_u, eps_c, shape = _prepare(eps_u, eps_c, rule, shape, variance)
+    return _sample_jit(eps_u, eps_c, rule, schedule, _as_keys(keys), shape, return_trace, variance)
 
 
 # --------------------------------------------------------------------------- sweeps
 
-def _sweep_impl(eps_u, eps_c, rule, schedule, keys, shape, return_trace, grid_names):
+def _sweep_impl(eps_u, eps_c, rule, schedule, keys, shape, return_trace, grid_names, variance="beta"):
     axes = jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(rule),
         [0 if name in grid_names else None for name in rule.leaf_names])
-    run = lambda r: _sample_impl(eps_u, eps_c, r, schedule, keys, shape, return_trace)
+    run = lambda r: _sample_impl(eps_u, eps_c, r, schedule, keys, shape, return_trace, variance)
     return jax.vmap(run, in_axes=(axes,))(rule)
 
 
-_sweep_jit = jax.jit(_sweep_impl, static_argnames=("shape", "return_trace", "grid_names"))
+_sweep_jit = jax.jit(_sweep_impl, static_argnames=("shape", "return_trace", "grid_names", "variance"))
 
 
 def grid_rules(rule: GuidanceRule, grid: Mapping[str, Any]) -> Tuple[GuidanceRule, int]:
@@ -192,7 +199,7 @@ def grid_rules(rule: GuidanceRule, grid: Mapping[str, Any]) -> Tuple[GuidanceRul
 
 def sweep(eps_u, schedule: Schedule, keys, shape: Sequence[int], *, rule: GuidanceRule,
           grid: Mapping[str, Any], eps_c=None, chunk_size: Optional[int] = None,
-          return_trace: bool = False, progress: bool = False):
+          return_trace: bool = False, progress: bool = False, variance: str = "beta"):
     """Sample a K-point grid of hyperparameters times N seeds; result indexed [k, n].
 
     Every grid point uses the same N keys. All K x chunk samples run in one
@@ -204,10 +211,11 @@ def sweep(eps_u, schedule: Schedule, keys, shape: Sequence[int], *, rule: Guidan
       grid: {hyperparameter name: (K,) values}, e.g. {"scale": [0, 1, 2, 4]}; all of length K.
       chunk_size: seeds per call (default: all N at once).
       progress: show a tqdm bar over chunks.
+      variance: the reverse step's noise variance, as in :func:`sample`.
     Returns:
       numpy x of shape (K, N, *shape) (and a Trace with lam, p of shape (K, S, N)).
     """
-    eps_u, eps_c, shape = _prepare(eps_u, eps_c, rule, shape)
+    eps_u, eps_c, shape = _prepare(eps_u, eps_c, rule, shape, variance)
     rules, k = grid_rules(rule, grid)
     keys = _as_keys(keys)
     n = keys.shape[0]
@@ -234,7 +242,7 @@ def sweep(eps_u, schedule: Schedule, keys, shape: Sequence[int], *, rule: Guidan
         kc = keys[idx]
         if sharding is not None:
             kc = jax.device_put(kc, sharding)
-        out = _sweep_jit(eps_u, eps_c, rules, schedule, kc, shape, return_trace, names)
+        out = _sweep_jit(eps_u, eps_c, rules, schedule, kc, shape, return_trace, names, variance)
         valid = min(chunk, n - c * chunk)
         if return_trace:
             x, tr = out

@@ -23,7 +23,8 @@ def noise_sequence(key, shape, num_steps):
 def sample_numpy(eps_u, eps_c, schedule, keys, shape, method, hp):
     """Guided ancestral DDPM sampling, one sample at a time, in float64.
 
-    method: 'none', 'np', 'cfg', 'sld', 'dng'. hp: dict of hyperparameters.
+    method: 'none', 'np', 'cfg', 'sld', 'dng'. hp: dict of hyperparameters; hp['noise'] is the
+    sampler's step variance ('beta', default, or 'posterior' = beta_tilde).
     Returns x0 (B, *shape), lam (S, B), p (S, B) in sampling order.
     """
     betas = np.asarray(schedule.betas, np.float64)
@@ -64,7 +65,8 @@ def sample_numpy(eps_u, eps_c, schedule, keys, shape, method, hp):
                 lam = hp["scale"] * p / (1 - p)
                 eps = e_u - lam * (e_c - e_u)
             mean = lambda e: (x - beta / np.sqrt(1 - ab) * e) / np.sqrt(1 - beta)
-            x_next = mean(eps) + (0.0 if i == 0 else np.sqrt(beta) * zs[n])
+            noise_var = beta if hp.get("noise", "beta") == "beta" else beta * (1 - abar_prev[i]) / (1 - ab)
+            x_next = mean(eps) + (0.0 if i == 0 else np.sqrt(noise_var) * zs[n])
             if method == "dng":
                 if hp.get("variance", "posterior") == "beta" or i == 0:
                     sigma2 = beta

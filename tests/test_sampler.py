@@ -69,6 +69,26 @@ def test_scan_matches_numpy_loop(schedule, method, rule, hp):
         assert 0 < np.mean(lam_ref[3:] > 0) and lam_ref[:3].max() == 0.0
 
 
+@pytest.mark.parametrize("method,rule,hp", [CASES[0], CASES[4]], ids=["none", "dng"])
+def test_posterior_variance_noise_matches_numpy_loop(schedule, method, rule, hp):
+    """variance="posterior": sigma_t^2 = beta_tilde_t in the step, against the numpy loop."""
+    keys = dj.keys_from_seeds(np.arange(4))
+    x = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, eps_c=eps_c, variance="posterior")
+    x_ref = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, method, dict(hp, noise="posterior"))[0]
+    np.testing.assert_allclose(np.asarray(x), x_ref, rtol=1e-4, atol=1e-4)
+    x_beta = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, method, hp)[0]
+    assert np.abs(x_ref - x_beta).max() > 1e-2, "the two variances must give different samples"
+    xs = dj.sweep(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(0.0), grid={"scale": [0.0, 0.7]},
+                  eps_c=eps_c, variance="posterior")
+    np_ref = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, "np", {"scale": 0.7, "noise": "posterior"})[0]
+    np.testing.assert_allclose(xs[1], np_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_variance_is_rejected(schedule):
+    with pytest.raises(ValueError, match="variance must be one of"):
+        dj.sample(eps_u, schedule, dj.keys_from_seeds([0]), SHAPE, variance="learned")
+
+
 def test_dng_static_limit_equals_np(schedule):
     keys = dj.keys_from_seeds(np.arange(5))
     scale, prior = 2.0, 0.2
