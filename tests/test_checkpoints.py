@@ -23,8 +23,11 @@ def _tiny_unet():
 
 def _saved_unet(tmp_path, name="m"):
     m = _tiny_unet()
-    p = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
-    p = jax.tree_util.tree_map(lambda a: a + 0.01 * jax.random.normal(jax.random.PRNGKey(1), a.shape), p)
+    # Random params of the init's shapes: eval_shape traces without compiling; a real init (eager or
+    # jitted) spends 30-60 s compiling on 2 cores, and a round trip needs no particular values.
+    shapes = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
+    rng = np.random.default_rng(0)
+    p = jax.tree_util.tree_map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), shapes)
     path = str(tmp_path / name)
     checkpoint.save_model(path, m, p, {"dataset": "mnist", "kind": "ddpm", "steps": 3})
     return m, p, path
@@ -45,7 +48,9 @@ def test_unet_round_trip(tmp_path):
 
 def test_classifier_round_trip(tmp_path):
     m = Classifier(widths=(4, 8), feature_dim=16)
-    p = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+    shapes = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))   # see _saved_unet
+    rng = np.random.default_rng(1)
+    p = jax.tree_util.tree_map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), shapes)
     checkpoint.save_model(str(tmp_path / "c"), m, p, {"dataset": "mnist", "kind": "classifier"})
     m2, p2, _ = checkpoint.load_classifier(str(tmp_path / "c"))
     x = jnp.zeros((3, 28, 28, 1))
