@@ -328,7 +328,7 @@ def compile_once(ctx, n_steps, b=16):
     eu, ec, shape = dj_sampler._prepare(ctx["eu"], ctx["ec"], rule, SHAPE, "beta")
     keys = dj_sampler._as_keys(dj.keys_from_seeds(range(b)))
     before = dj.trace_count()
-    lowered = dj_sampler._sample_jit.lower(eu, ec, rule, sched, keys, shape, False)
+    lowered = dj_sampler._sample_jit.lower(eu, ec, rule, sched, keys, shape, False, "beta")
     lowered.compile()
     assert dj.trace_count() == before + 1, "the sampler was not traced afresh"
 

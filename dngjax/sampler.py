@@ -74,7 +74,7 @@ def _check_prediction(name: str, eps: Array, x: Array) -> None:
 
 def _sample_impl(eps_u: Denoiser, eps_c: Optional[Denoiser], rule: GuidanceRule,
                  schedule: Schedule, keys: Array, shape: Tuple[int, ...],
-                 return_trace: bool, variance: str = "beta"):
+                 return_trace: bool, variance: str):
     _TRACES["sample"] += 1
     batch = keys.shape[0]
     split = jax.vmap(jax.random.split)                       # (B,) -> (B, 2)
@@ -167,7 +167,7 @@ def sample(eps_u, schedule: Schedule, keys, shape: Sequence[int], *,
 
 # --------------------------------------------------------------------------- sweeps
 
-def _sweep_impl(eps_u, eps_c, rule, schedule, keys, shape, return_trace, grid_names, variance="beta"):
+def _sweep_impl(eps_u, eps_c, rule, schedule, keys, shape, return_trace, grid_names, variance):
     axes = jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(rule),
         [0 if name in grid_names else None for name in rule.leaf_names])

@@ -65,13 +65,14 @@ def sample_numpy(eps_u, eps_c, schedule, keys, shape, method, hp):
                 lam = hp["scale"] * p / (1 - p)
                 eps = e_u - lam * (e_c - e_u)
             mean = lambda e: (x - beta / np.sqrt(1 - ab) * e) / np.sqrt(1 - beta)
-            noise_var = beta if hp.get("noise", "beta") == "beta" else beta * (1 - abar_prev[i]) / (1 - ab)
+            beta_tilde = beta * (1 - abar_prev[i]) / (1 - ab)
+            noise_var = beta if hp.get("noise", "beta") == "beta" else beta_tilde
             x_next = mean(eps) + (0.0 if i == 0 else np.sqrt(noise_var) * zs[n])
             if method == "dng":
                 if hp.get("variance", "posterior") == "beta" or i == 0:
                     sigma2 = beta
                 else:
-                    sigma2 = beta * (1 - abar_prev[i]) / (1 - ab)
+                    sigma2 = beta_tilde
                 d_neg = np.sum((x_next - mean(e_c)) ** 2)
                 d_u = np.sum((x_next - mean(e_u)) ** 2)
                 log_p += (-hp["temperature"] * (d_neg - d_u) + hp.get("offset", 0.0)) / (2 * sigma2)

@@ -21,13 +21,17 @@ def _tiny_unet():
     return UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, groups=4)
 
 
+def _random_params(module, *init_args, seed=0):
+    """Random params of the init's shapes: eval_shape traces without compiling; a real init (eager or
+    jitted) spends 30-60 s compiling on 2 cores, and a round trip needs no particular values."""
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *init_args)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), shapes)
+
+
 def _saved_unet(tmp_path, name="m"):
     m = _tiny_unet()
-    # Random params of the init's shapes: eval_shape traces without compiling; a real init (eager or
-    # jitted) spends 30-60 s compiling on 2 cores, and a round trip needs no particular values.
-    shapes = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
-    rng = np.random.default_rng(0)
-    p = jax.tree_util.tree_map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), shapes)
+    p = _random_params(m, jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
     path = str(tmp_path / name)
     checkpoint.save_model(path, m, p, {"dataset": "mnist", "kind": "ddpm", "steps": 3})
     return m, p, path
@@ -48,9 +52,7 @@ def test_unet_round_trip(tmp_path):
 
 def test_classifier_round_trip(tmp_path):
     m = Classifier(widths=(4, 8), feature_dim=16)
-    shapes = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))   # see _saved_unet
-    rng = np.random.default_rng(1)
-    p = jax.tree_util.tree_map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), shapes)
+    p = _random_params(m, jnp.zeros((1, 28, 28, 1)), seed=1)
     checkpoint.save_model(str(tmp_path / "c"), m, p, {"dataset": "mnist", "kind": "classifier"})
     m2, p2, _ = checkpoint.load_classifier(str(tmp_path / "c"))
     x = jnp.zeros((3, 28, 28, 1))

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     kc = jax.device_put(keys[:8], NamedSharding(Mesh(np.asarray(jax.devices()), ("n",)), PartitionSpec("n")))
     out = S._sweep_jit(dj.as_denoiser(eps_u), dj.as_denoiser(eps_c), S.grid_rules(rule, {"scale": [0.0, 2.0]})[0],
-                       sched, kc, (3,), False, ("scale",))
+                       sched, kc, (3,), False, ("scale",), "beta")
     assert len(out.sharding.device_set) == 4, out.sharding
     for k, s in enumerate([0.0, 2.0]):
         for n in (0, 7, 9):
