@@ -155,3 +155,30 @@ def test_a_few_dng_steps_on_shipped_models():
     x = sample(eps_u, respace(linear_schedule(), 4), keys_from_seeds(np.arange(2)), (28, 28, 1),
                rule=DynamicNegativeGuidance(scale=1.0, prior=0.25), eps_c=eps_c)
     assert x.shape == (2, 28, 28, 1) and np.all(np.isfinite(np.asarray(x)))
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHIPPED, "cond", "card.json")),
+                    reason="shipped class-conditional MNIST model not present")
+def test_shipped_class_conditional_model_null_label_each_label_and_guided_steps():
+    """One network gives eps(x) (null label) and eps(x | c) for every digit, and DNG runs with
+    eps_u = eps(x | null), eps_neg = eps(x | c-)."""
+    from dngjax.guidance import DynamicNegativeGuidance
+    from dngjax.sampler import keys_from_seeds, sample
+    from dngjax.schedules import linear_schedule, respace
+
+    path = os.path.join(SHIPPED, "cond")
+    module, params, card = checkpoint.load_model(path, expect_kind="unet")
+    assert module.num_classes == 10 and card["config"]["label_dropout"] > 0 and "quality" in card
+    x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+    t = jnp.array([300, 300])
+    null = np.asarray(checkpoint.load_denoiser(path)(x, t))
+    np.testing.assert_allclose(null, np.asarray(checkpoint.load_denoiser(path, label=10)(x, t)), rtol=1e-5,
+                               atol=1e-6)
+    outs = [np.asarray(checkpoint.load_denoiser(path, label=c)(x, t)) for c in range(10)]
+    for c, out in enumerate(outs):
+        assert out.shape == x.shape and np.all(np.isfinite(out))
+        assert not np.allclose(out, null, atol=1e-4), f"label {c} gives the null label's prediction"
+    x0 = sample(checkpoint.load_denoiser(path), respace(linear_schedule(), 4), keys_from_seeds(np.arange(2)),
+                (28, 28, 1), rule=DynamicNegativeGuidance(scale=1.0, prior=0.25),
+                eps_c=checkpoint.load_denoiser(path, label=2))
+    assert x0.shape == (2, 28, 28, 1) and np.all(np.isfinite(np.asarray(x0)))

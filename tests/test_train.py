@@ -16,7 +16,7 @@ sys.path.insert(0, REPO)
 
 from train import train  # noqa: E402
 from train.configs import (cifar10_classifier, cifar10_ddpm, cifar10_forget, mnist_classifier,  # noqa: E402
-                           mnist_ddpm, mnist_forget)
+                           mnist_cond, mnist_ddpm, mnist_forget)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,58 @@ def test_ddpm_tiny_trains_loss_falls_and_resumes_identically(fake_data, tmp_path
     _params_equal(p1, p2)
 
 
+def test_train_step_compiles_once_per_run_across_saves_and_a_resume(fake_data, tmp_path):
+    """One backend compilation of the train step per run: saves put host scalars into the state with
+    the state's sharding (the step is compiled ahead of time, so a mismatch would raise), and a
+    resumed run compiles once too. Also: metrics.jsonl holds each step once after a resume."""
+    from jax import monitoring
+    from jax._src import dispatch
+
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == dispatch.BACKEND_COMPILE_EVENT and "train_step" in str(kw.get("fun_name", "")):
+            compiles.append(kw["fun_name"])
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        train._STEP_CACHE.clear()
+        wd = str(tmp_path / "w")
+        train.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=6, checkpoint_every=2, halt_after_steps=5), wd)
+        assert len(compiles) == 1, compiles               # saves at steps 2 and 4 (and 5) did not recompile
+        # as if killed after the save at step 4: the log holds step 5, the checkpoint does not
+        import shutil
+        shutil.rmtree(os.path.join(wd, "checkpoints", "5"))
+        train._STEP_CACHE.clear()                          # as in a new process: nothing cached
+        jax.clear_caches()
+        train.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=6, checkpoint_every=2), wd)
+        assert len(compiles) == 2, compiles                # the resumed run: once
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_class_conditional_ddpm_trains_with_label_dropout(fake_data, tmp_path):
+    cfg = _cfg(mnist_cond, fake_data, num_steps=4, checkpoint_every=4)
+    assert cfg.model.kwargs.num_classes == 10 and 0.1 <= cfg.label_dropout <= 0.2
+    card = train.train_and_evaluate(cfg, str(tmp_path / "cond"))
+    assert card["arch"]["kwargs"]["num_classes"] == 10
+    module, params, _ = checkpoint.load_model(str(tmp_path / "cond"))
+    x = np.zeros((2, 28, 28, 1), np.float32)
+    t = np.array([10, 500], np.int32)
+    # the label embedding was trained: the gradient reached the rows of the labels it saw and the null row
+    emb = np.asarray(params["params"]["label_emb"]["embedding"])
+    init = np.asarray(module.init(jax.random.PRNGKey(cfg.seed), x[:1], t[:1], np.zeros(1, np.int32))
+                      ["params"]["label_emb"]["embedding"])
+    assert not np.allclose(emb, init)
+    assert module.apply(params, x, t, label=np.array([3, 10])).shape == x.shape
+    bad = _cfg(mnist_cond, fake_data, num_steps=2, label_dropout=0.0)
+    with pytest.raises(ValueError, match="label_dropout"):
+        train.train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
 def test_classifier_tiny_trains_and_card_has_accuracy(fake_data, tmp_path):
     cfg = _cfg(mnist_classifier, fake_data, num_steps=30, checkpoint_every=15)
     card = train.train_and_evaluate(cfg, str(tmp_path / "clf"))
@@ -132,7 +184,7 @@ def test_cifar10_configs_run_a_couple_of_steps(mod, fake_data, tmp_path):
 
 
 def test_gpu_and_cpu_sizes_build():
-    for mod in (mnist_ddpm, mnist_forget, mnist_classifier):
+    for mod in (mnist_ddpm, mnist_forget, mnist_classifier, mnist_cond):
         for size in ("gpu", "cpu", "tiny"):
             c = mod.get_config(size)
             assert c.num_steps > 0

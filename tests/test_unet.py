@@ -82,3 +82,55 @@ def test_rejects_non_nhwc():
     m = mnist_unet(ch=8, groups=4)
     with pytest.raises(ValueError, match="NHWC"):
         m.init(jax.random.key(0), jnp.zeros((28, 28, 1)), jnp.zeros(1, jnp.int32))
+
+
+# --------------------------------------------------------------------------- fast layers vs flax's
+
+@pytest.mark.parametrize("shape,groups,dtype", [((3, 7, 5, 16), 8, jnp.float32), ((2, 28, 28, 32), 8, jnp.float32),
+                                                ((2, 4, 4, 12), 3, jnp.float32), ((2, 6, 6, 8), 4, jnp.bfloat16)])
+def test_group_norm_equals_flax_group_norm_values_and_gradients(shape, groups, dtype):
+    import flax.linen as nn
+    from dngjax.models.unet import GroupNorm
+
+    rng = np.random.default_rng(0)
+    # an offset mean and a scale per channel, so the E[x^2] - E[x]^2 variance is exercised
+    x = jnp.asarray(3.0 + rng.normal(size=shape) * rng.uniform(0.5, 2.0, size=shape[-1]), jnp.float32)
+    ours, ref = GroupNorm(groups, epsilon=1e-6, dtype=dtype), nn.GroupNorm(groups, epsilon=1e-6, dtype=dtype)
+    p_ref = ref.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, p_ref)
+    p = jax.tree.map(lambda a: a + jnp.asarray(rng.normal(size=a.shape), a.dtype), p_ref)  # non-trivial scale/bias
+    y, y_ref = ours.apply(p, x.astype(dtype)), ref.apply(p, x.astype(dtype))
+    assert y.dtype == y_ref.dtype == dtype
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2  # E[x^2] - E[x]^2 at mean 3: float32 sums in another order
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=tol, atol=tol)
+    if dtype == jnp.float32:
+        w = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        loss = lambda m: (lambda p, x: jnp.sum(jnp.tanh(m.apply(p, x)) * w))
+        (gp, gx), (gp_ref, gx_ref) = jax.grad(loss(ours), (0, 1))(p, x), jax.grad(loss(ref), (0, 1))(p, x)
+        np.testing.assert_allclose(gx, gx_ref, rtol=1e-4, atol=1e-4)
+        for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gp_ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_group_norm_rejects_indivisible_channels():
+    from dngjax.models.unet import GroupNorm
+    with pytest.raises(ValueError, match="divisible"):
+        GroupNorm(4).init(jax.random.key(0), jnp.zeros((1, 2, 2, 6)))
+
+
+def test_conv1x1_equals_flax_conv_with_the_same_params():
+    import flax.linen as nn
+    from dngjax.models.unet import Conv1x1
+
+    x = jax.random.normal(jax.random.key(1), (2, 5, 7, 6))
+    p = nn.Conv(4, (1, 1)).init(jax.random.key(0), x)
+    p = jax.tree.map(lambda a: a + 0.1, p)
+    assert jax.tree.map(jnp.shape, Conv1x1(4).init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, p)
+    np.testing.assert_allclose(Conv1x1(4).apply(p, x), nn.Conv(4, (1, 1)).apply(p, x), rtol=1e-5, atol=1e-6)
+
+
+def test_upsample_equals_nearest_resize():
+    from dngjax.models.unet import upsample_nearest_2x
+
+    x = jax.random.normal(jax.random.key(0), (2, 7, 5, 3))
+    np.testing.assert_array_equal(upsample_nearest_2x(x), jax.image.resize(x, (2, 14, 10, 3), "nearest"))

@@ -4,17 +4,23 @@
 
 Steps (each can be skipped with --noX flags):
 
-1. copy: ``WORKDIR/mnist_classifier/model`` -> ``OUT/classifier``,
-   ``WORKDIR/mnist_ddpm/model`` -> ``OUT/ddpm``, ``WORKDIR/mnist_forget_C/model`` -> ``OUT/forget_C``;
-2. stats: for every class C, the mean and covariance of the classifier's
-   penultimate features over the MNIST train set without C ->
-   ``OUT/reference_stats/train_without_C.npz`` (``mu``, ``sigma``, ``n``);
-3. eval: sample each DDPM on a respaced 100-step ancestral chain, classify the
-   samples with the shipped classifier and write the result into the model
-   card (``quality``): forget-class models, the share classified as their class
-   (target >= 95%); the unconditional model, KL(train histogram || sample
-   histogram) (target < 0.05); plus a 64-sample grid ``samples.png``.
-   Also writes ``OUT/README.md``, a summary table.
+1. copy: ``WORKDIR/mnist_classifier/model`` -> ``OUT/classifier``, ``WORKDIR/mnist_ddpm/model``
+   -> ``OUT/ddpm``, ``WORKDIR/mnist_cond/model`` -> ``OUT/cond``, ``WORKDIR/mnist_forget_C/model``
+   -> ``OUT/forget_C`` (those that finished);
+2. stats: the mean and covariance of the classifier's penultimate features over the MNIST train
+   set (``reference_stats/train_all.npz``) and over the train set without each class C
+   (``train_without_C.npz``);
+3. eval: sample each DDPM on a respaced ancestral chain (``--steps``, ``--noise``), score the
+   samples with the shipped classifier (:mod:`dngjax.evaluation`) and write the result into the
+   model card (``quality``), with the targets of issue 11:
+
+   * ``ddpm`` and ``cond`` with the null label: FD to ``train_all`` <= 2x the FD of as many real
+     MNIST test images; >= 93 % of samples classified with p > 0.9; KL(train histogram ||
+     sample histogram) <= 0.01;
+   * ``cond`` with label c, for every c: >= 98 % classified as c;
+   * ``forget_C``: >= 99 % classified as C;
+
+   plus a sample grid ``samples.png`` (``cond``: one row per label). Writes ``OUT/README.md``.
 """
 
 from __future__ import annotations
@@ -31,23 +37,26 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "workdir/cpu", "Folder with the training runs (mnist_classifier, mnist_ddpm, mnist_forget_C).")
+flags.DEFINE_string("workdir", "workdir/cpu", "Folder with the training runs (mnist_ddpm, mnist_cond, mnist_forget_C).")
 flags.DEFINE_string("out", "checkpoints/mnist", "Destination folder.")
 flags.DEFINE_string("classes", "0 1 2 3", "Forget classes (space separated).")
 flags.DEFINE_string("data_dir", None, "Offline data folder (else $DNGJAX_DATA_DIR, then TFDS).")
 flags.DEFINE_bool("copy", True, "Copy the models from --workdir.")
 flags.DEFINE_bool("stats", True, "Compute the reference feature statistics.")
 flags.DEFINE_bool("eval", True, "Measure sample quality and write it into the cards.")
-flags.DEFINE_integer("n_uncond", 1000, "Samples of the unconditional model for the class histogram.")
-flags.DEFINE_integer("n_forget", 200, "Samples of each forget-class model.")
+flags.DEFINE_integer("n_uncond", 1000, "Samples of the unconditional model (and of cond with the null label).")
+flags.DEFINE_integer("n_per_class", 200, "Samples of cond per label.")
+flags.DEFINE_integer("n_forget", 1000, "Samples of each forget-class model.")
 flags.DEFINE_integer("steps", 100, "Respaced chain length for the quality samples.")
+flags.DEFINE_enum("noise", "posterior", ["beta", "posterior"],
+                  "Noise of the reverse step (dngjax.sample's variance): sigma_t^2 = beta_t or beta_tilde_t.")
 flags.DEFINE_integer("chunk", 250, "Samples per compiled sampler call.")
 flags.DEFINE_integer("seed", 12345, "Seed of the quality samples.")
 flags.DEFINE_string("only", "", "Restrict eval to these model names (space separated), e.g. 'ddpm forget_0'.")
 
 
 def _names(classes):
-    return {"mnist_classifier": "classifier", "mnist_ddpm": "ddpm",
+    return {"mnist_classifier": "classifier", "mnist_ddpm": "ddpm", "mnist_cond": "cond",
             **{f"mnist_forget_{c}": f"forget_{c}" for c in classes}}
 
 
@@ -88,99 +97,121 @@ def _write(d, card):
     os.replace(tmp, os.path.join(d, "card.json"))
 
 
-def classifier_fns(out):
-    import jax
-    import jax.numpy as jnp
-    from dngjax import checkpoint
-
+def _scorer(out):
+    from dngjax import checkpoint, evaluation
     cmod, cparams, _ = checkpoint.load_classifier(os.path.join(out, "classifier"))
-    logits = jax.jit(lambda x: cmod.apply(cparams, jnp.clip(x, -1.0, 1.0)))
-    feats = jax.jit(lambda x: cmod.apply(cparams, jnp.clip(x, -1.0, 1.0), method="features"))
-
-    def batched(fn, x, bs=1000):
-        return np.concatenate([np.asarray(fn(jnp.asarray(x[i:i + bs]))) for i in range(0, len(x), bs)])
-
-    return (lambda x: batched(lambda b: jnp.argmax(logits(b), -1), x)), (lambda x: batched(feats, x))
+    return evaluation.make_scorer(cmod, cparams)
 
 
 def reference_stats(out, classes, data_dir):
-    from dngjax import data, metrics
+    from dngjax import data, evaluation
 
-    _, feats_fn = classifier_fns(out)
+    score = _scorer(out)
     x, y = data.load_dataset("mnist", "train", data_dir=data_dir)
     t0 = time.time()
-    feats = feats_fn(x)
+    feats = score(x).features
     os.makedirs(os.path.join(out, "reference_stats"), exist_ok=True)
-    for c in classes:
-        keep = y != c
-        mu, sigma = metrics.gaussian_stats(feats[keep])
-        path = os.path.join(out, "reference_stats", f"train_without_{c}.npz")
-        np.savez(path, mu=mu.astype(np.float64), sigma=sigma.astype(np.float64), n=int(keep.sum()))
-        print(f"wrote {path} (n={int(keep.sum())}, dim={mu.shape[0]}, {time.time() - t0:.0f}s)")
+    for name, keep in [("train_all", np.ones(len(y), bool))] + [(f"train_without_{c}", y != c) for c in classes]:
+        path = os.path.join(out, "reference_stats", f"{name}.npz")
+        np.savez(path, **evaluation.reference_stats(feats[keep]))
+        print(f"wrote {path} (n={int(keep.sum())}, {time.time() - t0:.0f}s)")
 
 
-def _sample(module, params, n, seed, steps, chunk):
+def _sample(module, params, n, seed, steps, chunk, noise, label=None):
     from dngjax.denoiser import denoiser
     from dngjax.sampler import keys_from_seeds, sample
     from dngjax.schedules import linear_schedule, respace
 
     sched = respace(linear_schedule(), steps)
-    eps = denoiser(module, params)
+    eps = denoiser(module, params, label=label)
     seeds = np.arange(n) + seed
     xs = []
     for i in range(0, n, chunk):
         idx = seeds[i:i + chunk]
         if len(idx) < chunk:  # same compiled shape for the last chunk
             idx = np.concatenate([idx, np.arange(chunk - len(idx)) + seeds[-1] + 1])
-        xs.append(np.asarray(sample(eps, sched, keys_from_seeds(idx), (28, 28, 1)))[:n - i])
+        xs.append(np.asarray(sample(eps, sched, keys_from_seeds(idx), (28, 28, 1), variance=noise))[:n - i])
     return np.concatenate(xs)[:n]
 
 
-def evaluate(out, classes, data_dir, n_uncond, n_forget, steps, chunk, seed, only=()):
-    from dngjax import checkpoint, data, metrics
+def _unconditional_quality(x, score, train_stats, train_hist, real_fd):
+    from dngjax import evaluation
+    q = evaluation.sample_quality(score(x), *train_stats, ref_histogram=train_hist)
+    q["fd_real_test_images_same_n"] = real_fd
+    q["kl_train_to_samples"] = q.pop("kl_ref_to_samples")
+    q["targets"] = {"fd": f"<= 2 x {real_fd:.2f}", "confident_share": ">= 0.93", "kl_train_to_samples": "<= 0.01"}
+    q["passed"] = bool(q["fd"] <= 2 * real_fd and q["confident_share"] >= 0.93 and q["kl_train_to_samples"] <= 0.01)
+    return q
+
+
+def _fmt_uncond(q):
+    return (f"FD {q['fd']:.2f} (real {q['fd_real_test_images_same_n']:.2f}), {100 * q['confident_share']:.1f}% "
+            f"with p > 0.9, KL {q['kl_train_to_samples']:.4f}")
+
+
+def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chunk, seed, noise, only=()):
+    from dngjax import checkpoint, data
     from train.train import save_grid
 
-    labels_fn, _ = classifier_fns(out)
+    score = _scorer(out)
     _, y_train = data.load_dataset("mnist", "train", data_dir=data_dir, as_float=False)
-    train_hist = metrics.class_histogram(y_train, 10)
+    train_hist = np.bincount(y_train, minlength=10)
+    train_stats = checkpoint.load_reference_stats(os.path.join(out, "reference_stats", "train_all.npz"))
     ccard = _read(os.path.join(out, "classifier"))
-    todo = [("ddpm", None, n_uncond)] + [(f"forget_{c}", c, n_forget) for c in classes]
-    for name, c, n in todo:
+    real_fd = {}
+
+    def fd_real(n):  # FD of n real test images: the floor of the FD at this sample size
+        if n not in real_fd:
+            from dngjax import metrics
+            x_test, _ = data.load_dataset("mnist", "test", data_dir=data_dir)
+            real_fd[n] = round(metrics.frechet_distance_features(score(x_test[:n]).features, *train_stats), 3)
+        return real_fd[n]
+
+    common = {"sampler": f"ancestral DDPM, linear betas respaced to {steps} steps, reverse-step noise "
+                         f"sigma_t^2 = {'beta_t' if noise == 'beta' else 'beta_tilde_t'} ({noise!r})",
+              "seed_first": int(seed),
+              "scored_by": f"classifier (checkpoints/mnist/classifier, test accuracy {ccard.get('test_accuracy')})"}
+    todo = ["ddpm", "cond"] + [f"forget_{c}" for c in classes]
+    for name in todo:
         if only and name not in only:
             continue
         d = os.path.join(out, name)
-        if not os.path.isdir(d):
+        if not os.path.isfile(os.path.join(d, "card.json")):
             print(f"skip {name}: not exported")
             continue
         module, params, card = checkpoint.load_model(d, expect_kind="unet")
         t0 = time.time()
-        x = _sample(module, params, n, seed, steps, min(chunk, n))
-        dt = time.time() - t0
-        save_grid(os.path.join(d, "samples.png"), x[:64], nrow=8)
-        labels = labels_fn(x)
-        hist = metrics.class_histogram(labels, 10)
-        q = {"sampler": f"ancestral DDPM, linear betas respaced to {steps} steps",
-             "num_samples": int(n), "seed_first": int(seed),
-             "scored_by": f"classifier (checkpoints/mnist/classifier, test accuracy {ccard.get('test_accuracy')})",
-             "class_histogram": hist.tolist(), "sampling_wall_time_s": round(dt, 1)}
-        if c is None:
-            p_train = train_hist / train_hist.sum()
-            q_gen = metrics.smoothed_distribution(hist)
-            kl = metrics.kl_divergence(p_train, q_gen)
-            q["train_class_histogram"] = train_hist.tolist()
-            q["kl_train_to_samples"] = round(kl, 5)
-            q["kl_samples_to_train"] = round(metrics.kl_divergence(q_gen, p_train), 5)
-            q["kl_note"] = ("KL(p_train || p_samples) in nats; p_samples smoothed with 0.5 pseudo-counts "
-                            "per class (dngjax.metrics.smoothed_distribution)")
-            q["target"] = "kl_train_to_samples < 0.05"
-            q["passed"] = bool(kl < 0.05)
-            print(f"{name}: KL(train || samples) = {kl:.4f}  hist={hist.tolist()}  ({dt:.0f}s)")
-        else:
+        q = dict(common)
+        if name == "ddpm" or name == "cond":
+            x = _sample(module, params, n_uncond, seed, steps, min(chunk, n_uncond), noise)
+            q.update(_unconditional_quality(x, score, train_stats, train_hist, fd_real(n_uncond)))
+            print(f"{name}{' (null label)' if name == 'cond' else ''}: {_fmt_uncond(q)}  hist={q['class_histogram']}")
+            grid = x[:64]
+        if name == "cond":
+            q = {**common, "null_label": q, "per_label": {}}
+            rows = []
+            for c in range(10):
+                xc = _sample(module, params, n_per_class, seed, steps, min(chunk, n_per_class), noise, label=c)
+                share = float(np.mean(score(xc).labels == c))
+                q["per_label"][str(c)] = {"num_samples": n_per_class, "fraction_classified_as_label": round(share, 4)}
+                rows.append(xc[:10])
+                print(f"cond label {c}: {100 * share:.1f}% classified as {c}")
+            worst = min(v["fraction_classified_as_label"] for v in q["per_label"].values())
+            q["targets"] = {"null_label": q["null_label"]["targets"], "per_label": ">= 0.98 classified as the label"}
+            q["passed"] = bool(q["null_label"]["passed"] and worst >= 0.98)
+            grid = np.concatenate(rows)
+        elif name.startswith("forget_"):
+            c = card["only_class"]
+            x = _sample(module, params, n_forget, seed, steps, min(chunk, n_forget), noise)
+            labels = score(x).labels
             frac = float(np.mean(labels == c))
-            q["fraction_classified_as_class"] = round(frac, 4)
-            q["target"] = ">= 0.95 classified as the forget class"
-            q["passed"] = bool(frac >= 0.95)
-            print(f"{name}: {100 * frac:.1f}% classified as {c}  hist={hist.tolist()}  ({dt:.0f}s)")
+            q.update({"num_samples": int(n_forget), "class_histogram": np.bincount(labels, minlength=10).tolist(),
+                      "fraction_classified_as_class": round(frac, 4),
+                      "targets": {"fraction_classified_as_class": ">= 0.99"}, "passed": bool(frac >= 0.99)})
+            print(f"{name}: {100 * frac:.1f}% classified as {c}  hist={q['class_histogram']}")
+            grid = x[:64]
+        q["sampling_wall_time_s"] = round(time.time() - t0, 1)
+        save_grid(os.path.join(d, "samples.png"), grid, nrow=10 if name == "cond" else 8)
         card = _read(d)
         card["quality"] = q
         card["samples_png"] = "samples.png"
@@ -189,7 +220,7 @@ def evaluate(out, classes, data_dir, n_uncond, n_forget, steps, chunk, seed, onl
 
 def write_readme(out, classes):
     rows = []
-    for name in ["classifier", "ddpm"] + [f"forget_{c}" for c in classes]:
+    for name in ["classifier", "ddpm", "cond"] + [f"forget_{c}" for c in classes]:
         d = os.path.join(out, name)
         if not os.path.isfile(os.path.join(d, "card.json")):
             continue
@@ -198,6 +229,13 @@ def write_readme(out, classes):
         q = card.get("quality", {})
         if name == "classifier":
             qual = f"test accuracy {100 * card.get('test_accuracy', 0):.2f}%"
+        elif "fd_real_test_images_same_n" in q:
+            qual = f"{_fmt_uncond(q)} (n={q['num_samples']})"
+        elif "null_label" in q:
+            per = [v["fraction_classified_as_label"] for v in q["per_label"].values()]
+            qual = (f"null label: {_fmt_uncond(q['null_label'])} (n={q['null_label']['num_samples']}); "
+                    f"label c: {100 * min(per):.1f}-{100 * max(per):.1f}% classified as c "
+                    f"(n={q['per_label']['0']['num_samples']} per label)")
         elif "kl_train_to_samples" in q:
             qual = f"KL(train‖samples) {q['kl_train_to_samples']:.4f} (n={q['num_samples']})"
         elif "fraction_classified_as_class" in q:
@@ -209,20 +247,23 @@ def write_readme(out, classes):
                   else f"CNN widths={arch.get('widths')}")
         rows.append(f"| `{name}` | {arch_s}, {card.get('num_params')} params | {card.get('steps')} x {card.get('batch_size')}"
                     f"{' (fine-tuned from ddpm)' if card.get('init_from') else ''} | {card.get('wall_time_s')} s on "
-                    f"{hw.get('platform')} ({hw.get('cpu_count')} cores) | {card.get('final_loss')} | {qual} |")
+                    f"{hw.get('platform')} ({hw.get('cpu_cores_used', hw.get('cpu_count'))} of {hw.get('cpu_count')} "
+                    f"cores) | {card.get('final_loss')} | {qual} |")
     notes = "".join(f"- `{n}`: {_read(os.path.join(out, n)).get('notes')}\n"
-                    for n in ["classifier", "ddpm", f"forget_{classes[0]}"]
+                    for n in ["classifier", "ddpm", "cond", f"forget_{classes[0]}"]
                     if classes and os.path.isfile(os.path.join(out, n, "card.json")) and
                     _read(os.path.join(out, n)).get("notes"))
-    hw = _read(os.path.join(out, "ddpm")).get("hardware_note", "") if os.path.isfile(
-        os.path.join(out, "ddpm", "card.json")) else ""
+    hw = "".join(f"\n- `{n}`: {_read(os.path.join(out, n))['hardware_note']}"
+                 for n in ["classifier", "ddpm", "cond"] + [f"forget_{c}" for c in classes]
+                 if os.path.isfile(os.path.join(out, n, "card.json")) and _read(os.path.join(out, n)).get("hardware_note"))
     text = ("# Shipped MNIST models\n\nGenerated by `python -m train.export`; every number comes from the model "
             "cards (`*/card.json`). Quality: samples of a 100-step respaced ancestral chain, classified by "
             "`classifier`.\n\n| model | architecture | steps x batch | training time | final loss | quality |\n"
             "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows) + "\n\n" + notes +
-            (f"\nHardware: {hw}\n" if hw else "") +
-            "\n\n`reference_stats/train_without_C.npz`: mean `mu` and covariance `sigma` of the classifier's "
-            "penultimate features (128-d) over the MNIST train set without class C, for the Fréchet distance (FD).\n")
+            (f"\nHardware:{hw}\n" if hw else "") +
+            "\n\n`reference_stats/train_all.npz` and `train_without_C.npz`: mean `mu` and covariance `sigma` of the "
+            "classifier's penultimate features (128-d) over the MNIST train set (without class C), for the "
+            "Fréchet distance (FD).\n")
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(text)
 
@@ -230,27 +271,34 @@ def write_readme(out, classes):
 NOTES = {
     "classifier": "CPU size of train/configs/mnist_classifier.py (CNN widths (16, 32), 128-d features), "
                   "1500 steps x 128 with +-2 pixel shift augmentation.",
-    "ddpm": "Reduced from the project's mnist_unet() (ch 32, ~1.1 M parameters) to ch 16 (~280 k parameters), "
-            "dropout 0, to fit about 30 minutes of CPU: 2200 steps x 64 (~2.3 epochs). The wall time includes "
-            "XLA compilation and one kill -9 + automatic resume (at step 100).",
-    "forget": "Initialised from the unconditional model (ddpm) and fine-tuned on class {c} only for {steps} steps x 64 "
-              "(not trained from scratch, for lack of CPU time).",
+    "ddpm": "train/configs/mnist_ddpm.py:cpu, trained from scratch: UNet ch 16 x (1, 2, 4), {steps} steps x 64 "
+            "(~{epochs:.1f} epochs), Adam lr 1e-3 (200 warm-up steps, then constant), EMA 0.999. Resumable: the same "
+            "command with a larger --config.num_steps continues it.",
+    "cond": "train/configs/mnist_cond.py:cpu, trained from scratch: the ddpm's architecture and schedule with a "
+            "label embedding (labels 0-9 and the null label 10), each label dropped to the null label with "
+            "probability 0.1; {steps} steps x 64 (~{epochs:.1f} epochs). Resumable like ddpm.",
+    "forget": "train/configs/mnist_forget.py:cpu, trained from scratch on the ~6,000 train images of class {c} "
+              "only: {steps} steps x 64.",
 }
-HARDWARE_NOTE = ("2-core x86_64 CPU VM shared with other jobs that ran at the same time (load average ~7), "
-                 "so wall times are several times what an idle 2-core machine needs.")
+HARDWARE_NOTE = ("{cpu}, {cores} of the VM's {count} cores (the process pinned with taskset; the other core "
+                 "trained another model at the same time). CPU core-hours = wall time x cores used: {hours}.")
 
 
 def add_notes(out, classes):
-    for name in ["classifier", "ddpm"] + [f"forget_{c}" for c in classes]:
+    """Notes for freshly copied CPU-trained models (cards that already have notes keep them)."""
+    for name in ["classifier", "ddpm", "cond"] + [f"forget_{c}" for c in classes]:
         d = os.path.join(out, name)
         if not os.path.isfile(os.path.join(d, "card.json")):
             continue
         card = _read(d)
-        if card.get("hardware", {}).get("platform") != "cpu":
-            continue  # notes describe the CPU-trained shipped models only
+        hw = card.get("hardware", {})
+        if hw.get("platform") != "cpu" or card.get("notes"):
+            continue
         key = "forget" if name.startswith("forget_") else name
-        card["notes"] = NOTES[key].format(c=card.get("only_class"), steps=card.get("steps"))
-        card["hardware_note"] = HARDWARE_NOTE
+        epochs = card.get("steps", 0) * card.get("batch_size", 0) / max(card.get("train_examples", 1), 1)
+        card["notes"] = NOTES[key].format(c=card.get("only_class"), steps=card.get("steps"), epochs=epochs)
+        card["hardware_note"] = HARDWARE_NOTE.format(cpu=hw.get("processor"), cores=hw.get("cpu_cores_used", "?"),
+                                                     count=hw.get("cpu_count"), hours=card.get("cpu_core_hours"))
         _write(d, card)
 
 
@@ -263,8 +311,8 @@ def main(argv):
     if FLAGS.stats:
         reference_stats(FLAGS.out, classes, FLAGS.data_dir)
     if FLAGS.eval:
-        evaluate(FLAGS.out, classes, FLAGS.data_dir, FLAGS.n_uncond, FLAGS.n_forget, FLAGS.steps,
-                 FLAGS.chunk, FLAGS.seed, tuple(FLAGS.only.split()))
+        evaluate(FLAGS.out, classes, FLAGS.data_dir, FLAGS.n_uncond, FLAGS.n_per_class, FLAGS.n_forget,
+                 FLAGS.steps, FLAGS.chunk, FLAGS.seed, FLAGS.noise, tuple(FLAGS.only.split()))
     add_notes(FLAGS.out, classes)
     write_readme(FLAGS.out, classes)
 

@@ -21,6 +21,7 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples and the final model.")
 flags.DEFINE_string("data_dir", None, "Offline data folder (overrides $DNGJAX_DATA_DIR and config.data_dir).")
+flags.DEFINE_bool("verbose", False, "Log at INFO level (orbax prints ~30 lines per checkpoint save).")
 config_flags.DEFINE_config_file("config", None, "Training configuration file (path[:size]).", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -28,6 +29,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
+    if not FLAGS.verbose:
+        logging.set_verbosity(logging.WARNING)
     from dngjax.data import DataUnavailableError
     from train import train
 

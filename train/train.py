@@ -68,10 +68,20 @@ def load_training_data(config):
 
 def hardware_description() -> Dict[str, Any]:
     devs = jax.local_devices()
+    cpu_name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu_name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return {"platform": devs[0].platform, "device_kind": devs[0].device_kind,
-            "num_devices": len(devs), "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "host": platform.node(), "jax": jax.__version__}
+            "num_devices": len(devs), "cpu_count": os.cpu_count(), "cpu_cores_used": _cores_used(),
+            "processor": cpu_name, "host": platform.node(), "jax": jax.__version__}
+
+
+def _cores_used() -> int:
+    """CPU cores this process may run on (``taskset -c 0 python train/main.py ...`` gives 1)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------- optimiser
@@ -111,6 +121,11 @@ def make_train_step(module, opt, config, alpha_bars):
     ema_decay = float(config.ema_decay)
     num_t = int(alpha_bars.shape[0])
     shift = int(config.get("augment_shift", 0))
+    num_classes = int(getattr(module, "num_classes", 0) or 0) if kind == "unet" else 0
+    label_dropout = float(config.get("label_dropout", 0.0))
+    if num_classes and not 0.0 < label_dropout < 1.0:
+        raise ValueError(f"a class-conditional DDPM needs 0 < label_dropout < 1 (got {label_dropout}): "
+                         "without dropped labels the network never learns the unconditional eps(x)")
 
     def loss_fn(params, x, y, key):
         k_t, k_n, k_d, k_a = jax.random.split(key, 4)
@@ -119,7 +134,14 @@ def make_train_step(module, opt, config, alpha_bars):
             noise = jax.random.normal(k_n, x.shape, x.dtype)
             ab = alpha_bars[t][:, None, None, None]
             xt = jnp.sqrt(ab) * x + jnp.sqrt(1.0 - ab) * noise
-            pred = module.apply(params, xt, t, train=True, rngs={"dropout": k_d})
+            if num_classes:
+                # Class-conditional: each label is replaced by the null label (num_classes) with
+                # probability label_dropout, so one network learns eps(x | c) and eps(x).
+                drop = jax.random.bernoulli(k_a, label_dropout, (x.shape[0],))
+                label = jnp.where(drop, num_classes, y.astype(jnp.int32))
+                pred = module.apply(params, xt, t, label, train=True, rngs={"dropout": k_d})
+            else:
+                pred = module.apply(params, xt, t, train=True, rngs={"dropout": k_d})
             return jnp.mean((pred - noise) ** 2), {}
         x = _shift_augment(x, k_a, shift)
         logits = module.apply(params, x, train=True, rngs={"dropout": k_d})
@@ -221,6 +243,16 @@ def _init_state(module, opt, config, input_shape):
             "loss_avg": jnp.asarray(0.0, jnp.float32)}
 
 
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Keep the lines of metrics.jsonl up to the restored step (a killed run logged steps after its last save)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
 def config_to_dict(config) -> Dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
@@ -254,9 +286,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                              save_interval_steps=1, create=True,
                                              enable_async_checkpointing=False))
     latest = mngr.latest_step()
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
     if latest is not None:
         state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-        logging.info("resumed from step %d in %s", latest, ckpt_dir)
+        logging.warning("resumed from step %d in %s", latest, ckpt_dir)
+        _truncate_metrics(metrics_path, latest)
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a run killed before its first save: its lines are not in any state
     state = jax.device_put(state, repl)
     start = int(state["step"])
 
@@ -268,6 +304,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if config.get("halt_after_steps", 0):  # for tests: simulate an interruption
         stop = min(stop, start + config.halt_after_steps)
 
+    def batch(step):
+        idx = data_lib.batch_indices(n_ex, config.batch_size, step, config.seed)
+        return (jax.device_put(data_lib.to_model_space(x_train[idx]), data_sh),
+                jax.device_put(y_train[idx], data_sh), jax.random.fold_in(base_key, step))
+
+    # Compiled once, ahead of time, for this run's shapes and shardings: a later call with other
+    # shardings (e.g. host scalars put into the state at a save) raises instead of recompiling.
+    t_compile = time.time()
+    step_fn = step_fn.lower(state, *batch(start)).compile()
+    logging.warning("train step compiled in %.1f s", time.time() - t_compile)
+
     from tqdm import tqdm
     pbar = tqdm(total=config.num_steps, initial=start, desc=config.get("name", kind), unit="step",
                 disable=not config.get("progress", True), dynamic_ncols=True, mininterval=2.0)
@@ -278,11 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     step = start
     pending = []
     while step < stop:
-        idx = data_lib.batch_indices(n_ex, config.batch_size, step, config.seed)
-        xb = jax.device_put(data_lib.to_model_space(x_train[idx]), data_sh)
-        yb = jax.device_put(y_train[idx], data_sh)
-        key = jax.random.fold_in(base_key, step)
-        state, metrics = step_fn(state, xb, yb, key)
+        state, metrics = step_fn(state, *batch(step))
         step += 1
         pending.append(metrics)
         if step % config.log_every == 0 or step == stop:
@@ -290,14 +333,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 loss_avg = float(m["loss"]) if loss_avg == 0.0 else 0.98 * loss_avg + 0.02 * float(m["loss"])
             last_metrics = {k: float(v) for k, v in jax.device_get(pending[-1]).items()}
             pending = []
+            if step - start == config.log_every or (step == stop and step - start < config.log_every):
+                per_step = (time.time() - t_start) / (step - start)
+                left = config.num_steps - step
+                logging.warning("measured %.3f s/step: the remaining %d steps take ~%.0f min (~%.2f CPU core-hours "
+                                "on %d core(s))", per_step, left, left * per_step / 60,
+                                left * per_step * _cores_used() / 3600, _cores_used())
             pbar.set_postfix(loss=f"{last_metrics['loss']:.4f}", avg=f"{loss_avg:.4f}")
             pbar.update(config.log_every if step % config.log_every == 0 else step - pbar.n)
-            with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, "loss_avg": loss_avg, **last_metrics,
                                     "elapsed_s": wall0 + time.time() - t_start}) + "\n")
         if step % config.checkpoint_every == 0 or step == stop:
-            state = dict(state, wall_time=jnp.asarray(wall0 + time.time() - t_start, jnp.float32),
-                         loss_avg=jnp.asarray(loss_avg, jnp.float32))
+            # Host scalars go in with the state's (replicated) sharding, so the compiled step accepts them.
+            state = dict(state, **jax.device_put({"wall_time": np.float32(wall0 + time.time() - t_start),
+                                                   "loss_avg": np.float32(loss_avg)}, repl))
             mngr.save(step, args=ocp.args.StandardSave(state))
         if kind == "unet" and config.sample_every and step % config.sample_every == 0 and step < config.num_steps:
             xs = sample_images(module, state["ema_params"], 64, 0, input_shape, config.sample_steps)
@@ -321,6 +371,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         "batch_size": int(config.batch_size),
         "train_examples": int(n_ex),
         "wall_time_s": round(wall, 1),
+        "cpu_core_hours": round(wall * _cores_used() / 3600, 2) if jax.default_backend() == "cpu" else None,
+        "cpu_core_hours_note": "training wall time x the CPU cores the process could use (its affinity)",
         "hardware": hardware_description(),
         "final_loss": round(loss_avg, 5),
         "final_loss_note": "exponential moving average (0.98) of the training loss",

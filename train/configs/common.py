@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # model folder to initialise the parameters from (fine-tuning)
     c.ema_decay = 0.999
     c.augment_shift = 0
+    c.label_dropout = 0.0  # class-conditional DDPMs: probability of training on the null label instead
 
     c.model = ml_collections.ConfigDict()
     c.model.kind = "unet"
