@@ -12,7 +12,8 @@
 # runs the models one after another, so the ddpm is finished before its forget models start).
 #
 # Resumable: rerun the same command after an interruption (kill -9 included); finished models are
-# skipped and unfinished ones continue from their last checkpoint in $WORKDIR. Step counts:
+# skipped and unfinished ones continue from their last checkpoint in $WORKDIR, or, on a fresh machine,
+# from the run saved in checkpoints/train_state/NAME (TRAIN_STATE=... elsewhere; see its README). Step counts:
 # STEPS_DDPM, STEPS_COND, STEPS_FORGET, STEPS_CLASSIFIER (else the configs' defaults). A model that
 # finished at fewer steps trains on when its STEPS_* is raised (delete WORKDIR/NAME/model first).
 # The classifier is trained only with TRAIN_CLASSIFIER=1 (or SIZE=gpu): the shipped one is kept.
@@ -22,6 +23,7 @@ SIZE=${SIZE:-cpu}
 WORKDIR=${WORKDIR:-workdir/$SIZE}
 OUT=${OUT:-checkpoints/mnist}
 PY=${PYTHON:-python}
+TRAIN_STATE=${TRAIN_STATE:-checkpoints/train_state}
 if [ "$SIZE" = gpu ]; then FROM_SCRATCH=${FORGET_FROM_SCRATCH:-0}; else FROM_SCRATCH=${FORGET_FROM_SCRATCH:-1}; fi
 LANE0=${FORGET_LANE0:-"0 1"}
 LANE1=${FORGET_LANE1:-"2 3"}
@@ -31,6 +33,11 @@ steps() { [ -n "${1:-}" ] && echo "--config.num_steps=$1" || true; }
 run() {  # run <name> <core or -> <args...>
   local name=$1 core=$2; shift 2
   if [ -f "$WORKDIR/$name/model/card.json" ]; then echo "== $name: done"; return; fi
+  if [ ! -d "$WORKDIR/$name/checkpoints" ] && [ -d "$TRAIN_STATE/$name/checkpoints" ]; then
+    # a run saved into the repository by an earlier session (checkpoints/train_state/README.md)
+    echo "== $name: continuing the saved run in $TRAIN_STATE/$name"
+    mkdir -p "$WORKDIR/$name" && cp -r "$TRAIN_STATE/$name/." "$WORKDIR/$name/"
+  fi
   echo "== $name: training ($(date -u +%H:%M:%S)), log $WORKDIR/$name.log"
   if [ "$core" = - ]; then
     $PY train/main.py --workdir="$WORKDIR/$name" "$@" >> "$WORKDIR/$name.log" 2>&1
