@@ -474,12 +474,8 @@ def main(args):
         ctx["ubatch_eu"] = (dj.Denoiser(apply_fn=fn, params=pu), dj.Denoiser(apply_fn=fn, params=pn))
 
     dev = jax.devices()[0]
-    cpu_name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu_name = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from train.train import cpu_model_name
+    cpu_name = cpu_model_name()
     threads = args.threads if args.threads > 0 else N_CORES
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     context = (f"device: {dev.device_kind} ({backend}); host CPU: {cpu_name}, {N_CORES} cores, load avg {load:.1f}\n"

@@ -512,13 +512,7 @@ def main(args):
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     all_cores = sorted(_cores) if "_cores" in globals() else None
     ctx = dict(archs=args.archs, batches=args.batches, repeats=args.repeats, all_cores=all_cores)
-    cpu_name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu_name = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    context = (f"host CPU: {cpu_name}; pinned to {len(os.sched_getaffinity(0))} core(s) of {len(all_cores or [])}; "
+    context = (f"host CPU: {train_lib.cpu_model_name()}; pinned to {len(os.sched_getaffinity(0))} core(s) of {len(all_cores or [])}; "
                f"load avg {os.getloadavg()[0]:.1f}\n"
                f"jax {jax.__version__} ({jax.default_backend()}), flax {importlib.import_module('flax').__version__}, "
                f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}\n"

@@ -68,15 +68,18 @@ def load_training_data(config):
 
 def hardware_description() -> Dict[str, Any]:
     devs = jax.local_devices()
-    cpu_name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu_name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {"platform": devs[0].platform, "device_kind": devs[0].device_kind,
             "num_devices": len(devs), "cpu_count": os.cpu_count(), "cpu_cores_used": _cores_used(),
-            "processor": cpu_name, "host": platform.node(), "jax": jax.__version__}
+            "processor": cpu_model_name(), "host": platform.node(), "jax": jax.__version__}
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (e.g. "AMD EPYC"), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def _cores_used() -> int:
