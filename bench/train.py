@@ -12,7 +12,7 @@ threads, so wall time is the measure: on a pinned core the wall clock is what th
 
 Sections:
 
-* ``torch``: the library's train step (``train.train.make_train_step``: eps-prediction loss at
+* ``torch``: the library's train step (``train.trainer.make_train_step``: eps-prediction loss at
   a random t, Adam, global-norm clipping, EMA; jitted with the state donated, as ``train/main.py``
   runs it) against the same step in PyTorch (``bench/torch_reference.py``'s UNet built from the
   same weights, ``torch.optim.Adam``, ``clip_grad_norm_``, EMA with ``torch._foreach_lerp_``), in
@@ -96,7 +96,7 @@ import flax.linen as nn  # noqa: E402
 
 from dngjax.models import unet as dj_unet  # noqa: E402
 from dngjax.schedules import linear_schedule  # noqa: E402
-from train import train as train_lib  # noqa: E402
+from train import trainer as train_lib  # noqa: E402
 from train.configs import mnist_ddpm  # noqa: E402
 
 SHAPE = (28, 28, 1)

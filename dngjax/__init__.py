@@ -2,9 +2,9 @@
 
 from .schedules import Schedule, linear_schedule, respace
 from .denoiser import Denoiser, denoiser, as_denoiser
-from .guidance import (GuidanceRule, NoGuidance, NegativePrompting, ClassifierFreeGuidance,
+from .guidance import (Rule, GuidanceRule, rule_class, NoGuidance, NegativePrompting, ClassifierFreeGuidance,
                        SafeLatentDiffusion, DynamicNegativeGuidance, ExactDynamicNegativeGuidance,
                        Step, ddpm_mean)
-from .sampler import sample, sweep, keys_from_seeds, Trace, trace_count
+from .sampler import sample, sweep, sample_chunks, keys_from_seeds, Trace, Chunk
 
 __version__ = "0.1.0"

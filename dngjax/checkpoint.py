@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from .data import SHAPES
 from .denoiser import Denoiser, denoiser
 from .models.classifier import Classifier
 from .models.unet import UNet
@@ -33,8 +34,6 @@ from .models.unet import UNet
 PARAMS_FILE = "params.msgpack"
 CARD_FILE = "card.json"
 ARCHS = {"unet": UNet, "classifier": Classifier}
-# Input shape per dataset, used to build the parameter template.
-INPUT_SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 
 class CheckpointError(RuntimeError):
@@ -133,7 +132,13 @@ def _model_dir(path: str) -> str:
         path = os.path.join(path, "model")  # a training workdir
     if not os.path.exists(os.path.join(path, CARD_FILE)):
         hint = ""
-        if os.path.isdir(os.path.join(path, "checkpoints")):
+        if os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, PARAMS_FILE)):
+            hint = (" (a folder converted by an older dngjax, without a model card: convert the diffusers "
+                    "checkpoint again with python -m dngjax.models.convert_diffusers SRC OUT)")
+        elif os.path.isfile(os.path.join(path, "config.json")):
+            hint = (" (a diffusers folder? convert it first: python -m dngjax.models.convert_diffusers "
+                    f"{path} OUT, then pass OUT)")
+        elif os.path.isdir(os.path.join(path, "checkpoints")):
             hint = (" (this looks like an unfinished training workdir: rerun train/main.py to "
                     "finish it, or export with `python -m train.export`)")
         raise CheckpointError(f"no {CARD_FILE} in {path}: not a dngjax model folder{hint}")
@@ -171,7 +176,7 @@ def load_model(path: str, expect_kind: str | None = None) -> Tuple[Any, Any, Dic
         raise CheckpointError(f"corrupt checkpoint: sha256 of {ppath} does not match its model card "
                               f"(truncated or modified file; {len(data)} bytes, card says "
                               f"{card.get('params_bytes')})")
-    shape = tuple(card.get("input_shape") or INPUT_SHAPES.get(card.get("dataset", ""), ()))
+    shape = tuple(card.get("input_shape") or SHAPES.get(card.get("dataset", ""), ()))
     if not shape:
         raise CheckpointError(f"model card in {d} names neither input_shape nor a known dataset")
     template = param_template(module, shape)
@@ -222,14 +227,6 @@ def load_denoiser(path: str, label: int | None = None) -> Denoiser:
 def load_classifier(path: str):
     """``(module, params, card)`` of a saved classifier."""
     return load_model(path, expect_kind="classifier")
-
-
-def classifier_fns(path: str):
-    """Jitted ``(logits_fn, features_fn)`` of a saved classifier: x float [-1,1] NHWC -> arrays."""
-    module, params, _ = load_classifier(path)
-    logits = jax.jit(lambda x: module.apply(params, x))
-    feats = jax.jit(lambda x: module.apply(params, x, method="features"))
-    return logits, feats
 
 
 def load_reference_stats(path: str) -> Tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ Typical use with the sampler::
     sched = linear_schedule()
     lab = ForgetSplit(*toy_1d(), sched)                 # modes -3 / 0 / 3, forget the middle one
     keys = keys_from_seeds(range(10_000))
-    x0 = sample(lab.eps_full, sched, keys, (1,), rule=lab.exact_dng(1.0), eps_c=lab.eps_forget)
+    x0 = sample(lab.denoiser_full, sched, keys, (1,), rule=lab.exact_dng(1.0), denoiser_c=lab.denoiser_forget)
 
 The denoisers are :class:`dngjax.denoiser.Denoiser` objects whose ``params`` are the
 mixture and an alpha_bar table (pytree leaves, so nothing is baked into the compiled
@@ -314,7 +314,7 @@ class ForgetSplit:
     Attributes:
       full, forget_mixture, remember_mixture: the mixtures (sub-mixtures renormalised).
       forget_weight: c_f, the prior probability of the forbidden concept.
-      eps_full, eps_forget, eps_remember: exact Denoisers eps(x, t).
+      denoiser_full, denoiser_forget, denoiser_remember: exact Denoisers eps(x, t).
       posterior_fn: hashable log p(c- | x_t) for ExactDynamicNegativeGuidance(log_space=True).
     """
 
@@ -330,9 +330,9 @@ class ForgetSplit:
         self.remember_mixture = mixture.subset(self.remember)
         self.forget_weight = float(np.exp(np.asarray(mixture.log_weights))[list(self.forget)].sum())
         self.schedule = schedule
-        self.eps_full = mixture_denoiser(mixture, schedule)
-        self.eps_forget = mixture_denoiser(self.forget_mixture, schedule)
-        self.eps_remember = mixture_denoiser(self.remember_mixture, schedule)
+        self.denoiser_full = mixture_denoiser(mixture, schedule)
+        self.denoiser_forget = mixture_denoiser(self.forget_mixture, schedule)
+        self.denoiser_remember = mixture_denoiser(self.remember_mixture, schedule)
         self.posterior_fn = ExactForgetPosterior(mixture, self.forget, schedule)
 
     def log_posterior(self, x: Array, alpha_bar) -> Array:
@@ -344,7 +344,7 @@ class ForgetSplit:
         return np.isin(comp, self.forget)
 
     def exact_dng(self, scale=1.0, p_max=1.0 - 1e-6) -> ExactDynamicNegativeGuidance:
-        """DNG with this lab's exact posterior (log space); at scale 1 eps == eps_remember."""
+        """DNG with this lab's exact posterior (log space); at scale 1 eps == denoiser_remember."""
         return ExactDynamicNegativeGuidance(scale=scale, posterior_fn=self.posterior_fn, p_max=p_max,
                                             log_space=True)
 

@@ -2,7 +2,8 @@
 
 A rule is an immutable pytree whose hyperparameters are float32/int32 array
 leaves, so ``jax.vmap`` can map over any of them (a grid of guidance scales,
-temperatures, ...). Like an optax transformation it is three pure functions:
+temperatures, ...). Like an optax transformation it is a few pure functions
+over a small state, the :class:`Rule` protocol:
 
 * ``init(x) -> state``: the state for a batch ``x`` of shape (B, *sample_shape).
 * ``guide(state, x_t, eps_u, eps_c, step) -> (eps, lam, state)``: the guided
@@ -10,10 +11,16 @@ temperatures, ...). Like an optax transformation it is three pure functions:
   state after guiding (SLD's momentum).
 * ``update(state, x_t, x_next, eps_u, eps_c, step) -> state``: after the DDPM
   step x_t -> x_next (DNG's posterior update).
+* ``posterior(state, batch) -> p``: p(c- | x_t) per sample (B,), NaN for rules without one.
 
-``eps_u`` is the unconditional prediction and ``eps_c`` the second one: the
-unwanted concept's eps(x | c-) for NP, SLD and DNG, the wanted condition's
+``eps_u`` and ``eps_c`` are predictions (arrays of the shape of x_t), the outputs
+of the sampler's two denoisers at x_t: ``eps_u`` the unconditional one, ``eps_c``
+the unwanted concept's eps(x | c-) for NP, SLD and DNG, the wanted condition's
 eps(x | c) for CFG. ``step`` is a :class:`Step` with the chain's quantities.
+
+A new rule subclasses :class:`GuidanceRule` (defaults: no state, no update, no
+posterior) and is decorated with :func:`rule_class`, which makes it a frozen
+dataclass and a pytree (array fields are leaves, ``static`` fields are not).
 
 Hyperparameters are checked on construction when they are concrete values:
 illegal ones raise ``ValueError`` naming the parameter. (Inside jit/vmap,
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar, Tuple
+from typing import Any, Callable, ClassVar, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 import jax
@@ -42,7 +49,7 @@ class Step:
 
     index: position in the chain (0 = least noisy). t: network timestep index.
     beta, alpha_bar, alpha_bar_prev, posterior_variance: the chain's own values.
-    warm: number of steps already taken (0 at the first, noisiest step).
+    steps_taken: number of steps already taken (0 at the first, noisiest step).
     is_last: True at the final step (index 0; no noise is added).
     """
 
@@ -52,7 +59,7 @@ class Step:
     alpha_bar: Array
     alpha_bar_prev: Array
     posterior_variance: Array
-    warm: Array
+    steps_taken: Array
     is_last: Array
 
 
@@ -69,17 +76,24 @@ def _is_concrete(v: Any) -> bool:
 
 
 def _check(name: str, value: Any, ok: Callable[[np.ndarray], np.ndarray], what: str) -> None:
-    if not _is_concrete(value):
-        return
-    arr = np.asarray(value, dtype=np.float64)
+    if isinstance(value, jax.core.Tracer):
+        return                                     # traced (inside jit/vmap): nothing to check
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError):
+        arr = np.asarray(None)
+    if arr.dtype.kind not in "iuf":        # None, strings, booleans, ragged or mixed lists
+        raise ValueError(f"{name} must be a number or an array of numbers, got {value!r}")
+    arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be finite, got {value}")
     if not np.all(ok(arr)):
         raise ValueError(f"{name} must be {what}, got {value}")
 
 
-def _rule(cls):
-    """Frozen dataclass + pytree whose array fields are leaves and other fields static.
+def rule_class(cls):
+    """Class decorator for guidance rules: a frozen dataclass and a pytree whose array fields are
+    leaves (vmappable hyperparameters) and whose ``static()`` fields are compile-time constants.
 
     Unflattening bypasses ``__init__`` so that pytrees built by jax (vmap axes,
     tracers, ``None`` placeholders) are never validated or converted.
@@ -106,7 +120,8 @@ def _rule(cls):
     return cls
 
 
-def _static(default=dataclasses.MISSING):
+def static(default=dataclasses.MISSING):
+    """A rule field that is not a pytree leaf (a string option, a function): part of the compiled program."""
     return dataclasses.field(default=default, metadata={"static": True})
 
 
@@ -116,8 +131,34 @@ def _as_leaf(obj, name: str, dtype=jnp.float32) -> None:
         object.__setattr__(obj, name, jnp.asarray(v, dtype))
 
 
+@runtime_checkable
+class Rule(Protocol):
+    """The guidance-rule protocol (what the sampler calls; shapes for a batch of B samples).
+
+    Attributes:
+      needs_second_prediction: whether ``guide``/``update`` use eps_c (else the sampler skips the
+        second network call and passes eps_u twice).
+      leaf_names: the hyperparameters that are pytree leaves (what ``sweep`` can grid over).
+    """
+
+    needs_second_prediction: bool
+    leaf_names: Tuple[str, ...]
+
+    def init(self, x: Array) -> Any:
+        """Initial state for the batch x_T (B, *shape): e.g. DNG's log prior (B,), SLD's zero momentum."""
+
+    def guide(self, state: Any, x_t: Array, eps_u: Array, eps_c: Array, step: "Step") -> Tuple[Array, Array, Any]:
+        """(eps (B, *shape), lambda_t (B,), state): the prediction the step uses at x_t."""
+
+    def update(self, state: Any, x_t: Array, x_next: Array, eps_u: Array, eps_c: Array, step: "Step") -> Any:
+        """The state after the transition x_t -> x_next (DNG: the posterior update of Alg. 2)."""
+
+    def posterior(self, state: Any, batch: int) -> Array:
+        """p(c- | x_t) (B,) that the last ``guide`` used; NaN for rules that track none."""
+
+
 class GuidanceRule:
-    """Base class: no state, no update."""
+    """Base class of the shipped rules (implements :class:`Rule`): no state, no update, no posterior."""
 
     #: whether the rule needs the second prediction eps_c (the sampler skips that call if not).
     needs_second_prediction: ClassVar[bool] = True
@@ -148,7 +189,7 @@ def _per_sample(scale: Array, like: Array) -> Array:
 
 # --------------------------------------------------------------------------- rules
 
-@_rule
+@rule_class
 class NoGuidance(GuidanceRule):
     """eps = eps_u; lambda_t = 0."""
 
@@ -158,7 +199,7 @@ class NoGuidance(GuidanceRule):
         return eps_u, jnp.zeros((eps_u.shape[0],), jnp.float32), state
 
 
-@_rule
+@rule_class
 class NegativePrompting(GuidanceRule):
     """Negative prompting: eps = eps_u - scale (eps_neg - eps_u), lambda_t = scale."""
 
@@ -173,7 +214,7 @@ class NegativePrompting(GuidanceRule):
         return eps, jnp.broadcast_to(self.scale, (eps_u.shape[0],)).astype(jnp.float32), state
 
 
-@_rule
+@rule_class
 class ClassifierFreeGuidance(GuidanceRule):
     """Classifier-free guidance toward a condition: eps = eps_u + scale (eps_cond - eps_u)."""
 
@@ -188,7 +229,7 @@ class ClassifierFreeGuidance(GuidanceRule):
         return eps, jnp.broadcast_to(self.scale, (eps_u.shape[0],)).astype(jnp.float32), state
 
 
-@_rule
+@rule_class
 class SafeLatentDiffusion(GuidanceRule):
     """Safe Latent Diffusion (Schramowski et al. 2023), as in the DNG paper's appendix E.
 
@@ -227,14 +268,14 @@ class SafeLatentDiffusion(GuidanceRule):
         corr = -mask * d + _per_sample(self.s_m, d) * momentum
         beta_m = _per_sample(self.beta_m, d)
         momentum = beta_m * momentum + (1.0 - beta_m) * corr
-        active = step.warm >= self.warmup
+        active = step.steps_taken >= self.warmup
         scale = jnp.where(active, self.scale, 0.0)
         eps = eps_u - _per_sample(scale, eps_u) * corr
         lam = jnp.broadcast_to(scale, (eps_u.shape[0],)) * mask.reshape(mask.shape[0], -1).mean(-1)
         return eps, lam.astype(jnp.float32), momentum
 
 
-@_rule
+@rule_class
 class DynamicNegativeGuidance(GuidanceRule):
     """Dynamic Negative Guidance (Koulischer et al., ICLR 2025, Alg. 1-2).
 
@@ -258,7 +299,7 @@ class DynamicNegativeGuidance(GuidanceRule):
     offset: Any = 0.0
     p_min: Any = 1e-6
     p_max: Any = 0.99
-    variance: str = _static("posterior")
+    variance: str = static("posterior")
 
     def __post_init__(self):
         _check("scale", self.scale, lambda a: a >= 0, ">= 0")
@@ -270,6 +311,10 @@ class DynamicNegativeGuidance(GuidanceRule):
         if _is_concrete(self.p_min) and _is_concrete(self.p_max):
             if np.any(np.asarray(self.p_min) >= np.asarray(self.p_max)):
                 raise ValueError(f"p_min must be < p_max, got p_min={self.p_min}, p_max={self.p_max}")
+            if _is_concrete(self.prior) and np.any((np.asarray(self.prior) > np.asarray(self.p_max))
+                                                   | (np.asarray(self.prior) < np.asarray(self.p_min))):
+                raise ValueError(f"prior must lie in [p_min, p_max] = [{self.p_min}, {self.p_max}] (the clamp of "
+                                 f"the tracked posterior), got prior={self.prior}")
         if self.variance not in VARIANCES:
             raise ValueError(f"variance must be one of {VARIANCES}, got {self.variance!r}")
         for n in ("scale", "prior", "temperature", "offset", "p_min", "p_max"):
@@ -313,7 +358,7 @@ def _odds(log_p: Array) -> Array:
     return jnp.exp(log_p - jnp.log(-jnp.expm1(log_p)))
 
 
-@_rule
+@rule_class
 class ExactDynamicNegativeGuidance(GuidanceRule):
     """DNG with a given exact posterior (analytic models): lambda_t = scale p / (1 - p).
 
@@ -323,9 +368,9 @@ class ExactDynamicNegativeGuidance(GuidanceRule):
     """
 
     scale: Any = 1.0
-    posterior_fn: Callable = _static(None)
+    posterior_fn: Callable = static(None)
     p_max: Any = 1.0 - 1e-6
-    log_space: bool = _static(False)
+    log_space: bool = static(False)
 
     def __post_init__(self):
         _check("scale", self.scale, lambda a: a >= 0, ">= 0")

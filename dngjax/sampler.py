@@ -1,4 +1,4 @@
-"""Compiled ancestral DDPM sampling with guidance, and vmapped sweeps.
+"""Compiled ancestral DDPM sampling with guidance: one entry point for N seeds, and vmapped sweeps.
 
 The whole trajectory is one ``jax.lax.scan`` inside one ``jax.jit``: the carry
 holds the sample x (B, *shape), the guidance state (DNG's log-posterior (B,),
@@ -8,12 +8,20 @@ length; hyperparameters, params and keys are traced.
 
 Sample i depends only on keys[i] and the rule's hyperparameters: x_T and every
 step's noise are drawn from keys[i] alone, so results never depend on batch
-size, position in the batch or other samples.
+size, chunking, position in the batch or other samples (up to float32 rounding
+of the batched network: ``sweep(...)[k, n]`` and ``sample`` of seed n agree to
+~1e-3 after 1000 steps, not bit for bit).
+
+:func:`sample` and :func:`sweep` are the only sampling loops of the project:
+with ``chunk_size`` they process the seeds in chunks of one compiled shape (the
+last chunk padded), shard each chunk's seed axis over the local devices, and
+show a progress bar; :func:`sample_chunks` yields the chunks one by one for
+callers that reduce them on the fly.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import jax
@@ -21,17 +29,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .denoiser import Denoiser, as_denoiser
-from .guidance import VARIANCES, GuidanceRule, NoGuidance, Step, ddpm_mean, transition_variance
+from .guidance import GuidanceRule, NoGuidance, Step, ddpm_mean
 from .schedules import Schedule
 
 Array = jnp.ndarray
 
-_TRACES = {"sample": 0}
-
-
-def trace_count() -> int:
-    """How many times the sampler's body has been traced (each trace precedes one compilation)."""
-    return _TRACES["sample"]
+#: Noise of the reverse step, ``noise=`` of :func:`sample` (see there).
+NOISES = ("beta", "posterior")
 
 
 class Trace(NamedTuple):
@@ -39,6 +43,7 @@ class Trace(NamedTuple):
 
     t: (S,) network timestep index. lam: (S, B) effective guidance scale lambda_t.
     p: (S, B) posterior p(c- | x_t) used at that step (NaN for rules without one).
+    (From :func:`sweep`: lam and p are (K, S, N).)
     """
 
     t: Array
@@ -46,12 +51,29 @@ class Trace(NamedTuple):
     p: Array
 
 
+class Chunk(NamedTuple):
+    """One chunk of :func:`sample_chunks`: seeds ``start .. start + len - 1``.
+
+    x: (m, *shape) -- or (K, m, *shape) for a grid. trace: a :class:`Trace` with lam, p of shape
+    (S, m) -- or (K, S, m) -- when requested, else None. numpy arrays.
+    """
+
+    start: int
+    x: np.ndarray
+    trace: Optional[Trace]
+
+
 def keys_from_seeds(seeds: Sequence[int] | np.ndarray) -> Array:
-    """One PRNG key per sample from integer seeds: (N,) ints -> (N,) keys."""
-    seeds = np.asarray(seeds)
-    if seeds.ndim != 1:
-        raise ValueError(f"seeds must be a 1-D sequence of ints, got shape {seeds.shape}")
-    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    """One PRNG key per sample from integer seeds in [0, 2^32): (N,) ints -> (N,) keys."""
+    arr = np.asarray(seeds)
+    if arr.ndim != 1:
+        raise ValueError(f"seeds must be a 1-D sequence of ints, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"seeds must be integers, got {arr.dtype} values such as {arr.ravel()[:3].tolist()}")
+    if arr.size and (arr.min() < 0 or arr.max() >= 2 ** 32):
+        raise ValueError(f"seeds must lie in [0, 2^32) (a larger seed would wrap onto a smaller one's key); "
+                         f"got min {arr.min()}, max {arr.max()}")
+    return jax.vmap(jax.random.key)(jnp.asarray(arr.astype(np.uint32)))
 
 
 def _as_keys(keys: Any) -> Array:
@@ -66,20 +88,27 @@ def _as_keys(keys: Any) -> Array:
                      f"jax.random.split(key, N)) or (N, 2) uint32 raw keys; got {keys.dtype} {keys.shape}")
 
 
-def _check_prediction(name: str, eps: Array, x: Array) -> None:
-    if eps.shape != x.shape:
-        raise ValueError(f"denoiser {name} returned shape {eps.shape} for x of shape {x.shape}; "
-                         "eps(x, t) must have the shape of x")
+def _prediction(name: str, fn: Denoiser, x: Array, t: Array) -> Array:
+    eps = fn(x, t)
+    if not hasattr(eps, "shape") or eps.shape != x.shape:
+        got = f"shape {eps.shape}" if hasattr(eps, "shape") else f"a {type(eps).__name__}"
+        raise ValueError(f"{name} returned {got} for x of shape {x.shape}; "
+                         "a denoiser eps(x, t) must return one array of the shape of x")
+    return eps
 
 
-def _sample_impl(eps_u: Denoiser, eps_c: Optional[Denoiser], rule: GuidanceRule,
-                 schedule: Schedule, keys: Array, shape: Tuple[int, ...],
-                 return_trace: bool, variance: str):
-    _TRACES["sample"] += 1
+def noise_variance(step: Step, noise: str) -> Array:
+    """sigma_t^2 of the reverse step's noise: beta_t (``"beta"``) or beta_tilde_t (``"posterior"``)."""
+    return step.beta if noise == "beta" else step.posterior_variance
+
+
+def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: GuidanceRule,
+                 schedule: Schedule, keys: Array, shape: Tuple[int, ...], return_trace: bool, noise: str):
     batch = keys.shape[0]
     split = jax.vmap(jax.random.split)                       # (B,) -> (B, 2)
     normal = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))
 
+    # x_T ~ N(0, I) from each sample's own key; the rest of the key drives the step noise.
     keys = split(keys)
     x = normal(keys[:, 0])
     keys = keys[:, 1]
@@ -88,28 +117,26 @@ def _sample_impl(eps_u: Denoiser, eps_c: Optional[Denoiser], rule: GuidanceRule,
     steps = Step(index=jnp.arange(n), t=schedule.timesteps, beta=schedule.betas,
                  alpha_bar=schedule.alpha_bars, alpha_bar_prev=schedule.alpha_bars_prev,
                  posterior_variance=schedule.posterior_variances,
-                 warm=n - 1 - jnp.arange(n), is_last=jnp.arange(n) == 0)
+                 steps_taken=n - 1 - jnp.arange(n), is_last=jnp.arange(n) == 0)
     steps = jax.tree.map(lambda a: a[::-1], steps)           # noisiest step first
 
     def body(carry, step: Step):
         x, state, keys = carry
         t = jnp.broadcast_to(step.t, (batch,))
-        e_u = eps_u(x, t)
-        _check_prediction("eps_u", e_u, x)
-        if rule.needs_second_prediction:
-            e_c = eps_c(x, t)
-            _check_prediction("eps_c", e_c, x)
-        else:
-            e_c = e_u
-        eps, lam, state = rule.guide(state, x, e_u, e_c, step)
-        p = rule.posterior(state, batch)                    # the posterior this step used
+        # 1. the predictions the rule combines (the second network call only if it needs one)
+        eps_u = _prediction("denoiser_u", denoiser_u, x, t)
+        eps_c = _prediction("denoiser_c", denoiser_c, x, t) if rule.needs_second_prediction else eps_u
+        # 2. the guided prediction, and the posterior the rule used for it (traces)
+        eps, lam, state = rule.guide(state, x, eps_u, eps_c, step)
+        p = rule.posterior(state, batch)
+        # 3. the ancestral step x_t -> x_{t-1}: the DDPM mean plus noise (none at the last step)
         keys = split(keys)
         z = normal(keys[:, 1])
-        noise_scale = jnp.where(step.is_last, 0.0, jnp.sqrt(transition_variance(step, variance)))
-        x_next = ddpm_mean(x, eps, step) + noise_scale * z
-        state = rule.update(state, x, x_next, e_u, e_c, step)
-        out = (lam, p) if return_trace else None
-        return (x_next, state, keys[:, 0]), out
+        sigma = jnp.where(step.is_last, 0.0, jnp.sqrt(noise_variance(step, noise)))
+        x_next = ddpm_mean(x, eps, step) + sigma * z
+        # 4. the rule sees the transition it caused (DNG's posterior update)
+        state = rule.update(state, x, x_next, eps_u, eps_c, step)
+        return (x_next, state, keys[:, 0]), ((lam, p) if return_trace else None)
 
     (x, _, _), out = jax.lax.scan(body, (x, state, keys), steps)
     if return_trace:
@@ -117,71 +144,48 @@ def _sample_impl(eps_u: Denoiser, eps_c: Optional[Denoiser], rule: GuidanceRule,
     return x
 
 
-_sample_jit = jax.jit(_sample_impl, static_argnames=("shape", "return_trace", "variance"))
-
-
-def _prepare(eps_u, eps_c, rule, shape, variance):
-    if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
-    eps_u = as_denoiser(eps_u)
-    if not isinstance(rule, GuidanceRule):
-        raise TypeError(f"rule must be a guidance rule from dngjax.guidance, got {type(rule).__name__}")
-    if rule.needs_second_prediction:
-        if eps_c is None:
-            raise ValueError(f"{type(rule).__name__} combines two predictions: pass eps_c "
-                             "(the unwanted concept's denoiser for NP/SLD/DNG, the condition's for CFG)")
-        eps_c = as_denoiser(eps_c)
-    else:
-        eps_c = None
-    shape = tuple(int(s) for s in shape)
-    return eps_u, eps_c, shape
-
-
-def sample(eps_u, schedule: Schedule, keys, shape: Sequence[int], *,
-           rule: GuidanceRule = NoGuidance(), eps_c=None, return_trace: bool = False,
-           variance: str = "beta"):
-    """Ancestral DDPM sampling from x_T ~ N(0, I) with a guidance rule.
-
-    x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sigma_t z,
-    with no noise at the final step, eps the rule's combination of eps_u and eps_c.
-
-    Args:
-      eps_u: unconditional denoiser eps(x, t) (a :class:`Denoiser` or a pure function).
-      schedule: the chain, e.g. ``respace(linear_schedule(), 100)``.
-      keys: (B,) PRNG keys, one per sample (see :func:`keys_from_seeds`).
-      shape: per-sample shape, e.g. (28, 28, 1) or (d,).
-      rule: guidance rule (default: none).
-      eps_c: second denoiser (c- for NP/SLD/DNG, c for CFG); unused by NoGuidance.
-      return_trace: also return a :class:`Trace` of lambda_t and p_t, (S, B) each.
-      variance: the reverse step's noise variance sigma_t^2: ``"beta"`` (default) beta_t,
-        DDPM's upper bound; ``"posterior"`` beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) /
-        (1 - alpha_bar_t), the lower bound, which leaves less residual noise on short
-        respaced chains. Both are the chain's own (respaced) values.
-
-    Returns:
-      x_0 of shape (B, *shape), float32 (and the Trace).
-    """
-    eps_u, eps_c, shape = _prepare(eps_u, eps_c, rule, shape, variance)
-    return _sample_jit(eps_u, eps_c, rule, schedule, _as_keys(keys), shape, return_trace, variance)
-
-
-# --------------------------------------------------------------------------- sweeps
-
-def _sweep_impl(eps_u, eps_c, rule, schedule, keys, shape, return_trace, grid_names, variance):
-    axes = jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(rule),
-        [0 if name in grid_names else None for name in rule.leaf_names])
-    run = lambda r: _sample_impl(eps_u, eps_c, r, schedule, keys, shape, return_trace, variance)
+def _grid_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, grid_names):
+    """``_sample_impl`` vmapped over the rule leaves named in grid_names (none: no vmap)."""
+    if not grid_names:
+        return _sample_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise)
+    axes = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(rule),
+                                        [0 if name in grid_names else None for name in rule.leaf_names])
+    run = lambda r: _sample_impl(denoiser_u, denoiser_c, r, schedule, keys, shape, return_trace, noise)
     return jax.vmap(run, in_axes=(axes,))(rule)
 
 
-_sweep_jit = jax.jit(_sweep_impl, static_argnames=("shape", "return_trace", "grid_names", "variance"))
+_grid_jit = jax.jit(_grid_impl, static_argnames=("shape", "return_trace", "noise", "grid_names"))
 
 
-def grid_rules(rule: GuidanceRule, grid: Mapping[str, Any]) -> Tuple[GuidanceRule, int]:
-    """``rule`` with the leaves named in ``grid`` replaced by (K,) arrays; returns (rule, K)."""
+def _prepare(denoiser_u, denoiser_c, rule, shape, noise):
+    if noise not in NOISES:
+        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+    denoiser_u = as_denoiser(denoiser_u)
+    if not isinstance(rule, GuidanceRule):
+        raise TypeError(f"rule must be a guidance rule from dngjax.guidance, got {type(rule).__name__}")
+    if rule.needs_second_prediction:
+        if denoiser_c is None:
+            raise ValueError(f"{type(rule).__name__} combines two predictions: pass denoiser_c "
+                             "(the unwanted concept's denoiser for NP/SLD/DNG, the condition's for CFG)")
+        denoiser_c = as_denoiser(denoiser_c)
+    else:
+        denoiser_c = None
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"shape must be the per-sample shape, a sequence of ints, got {shape!r}") from None
+    if not shape or min(shape) < 1:
+        raise ValueError(f"shape must be a non-empty per-sample shape of positive sizes, got {shape}")
+    return denoiser_u, denoiser_c, shape
+
+
+def grid_rules(rule: GuidanceRule, grid: Optional[Mapping[str, Any]]) -> Tuple[GuidanceRule, int, Tuple[str, ...]]:
+    """``rule`` with the leaves named in ``grid`` replaced by (K,) arrays: (rule, K, sorted names).
+
+    An empty grid is the rule itself: K = 1, no names.
+    """
     if not grid:
-        raise ValueError("grid is empty: give at least one hyperparameter, e.g. grid={'scale': [1, 2, 4]}")
+        return rule, 1, ()
     unknown = [n for n in grid if n not in rule.leaf_names]
     if unknown:
         raise ValueError(f"{type(rule).__name__} has no hyperparameter {unknown}; "
@@ -194,65 +198,125 @@ def grid_rules(rule: GuidanceRule, grid: Mapping[str, Any]) -> Tuple[GuidanceRul
     if len(set(lengths.values())) != 1:
         raise ValueError(f"grid leaves have mismatched lengths {lengths}: every swept "
                          "hyperparameter needs one value per grid point")
-    return rule.replace(**values), next(iter(lengths.values()))
+    return rule.replace(**values), next(iter(lengths.values())), tuple(sorted(grid))
 
 
-def sweep(eps_u, schedule: Schedule, keys, shape: Sequence[int], *, rule: GuidanceRule,
-          grid: Mapping[str, Any], eps_c=None, chunk_size: Optional[int] = None,
-          return_trace: bool = False, progress: bool = False, variance: str = "beta"):
-    """Sample a K-point grid of hyperparameters times N seeds; result indexed [k, n].
+def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
+                  rule: GuidanceRule = NoGuidance(), denoiser_c=None, grid: Optional[Mapping[str, Any]] = None,
+                  chunk_size: Optional[int] = None, noise: str = "beta", return_trace: bool = False,
+                  progress: bool = False, desc: Optional[str] = None) -> Iterator[Chunk]:
+    """The samples of ``keys`` chunk by chunk, as :class:`Chunk` s (numpy), in seed order.
 
-    Every grid point uses the same N keys. All K x chunk samples run in one
-    compiled, vmapped call; N is processed in chunks of ``chunk_size`` (the
-    last chunk padded, so there is one compilation). With several devices the
-    seed axis of each chunk is sharded over them.
-
-    Args:
-      grid: {hyperparameter name: (K,) values}, e.g. {"scale": [0, 1, 2, 4]}; all of length K.
-      chunk_size: seeds per call (default: all N at once).
-      progress: show a tqdm bar over chunks.
-      variance: the reverse step's noise variance, as in :func:`sample`.
-    Returns:
-      numpy x of shape (K, N, *shape) (and a Trace with lam, p of shape (K, S, N)).
+    Every chunk has the same compiled shape (``chunk_size`` seeds, rounded up to a multiple of the
+    local device count; the last chunk is padded by wrapping and cut back), so N seeds cost one
+    compilation. With several devices each chunk's seed axis is sharded over them. ``grid``: as in
+    :func:`sweep` (then x is (K, m, ...)). Arguments are validated before the first chunk runs.
     """
-    eps_u, eps_c, shape = _prepare(eps_u, eps_c, rule, shape, variance)
-    rules, k = grid_rules(rule, grid)
+    denoiser_u, denoiser_c, shape = _prepare(denoiser_u, denoiser_c, rule, shape, noise)
+    rules, k, names = grid_rules(rule, grid)
     keys = _as_keys(keys)
     n = keys.shape[0]
-    ndev = jax.device_count()
+    if n == 0:
+        raise ValueError("keys is empty: nothing to sample")
+    ndev = jax.local_device_count()
     chunk = n if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    chunk = min(chunk, n)
-    chunk = -(-chunk // ndev) * ndev                          # a multiple of the device count
-    n_chunks = -(-n // chunk)
+    chunk = -(-min(chunk, n) // ndev) * ndev                   # a multiple of the device count
     sharding = None
     if ndev > 1:
-        mesh = Mesh(np.asarray(jax.devices()), ("n",))
-        sharding = NamedSharding(mesh, PartitionSpec("n"))
-    names = tuple(sorted(grid))
-
-    xs, lams, ps = [], [], []
-    it = range(n_chunks)
+        sharding = NamedSharding(Mesh(np.asarray(jax.local_devices()), ("n",)), PartitionSpec("n"))
+    axis = 1 if names else 0                                   # the seed axis of x (trace: axis + 1)
+    t_order = np.asarray(schedule.timesteps)[::-1]            # sampling order
+    starts = range(0, n, chunk)
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(it, desc=f"sweep {type(rule).__name__} K={k} N={n}", unit="chunk")
-    for c in it:
-        idx = np.arange(c * chunk, (c + 1) * chunk) % n       # pad the last chunk by wrapping
+        label = desc or f"{type(rule).__name__}" + (f" K={k}" if names else "")
+        starts = tqdm(starts, desc=f"{label} N={n}", unit="chunk", leave=False)
+    for start in starts:
+        idx = np.arange(start, start + chunk) % n              # pad the last chunk by wrapping
         kc = keys[idx]
         if sharding is not None:
             kc = jax.device_put(kc, sharding)
-        out = _sweep_jit(eps_u, eps_c, rules, schedule, kc, shape, return_trace, names, variance)
-        valid = min(chunk, n - c * chunk)
+        out = _grid_jit(denoiser_u, denoiser_c, rules, schedule, kc, shape, return_trace, noise, names)
+        m = min(chunk, n - start)
+        cut = lambda a, ax: np.take(np.asarray(a), np.arange(m), axis=ax)
         if return_trace:
             x, tr = out
-            lams.append(np.asarray(tr.lam)[:, :, :valid])
-            ps.append(np.asarray(tr.p)[:, :, :valid])
+            yield Chunk(start, cut(x, axis), Trace(t=t_order, lam=cut(tr.lam, axis + 1), p=cut(tr.p, axis + 1)))
         else:
-            x = out
-        xs.append(np.asarray(x)[:, :valid])
-    x = np.concatenate(xs, axis=1)
+            yield Chunk(start, cut(out, axis), None)
+
+
+def _gather(chunks: Iterator[Chunk], axis: int, return_trace: bool):
+    parts = list(chunks)
+    x = np.concatenate([c.x for c in parts], axis=axis)
+    if not return_trace:
+        return x
+    t = parts[0].trace.t
+    return x, Trace(t=t, lam=np.concatenate([c.trace.lam for c in parts], axis=axis + 1),
+                    p=np.concatenate([c.trace.p for c in parts], axis=axis + 1))
+
+
+def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
+           rule: GuidanceRule = NoGuidance(), denoiser_c=None, noise: str = "beta",
+           return_trace: bool = False, chunk_size: Optional[int] = None, progress: bool = False):
+    """Ancestral DDPM sampling from x_T ~ N(0, I) with a guidance rule, one sample per key.
+
+    x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sigma_t z,
+    with no noise at the final step, eps the rule's combination of eps_u = denoiser_u(x_t, t)
+    and eps_c = denoiser_c(x_t, t).
+
+    Args:
+      denoiser_u: the unconditional denoiser eps(x, t) (a :class:`Denoiser` or a pure function).
+      schedule: the chain, e.g. ``respace(linear_schedule(), 100)``.
+      keys: (N,) PRNG keys, one per sample (see :func:`keys_from_seeds`).
+      shape: per-sample shape, e.g. (28, 28, 1) or (d,).
+      rule: guidance rule (default: none).
+      denoiser_c: the second denoiser (c- for NP/SLD/DNG, c for CFG); unused by NoGuidance.
+      noise: the reverse step's noise variance sigma_t^2: ``"beta"`` (default) beta_t, DDPM's
+        upper bound; ``"posterior"`` beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t),
+        the lower bound, which leaves less residual noise on short respaced chains. Both are the
+        chain's own (respaced) values. (Not DNG's ``variance``: that is its update's sigma^2.)
+      return_trace: also return a :class:`Trace` of lambda_t and p_t, (S, N) each.
+      chunk_size: process the seeds in chunks of this many (one compilation; sharded over the
+        local devices; see :func:`sample_chunks`). Default: all N in one call.
+      progress: a progress bar over chunks.
+
+    Returns:
+      x_0 of shape (N, *shape), float32 (and the Trace): jax arrays from one call when
+      ``chunk_size`` is None, no progress bar and one device (usable inside ``jax.jit``); numpy
+      arrays gathered from the chunks otherwise.
+    """
+    if chunk_size is None and not progress and jax.local_device_count() == 1:
+        denoiser_u, denoiser_c, shape = _prepare(denoiser_u, denoiser_c, rule, shape, noise)
+        return _grid_jit(denoiser_u, denoiser_c, rule, schedule, _as_keys(keys), shape, return_trace, noise, ())
+    chunks = sample_chunks(denoiser_u, schedule, keys, shape, rule=rule, denoiser_c=denoiser_c,
+                           chunk_size=chunk_size, noise=noise, return_trace=return_trace, progress=progress)
+    return _gather(chunks, 0, return_trace)
+
+
+def sweep(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *, rule: GuidanceRule,
+          grid: Optional[Mapping[str, Any]], denoiser_c=None, noise: str = "beta", return_trace: bool = False,
+          chunk_size: Optional[int] = None, progress: bool = False):
+    """Sample a K-point grid of hyperparameters times N seeds; result indexed [k, n].
+
+    Every grid point uses the same N keys. All K x chunk samples run in one compiled,
+    vmapped call (see :func:`sample_chunks` for chunking and devices).
+
+    Args:
+      grid: {hyperparameter name: (K,) values}, e.g. {"scale": [0, 1, 2, 4]}; all of length K.
+        An empty grid ({} or None) is the rule itself: K = 1.
+      others: as in :func:`sample`.
+    Returns:
+      numpy x of shape (K, N, *shape) (and a Trace with lam, p of shape (K, S, N)).
+    """
+    chunks = sample_chunks(denoiser_u, schedule, keys, shape, rule=rule, denoiser_c=denoiser_c, grid=grid,
+                           chunk_size=chunk_size, noise=noise, return_trace=return_trace, progress=progress)
+    if grid:
+        return _gather(chunks, 1, return_trace)
+    out = _gather(chunks, 0, return_trace)                    # no grid axis: add K = 1
     if return_trace:
-        t = np.asarray(schedule.timesteps)[::-1]
-        return x, Trace(t=t, lam=np.concatenate(lams, axis=2), p=np.concatenate(ps, axis=2))
-    return x
+        x, tr = out
+        return x[None], Trace(t=tr.t, lam=tr.lam[None], p=tr.p[None])
+    return out[None]

@@ -1,40 +1,25 @@
 """Does DNG's tracked posterior p_t = p(c- | x_t) recognise the removed class? (diagnostic)
 
-  python sample/posterior_check.py                       # classes 0-3, shipped checkpoints, n=256, 25 steps
-  python sample/posterior_check.py --classes=2 --n=512 --variance=posterior
+  python sample/main.py --job=posterior_check --classes=0,1,2,3        # the main job's config
+  python sample/main.py --job=posterior_check --config=sample/configs/mnist.py:report --config.n=512
 
-Samples the unconditional model *unguided* (DNG with scale 0: eps = eps_u exactly, while the
-posterior is still updated from eps_u and the forget model's eps_c after every step), classifies
-the final samples, and compares p_t along the chain between the seeds whose sample is the
-removed class and the others: mean p_t in each group and the AUROC of p_t for telling them apart
-(0.5 = no information, 1 = perfect). DNG can only steer the trajectories its posterior flags.
-Prints a table and writes ``posterior_check.json`` and ``posterior_check.png`` into --out.
+Takes the class-removal config (models, chain, noise, seeds, DNG's hyperparameters), samples the
+unguided model (DNG with scale 0: eps = eps_u exactly, while the posterior is still updated from
+eps_u and the second prediction eps_c after every step), classifies the final samples, and compares
+p_t along the chain between the seeds whose sample is the removed class and the others: mean p_t in
+each group and the AUROC of p_t for telling them apart (0.5 = no information, 1 = perfect). DNG can
+only steer the trajectories its posterior flags. Prints a table and writes
+``posterior_check.json`` and ``posterior_check.png`` into the output folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import sys
+from typing import Any, List
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoints", "checkpoints/mnist", "Folder with ddpm, forget_C and classifier.")
-flags.DEFINE_list("classes", ["0", "1", "2", "3"], "Removed classes to check.")
-flags.DEFINE_integer("n", 256, "Seeds (samples) per class.")
-flags.DEFINE_integer("steps", 25, "Respaced chain length (T = 1000).")
-flags.DEFINE_integer("seed", 0, "First seed (the main job's seeds are seed..seed+n-1).")
-flags.DEFINE_float("prior", 0.25, "DNG prior p_0 (paper, MNIST: 0.25).")
-flags.DEFINE_float("temperature", 0.25, "DNG temperature tau (paper, MNIST: 0.25).")
-flags.DEFINE_float("offset", 0.0, "DNG offset delta (paper, MNIST: 0).")
-flags.DEFINE_enum("variance", "beta", ["beta", "posterior"], "DNG variance convention.")
-flags.DEFINE_string("out", "outputs/posterior_check", "Output folder.")
+import numpy as np
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -47,15 +32,50 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
-def check_class(c: int, eps_u, classify, schedule, keys):
-    import dngjax as dj
-    from dngjax import checkpoint
+@dataclasses.dataclass
+class Job:
+    config: Any
+    classes: List[int]
+    out: str
+    labels_fn: Any
+    denoisers: List[Any]       # per class: (denoiser_u, denoiser_c, description)
+    rule: Any
+    schedule: Any
 
-    eps_c = checkpoint.load_denoiser(os.path.join(FLAGS.checkpoints, f"forget_{c}"))
-    rule = dj.DynamicNegativeGuidance(scale=0.0, prior=FLAGS.prior, temperature=FLAGS.temperature,
-                                      offset=FLAGS.offset, variance=FLAGS.variance)
-    x, trace = dj.sample(eps_u, schedule, keys, (28, 28, 1), rule=rule, eps_c=eps_c, return_trace=True)
-    labels = classify(np.asarray(x))
+
+def prepare(config, classes, out: str) -> Job:
+    """Validate the config and classes and load the models, before any sampling."""
+    import dngjax as dj
+    from dngjax import checkpoint, evaluation
+    from sample import class_removal
+
+    class_removal.validate_config(config)
+    if not classes:
+        raise ValueError("no classes to check")
+    denoisers = []
+    for c in classes:
+        cfg = config.copy_and_resolve_references()
+        with cfg.unlocked():
+            cfg.removed_class = int(c)
+        class_removal.validate_config(cfg)
+        denoisers.append(class_removal.load_denoisers(cfg))
+    rule = dj.DynamicNegativeGuidance(scale=0.0, **dict(config.dng))
+    cmod, cparams, _ = checkpoint.load_classifier(class_removal.resolve_path(config.classifier, config))
+    scorer = evaluation.make_scorer(cmod, cparams, batch_size=config.eval_batch)
+    full = dj.linear_schedule(config.T)
+    schedule = full if config.steps >= config.T else dj.respace(full, config.steps)
+    return Job(config, [int(c) for c in classes], out, lambda x: scorer(x).labels, denoisers, rule, schedule)
+
+
+def check_class(c: int, denoiser_u, denoiser_c, job: Job):
+    import dngjax as dj
+    from dngjax.data import SHAPES
+    config = job.config
+    keys = dj.keys_from_seeds(config.seed + np.arange(config.n))
+    x, trace = dj.sample(denoiser_u, job.schedule, keys, tuple(SHAPES[config.dataset]),
+                         rule=job.rule, denoiser_c=denoiser_c, return_trace=True, noise=config.noise,
+                         chunk_size=config.chunk_size)
+    labels = job.labels_fn(np.asarray(x))
     is_c = labels == c
     p = np.asarray(trace.p)                                  # (S, N), sampling order
     t = np.asarray(trace.t)
@@ -65,39 +85,29 @@ def check_class(c: int, eps_u, classify, schedule, keys):
                 auroc=[auroc(p[s], is_c) for s in range(len(t))])
 
 
-def main(argv):
-    del argv
-    import jax
-    import jax.numpy as jnp
-    import dngjax as dj
-    from dngjax import checkpoint
-
-    eps_u = checkpoint.load_denoiser(os.path.join(FLAGS.checkpoints, "ddpm"))
-    cmod, cparams, _ = checkpoint.load_classifier(os.path.join(FLAGS.checkpoints, "classifier"))
-    logits = jax.jit(lambda x: cmod.apply(cparams, jnp.clip(x, -1.0, 1.0)))
-    classify = lambda x: np.concatenate([np.asarray(jnp.argmax(logits(x[i:i + 512]), -1))
-                                         for i in range(0, len(x), 512)])
-    schedule = dj.respace(dj.linear_schedule(), FLAGS.steps)
-    keys = dj.keys_from_seeds(FLAGS.seed + np.arange(FLAGS.n))
+def execute(job: Job) -> str:
+    config = job.config
     results = []
-    for c in [int(c) for c in FLAGS.classes]:
-        r = check_class(c, eps_u, classify, schedule, keys)
+    for c, (denoiser_u, denoiser_c, models) in zip(job.classes, job.denoisers):
+        r = check_class(c, denoiser_u, denoiser_c, job)
+        r["models"] = models
         results.append(r)
         S = len(r["t"])
         picks = sorted({0, S // 4, S // 2, (3 * S) // 4, S - 1})
         print(f"\nremoved class {c}: {r['n_removed_class']} of {r['n']} unguided samples are class {c} "
-              f"(DNG posterior tracked with scale 0, variance={FLAGS.variance})")
+              f"(DNG posterior tracked with scale 0, variance={config.dng.variance}; {models})")
         print("   t   mean p_t (class c)   mean p_t (others)   AUROC")
         for s in picks:
             pr = r["mean_p_removed"][s] if r["mean_p_removed"] else float("nan")
             print(f"{r['t'][s]:4d}   {pr:18.3f}   {r['mean_p_other'][s]:17.3f}   {r['auroc'][s]:5.2f}")
-    os.makedirs(FLAGS.out, exist_ok=True)
-    cfg = dict(n=FLAGS.n, steps=FLAGS.steps, seed=FLAGS.seed, prior=FLAGS.prior, temperature=FLAGS.temperature,
-               offset=FLAGS.offset, variance=FLAGS.variance, checkpoints=FLAGS.checkpoints)
-    with open(os.path.join(FLAGS.out, "posterior_check.json"), "w") as f:
+    os.makedirs(job.out, exist_ok=True)
+    cfg = dict(n=config.n, steps=config.steps, T=config.T, seed=config.seed, noise=config.noise,
+               dng=dict(config.dng), checkpoints=config.checkpoints, conditional=config.conditional)
+    with open(os.path.join(job.out, "posterior_check.json"), "w") as f:
         json.dump(dict(config=cfg, results=results), f, indent=1)
-    plot(results, os.path.join(FLAGS.out, "posterior_check.png"))
-    print(f"\nwrote {FLAGS.out}/posterior_check.json and posterior_check.png")
+    plot(results, os.path.join(job.out, "posterior_check.png"))
+    print(f"\nwrote {job.out}/posterior_check.json and posterior_check.png")
+    return job.out
 
 
 def plot(results, path):
@@ -125,7 +135,3 @@ def plot(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-if __name__ == "__main__":
-    app.run(main)

@@ -1,7 +1,7 @@
 """Aggregate several class-removal runs (sample/main.py output folders) into one report.
 
-  python sample/report.py OUT/class_0 OUT/class_1 ... [--out OUT]
-  python sample/report.py OUT            # every sub-folder of OUT holding a results.json
+  python sample/main.py --job=report --runs=OUT/class_0,OUT/class_1 [--out=OUT]
+  python sample/main.py --job=report --runs=OUT      # every sub-folder of OUT holding a results.json
 
 Writes ``report.md`` (per class: the full table, and the paper's comparison --
 among the points with <= 1% removed class, each method's lowest KL and lowest FD)
@@ -10,17 +10,11 @@ and ``tradeoff_all.png`` (KL and FD against safety, one row per removed class).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from typing import Dict, List, Optional
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def find_runs(paths: List[str]) -> List[str]:
@@ -32,7 +26,7 @@ def find_runs(paths: List[str]) -> List[str]:
             runs += sorted(os.path.join(p, d) for d in os.listdir(p)
                            if os.path.isfile(os.path.join(p, d, "results.json")))
     if not runs:
-        raise SystemExit(f"no results.json under {paths}")
+        raise FileNotFoundError(f"no results.json in {paths} or their sub-folders")
     return runs
 
 
@@ -132,25 +126,16 @@ def plot_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
     return path
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="output folders of sample/main.py, or a folder of them")
-    ap.add_argument("--out", default=None, help="where to write report.md and tradeoff_all.png "
-                                                  "(default: the common parent folder)")
-    ap.add_argument("--high_safety", type=float, default=1.0)
-    args = ap.parse_args(argv)
-    runs = find_runs(args.runs)
-    out = args.out or os.path.commonpath([os.path.abspath(r) for r in runs])
+def write_report(runs: List[str], out: Optional[str] = None, high_safety: float = 1.0) -> str:
+    """Write report.md and tradeoff_all.png for the run folders ``runs``; returns the output folder."""
+    out = out or os.path.commonpath([os.path.abspath(r) for r in runs])
     if os.path.isfile(os.path.join(out, "results.json")):
         out = os.path.dirname(out)
     os.makedirs(out, exist_ok=True)
-    md = markdown(runs, args.high_safety)
+    md = markdown(runs, high_safety)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(md + "\n")
-    plot_all(runs, os.path.join(out, "tradeoff_all.png"), args.high_safety)
+    plot_all(runs, os.path.join(out, "tradeoff_all.png"), high_safety)
     print(md)
     print(f"\nwrote {os.path.join(out, 'report.md')} and {os.path.join(out, 'tradeoff_all.png')}")
-
-
-if __name__ == "__main__":
-    main()
+    return out

@@ -25,4 +25,4 @@ for c in $CLASSES; do
       --config.outdir="$OUT/class_$c" "$@" 2>&1 | tee "$OUT/class_$c.log"
   echo "class $c: $(( $(date +%s) - start )) s" | tee -a "$OUT/timings.txt"
 done
-"$PYTHON" sample/report.py "$OUT"
+"$PYTHON" sample/main.py --job=report --runs="$OUT"

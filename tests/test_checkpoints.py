@@ -153,7 +153,7 @@ def test_a_few_dng_steps_on_shipped_models():
     eps_u = checkpoint.load_denoiser(os.path.join(SHIPPED, "ddpm"))
     eps_c = checkpoint.load_denoiser(os.path.join(SHIPPED, "forget_0"))
     x = sample(eps_u, respace(linear_schedule(), 4), keys_from_seeds(np.arange(2)), (28, 28, 1),
-               rule=DynamicNegativeGuidance(scale=1.0, prior=0.25), eps_c=eps_c)
+               rule=DynamicNegativeGuidance(scale=1.0, prior=0.25), denoiser_c=eps_c)
     assert x.shape == (2, 28, 28, 1) and np.all(np.isfinite(np.asarray(x)))
 
 
@@ -180,5 +180,5 @@ def test_shipped_class_conditional_model_null_label_each_label_and_guided_steps(
         assert not np.allclose(out, null, atol=1e-4), f"label {c} gives the null label's prediction"
     x0 = sample(checkpoint.load_denoiser(path), respace(linear_schedule(), 4), keys_from_seeds(np.arange(2)),
                 (28, 28, 1), rule=DynamicNegativeGuidance(scale=1.0, prior=0.25),
-                eps_c=checkpoint.load_denoiser(path, label=2))
+                denoiser_c=checkpoint.load_denoiser(path, label=2))
     assert x0.shape == (2, 28, 28, 1) and np.all(np.isfinite(np.asarray(x0)))

@@ -74,7 +74,7 @@ def test_dng_high_scale_removes_the_class(models):
     rule = dj.DynamicNegativeGuidance(scale=1.0, prior=0.25, temperature=0.25, offset=0.0, variance="beta")
     # scale 0 is exactly the unguided model (lambda_t = 0); the same seeds at both points
     x = dj.sweep(eps_u, schedule, keys, (28, 28, 1), rule=rule, grid={"scale": [0.0, 10.0]},
-                 eps_c=forget[removed], chunk_size=64)
+                 denoiser_c=forget[removed], chunk_size=64)
     unguided = 100 * float(np.mean(np.asarray(classify(x[0])) == removed))
     guided = 100 * float(np.mean(np.asarray(classify(x[1])) == removed))
     assert unguided >= 3.0, f"the unguided model makes too few {removed}s ({unguided:.1f}%) for this test"

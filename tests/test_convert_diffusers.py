@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dngjax import checkpoint
 from dngjax.models import convert_diffusers as cd
 from dngjax.models.configs import cifar10_unet
 
@@ -118,7 +119,7 @@ def small_dir(small_model, tmp_path_factory):
 def test_small_parity_safetensors(small_model, small_dir):
     module, params = cd.convert(str(small_dir))
     assert module.downsample_padding == 0 and module.attn_resolutions == (16,)
-    assert cd.param_count(params) == sum(p.numel() for p in small_model.parameters())
+    assert checkpoint.num_params(params) == sum(p.numel() for p in small_model.parameters())
     errs = _max_rel_errors(small_model, module, params, 32)
     print("small config, max rel error per timestep:", errs)
     assert max(errs.values()) <= REL_TOL, errs
@@ -139,7 +140,7 @@ def test_cifar10_parity_full_size(tmp_path):
     model = _random_diffusers_unet(CIFAR10_CONFIG, seed=2)
     model.save_pretrained(str(tmp_path), safe_serialization=True)
     module, params = cd.convert(str(tmp_path))
-    assert cd.param_count(params) == 35_746_307
+    assert checkpoint.num_params(params) == 35_746_307
     errs = _max_rel_errors(model, module, params, 32, seed=2)
     print("cifar10 config, max rel error per timestep:", errs)
     assert max(errs.values()) <= REL_TOL, errs
@@ -206,14 +207,20 @@ def test_pipeline_directory_with_unet_subfolder(small_dir, tmp_path):
     assert _flat(p).keys() == _flat(q).keys()
 
 
-def test_cli_writes_loadable_params(small_dir, tmp_path, capsys):
+def test_cli_writes_a_model_folder_every_loader_takes(small_dir, tmp_path, capsys):
+    """The converter writes the project's one model-folder format (card.json + sha256 + shapes):
+    checkpoint.load_model reads it, and training can start from it (init_from)."""
+    from dngjax import checkpoint
     out = tmp_path / "out"
     assert cd.main([str(small_dir), str(out)]) == 0
     printed = capsys.readouterr().out
     module, params = cd.convert(str(small_dir))
-    assert f"{cd.param_count(params):,}" in printed
-    assert (out / cd.PARAMS_NAME).is_file() and (out / cd.CONFIG_NAME).is_file()
-    module2, params2 = cd.load_converted(str(out))
+    assert f"{checkpoint.num_params(params):,}" in printed
+    card = checkpoint.load_card(str(out))
+    assert card["input_shape"] == [SMALL_CONFIG["sample_size"]] * 2 + [SMALL_CONFIG.get("in_channels", 3)]
+    assert card["source"] == "diffusers UNet2DModel" and card["diffusion"]["prediction"] == "eps"
+    assert card["params_sha256"] and card["num_params"] == checkpoint.num_params(params)
+    module2, params2, _ = checkpoint.load_model(str(out), expect_kind="unet")
     assert module2 == module
     a, b = _flat(params), _flat(params2)
     assert a.keys() == b.keys()
@@ -222,7 +229,7 @@ def test_cli_writes_loadable_params(small_dir, tmp_path, capsys):
 
 
 def test_cli_error_exit_code(tmp_path, capsys):
-    assert cd.main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 1
+    assert cd.main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "not found" in capsys.readouterr().err
 
 
@@ -290,8 +297,9 @@ def test_missing_directory_and_files(tmp_path):
     (tmp_path / cd.SAFETENSORS_NAME).write_bytes(b"")
     with pytest.raises(ValueError, match="JSON"):
         cd.convert(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="params.msgpack|config.json"):
-        cd.load_converted(str(tmp_path / "missing"))
+    from dngjax import checkpoint
+    with pytest.raises(checkpoint.CheckpointError, match="a diffusers folder\\? convert it first"):
+        checkpoint.load_model(str(tmp_path))
 
 
 def _save_st(state, config, d):

@@ -33,6 +33,7 @@ from scipy.stats import ks_2samp, norm
 import dngjax as dj
 from dngjax.gmm import (ExactForgetPosterior, ForgetSplit, GaussianMixture, alpha_bar_table,
                         log_posterior, mixture_denoiser, toy_1d, toy_2d, wasserstein1_1d)
+from compile_count import count_compiles
 
 N_FAST, STEPS_FAST = 20_000, 250
 N_SLOW, STEPS_SLOW = 100_000, 1000
@@ -58,18 +59,18 @@ def _run(method, steps, n, seed0=0, trace=False):
     lab = _lab(steps)
     rules = {
         "none": (dj.NoGuidance(), None),
-        "target": (dj.NoGuidance(), None),                          # eps_remember, unguided
-        "cfg": (dj.ClassifierFreeGuidance(1.0), lab.eps_remember),
-        "np": (dj.NegativePrompting(1.0), lab.eps_forget),
-        "dng_exact": (lab.exact_dng(1.0), lab.eps_forget),
-        "dng_approx": (lab.approximate_dng(1.0), lab.eps_forget),
-        "track_exact": (lab.exact_dng(0.0), lab.eps_forget),
-        "track_approx": (lab.approximate_dng(0.0, p_max=1 - 1e-6), lab.eps_forget),
+        "target": (dj.NoGuidance(), None),                          # denoiser_remember, unguided
+        "cfg": (dj.ClassifierFreeGuidance(1.0), lab.denoiser_remember),
+        "np": (dj.NegativePrompting(1.0), lab.denoiser_forget),
+        "dng_exact": (lab.exact_dng(1.0), lab.denoiser_forget),
+        "dng_approx": (lab.approximate_dng(1.0), lab.denoiser_forget),
+        "track_exact": (lab.exact_dng(0.0), lab.denoiser_forget),
+        "track_approx": (lab.approximate_dng(0.0, p_max=1 - 1e-6), lab.denoiser_forget),
     }
     rule, eps_c = rules[method]
-    eps_u = lab.eps_remember if method == "target" else lab.eps_full
+    eps_u = lab.denoiser_remember if method == "target" else lab.denoiser_full
     keys = dj.keys_from_seeds(np.arange(seed0, seed0 + n))
-    out = dj.sample(eps_u, lab.schedule, keys, (1,), rule=rule, eps_c=eps_c, return_trace=trace)
+    out = dj.sample(eps_u, lab.schedule, keys, (1,), rule=rule, denoiser_c=eps_c, return_trace=trace)
     if trace:
         return np.asarray(out[0]), np.asarray(out[1].p)
     return np.asarray(out)
@@ -189,11 +190,11 @@ def test_denoisers_posterior_fn_and_compile_cache():
     t = jnp.asarray(np.asarray(sched.timesteps)[[0, 17, 100, -1]], jnp.int32)
     x = jnp.linspace(-4, 4, 4)[:, None]
     ab = np.asarray(base.alpha_bars)[np.asarray(t)]
-    np.testing.assert_allclose(np.asarray(lab.eps_full(x, t)), np.asarray(lab.full.eps(x, ab)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(lab.denoiser_full(x, t)), np.asarray(lab.full.eps(x, ab)), rtol=1e-6)
     # a respaced chain's table agrees with the full schedule's at its own timesteps
     np.testing.assert_allclose(np.asarray(alpha_bar_table(sched))[np.asarray(t)], ab, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(mixture_denoiser(lab.full, base)(x, t)),
-                               np.asarray(lab.eps_full(x, t)), rtol=1e-6)
+                               np.asarray(lab.denoiser_full(x, t)), rtol=1e-6)
     lp = np.asarray(lab.posterior_fn(x, t))
     np.testing.assert_allclose(lp, np.asarray(log_posterior(lab.full, (1,), x, ab)), rtol=1e-6, atol=1e-7)
     # equal labs give equal (hashable) posterior functions: no recompilation
@@ -201,16 +202,16 @@ def test_denoisers_posterior_fn_and_compile_cache():
     assert other.posterior_fn == lab.posterior_fn and hash(other.posterior_fn) == hash(lab.posterior_fn)
     assert ExactForgetPosterior(lab.full, (0,), sched) != lab.posterior_fn
     keys = dj.keys_from_seeds(np.arange(8))
-    dj.sample(lab.eps_full, sched, keys, (1,), rule=lab.exact_dng(1.0), eps_c=lab.eps_forget)
-    n0 = dj.trace_count()
-    dj.sample(other.eps_full, sched, keys, (1,), rule=other.exact_dng(2.0), eps_c=other.eps_forget)
-    assert dj.trace_count() == n0
+    dj.sample(lab.denoiser_full, sched, keys, (1,), rule=lab.exact_dng(1.0), denoiser_c=lab.denoiser_forget)
+    with count_compiles("_grid_impl") as compiles:
+        dj.sample(other.denoiser_full, sched, keys, (1,), rule=other.exact_dng(2.0), denoiser_c=other.denoiser_forget)
+    assert compiles == []
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eps_all(lab, x, t):
     tt = jnp.full((x.shape[0],), t, jnp.int32)
-    return lab.eps_full(x, tt), lab.eps_forget(x, tt), lab.eps_remember(x, tt), lab.posterior_fn(x, tt)
+    return lab.denoiser_full(x, tt), lab.denoiser_forget(x, tt), lab.denoiser_remember(x, tt), lab.posterior_fn(x, tt)
 
 
 @pytest.mark.parametrize("t", [0, 10, 100, 300, 600, 999])
@@ -233,7 +234,7 @@ def test_exact_dng_and_cfg_give_the_remaining_modes_eps(t):
     rule = lab.exact_dng(1.0)
     step = dj.Step(index=0, t=jnp.int32(t), beta=base.betas[t], alpha_bar=base.alpha_bars[t],
                    alpha_bar_prev=base.alpha_bars_prev[t], posterior_variance=base.posterior_variances[t],
-                   warm=0, is_last=False)
+                   steps_taken=0, is_last=False)
     eps, lam, p_rule = rule.guide(rule.init(x), x, jnp.asarray(e_u, jnp.float32), jnp.asarray(e_f, jnp.float32), step)
     np.testing.assert_allclose(np.asarray(p_rule)[ok], p[ok], rtol=1e-5, atol=1e-7)
     np.testing.assert_array_less(np.abs(np.asarray(eps, np.float64)[ok] - e_r[ok]), tol + 1e-5)

@@ -75,7 +75,7 @@ def test_dng_lambda_and_update_by_hand():
     eps_u, eps_c = jnp.zeros((1, 2)), jnp.ones((1, 2))
     step = dj.Step(index=jnp.array(3), t=jnp.array(30), beta=jnp.array(0.02), alpha_bar=jnp.array(0.5),
                    alpha_bar_prev=jnp.array(0.51), posterior_variance=jnp.array(0.015),
-                   warm=jnp.array(0), is_last=jnp.array(False))
+                   steps_taken=jnp.array(0), is_last=jnp.array(False))
     eps, lam, state = rule.guide(state, x, eps_u, eps_c, step)
     np.testing.assert_allclose(lam, [2.0 * 0.2 / 0.8], rtol=1e-6)
     np.testing.assert_allclose(eps, -0.5 * np.ones((1, 2)), rtol=1e-6)
@@ -101,7 +101,7 @@ def test_sld_mask_by_hand():
     eps_c = jnp.array([[0.001, 0.5, -0.5]])  # d = eps_u - eps_c = [-0.001, -0.5, 0.5]
     m = rule.init(eps_u)
     step = dj.Step(index=jnp.array(0), t=jnp.array(0), beta=jnp.array(0.01), alpha_bar=jnp.array(0.5),
-                   alpha_bar_prev=jnp.array(0.5), posterior_variance=jnp.array(0.0), warm=jnp.array(0),
+                   alpha_bar_prev=jnp.array(0.5), posterior_variance=jnp.array(0.0), steps_taken=jnp.array(0),
                    is_last=jnp.array(False))
     eps, lam, m = rule.guide(m, eps_u, eps_u, eps_c, step)
     mask = np.array([0.1, 1.0, 0.0])                     # min(1, 100 |d|) where d < 0.04
@@ -109,3 +109,25 @@ def test_sld_mask_by_hand():
     np.testing.assert_allclose(eps, [-2.0 * corr], rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(m, [0.8 * corr], rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(lam, [2.0 * mask.mean()], rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [None, "5", [1.0, None], True])
+def test_non_numeric_hyperparameters_raise_on_construction(value):
+    with pytest.raises(ValueError, match="scale must be a number or an array of numbers"):
+        dj.DynamicNegativeGuidance(scale=value)
+    with pytest.raises(ValueError, match="scale must be a number"):
+        dj.NegativePrompting(scale=value)
+
+
+def test_dng_prior_outside_the_clamp_is_rejected():
+    with pytest.raises(ValueError, match=r"prior must lie in \[p_min, p_max\]"):
+        dj.DynamicNegativeGuidance(prior=0.995, p_max=0.99)
+    with pytest.raises(ValueError, match=r"prior must lie in \[p_min, p_max\]"):
+        dj.DynamicNegativeGuidance(prior=0.01, p_min=0.05)
+    dj.DynamicNegativeGuidance(prior=0.99, p_max=0.99)          # on the boundary: fine
+
+
+def test_shipped_rules_follow_the_protocol():
+    for rule in (dj.NoGuidance(), dj.NegativePrompting(1.0), dj.ClassifierFreeGuidance(1.0),
+                 dj.SafeLatentDiffusion(1.0), dj.DynamicNegativeGuidance(1.0)):
+        assert isinstance(rule, dj.Rule)

@@ -1,4 +1,4 @@
-"""sample/posterior_check.py: the AUROC against a brute-force oracle, and the CLI end to end."""
+"""sample/posterior_check.py: the AUROC against a brute-force oracle, and the job end to end."""
 
 import json
 import os
@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
+from sample.posterior_check import auroc
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from sample.posterior_check import auroc  # noqa: E402
 
 
 def _auroc_oracle(scores, positive):
@@ -39,9 +39,9 @@ def test_auroc_hand_made_and_random():
                     reason="shipped MNIST checkpoints missing")
 def test_cli_writes_json_and_png(tmp_path):
     out = tmp_path / "pc"
-    r = subprocess.run([sys.executable, os.path.join(REPO, "sample", "posterior_check.py"), "--classes=1",
-                        "--n=8", "--steps=3", f"--out={out}"], cwd=REPO, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([sys.executable, os.path.join(REPO, "sample", "main.py"), "--job=posterior_check",
+                        "--classes=1", "--config.n=8", "--config.steps=3", "--config.chunk_size=8", f"--out={out}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "AUROC" in r.stdout
     res = json.load(open(out / "posterior_check.json"))["results"][0]

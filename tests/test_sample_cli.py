@@ -49,6 +49,9 @@ def tiny_checkpoints(tmp_path_factory):
     for name, seed, card in (("ddpm", 0, {}), ("forget_1", 1, {"only_class": 1})):
         params = random_params(unet, x, t, seed=seed)
         checkpoint.save_model(str(root / name), unet, params, {"dataset": "mnist", **card})
+    cond = mnist_unet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, groups=4,
+                      num_classes=10)
+    checkpoint.save_model(str(root / "cond"), cond, random_params(cond, x, t, seed=3), {"dataset": "mnist"})
     clf = Classifier(num_classes=10, widths=(4,), feature_dim=8, dropout=0.0)
     checkpoint.save_model(str(root / "classifier"), clf, random_params(clf, x, seed=2), {"dataset": "mnist"})
     os.makedirs(root / "reference_stats")
@@ -62,10 +65,10 @@ def test_cli_end_to_end_writes_every_file(tiny_checkpoints, tmp_path):
            f"--config={os.path.join(REPO, 'sample', 'configs', 'mnist.py')}:tiny",
            f"--config.checkpoints={tiny_checkpoints}", "--config.removed_class=1",
            f"--config.outdir={out}"]
-    env = dict(os.environ, PYTHONPATH=REPO)
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"output folder: {out}" in res.stdout
+    assert not os.path.exists(str(out) + ".partial")
     assert "safety %" in res.stdout and "DNG" in res.stdout      # the results table
 
     for f in ("results.csv", "results.json", "config.json", "summary.txt", "labels.npz",
@@ -100,17 +103,15 @@ def test_cli_end_to_end_writes_every_file(tiny_checkpoints, tmp_path):
     assert labels["none_0"].shape == (8,)
 
     # the multi-class report over this run
-    sys.path.insert(0, REPO)
     from sample import report
-    report.main([str(out), "--out", str(tmp_path / "report")])
+    report.write_report(report.find_runs([str(out)]), str(tmp_path / "report"))
     md = (tmp_path / "report" / "report.md").read_text()
     assert "removed class 1" in md and "| DNG | 5 |" in md
     assert (tmp_path / "report" / "tradeoff_all.png").stat().st_size > 0
 
 
 def test_resolve_path_and_bad_method(tmp_path):
-    sys.path.insert(0, REPO)
-    from sample import main as sm
+    from sample import class_removal as sm
     from sample.configs import mnist
 
     c = mnist.get_config("tiny")
@@ -127,3 +128,97 @@ def test_resolve_path_and_bad_method(tmp_path):
     assert sm.build_rule("DNG", c)[0].variance == c.dng.variance
     with pytest.raises(ValueError, match="unknown config"):
         mnist.get_config("huge")
+
+
+def _cli(args, cwd, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(REPO, "sample", "main.py"), *args],
+                          capture_output=True, text=True, cwd=str(cwd), timeout=timeout)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.dng.prior=1.5"], "prior must lie in [p_min, p_max]"),
+    (["--config.grid.NP=(0.5,-1.0)"], "scale must be >= 0"),
+    (["--config.removed_clas=3"], 'unknown config field \'removed_clas\'. Did you mean "removed_class"'),
+    (["--config.n=0"], "config.n must be >= 1"),
+    (["--config.n=abc"], "--config.n=abc"),
+    (["--config=nonexistent.py"], "nonexistent.py"),
+    (["--config.methods=('CFG',)"], "unknown method 'CFG'"),
+    (["--config.removed_class=7"], "no forget-class model for class 7: train one with python train/main.py"),
+    (["--config.conditional={root}/ddpm"], "is not a class-conditional model"),
+    (["--job=report"], "--job=report needs --runs"),
+    (["stray"], "unexpected arguments ['stray']"),
+])
+def test_user_errors_exit_2_with_one_message_before_any_sampling(tiny_checkpoints, tmp_path, args, message):
+    out = tmp_path / "run"
+    res = _cli([f"--config={os.path.join(REPO, 'sample', 'configs', 'mnist.py')}:tiny",
+                f"--config.checkpoints={tiny_checkpoints}", "--config.removed_class=1",
+                f"--config.outdir={out}", *args], tmp_path)
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert message in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and res.stderr.strip().startswith("error:"), res.stderr[-2000:]
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
+
+
+def test_help_exits_0_and_cli_modules_import_together(tmp_path):
+    res = _cli(["--help"], tmp_path)
+    assert res.returncode == 0 and "--config" in res.stdout and "--job" in res.stdout, res.stderr[-2000:]
+    code = ("import sample.main, train.main, train.export, experiments.gmm.__main__\n"
+            "sample.main.define_flags(); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_failed_run_leaves_no_output_folder(tiny_checkpoints, tmp_path, monkeypatch):
+    from sample import class_removal, plots
+    from sample.configs import mnist
+
+    c = mnist.get_config("tiny")
+    c.checkpoints = str(tiny_checkpoints)
+    c.removed_class = 1
+    c.outdir = str(tmp_path / "run")
+    c.methods = ("NP",)
+    job = class_removal.prepare(c)
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(plots, "plot_tradeoff", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        class_removal.execute(job)
+    assert not os.path.exists(c.outdir)            # only the .partial work folder, never a half-made result
+
+
+def test_class_conditional_setup_uses_one_model_with_null_and_removed_labels(tiny_checkpoints, tmp_path):
+    """config.conditional: eps_u = eps(x | null), eps_c = eps(x | c) of one network; DNG at scale 0 is
+    the unguided chain of eps(x | null) exactly."""
+    import dngjax as dj
+    from dngjax import checkpoint as ck
+    from sample import class_removal
+    from sample.configs import mnist
+
+    c = mnist.get_config("tiny")
+    c.checkpoints = str(tiny_checkpoints)
+    c.removed_class = 1
+    c.conditional = "{root}/cond"
+    c.outdir = str(tmp_path / "cond_run")
+    c.methods = ("DNG",)
+    c.grid.DNG = (0.0, 5.0)
+    job = class_removal.prepare(c)
+    assert "class-conditional" in job.models and "null label 10" in job.models
+    assert int(job.denoiser_u.label) == 10 and int(job.denoiser_c.label) == 1
+    class_removal.execute(job)
+    labels = np.load(os.path.join(c.outdir, "labels.npz"))
+    np.testing.assert_array_equal(labels["none_0"], labels["DNG_0"])       # scale 0 = unguided
+    x_null = dj.sample(ck.load_denoiser(str(tiny_checkpoints / "cond"), label=10), job.schedule,
+                       dj.keys_from_seeds(np.arange(c.n)), (28, 28, 1))
+    assert np.asarray(job.labels_fn(np.asarray(x_null))).tolist() == labels["none_0"].tolist()
+
+
+def test_an_outdir_holding_other_files_is_refused_not_replaced(tiny_checkpoints, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    res = _cli([f"--config={os.path.join(REPO, 'sample', 'configs', 'mnist.py')}:tiny",
+                f"--config.checkpoints={tiny_checkpoints}", "--config.removed_class=1", f"--config.outdir={out}"],
+               tmp_path)
+    assert res.returncode == 2 and "is not the output of an earlier class-removal run" in res.stderr
+    assert (out / "notes.txt").read_text() == "keep me"

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import dngjax as dj
 from dngjax import sampler as sampler_mod
 from tests.oracle import sample_numpy
+from compile_count import count_compiles
 
 SHAPE = (3, 2)
 
@@ -50,7 +51,7 @@ CASES = [
 @pytest.mark.parametrize("method,rule,hp", CASES, ids=[c[0] + "-" + c[2].get("variance", "") for c in CASES])
 def test_scan_matches_numpy_loop(schedule, method, rule, hp):
     keys = dj.keys_from_seeds(np.arange(4))
-    x, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, eps_c=eps_c, return_trace=True)
+    x, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, return_trace=True)
     x_ref, lam_ref, p_ref = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, method, hp)
     np.testing.assert_allclose(np.asarray(x), x_ref, rtol=1e-4, atol=1e-4)
     lam, p = np.asarray(tr.lam), np.asarray(tr.p)
@@ -71,22 +72,22 @@ def test_scan_matches_numpy_loop(schedule, method, rule, hp):
 
 @pytest.mark.parametrize("method,rule,hp", [CASES[0], CASES[4]], ids=["none", "dng"])
 def test_posterior_variance_noise_matches_numpy_loop(schedule, method, rule, hp):
-    """variance="posterior": sigma_t^2 = beta_tilde_t in the step, against the numpy loop."""
+    """noise="posterior": sigma_t^2 = beta_tilde_t in the step, against the numpy loop."""
     keys = dj.keys_from_seeds(np.arange(4))
-    x = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, eps_c=eps_c, variance="posterior")
+    x = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, noise="posterior")
     x_ref = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, method, dict(hp, noise="posterior"))[0]
     np.testing.assert_allclose(np.asarray(x), x_ref, rtol=1e-4, atol=1e-4)
     x_beta = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, method, hp)[0]
     assert np.abs(x_ref - x_beta).max() > 1e-2, "the two variances must give different samples"
     xs = dj.sweep(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(0.0), grid={"scale": [0.0, 0.7]},
-                  eps_c=eps_c, variance="posterior")
+                  denoiser_c=eps_c, noise="posterior")
     np_ref = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, "np", {"scale": 0.7, "noise": "posterior"})[0]
     np.testing.assert_allclose(xs[1], np_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_unknown_variance_is_rejected(schedule):
-    with pytest.raises(ValueError, match="variance must be one of"):
-        dj.sample(eps_u, schedule, dj.keys_from_seeds([0]), SHAPE, variance="learned")
+def test_unknown_noise_is_rejected(schedule):
+    with pytest.raises(ValueError, match="noise must be one of"):
+        dj.sample(eps_u, schedule, dj.keys_from_seeds([0]), SHAPE, noise="learned")
 
 
 def test_dng_static_limit_equals_np(schedule):
@@ -94,8 +95,8 @@ def test_dng_static_limit_equals_np(schedule):
     scale, prior = 2.0, 0.2
     dng = dj.DynamicNegativeGuidance(scale, prior=prior, temperature=0.0, offset=0.0, p_min=1e-6, p_max=0.99)
     np_rule = dj.NegativePrompting(scale * prior / (1 - prior))
-    x1 = dj.sample(eps_u, schedule, keys, SHAPE, rule=dng, eps_c=eps_c)
-    x2 = dj.sample(eps_u, schedule, keys, SHAPE, rule=np_rule, eps_c=eps_c)
+    x1 = dj.sample(eps_u, schedule, keys, SHAPE, rule=dng, denoiser_c=eps_c)
+    x2 = dj.sample(eps_u, schedule, keys, SHAPE, rule=np_rule, denoiser_c=eps_c)
     np.testing.assert_allclose(np.asarray(x1), np.asarray(x2), rtol=1e-5, atol=1e-5)
 
 
@@ -108,7 +109,7 @@ def test_dng_extreme_settings_stay_finite_and_clamped(kw):
     schedule = dj.respace(dj.linear_schedule(), 20)
     rule = dj.DynamicNegativeGuidance(**kw)
     keys = dj.keys_from_seeds(np.arange(6))
-    x, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, eps_c=eps_c, return_trace=True)
+    x, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, return_trace=True)
     p = np.asarray(tr.p)[1:]  # after the first update
     assert np.all(np.isfinite(np.asarray(tr.lam))) and np.all(np.isfinite(p))
     assert p.min() >= np.float32(kw["p_min"]) * (1 - 1e-5) and p.max() <= np.float32(kw["p_max"]) * (1 + 1e-6)
@@ -124,11 +125,11 @@ def test_dng_extreme_settings_stay_finite_and_clamped(kw):
 def test_batch_independence(schedule):
     rule = dj.DynamicNegativeGuidance(4.0, prior=0.3, temperature=0.25)
     keys = dj.keys_from_seeds(np.arange(10, 18))
-    x_all = np.asarray(dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, eps_c=eps_c))
+    x_all = np.asarray(dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c))
     perm = np.array([5, 2, 7, 0, 1, 3, 6, 4])
-    x_perm = np.asarray(dj.sample(eps_u, schedule, keys[perm], SHAPE, rule=rule, eps_c=eps_c))
+    x_perm = np.asarray(dj.sample(eps_u, schedule, keys[perm], SHAPE, rule=rule, denoiser_c=eps_c))
     np.testing.assert_allclose(x_perm, x_all[perm], rtol=1e-6, atol=1e-6)
-    x_one = np.asarray(dj.sample(eps_u, schedule, keys[3:4], SHAPE, rule=rule, eps_c=eps_c))
+    x_one = np.asarray(dj.sample(eps_u, schedule, keys[3:4], SHAPE, rule=rule, denoiser_c=eps_c))
     np.testing.assert_allclose(x_one[0], x_all[3], rtol=1e-6, atol=1e-6)
     assert not np.allclose(x_all[0], x_all[1])
 
@@ -139,18 +140,18 @@ def test_sweep_matches_single_calls_and_compiles_once(schedule):
     rule = dj.DynamicNegativeGuidance(1.0, prior=0.3, temperature=0.25)
     scales = np.array([0.0, 1.0, 2.5, 5.0], np.float32)
     keys = dj.keys_from_seeds(np.arange(7))
-    before = dj.trace_count()
-    x, tr = dj.sweep(eps_u, sched, keys, SHAPE, rule=rule, grid={"scale": scales}, eps_c=eps_c,
-                     chunk_size=3, return_trace=True)
-    assert dj.trace_count() - before == 1, "3 chunks (one padded) must share one compilation"
+    with count_compiles("_grid_impl") as compiles:
+        x, tr = dj.sweep(eps_u, sched, keys, SHAPE, rule=rule, grid={"scale": scales}, denoiser_c=eps_c,
+                         chunk_size=3, return_trace=True)
+    assert len(compiles) == 1, "3 chunks (one padded) must share one compilation"
     assert x.shape == (4, 7) + SHAPE and tr.lam.shape == (4, 17, 7) and tr.p.shape == (4, 17, 7)
     for k in (0, 2, 3):
         for n in (0, 4, 6):
-            single = dj.sample(eps_u, sched, keys[n:n + 1], SHAPE, rule=rule.replace(scale=scales[k]), eps_c=eps_c)
+            single = dj.sample(eps_u, sched, keys[n:n + 1], SHAPE, rule=rule.replace(scale=scales[k]), denoiser_c=eps_c)
             np.testing.assert_allclose(x[k, n], np.asarray(single)[0], rtol=1e-5, atol=1e-5)
     # sweeping a different leaf works too
     xt = dj.sweep(eps_u, sched, keys[:2], SHAPE, rule=rule.replace(scale=3.0),
-                  grid={"temperature": [0.0, 0.5]}, eps_c=eps_c)
+                  grid={"temperature": [0.0, 0.5]}, denoiser_c=eps_c)
     assert not np.allclose(xt[0], xt[1])
 
 
@@ -158,14 +159,14 @@ def test_sweep_over_two_leaves_and_clear_grid_errors(schedule):
     rule = dj.SafeLatentDiffusion(0.5)
     keys = dj.keys_from_seeds(np.arange(2))
     x = dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"scale": [0.1, 0.5], "threshold": [0.0, 0.04]},
-                 eps_c=eps_c)
+                 denoiser_c=eps_c)
     assert x.shape == (2, 2) + SHAPE
     with pytest.raises(ValueError, match="mismatched lengths"):
-        dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"scale": [0.1, 0.5], "threshold": [0.0]}, eps_c=eps_c)
+        dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"scale": [0.1, 0.5], "threshold": [0.0]}, denoiser_c=eps_c)
     with pytest.raises(ValueError, match="no hyperparameter"):
-        dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"lambda": [0.1]}, eps_c=eps_c)
+        dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"lambda": [0.1]}, denoiser_c=eps_c)
     with pytest.raises(ValueError, match="scale"):
-        dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"scale": [0.1, -1.0]}, eps_c=eps_c)
+        dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"scale": [0.1, -1.0]}, denoiser_c=eps_c)
 
 
 def test_wrong_denoiser_shape_errors_before_compiling(schedule):
@@ -174,7 +175,7 @@ def test_wrong_denoiser_shape_errors_before_compiling(schedule):
     with pytest.raises(ValueError, match="must have the shape of x"):
         dj.sample(bad, schedule, keys, SHAPE)
     with pytest.raises(ValueError, match="eps_c"):
-        dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(1.0), eps_c=bad)
+        dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(1.0), denoiser_c=bad)
     with pytest.raises(ValueError, match="pass eps_c"):
         dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(1.0))
     with pytest.raises(ValueError, match="keys"):
@@ -187,8 +188,8 @@ def test_exact_dng_uses_posterior_fn(schedule):
         return jnp.full((x.shape[0],), 0.2)
     keys = dj.keys_from_seeds(np.arange(3))
     x1, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.ExactDynamicNegativeGuidance(2.0, posterior),
-                       eps_c=eps_c, return_trace=True)
-    x2 = dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(0.5), eps_c=eps_c)
+                       denoiser_c=eps_c, return_trace=True)
+    x2 = dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(0.5), denoiser_c=eps_c)
     np.testing.assert_allclose(np.asarray(x1), np.asarray(x2), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(tr.p), 0.2, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(tr.lam), 0.5, rtol=1e-5)
@@ -201,5 +202,40 @@ def test_vmap_over_rule_leaf_directly(schedule):
     f = jax.vmap(lambda r: sampler_mod._sample_impl(dj.as_denoiser(eps_u), dj.as_denoiser(eps_c), r,
                                                    schedule, keys, SHAPE, False, "beta"))
     x = f(rule)
-    x0 = dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(1.0), eps_c=eps_c)
+    x0 = dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(1.0), denoiser_c=eps_c)
     np.testing.assert_allclose(np.asarray(x[1]), np.asarray(x0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seeds,message", [
+    ([0, 2 ** 40], r"seeds must lie in \[0, 2\^32\)"),
+    ([-1, 3], r"seeds must lie in \[0, 2\^32\)"),
+    ([0.5, 1.0], "seeds must be integers"),
+    ([[0, 1]], "1-D sequence"),
+])
+def test_keys_from_seeds_rejects_seeds_that_would_wrap_or_round(seeds, message):
+    with pytest.raises(ValueError, match=message):
+        dj.keys_from_seeds(seeds)
+
+
+def test_denoiser_returning_a_tuple_gets_a_clear_error(schedule):
+    with pytest.raises(ValueError, match="denoiser_u returned a tuple"):
+        dj.sample(lambda x, t: (x, x), schedule, dj.keys_from_seeds([0]), SHAPE)
+
+
+def test_chunked_sample_and_empty_grid_sweep_equal_one_call(schedule):
+    """One sampling loop: sample(chunk_size=) and sweep(grid={}) give what one call gives, per seed."""
+    rule = dj.DynamicNegativeGuidance(2.0, prior=0.3)
+    keys = dj.keys_from_seeds(np.arange(5))
+    x, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, return_trace=True)
+    xc, trc = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, return_trace=True,
+                        chunk_size=2)
+    assert isinstance(xc, np.ndarray) and xc.shape == (5,) + SHAPE and trc.p.shape == tr.p.shape
+    np.testing.assert_allclose(xc, np.asarray(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(trc.p, np.asarray(tr.p), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(trc.t, np.asarray(tr.t))
+    xs = dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={}, denoiser_c=eps_c, chunk_size=3)
+    assert xs.shape == (1, 5) + SHAPE
+    np.testing.assert_allclose(xs[0], np.asarray(x), rtol=1e-5, atol=1e-5)
+    seen = [(c.start, c.x.shape[0]) for c in dj.sample_chunks(eps_u, schedule, keys, SHAPE, rule=rule,
+                                                              denoiser_c=eps_c, chunk_size=2)]
+    assert seen == [(0, 2), (2, 2), (4, 1)]

@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent("""
     sched = dj.respace(dj.linear_schedule(), 8)
     keys = dj.keys_from_seeds(np.arange(10))
     rule = dj.DynamicNegativeGuidance(1.0, prior=0.3, temperature=0.25)
-    x = dj.sweep(eps_u, sched, keys, (3,), rule=rule, grid={"scale": [0.0, 2.0]}, eps_c=eps_c, chunk_size=6)
+    x = dj.sweep(eps_u, sched, keys, (3,), rule=rule, grid={"scale": [0.0, 2.0]}, denoiser_c=eps_c, chunk_size=6)
     assert x.shape == (2, 10, 3)
     # the compiled sweep really spreads a chunk's seeds over the 4 devices
     from dngjax import sampler as S
@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     assert len(out.sharding.device_set) == 4, out.sharding
     for k, s in enumerate([0.0, 2.0]):
         for n in (0, 7, 9):
-            ref = dj.sample(eps_u, sched, keys[n:n+1], (3,), rule=rule.replace(scale=s), eps_c=eps_c)
+            ref = dj.sample(eps_u, sched, keys[n:n+1], (3,), rule=rule.replace(scale=s), denoiser_c=eps_c)
             np.testing.assert_allclose(x[k, n], np.asarray(ref)[0], rtol=1e-5, atol=1e-5)
     print("SHARDED-OK")
 """)

@@ -11,12 +11,11 @@ import pytest
 
 from dngjax import checkpoint, data
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from train import train  # noqa: E402
-from train.configs import (cifar10_classifier, cifar10_ddpm, cifar10_forget, mnist_classifier,  # noqa: E402
+from train import trainer
+from train.configs import (cifar10_classifier, cifar10_ddpm, cifar10_forget, mnist_classifier,
                            mnist_cond, mnist_ddpm, mnist_forget)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,7 @@ def _params_equal(a, b):
 def test_ddpm_tiny_trains_loss_falls_and_resumes_identically(fake_data, tmp_path):
     cfg = _cfg(mnist_ddpm, fake_data, num_steps=8, checkpoint_every=4)
     full = str(tmp_path / "full")
-    card = train.train_and_evaluate(cfg, full)
+    card = trainer.train_and_evaluate(cfg, full)
     assert card["steps"] == 8 and card["kind"] == "ddpm"
     for key in ("config", "wall_time_s", "hardware", "final_loss", "arch", "num_params"):
         assert key in card
@@ -75,14 +74,14 @@ def test_ddpm_tiny_trains_loss_falls_and_resumes_identically(fake_data, tmp_path
 
     # interrupted after 4 steps (as if killed right after the save), then the same command again
     part = str(tmp_path / "part")
-    halted = train.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=8, checkpoint_every=4,
-                                           halt_after_steps=5), part)
+    halted = trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=8, checkpoint_every=4,
+                                           max_steps_this_run=5), part)
     assert halted["halted"] and halted["step"] == 5
     assert not os.path.exists(os.path.join(part, "model"))
     # step 5 was saved too (the last step of a run is always saved); drop it to resume from step 4
     import shutil
     shutil.rmtree(os.path.join(part, "checkpoints", "5"))
-    train.train_and_evaluate(cfg, part)
+    trainer.train_and_evaluate(cfg, part)
     m1, p1, _ = checkpoint.load_model(full)
     m2, p2, _ = checkpoint.load_model(part)
     assert m1 == m2
@@ -93,30 +92,18 @@ def test_train_step_compiles_once_per_run_across_saves_and_a_resume(fake_data, t
     """One backend compilation of the train step per run: saves put host scalars into the state with
     the state's sharding (the step is compiled ahead of time, so a mismatch would raise), and a
     resumed run compiles once too. Also: metrics.jsonl holds each step once after a resume."""
-    from jax import monitoring
-    from jax._src import dispatch
+    from compile_count import count_compiles
 
-    compiles = []
-
-    def listener(event, duration, **kw):
-        if event == dispatch.BACKEND_COMPILE_EVENT and "train_step" in str(kw.get("fun_name", "")):
-            compiles.append(kw["fun_name"])
-
-    monitoring.register_event_duration_secs_listener(listener)
-    try:
-        train._STEP_CACHE.clear()
+    with count_compiles("train_step") as compiles:
         wd = str(tmp_path / "w")
-        train.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=6, checkpoint_every=2, halt_after_steps=5), wd)
+        trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=6, checkpoint_every=2, max_steps_this_run=5), wd)
         assert len(compiles) == 1, compiles               # saves at steps 2 and 4 (and 5) did not recompile
         # as if killed after the save at step 4: the log holds step 5, the checkpoint does not
         import shutil
         shutil.rmtree(os.path.join(wd, "checkpoints", "5"))
-        train._STEP_CACHE.clear()                          # as in a new process: nothing cached
         jax.clear_caches()
-        train.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=6, checkpoint_every=2), wd)
+        trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=6, checkpoint_every=2), wd)
         assert len(compiles) == 2, compiles                # the resumed run: once
-    finally:
-        monitoring.unregister_event_duration_listener(listener)
     with open(os.path.join(wd, "metrics.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -125,7 +112,7 @@ def test_train_step_compiles_once_per_run_across_saves_and_a_resume(fake_data, t
 def test_class_conditional_ddpm_trains_with_label_dropout(fake_data, tmp_path):
     cfg = _cfg(mnist_cond, fake_data, num_steps=4, checkpoint_every=4)
     assert cfg.model.kwargs.num_classes == 10 and 0.1 <= cfg.label_dropout <= 0.2
-    card = train.train_and_evaluate(cfg, str(tmp_path / "cond"))
+    card = trainer.train_and_evaluate(cfg, str(tmp_path / "cond"))
     assert card["arch"]["kwargs"]["num_classes"] == 10
     module, params, _ = checkpoint.load_model(str(tmp_path / "cond"))
     x = np.zeros((2, 28, 28, 1), np.float32)
@@ -138,12 +125,12 @@ def test_class_conditional_ddpm_trains_with_label_dropout(fake_data, tmp_path):
     assert module.apply(params, x, t, label=np.array([3, 10])).shape == x.shape
     bad = _cfg(mnist_cond, fake_data, num_steps=2, label_dropout=0.0)
     with pytest.raises(ValueError, match="label_dropout"):
-        train.train_and_evaluate(bad, str(tmp_path / "bad"))
+        trainer.train_and_evaluate(bad, str(tmp_path / "bad"))
 
 
 def test_classifier_tiny_trains_and_card_has_accuracy(fake_data, tmp_path):
     cfg = _cfg(mnist_classifier, fake_data, num_steps=30, checkpoint_every=15)
-    card = train.train_and_evaluate(cfg, str(tmp_path / "clf"))
+    card = trainer.train_and_evaluate(cfg, str(tmp_path / "clf"))
     assert card["kind"] == "classifier"
     assert 0.0 <= card["test_accuracy"] <= 1.0
     losses = _losses(str(tmp_path / "clf"))
@@ -156,29 +143,29 @@ def test_classifier_tiny_trains_and_card_has_accuracy(fake_data, tmp_path):
 
 def test_forget_config_trains_only_on_its_class(fake_data, tmp_path):
     cfg = _cfg(mnist_forget, fake_data, num_steps=2, only_class=3)
-    x, y = train.load_training_data(cfg)
+    x, y = trainer.load_training_data(cfg)
     assert len(y) == 30 and np.all(y == 3)
 
 
 @pytest.mark.slow
 def test_init_from_a_trained_model(fake_data, tmp_path):
     src = str(tmp_path / "src")
-    train.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=2), src)
+    trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=2), src)
     cfg = _cfg(mnist_forget, fake_data, num_steps=2, only_class=1, init_from=os.path.join(src, "model"))
-    card = train.train_and_evaluate(cfg, str(tmp_path / "ft"))
+    card = trainer.train_and_evaluate(cfg, str(tmp_path / "ft"))
     assert card["init_from"].endswith("model")
     bad = _cfg(mnist_forget, fake_data, num_steps=2)
     bad.model.kwargs.ch = 16
     bad.init_from = os.path.join(src, "model")
     with pytest.raises(ValueError, match="architecture"):
-        train.train_and_evaluate(bad, str(tmp_path / "bad"))
+        trainer.train_and_evaluate(bad, str(tmp_path / "bad"))
 
 
 @pytest.mark.parametrize("mod", [pytest.param(cifar10_ddpm, marks=pytest.mark.slow),
                                  pytest.param(cifar10_forget, marks=pytest.mark.slow), cifar10_classifier])
 def test_cifar10_configs_run_a_couple_of_steps(mod, fake_data, tmp_path):
     cfg = _cfg(mod, fake_data)
-    card = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+    card = trainer.train_and_evaluate(cfg, str(tmp_path / "run"))
     assert card["steps"] == 2 and card["dataset"] == "cifar10"
     assert card["input_shape"] == [32, 32, 3]
 
@@ -188,16 +175,16 @@ def test_gpu_and_cpu_sizes_build():
         for size in ("gpu", "cpu", "tiny"):
             c = mod.get_config(size)
             assert c.num_steps > 0
-            train.build_model(c)
+            trainer.build_model(c)
     for mod in (cifar10_ddpm, cifar10_forget, cifar10_classifier):
-        train.build_model(mod.get_config("gpu"))
+        trainer.build_model(mod.get_config("gpu"))
     with pytest.raises(ValueError):
         mnist_ddpm.get_config("huge")
 
 
 def test_sample_grid_png(tmp_path):
     x = np.random.default_rng(0).uniform(-1, 1, (10, 28, 28, 1)).astype(np.float32)
-    train.save_grid(str(tmp_path / "g.png"), x)
+    trainer.save_grid(str(tmp_path / "g.png"), x)
     from PIL import Image
     assert Image.open(tmp_path / "g.png").size[0] > 28 * 3
 
@@ -212,6 +199,29 @@ def test_main_reports_missing_data_clearly(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert "--data_dir" in r.stderr and data.ENV_VAR in r.stderr
+
+
+@pytest.mark.parametrize("config,args,message", [
+    ("mnist_ddpm", ["--config.num_steps=0"], "config.num_steps must be >= 1"),
+    ("mnist_ddpm", ["--config.only_class=12"], "config.only_class=12: mnist has classes 0..9"),
+    ("mnist_cond", ["--config.label_dropout=0.0"], "needs 0 < label_dropout < 1"),
+    ("mnist_ddpm", ["--config.batch_siz=3"], "unknown config field 'batch_siz'"),
+    ("mnist_ddpm", ["--workdir="], "--workdir must name a folder"),
+])
+def test_main_user_errors_exit_2_before_training(fake_data, tmp_path, config, args, message):
+    config = os.path.join(REPO, f"train/configs/{config}.py:tiny")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train", "main.py"), f"--config={config}",
+                        f"--workdir={tmp_path / 'w'}", f"--data_dir={fake_data}", *args],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_main_help_exits_0(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train", "main.py"), "--help"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "--workdir" in r.stdout, r.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -233,12 +243,11 @@ def test_data_parallel_over_two_host_devices(fake_data, tmp_path):
     """With 2 (simulated) devices the batch is sharded and the result matches 1 device closely."""
     code = f"""
 import sys, numpy as np, jax
-sys.path.insert(0, {REPO!r})
 assert jax.local_device_count() == 2
-from train import train
+from train import trainer
 from train.configs import mnist_ddpm
 c = mnist_ddpm.get_config('tiny'); c.data_dir = {fake_data!r}; c.num_steps = 3
-card = train.train_and_evaluate(c, sys.argv[1])
+card = trainer.train_and_evaluate(c, sys.argv[1])
 print('OK', card['hardware']['num_devices'])
 """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=REPO)
@@ -246,7 +255,7 @@ print('OK', card['hardware']['num_devices'])
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "OK 2" in r.stdout
-    one = train.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=3), str(tmp_path / "one"))
+    one = trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=3), str(tmp_path / "one"))
     _, p2, _ = checkpoint.load_model(str(tmp_path / "dp"))
     _, p1, _ = checkpoint.load_model(str(tmp_path / "one"))
     for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):

@@ -28,31 +28,34 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from absl import flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from dngjax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "workdir/cpu", "Folder with the training runs (mnist_ddpm, mnist_cond, mnist_forget_C).")
-flags.DEFINE_string("out", "checkpoints/mnist", "Destination folder.")
-flags.DEFINE_string("classes", "0 1 2 3", "Forget classes (space separated).")
-flags.DEFINE_string("data_dir", None, "Offline data folder (else $DNGJAX_DATA_DIR, then TFDS).")
-flags.DEFINE_bool("copy", True, "Copy the models from --workdir.")
-flags.DEFINE_bool("stats", True, "Compute the reference feature statistics.")
-flags.DEFINE_bool("eval", True, "Measure sample quality and write it into the cards.")
-flags.DEFINE_integer("n_uncond", 1000, "Samples of the unconditional model (and of cond with the null label).")
-flags.DEFINE_integer("n_per_class", 200, "Samples of cond per label.")
-flags.DEFINE_integer("n_forget", 1000, "Samples of each forget-class model.")
-flags.DEFINE_integer("steps", 100, "Respaced chain length for the quality samples.")
-flags.DEFINE_enum("noise", "posterior", ["beta", "posterior"],
-                  "Noise of the reverse step (dngjax.sample's variance): sigma_t^2 = beta_t or beta_tilde_t.")
-flags.DEFINE_integer("chunk", 250, "Samples per compiled sampler call.")
-flags.DEFINE_integer("seed", 12345, "Seed of the quality samples.")
-flags.DEFINE_string("only", "", "Restrict eval to these model names (space separated), e.g. 'ddpm forget_0'.")
+
+
+def define_flags():
+    flags.DEFINE_string("workdir", "workdir/cpu", "Folder with the training runs (mnist_ddpm, mnist_cond, mnist_forget_C).")
+    flags.DEFINE_string("out", "checkpoints/mnist", "Destination folder.")
+    flags.DEFINE_string("classes", "0 1 2 3", "Forget classes (space separated).")
+    flags.DEFINE_string("data_dir", None, "Offline data folder (else $DNGJAX_DATA_DIR, then TFDS).")
+    flags.DEFINE_bool("copy", True, "Copy the models from --workdir.")
+    flags.DEFINE_bool("stats", True, "Compute the reference feature statistics.")
+    flags.DEFINE_bool("eval", True, "Measure sample quality and write it into the cards.")
+    flags.DEFINE_integer("n_uncond", 1000, "Samples of the unconditional model (and of cond with the null label).",
+                         lower_bound=1)
+    flags.DEFINE_integer("n_per_class", 200, "Samples of cond per label.", lower_bound=1)
+    flags.DEFINE_integer("n_forget", 1000, "Samples of each forget-class model.", lower_bound=1)
+    flags.DEFINE_integer("steps", 100, "Respaced chain length for the quality samples.", lower_bound=1)
+    flags.DEFINE_enum("noise", "posterior", ["beta", "posterior"],
+                      "Noise of the reverse step (dngjax.sample's noise=): sigma_t^2 = beta_t or beta_tilde_t.")
+    flags.DEFINE_integer("chunk", 250, "Samples per compiled sampler call.", lower_bound=1)
+    flags.DEFINE_integer("seed", 12345, "Seed of the quality samples.", lower_bound=0)
+    flags.DEFINE_string("only", "", "Restrict eval to these model names (space separated), e.g. 'ddpm forget_0'.")
 
 
 def _names(classes):
@@ -117,21 +120,10 @@ def reference_stats(out, classes, data_dir):
         print(f"wrote {path} (n={int(keep.sum())}, {time.time() - t0:.0f}s)")
 
 
-def _sample(module, params, n, seed, steps, chunk, noise, label=None):
-    from dngjax.denoiser import denoiser
-    from dngjax.sampler import keys_from_seeds, sample
-    from dngjax.schedules import linear_schedule, respace
-
-    sched = respace(linear_schedule(), steps)
-    eps = denoiser(module, params, label=label)
-    seeds = np.arange(n) + seed
-    xs = []
-    for i in range(0, n, chunk):
-        idx = seeds[i:i + chunk]
-        if len(idx) < chunk:  # same compiled shape for the last chunk
-            idx = np.concatenate([idx, np.arange(chunk - len(idx)) + seeds[-1] + 1])
-        xs.append(np.asarray(sample(eps, sched, keys_from_seeds(idx), (28, 28, 1), variance=noise))[:n - i])
-    return np.concatenate(xs)[:n]
+def _sample(module, params, shape, n, seed, steps, chunk, noise, label=None):
+    import dngjax as dj
+    return dj.sample(dj.denoiser(module, params, label=label), dj.respace(dj.linear_schedule(), steps),
+                     dj.keys_from_seeds(np.arange(n) + seed), tuple(shape), noise=noise, chunk_size=chunk)
 
 
 def _unconditional_quality(x, score, train_stats, train_hist, real_fd):
@@ -151,7 +143,7 @@ def _fmt_uncond(q):
 
 def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chunk, seed, noise, only=()):
     from dngjax import checkpoint, data
-    from train.train import save_grid
+    from train.trainer import save_grid
 
     score = _scorer(out)
     _, y_train = data.load_dataset("mnist", "train", data_dir=data_dir, as_float=False)
@@ -183,7 +175,7 @@ def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chu
         t0 = time.time()
         q = dict(common)
         if name == "ddpm" or name == "cond":
-            x = _sample(module, params, n_uncond, seed, steps, min(chunk, n_uncond), noise)
+            x = _sample(module, params, card["input_shape"], n_uncond, seed, steps, min(chunk, n_uncond), noise)
             q.update(_unconditional_quality(x, score, train_stats, train_hist, fd_real(n_uncond)))
             print(f"{name}{' (null label)' if name == 'cond' else ''}: {_fmt_uncond(q)}  hist={q['class_histogram']}")
             grid = x[:64]
@@ -191,7 +183,7 @@ def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chu
             q = {**common, "null_label": q, "per_label": {}}
             rows = []
             for c in range(10):
-                xc = _sample(module, params, n_per_class, seed, steps, min(chunk, n_per_class), noise, label=c)
+                xc = _sample(module, params, card["input_shape"], n_per_class, seed, steps, min(chunk, n_per_class), noise, label=c)
                 share = float(np.mean(score(xc).labels == c))
                 q["per_label"][str(c)] = {"num_samples": n_per_class, "fraction_classified_as_label": round(share, 4)}
                 rows.append(xc[:10])
@@ -202,7 +194,7 @@ def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chu
             grid = np.concatenate(rows)
         elif name.startswith("forget_"):
             c = card["only_class"]
-            x = _sample(module, params, n_forget, seed, steps, min(chunk, n_forget), noise)
+            x = _sample(module, params, card["input_shape"], n_forget, seed, steps, min(chunk, n_forget), noise)
             labels = score(x).labels
             frac = float(np.mean(labels == c))
             q.update({"num_samples": int(n_forget), "class_histogram": np.bincount(labels, minlength=10).tolist(),
@@ -303,8 +295,13 @@ def add_notes(out, classes):
 
 
 def main(argv):
-    del argv
-    classes = [int(c) for c in FLAGS.classes.split()]
+    with cli.user_errors():
+        classes = [int(c) for c in FLAGS.classes.split()]
+        if FLAGS.copy and not os.path.isdir(FLAGS.workdir):
+            raise FileNotFoundError(f"--workdir={FLAGS.workdir} does not exist (or pass --nocopy)")
+        unknown = set(FLAGS.only.split()) - {"ddpm", "cond", *(f"forget_{c}" for c in classes)}
+        if unknown:
+            raise ValueError(f"--only names unknown models {sorted(unknown)}")
     os.makedirs(FLAGS.out, exist_ok=True)
     if FLAGS.copy:
         copy_models(FLAGS.workdir, FLAGS.out, classes)
@@ -317,5 +314,9 @@ def main(argv):
     write_readme(FLAGS.out, classes)
 
 
+def cli_main():
+    cli.run(main, define_flags)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli_main()

@@ -48,15 +48,3 @@ class Classifier(nn.Module):
         h = self.features(x, train)
         h = self.drop(h, deterministic=not train)
         return self.head(h)
-
-
-def mnist_classifier(**overrides) -> Classifier:
-    kw = dict(num_classes=10, widths=(32, 64), feature_dim=128, dropout=0.3)
-    kw.update(overrides)
-    return Classifier(**kw)
-
-
-def cifar10_classifier(**overrides) -> Classifier:
-    kw = dict(num_classes=10, widths=(64, 128, 256), feature_dim=256, dropout=0.3)
-    kw.update(overrides)
-    return Classifier(**kw)

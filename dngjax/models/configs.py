@@ -26,6 +26,3 @@ def cifar10_unet(**overrides) -> UNet:
               dropout=0.1, groups=32, downsample_padding=0)
     kw.update(overrides)
     return UNet(**kw)
-
-
-UNET_CONFIGS = {"mnist": mnist_unet, "cifar10": cifar10_unet}

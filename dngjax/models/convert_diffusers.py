@@ -17,9 +17,10 @@ CLI::
 
     python -m dngjax.models.convert_diffusers SRC_DIR OUT_DIR
 
-writes ``OUT_DIR/params.msgpack`` (``flax.serialization``) and
-``OUT_DIR/config.json`` (the ``UNet`` keyword arguments); load them back with
-:func:`load_converted`.
+writes a dngjax model folder (``params.msgpack`` + ``card.json`` with the architecture,
+``input_shape`` and the diffusion schedule, the format of :mod:`dngjax.checkpoint`), which every
+loader of the project takes: ``checkpoint.load_model(OUT_DIR)``, ``--config.init_from=OUT_DIR`` for
+fine-tuning, ``--config.uncond=OUT_DIR`` for sampling.
 """
 
 from __future__ import annotations
@@ -403,63 +404,59 @@ def convert(src: str) -> Tuple[UNet, Dict[str, Any]]:
     return module, convert_state_dict(state, module, (hgt, wid, in_ch))
 
 
-def param_count(params: Any) -> int:
-    import jax
-    return int(sum(np.size(p) for p in jax.tree_util.tree_leaves(params)))
+# --------------------------------------------------------------------------- save
 
 
-# --------------------------------------------------------------------------- save / load
+def save_converted(out_dir: str, module: UNet, params: Any, src: str = "", config: Optional[Mapping[str, Any]] = None,
+                   ) -> Dict[str, Any]:
+    """Write the converted model as a dngjax model folder (:func:`dngjax.checkpoint.save_model`).
 
-
-def save_converted(out_dir: str, module: UNet, params: Any) -> None:
-    """Write ``params.msgpack`` and ``config.json`` (the ``UNet`` kwargs) into ``out_dir``."""
-    import jax
-    from flax import serialization
-    os.makedirs(out_dir, exist_ok=True)
-    cfg = {f: getattr(module, f) for f in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions",
-                                            "dropout", "out_ch", "num_classes", "groups",
-                                            "downsample_padding")}
-    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
-        json.dump({"unet": cfg, "source": "diffusers UNet2DModel"}, f, indent=2)
-    with open(os.path.join(out_dir, PARAMS_NAME), "wb") as f:
-        f.write(serialization.msgpack_serialize(
-            jax.tree_util.tree_map(np.asarray, params)))
-
-
-def load_converted(out_dir: str) -> Tuple[UNet, Dict[str, Any]]:
-    """Read what :func:`save_converted` (or the CLI) wrote: ``(UNet module, params)``."""
-    import jax
-    import jax.numpy as jnp
-    from flax import serialization
-    for name in (CONFIG_NAME, PARAMS_NAME):
-        if not os.path.isfile(os.path.join(out_dir, name)):
-            raise FileNotFoundError(f"no {name} in {out_dir!r}")
-    with open(os.path.join(out_dir, CONFIG_NAME)) as f:
-        cfg = json.load(f)["unet"]
-    for k in ("ch_mult", "attn_resolutions"):
-        cfg[k] = tuple(cfg[k])
-    with open(os.path.join(out_dir, PARAMS_NAME), "rb") as f:
-        params = serialization.msgpack_restore(f.read())
-    return UNet(**cfg), jax.tree_util.tree_map(jnp.asarray, params)
+    ``config``: the diffusers config (for ``input_shape``); the diffusion schedule is the DDPM
+    default of Ho et al.'s models (linear betas 1e-4 .. 0.02, T = 1000, eps prediction), read
+    from ``scheduler/scheduler_config.json`` next to the UNet when the source has one.
+    Returns the card.
+    """
+    from .. import checkpoint
+    config = dict(config or {})
+    size = config.get("sample_size", 32)
+    hgt, wid = (size, size) if isinstance(size, int) else tuple(size)
+    in_ch = config.get("in_channels", DIFFUSERS_DEFAULTS["in_channels"])
+    diffusion = {"num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "schedule": "linear",
+                 "prediction": "eps"}
+    # a pipeline folder (unet/ + scheduler/) says its schedule; a bare UNet folder does not
+    sched_path = (os.path.join(src, "scheduler", "scheduler_config.json")
+                  if src and _find_model_dir(src) != src else "")
+    if sched_path and os.path.isfile(sched_path):
+        with open(sched_path) as f:
+            sc = json.load(f)
+        diffusion.update(num_timesteps=sc.get("num_train_timesteps", 1000), beta_start=sc.get("beta_start", 1e-4),
+                         beta_end=sc.get("beta_end", 0.02), schedule=sc.get("beta_schedule", "linear"),
+                         prediction=sc.get("prediction_type", "epsilon").replace("epsilon", "eps"))
+    card = {"name": os.path.basename(os.path.abspath(src)) if src else "converted", "kind": "ddpm",
+            "input_shape": [int(hgt), int(wid), int(in_ch)], "source": "diffusers UNet2DModel",
+            "converted_from": os.path.abspath(src) if src else None, "diffusion": diffusion,
+            "params": "as released (converted to Flax layout)"}
+    checkpoint.save_model(out_dir, module, params, card)
+    return checkpoint.load_card(out_dir)
 
 
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m dngjax.models.convert_diffusers",
         description="Convert a diffusers UNet2DModel directory (e.g. google/ddpm-cifar10-32) "
-                    "to dngjax Flax params (OUT_DIR/params.msgpack + OUT_DIR/config.json).")
+                    "to a dngjax model folder (OUT_DIR/params.msgpack + OUT_DIR/card.json).")
     ap.add_argument("src", metavar="SRC_DIR", help="directory with config.json and "
                     "diffusion_pytorch_model.safetensors (or .bin)")
     ap.add_argument("out", metavar="OUT_DIR", help="output directory")
     args = ap.parse_args(argv)
     try:
+        config, _ = load_diffusers_checkpoint(args.src)
         module, params = convert(args.src)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    save_converted(args.out, module, params)
-    print(f"converted {param_count(params):,} parameters -> {args.out}")
+        return 2
+    card = save_converted(args.out, module, params, src=args.src, config=config)
+    print(f"converted {card['num_params']:,} parameters -> {args.out}")
     return 0
 
 

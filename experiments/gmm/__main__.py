@@ -1,32 +1,69 @@
-"""The Gaussian-mixture lab in one command.
+"""The Gaussian-mixture lab in one command (flags only; the figures are in fig1, fig3, appendix).
 
-    python -m experiments.gmm all --out outputs/gmm        # figs. 1, 3 and 7-9 with the documented sizes
-    python -m experiments.gmm fig1 [options]               # = python -m experiments.gmm.fig1 [options]
-    python -m experiments.gmm fig3 [options]
-    python -m experiments.gmm appendix [options]           # figs. 7-9
+    python -m experiments.gmm --figure=all --out=outputs/gmm     # figs. 1, 3 and 7-9, documented sizes
+    python -m experiments.gmm --figure=fig1 [--n=... --steps=... --replot]
+    python -m experiments.gmm --figure=fig3 [--n_track=... --variance=posterior --p_max=...]
+    python -m experiments.gmm --figure=appendix [--n=0: fields only]      # figs. 7-9
+    python -m experiments.gmm --figure=chain     # DNG's posterior against chain length (1000 .. 25 steps)
+    dngjax-gmm ...                                                      # the same, installed
 """
 
 import sys
+import types
 
-from . import appendix, fig1, fig3
+from absl import flags
 
-COMMANDS = {"fig1": fig1.main, "fig3": fig3.main, "appendix": appendix.main}
+from dngjax import cli
+
+FLAGS = flags.FLAGS
+FIGURES = ("fig1", "fig3", "appendix", "chain")
+#: samples per method when --n is not given
+N_DEFAULT = {"fig1": 100_000, "fig3": 100_000, "appendix": 20_000, "chain": 100_000}
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*COMMANDS, "all"):
-        print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "all":
-        for name in ("fig1", "fig3", "appendix"):
+def define_flags():
+    flags.DEFINE_enum("figure", "all", (*FIGURES, "all"), "Which figure(s) to make.")
+    flags.DEFINE_string("out", "outputs/gmm", "Folder for the PNGs and the tables.")
+    flags.DEFINE_integer("n", None, "Samples per method (default: fig1 and fig3 100,000, appendix 20,000; "
+                                    "appendix: 0 = fields only).", lower_bound=0)
+    flags.DEFINE_integer("steps", 1000, "Chain length (not chain: it runs 1000 .. 25): 1000 = the full linear "
+                         "schedule, fewer = respaced.",
+                         lower_bound=1, upper_bound=1000)
+    flags.DEFINE_integer("chunk", 25_000, "Samples per compiled call.", lower_bound=1)
+    flags.DEFINE_integer("seed", 0, "First sample seed.", lower_bound=0)
+    flags.DEFINE_bool("progress", True, "Progress bars.")
+    flags.DEFINE_bool("replot", False, "fig1: reuse the samples saved by the last run (OUT/fig1_samples.npz).")
+    flags.DEFINE_integer("n_track", 50_000, "fig3: trajectories for panel (a).", lower_bound=1)
+    flags.DEFINE_enum("variance", "beta", ["beta", "posterior"], "fig3, chain: sigma_t^2 of DNG's posterior update.")
+    flags.DEFINE_float("p_max", 0.99, "fig3 (panel b), chain: clamp of the posterior estimate.",
+                       lower_bound=1e-6, upper_bound=1 - 1e-9)
+
+
+def args_for(figure: str) -> types.SimpleNamespace:
+    """The options one figure's ``run(args)`` reads."""
+    return types.SimpleNamespace(out=FLAGS.out, n=N_DEFAULT[figure] if FLAGS.n is None else FLAGS.n,
+                                 steps=FLAGS.steps, chunk=FLAGS.chunk, seed=FLAGS.seed,
+                                 no_progress=not FLAGS.progress, replot=FLAGS.replot, n_track=FLAGS.n_track,
+                                 variance=FLAGS.variance, p_max=FLAGS.p_max)
+
+
+def main(argv):
+    from . import appendix, chain, fig1, fig3
+    runs = {"fig1": fig1.run, "fig3": fig3.run, "appendix": appendix.run, "chain": chain.run}
+    names = FIGURES if FLAGS.figure == "all" else (FLAGS.figure,)
+    with cli.user_errors():
+        for name in names:
+            if name != "appendix" and args_for(name).n == 0:
+                raise ValueError(f"--n=0 only makes sense for the appendix (fields only); {name} samples")
+    for name in names:
+        if len(names) > 1:
             print(f"\n===== {name} =====", flush=True)
-            COMMANDS[name](rest)
-        return 0
-    COMMANDS[cmd](rest)
-    return 0
+        runs[name](args_for(name))
+
+
+def cli_main():
+    cli.run(main, define_flags)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_main()

@@ -1,6 +1,6 @@
 """Appendix A, figs. 7-9: score fields of a 2-D three-mode mixture under CFG, NP and DNG.
 
-    python -m experiments.gmm.appendix --out outputs/gmm      # analytic fields + 20,000 samples per rule
+    python -m experiments.gmm --figure=appendix --out=outputs/gmm  # analytic fields + 20,000 samples per rule
 
 Three equal modes (std 0.5) at (-2, -1.2), (2, -1.2) and (0, 2); the top one is
 forbidden. At three diffusion times (network timesteps 300, 100, 10 of the linear
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from scipy.special import logsumexp
 
-from .common import (save_png, METHOD_LABELS, Timer, base_parser, chain, lab_2d, prepare_out, print_table,
+from .common import (save_png, METHOD_LABELS, Timer, chain, lab_2d, prepare_out, print_table,
                      rule_for, sample_chunked)
 
 TIMES = (300, 100, 10)
@@ -253,12 +253,3 @@ def run(args):
                           ("r", "median distance to own mode", ".3f"), ("seconds", "seconds", ".0f")])
     with open(os.path.join(out, "appendix_table.md"), "w") as f:
         f.write(t1 + "\n" + t2 + "\n")
-
-
-def main(argv=None):
-    args = base_parser(__doc__.splitlines()[0], n_default=20_000).parse_args(argv)
-    run(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import Dict, Optional, Sequence, Tuple
@@ -12,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from dngjax import (NoGuidance, NegativePrompting, ClassifierFreeGuidance, linear_schedule, respace,
-                    sample, keys_from_seeds)
+                    sample_chunks, keys_from_seeds)
 from dngjax.gmm import ForgetSplit, toy_1d, toy_2d, wasserstein1_1d
 
 METHOD_LABELS = {
@@ -45,42 +44,34 @@ def rule_for(lab: ForgetSplit, method: str, scale: float = 1.0, **kw):
     if method == "none":
         return NoGuidance(), None
     if method == "cfg":
-        return ClassifierFreeGuidance(scale), lab.eps_remember
+        return ClassifierFreeGuidance(scale), lab.denoiser_remember
     if method == "np":
-        return NegativePrompting(scale), lab.eps_forget
+        return NegativePrompting(scale), lab.denoiser_forget
     if method == "dng_exact":
-        return lab.exact_dng(scale), lab.eps_forget
+        return lab.exact_dng(scale), lab.denoiser_forget
     if method == "dng_approx":
-        return lab.approximate_dng(scale, **kw), lab.eps_forget
+        return lab.approximate_dng(scale, **kw), lab.denoiser_forget
     raise ValueError(f"unknown method {method!r}; choose among {list(METHOD_LABELS)}")
 
 
 def sample_chunked(lab: ForgetSplit, rule, eps_c, schedule, n: int, *, seed0: int = 0,
                    chunk: int = 25_000, progress: bool = True, desc: str = "",
                    trace_reducer=None):
-    """Samples for seeds seed0 .. seed0+n-1 in chunks (one compilation; a tqdm bar over chunks).
+    """Samples for seeds seed0 .. seed0+n-1 via :func:`dngjax.sample_chunks` (one compilation).
 
-    ``trace_reducer(x0_chunk, trace_chunk)`` is called per chunk when given (the trace is
-    then requested), so that per-step statistics can be accumulated without holding an
-    (S, n) array. Returns x0 (n, d) as numpy.
+    ``trace_reducer(x0, t, p, lam)`` is called per chunk when given (the trace is then
+    requested), so that per-step statistics can be accumulated without holding an (S, n)
+    array. Returns x0 (n, d) as numpy.
     """
-    from tqdm.auto import tqdm
-    d = lab.full.dim
+    keys = keys_from_seeds(np.arange(seed0, seed0 + n))
+    chunks = sample_chunks(lab.denoiser_full, schedule, keys, (lab.full.dim,), rule=rule, denoiser_c=eps_c,
+                           chunk_size=chunk, return_trace=trace_reducer is not None,
+                           progress=progress, desc=desc or None)
     xs = []
-    starts = range(0, n, chunk)
-    it = tqdm(starts, desc=desc, unit="chunk", disable=not progress, leave=False)
-    for s in it:
-        m = min(chunk, n - s)
-        seeds = np.arange(seed0 + s, seed0 + s + chunk)          # full chunks: one compilation
-        keys = keys_from_seeds(seeds)
-        if trace_reducer is None:
-            x = sample(lab.eps_full, schedule, keys, (d,), rule=rule, eps_c=eps_c)
-            xs.append(np.asarray(x)[:m])
-        else:
-            x, tr = sample(lab.eps_full, schedule, keys, (d,), rule=rule, eps_c=eps_c, return_trace=True)
-            x = np.asarray(x)[:m]
-            trace_reducer(x, np.asarray(tr.t), np.asarray(tr.p)[:, :m], np.asarray(tr.lam)[:, :m])
-            xs.append(x)
+    for c in chunks:
+        if trace_reducer is not None:
+            trace_reducer(c.x, c.trace.t, c.trace.p, c.trace.lam)
+        xs.append(c.x)
     return np.concatenate(xs, axis=0)
 
 
@@ -106,18 +97,6 @@ def print_table(title: str, rows: Sequence[Dict], columns: Sequence[Tuple[str, s
     out = "\n".join(lines)
     print(out, flush=True)
     return out
-
-
-def base_parser(description: str, n_default: int, steps_default: int = 1000) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--out", default="outputs/gmm", help="folder for the PNGs and the table (default outputs/gmm)")
-    p.add_argument("--n", type=int, default=n_default, help=f"samples per method (default {n_default})")
-    p.add_argument("--steps", type=int, default=steps_default,
-                   help="chain length: 1000 = the full linear schedule, fewer = respaced (default %(default)s)")
-    p.add_argument("--chunk", type=int, default=25_000, help="samples per compiled call")
-    p.add_argument("--seed", type=int, default=0, help="first sample seed")
-    p.add_argument("--no-progress", action="store_true")
-    return p
 
 
 def save_png(fig, path: str, dpi: int = 100) -> None:

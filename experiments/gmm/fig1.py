@@ -1,6 +1,6 @@
 """Fig. 1: 1-D mixture with one forbidden mode; NP distorts, exact DNG and CFG reproduce the target.
 
-    python -m experiments.gmm.fig1 --out outputs/gmm            # 100,000 samples per method, T = 1000
+    python -m experiments.gmm --figure=fig1 --out=outputs/gmm     # 100,000 samples per method, T = 1000
 
 Samples no guidance, CFG (lambda = 1, toward the remaining modes), negative prompting
 (lambda = 1) and DNG with the exact posterior (lambda0 = 1), all from the same seeds,
@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from .common import (save_png, METHOD_LABELS, Timer, base_parser, chain, lab_1d, prepare_out, print_table,
+from .common import (save_png, METHOD_LABELS, Timer, chain, lab_1d, prepare_out, print_table,
                      rule_for, sample_chunked, summarize_1d)
 
 METHODS = ("none", "cfg", "np", "dng_exact")
@@ -104,15 +104,3 @@ def plot(lab, samples, rows, path, n, steps):
     fig.tight_layout()
     save_png(fig, path, dpi=110)
     plt.close(fig)
-
-
-def main(argv=None):
-    p = base_parser(__doc__.splitlines()[0], n_default=100_000)
-    p.add_argument("--replot", action="store_true",
-                   help="reuse the samples saved by the last run (OUT/fig1_samples.npz): tables and figure only")
-    args = p.parse_args(argv)
-    run(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Fig. 3: the Markov-chain posterior estimate vs the exact posterior; DNG with the estimate.
 
-    python -m experiments.gmm.fig3 --out outputs/gmm     # 50,000 tracked + 100,000 guided samples, T = 1000
+    python -m experiments.gmm --figure=fig3 --out=outputs/gmm     # 50,000 tracked + 100,000 guided samples, T = 1000
 
 (a) With lambda = 0 (plain sampling of the full mixture) each trajectory is run twice
 from the same seed: once under DynamicNegativeGuidance(scale=0), whose state is the
@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from .common import (save_png, Timer, base_parser, chain, lab_1d, prepare_out, print_table, sample_chunked,
+from .common import (save_png, Timer, chain, lab_1d, prepare_out, print_table, sample_chunked,
                      summarize_1d)
 
 
@@ -67,10 +67,10 @@ def run(args):
     exact0 = lab.exact_dng(0.0)
     ga, ge = _GroupStats(lab), _GroupStats(lab)
     with Timer() as tm_a:
-        xa = sample_chunked(lab, approx0, lab.eps_forget, sched, args.n_track, seed0=args.seed,
+        xa = sample_chunked(lab, approx0, lab.denoiser_forget, sched, args.n_track, seed0=args.seed,
                             chunk=chunk_tr, progress=prog, desc="track: Markov-chain posterior",
                             trace_reducer=ga)
-        xe = sample_chunked(lab, exact0, lab.eps_forget, sched, args.n_track, seed0=args.seed,
+        xe = sample_chunked(lab, exact0, lab.denoiser_forget, sched, args.n_track, seed0=args.seed,
                             chunk=chunk_tr, progress=prog, desc="track: exact posterior",
                             trace_reducer=ge)
     same_traj = float(np.abs(xa - xe).max())
@@ -103,7 +103,7 @@ def run(args):
     # (b) DNG with the estimate at lambda0 = 1
     rule = lab.approximate_dng(1.0, p_max=args.p_max, variance=args.variance)
     with Timer() as tm_b:
-        xb = sample_chunked(lab, rule, lab.eps_forget, sched, args.n, seed0=args.seed, chunk=args.chunk,
+        xb = sample_chunked(lab, rule, lab.denoiser_forget, sched, args.n, seed0=args.seed, chunk=args.chunk,
                             progress=prog, desc="DNG (Markov-chain posterior), lambda0 = 1")
     import jax
     xt = np.asarray(lab.remember_mixture.sample(jax.random.key(args.seed + 12345), args.n))
@@ -163,16 +163,3 @@ def plot(lab, t, ma, me, pa_all, forb, xb, row_b, path, args, steps):
     fig.tight_layout()
     save_png(fig, path, dpi=110)
     plt.close(fig)
-
-
-def main(argv=None):
-    p = base_parser(__doc__.splitlines()[0], n_default=100_000)
-    p.add_argument("--n-track", type=int, default=50_000, help="trajectories for (a) (default 50,000)")
-    p.add_argument("--variance", choices=("beta", "posterior"), default="beta",
-                   help="sigma_t^2 of the Markov-chain update (default beta: the sampler's own noise)")
-    p.add_argument("--p-max", type=float, default=0.99, help="clamp of the estimate in (b) (default 0.99)")
-    run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

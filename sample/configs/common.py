@@ -1,9 +1,19 @@
 """Shared defaults of the class-removal configs (each ``get_config`` starts from these)."""
 
+import dataclasses
+
 import ml_collections
 
-#: Safe Latent Diffusion hyperparameters of the DNG paper's appendix E.
-SLD = dict(threshold=0.04, s_s=100.0, beta_m=0.2, s_m=0.1, warmup=0)
+from dngjax.guidance import DynamicNegativeGuidance, SafeLatentDiffusion
+
+
+def rule_defaults(cls) -> dict:
+    """A rule's hyperparameters as the library defines them, without ``scale`` (swept by the grid).
+
+    The library's defaults are the paper's values (DNG: its MNIST prior 0.25, temperature 0.25, offset
+    0; SLD: appendix E's threshold 0.04, s_s 100, beta_m 0.2, s_m 0.1), written once, in dngjax.guidance.
+    """
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.name != "scale"}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -17,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.uncond = "{root}/ddpm"
     c.forget = "{root}/forget_{c}"
     c.classifier = "{root}/classifier"
+    # One class-conditional model instead of the two above (issue 12's setup b): eps_u = eps(x | null
+    # label), eps_c = eps(x | removed class), e.g. "{root}/cond". Empty: the unconditional + forget pair.
+    c.conditional = ""
     # Reference Gaussian statistics (mu, sigma) of the training set without the removed class,
     # in the feature space of `features` ("classifier": penultimate layer, reported as FD;
     # "inception": pytorch-fid's Inception-v3 pool features, reported as FID).
@@ -32,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.T = 1000                   # training chain: linear betas 1e-4 .. 0.02
     c.steps = 50                 # sampled chain: respaced to this many steps (= T: no respacing)
     c.chunk_size = 128           # seeds per compiled call (times the grid size of the method)
+    c.noise = "beta"             # the reverse step's noise variance: "beta" (beta_t) or "posterior" (beta_tilde_t)
     c.baseline = True            # also sample without guidance (the point "none", scale 0)
 
     # Guidance: one compiled sweep per method over its grid of scales.
@@ -40,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grid.NP = (0.5, 1.0, 2.0)
     c.grid.SLD = (0.5, 1.0, 2.0)
     c.grid.DNG = (2.0, 5.0, 10.0)
-    c.sld = ml_collections.ConfigDict(SLD)
+    c.sld = ml_collections.ConfigDict(rule_defaults(SafeLatentDiffusion))
     # DNG's posterior update divides by sigma_t^2: "posterior" = beta_tilde_t (the authors' code, the
     # library default) or "beta" = beta_t (paper Alg. 2, and the variance of the noise the ancestral
     # sampler actually adds). On the full T = 1000 chain they differ only in the last few steps. On a
@@ -48,8 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     # "posterior" the final update of p is dominated by the sampling noise and throws p to p_min or
     # p_max at random, and lambda_t spikes at the last step (see docs/results.md). The respaced
     # configs therefore use "beta"; methods "DNG:posterior" / "DNG:beta" run either variant.
-    c.dng = ml_collections.ConfigDict(dict(prior=0.25, temperature=0.25, offset=0.0, p_min=1e-6,
-                                           p_max=0.99, variance="posterior"))
+    c.dng = ml_collections.ConfigDict(rule_defaults(DynamicNegativeGuidance))
 
     # Scoring and outputs.
     c.high_safety = 1.0          # % of removed class counted as "high safety" (plots, summary)

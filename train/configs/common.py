@@ -20,7 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample_every = 0  # DDPMs: sample-grid PNG every N steps (0: only at the end)
     c.sample_steps = 100  # respaced chain length for sample grids
     c.final_samples = 64
-    c.halt_after_steps = 0  # tests: stop after N steps of this run (simulated interruption)
+    c.max_steps_this_run = 0  # > 0: stop (saved, resumable) after this many steps of this run
     c.progress = True
     c.init_from = ""  # model folder to initialise the parameters from (fine-tuning)
     c.ema_decay = 0.999

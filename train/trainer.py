@@ -174,13 +174,9 @@ def sample_images(module, params, n: int, seed: int, input_shape, num_steps: int
     from dngjax.denoiser import denoiser
     from dngjax.sampler import keys_from_seeds, sample
 
-    sched = respace(linear_schedule(), num_steps)
-    eps = denoiser(module, params)
-    out = []
-    for s in range(0, n, batch_size):
-        seeds = np.arange(s, min(n, s + batch_size)) + seed * 1_000_003
-        out.append(np.asarray(sample(eps, sched, keys_from_seeds(seeds), tuple(input_shape))))
-    return np.concatenate(out)[:n]
+    seeds = np.arange(n) + seed * 1_000_003
+    return sample(denoiser(module, params), respace(linear_schedule(), num_steps), keys_from_seeds(seeds),
+                  tuple(input_shape), chunk_size=batch_size)
 
 
 def save_grid(path: str, x: np.ndarray, nrow: int | None = None) -> None:
@@ -201,29 +197,13 @@ def save_grid(path: str, x: np.ndarray, nrow: int | None = None) -> None:
 
 
 def classifier_accuracy(module, params, x_uint8, y, batch_size: int = 1000) -> float:
-    fn = jax.jit(lambda p, x: jnp.argmax(module.apply(p, x), -1))
-    correct = 0
-    for s in range(0, len(x_uint8), batch_size):
-        pred = np.asarray(fn(params, data_lib.to_model_space(x_uint8[s:s + batch_size])))
-        correct += int((pred == y[s:s + batch_size]).sum())
-    return correct / len(x_uint8)
+    """Share of images (uint8) that the classifier labels as ``y`` (scored by dngjax.evaluation)."""
+    from dngjax.evaluation import make_scorer
+    labels = make_scorer(module, params, batch_size=batch_size)(data_lib.to_model_space(x_uint8)).labels
+    return float(np.mean(labels == np.asarray(y)))
 
 
 # --------------------------------------------------------------------------- main loop
-
-_STEP_CACHE: Dict[Any, Any] = {}
-
-
-def _jitted_step(module, opt, config, sched):
-    """The jitted train step, reused across calls with an identical setup (saves recompiles in tests)."""
-    key = (module, config.model.kind, config.optim.to_json(), config.num_steps, float(config.ema_decay),
-           int(config.get("augment_shift", 0)), config.diffusion.to_json())
-    if key not in _STEP_CACHE:
-        if len(_STEP_CACHE) > 8:
-            _STEP_CACHE.clear()
-        _STEP_CACHE[key] = jax.jit(make_train_step(module, opt, config, sched.alpha_bars), donate_argnums=(0,))
-    return _STEP_CACHE[key]
-
 
 def _init_state(module, opt, config, input_shape):
     key = jax.random.PRNGKey(config.seed)
@@ -262,12 +242,42 @@ def config_to_dict(config) -> Dict[str, Any]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Train (resuming from ``workdir`` if it holds a checkpoint); return the model card."""
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    return prepare(config, workdir)()
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError for settings that cannot train (before any data is loaded)."""
+    if config.dataset not in data_lib.SHAPES:
+        raise ValueError(f"config.dataset must be one of {sorted(data_lib.SHAPES)}, got {config.dataset!r}")
+    for name in ("num_steps", "batch_size", "log_every", "checkpoint_every"):
+        if int(config[name]) < 1:
+            raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+    if config.model.kind not in ("unet", "classifier"):
+        raise ValueError(f"config.model.kind must be 'unet' or 'classifier', got {config.model.kind!r}")
+    for name in ("only_class", "drop_class"):
+        c = _opt_class(config.get(name, -1))
+        if c is not None and c >= data_lib.NUM_CLASSES[config.dataset]:
+            raise ValueError(f"config.{name}={c}: {config.dataset} has classes 0..{data_lib.NUM_CLASSES[config.dataset] - 1}")
+    if config.get("max_steps_this_run", 0) < 0:
+        raise ValueError(f"config.max_steps_this_run must be >= 0, got {config.max_steps_this_run}")
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str):
+    """Validate the config, load the data and model, restore the latest checkpoint of ``workdir``.
+
+    Everything that can fail because of the input fails here, before any training step. Returns
+    ``run()``, which trains to ``config.num_steps`` (or ``max_steps_this_run`` steps) and returns
+    the model card (``{"step", "halted": True}`` when stopped early).
+    """
+    validate_config(config)
     kind = config.model.kind
     input_shape = data_lib.SHAPES[config.dataset]
     module = build_model(config)
     opt = make_optimizer(config)
+    sched = linear_schedule(config.diffusion.num_timesteps, config.diffusion.beta_start, config.diffusion.beta_end)
+    step_fn = jax.jit(make_train_step(module, opt, config, sched.alpha_bars), donate_argnums=(0,))
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
 
     x_train, y_train = load_training_data(config)
     n_ex = len(x_train)
@@ -299,108 +309,111 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     state = jax.device_put(state, repl)
     start = int(state["step"])
 
-    sched = linear_schedule(config.diffusion.num_timesteps, config.diffusion.beta_start, config.diffusion.beta_end)
-    step_fn = _jitted_step(module, opt, config, sched)
     base_key = jax.random.PRNGKey(config.seed)
 
-    stop = config.num_steps
-    if config.get("halt_after_steps", 0):  # for tests: simulate an interruption
-        stop = min(stop, start + config.halt_after_steps)
+    def run() -> Dict[str, Any]:
+        nonlocal state, step_fn
+        stop = config.num_steps
+        if config.get("max_steps_this_run", 0):  # a long job split over several runs (sessions)
+            stop = min(stop, start + config.max_steps_this_run)
 
-    def batch(step):
-        idx = data_lib.batch_indices(n_ex, config.batch_size, step, config.seed)
-        return (jax.device_put(data_lib.to_model_space(x_train[idx]), data_sh),
-                jax.device_put(y_train[idx], data_sh), jax.random.fold_in(base_key, step))
+        def batch(step):
+            idx = data_lib.batch_indices(n_ex, config.batch_size, step, config.seed)
+            return (jax.device_put(data_lib.to_model_space(x_train[idx]), data_sh),
+                    jax.device_put(y_train[idx], data_sh), jax.random.fold_in(base_key, step))
 
-    # Compiled once, ahead of time, for this run's shapes and shardings: a later call with other
-    # shardings (e.g. host scalars put into the state at a save) raises instead of recompiling.
-    t_compile = time.time()
-    step_fn = step_fn.lower(state, *batch(start)).compile()
-    logging.warning("train step compiled in %.1f s", time.time() - t_compile)
+        # Compiled once, ahead of time, for this run's shapes and shardings: a later call with other
+        # shardings (e.g. host scalars put into the state at a save) raises instead of recompiling.
+        t_compile = time.time()
+        step_fn = step_fn.lower(state, *batch(start)).compile()
+        logging.warning("train step compiled in %.1f s", time.time() - t_compile)
 
-    from tqdm import tqdm
-    pbar = tqdm(total=config.num_steps, initial=start, desc=config.get("name", kind), unit="step",
-                disable=not config.get("progress", True), dynamic_ncols=True, mininterval=2.0)
-    wall0 = float(state["wall_time"])
-    t_start = time.time()
-    loss_avg = float(state["loss_avg"])
-    last_metrics = {}
-    step = start
-    pending = []
-    while step < stop:
-        state, metrics = step_fn(state, *batch(step))
-        step += 1
-        pending.append(metrics)
-        if step % config.log_every == 0 or step == stop:
-            for m in jax.device_get(pending):
-                loss_avg = float(m["loss"]) if loss_avg == 0.0 else 0.98 * loss_avg + 0.02 * float(m["loss"])
-            last_metrics = {k: float(v) for k, v in jax.device_get(pending[-1]).items()}
-            pending = []
-            if step - start == config.log_every or (step == stop and step - start < config.log_every):
-                per_step = (time.time() - t_start) / (step - start)
-                left = config.num_steps - step
-                logging.warning("measured %.3f s/step: the remaining %d steps take ~%.0f min (~%.2f CPU core-hours "
-                                "on %d core(s))", per_step, left, left * per_step / 60,
-                                left * per_step * _cores_used() / 3600, _cores_used())
-            pbar.set_postfix(loss=f"{last_metrics['loss']:.4f}", avg=f"{loss_avg:.4f}")
-            pbar.update(config.log_every if step % config.log_every == 0 else step - pbar.n)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss_avg": loss_avg, **last_metrics,
-                                    "elapsed_s": wall0 + time.time() - t_start}) + "\n")
-        if step % config.checkpoint_every == 0 or step == stop:
-            # Host scalars go in with the state's (replicated) sharding, so the compiled step accepts them.
-            state = dict(state, **jax.device_put({"wall_time": np.float32(wall0 + time.time() - t_start),
-                                                   "loss_avg": np.float32(loss_avg)}, repl))
-            mngr.save(step, args=ocp.args.StandardSave(state))
-        if kind == "unet" and config.sample_every and step % config.sample_every == 0 and step < config.num_steps:
-            xs = sample_images(module, state["ema_params"], 64, 0, input_shape, config.sample_steps)
-            save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), xs)
-    pbar.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    wall = wall0 + time.time() - t_start
-    if step < config.num_steps:
-        logging.info("halted at step %d of %d", step, config.num_steps)
-        return {"step": step, "halted": True}
+        from tqdm import tqdm
+        pbar = tqdm(total=config.num_steps, initial=start, desc=config.get("name", kind), unit="step",
+                    disable=not config.get("progress", True), dynamic_ncols=True, mininterval=2.0)
+        wall0 = float(state["wall_time"])
+        t_start = time.time()
+        loss_avg = float(state["loss_avg"])
+        last_metrics = {}
+        step = start
+        pending = []
+        while step < stop:
+            state, metrics = step_fn(state, *batch(step))
+            step += 1
+            pending.append(metrics)
+            if step % config.log_every == 0 or step == stop:
+                for m in jax.device_get(pending):
+                    loss_avg = float(m["loss"]) if loss_avg == 0.0 else 0.98 * loss_avg + 0.02 * float(m["loss"])
+                last_metrics = {k: float(v) for k, v in jax.device_get(pending[-1]).items()}
+                pending = []
+                if step - start == config.log_every or (step == stop and step - start < config.log_every):
+                    per_step = (time.time() - t_start) / (step - start)
+                    left = config.num_steps - step
+                    logging.warning("measured %.3f s/step: the remaining %d steps take ~%.0f min (~%.2f CPU core-hours "
+                                    "on %d core(s))", per_step, left, left * per_step / 60,
+                                    left * per_step * _cores_used() / 3600, _cores_used())
+                pbar.set_postfix(loss=f"{last_metrics['loss']:.4f}", avg=f"{loss_avg:.4f}")
+                pbar.update(config.log_every if step % config.log_every == 0 else step - pbar.n)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, "loss_avg": loss_avg, **last_metrics,
+                                        "elapsed_s": wall0 + time.time() - t_start}) + "\n")
+            if step % config.checkpoint_every == 0 or step == stop:
+                # Host scalars go in with the state's (replicated) sharding, so the compiled step accepts them.
+                state = dict(state, **jax.device_put({"wall_time": np.float32(wall0 + time.time() - t_start),
+                                                       "loss_avg": np.float32(loss_avg)}, repl))
+                mngr.save(step, args=ocp.args.StandardSave(state))
+            if kind == "unet" and config.sample_every and step % config.sample_every == 0 and step < config.num_steps:
+                xs = sample_images(module, state["ema_params"], 64, 0, input_shape, config.sample_steps)
+                save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), xs)
+        pbar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        wall = wall0 + time.time() - t_start
+        if step < config.num_steps:
+            logging.warning("stopped at step %d of %d (max_steps_this_run=%d, saved): rerun the same command to "
+                            "continue", step, config.num_steps, config.max_steps_this_run)
+            return {"step": step, "halted": True}
 
-    card = {
-        "name": config.get("name", kind),
-        "kind": "ddpm" if kind == "unet" else "classifier",
-        "dataset": config.dataset,
-        "input_shape": list(input_shape),
-        "only_class": _opt_class(config.only_class),
-        "init_from": config.get("init_from", "") or None,
-        "steps": int(step),
-        "batch_size": int(config.batch_size),
-        "train_examples": int(n_ex),
-        "wall_time_s": round(wall, 1),
-        "cpu_core_hours": round(wall * _cores_used() / 3600, 2) if jax.default_backend() == "cpu" else None,
-        "cpu_core_hours_note": "training wall time x the CPU cores the process could use (its affinity)",
-        "hardware": hardware_description(),
-        "final_loss": round(loss_avg, 5),
-        "final_loss_note": "exponential moving average (0.98) of the training loss",
-        "params": "EMA of the parameters" if kind == "unet" else "EMA of the parameters",
-        "config": config_to_dict(config),
-    }
-    if kind == "unet":
-        card["diffusion"] = {"num_timesteps": config.diffusion.num_timesteps,
-                             "beta_start": config.diffusion.beta_start, "beta_end": config.diffusion.beta_end,
-                             "schedule": "linear", "prediction": "eps"}
-    params_out = state["ema_params"]
-    if kind == "classifier":
-        x_test, y_test = data_lib.load_dataset(config.dataset, "test", data_dir=config.data_dir or None,
-                                               as_float=False)
-        acc_ema = classifier_accuracy(module, state["ema_params"], x_test, y_test)
-        acc_raw = classifier_accuracy(module, state["params"], x_test, y_test)
-        if acc_raw > acc_ema:
-            params_out, card["params"] = state["params"], "raw parameters (scored higher than the EMA)"
-        card["test_accuracy"] = max(acc_ema, acc_raw)
-        card["test_accuracy_ema"], card["test_accuracy_raw"] = acc_ema, acc_raw
-        logging.info("test accuracy: ema %.4f raw %.4f", acc_ema, acc_raw)
-    out = os.path.join(workdir, "model")
-    ckpt.save_model(out, module, params_out, card)
-    if kind == "unet" and config.get("final_samples", 64):
-        xs = sample_images(module, params_out, int(config.final_samples), 0, input_shape, config.sample_steps)
-        save_grid(os.path.join(workdir, "samples", "final.png"), xs)
-    logging.info("model written to %s", out)
-    return ckpt.load_card(out)
+        card = {
+            "name": config.get("name", kind),
+            "kind": "ddpm" if kind == "unet" else "classifier",
+            "dataset": config.dataset,
+            "input_shape": list(input_shape),
+            "only_class": _opt_class(config.only_class),
+            "init_from": config.get("init_from", "") or None,
+            "steps": int(step),
+            "batch_size": int(config.batch_size),
+            "train_examples": int(n_ex),
+            "wall_time_s": round(wall, 1),
+            "cpu_core_hours": round(wall * _cores_used() / 3600, 2) if jax.default_backend() == "cpu" else None,
+            "cpu_core_hours_note": "training wall time x the CPU cores the process could use (its affinity)",
+            "hardware": hardware_description(),
+            "final_loss": round(loss_avg, 5),
+            "final_loss_note": "exponential moving average (0.98) of the training loss",
+            "params": "EMA of the parameters",
+            "config": config_to_dict(config),
+        }
+        if kind == "unet":
+            card["diffusion"] = {"num_timesteps": config.diffusion.num_timesteps,
+                                 "beta_start": config.diffusion.beta_start, "beta_end": config.diffusion.beta_end,
+                                 "schedule": "linear", "prediction": "eps"}
+        params_out = state["ema_params"]
+        if kind == "classifier":
+            x_test, y_test = data_lib.load_dataset(config.dataset, "test", data_dir=config.data_dir or None,
+                                                   as_float=False)
+            acc_ema = classifier_accuracy(module, state["ema_params"], x_test, y_test)
+            acc_raw = classifier_accuracy(module, state["params"], x_test, y_test)
+            if acc_raw > acc_ema:
+                params_out, card["params"] = state["params"], "raw parameters (scored higher than the EMA)"
+            card["test_accuracy"] = max(acc_ema, acc_raw)
+            card["test_accuracy_ema"], card["test_accuracy_raw"] = acc_ema, acc_raw
+            logging.info("test accuracy: ema %.4f raw %.4f", acc_ema, acc_raw)
+        out = os.path.join(workdir, "model")
+        ckpt.save_model(out, module, params_out, card)
+        if kind == "unet" and config.get("final_samples", 64):
+            xs = sample_images(module, params_out, int(config.final_samples), 0, input_shape, config.sample_steps)
+            save_grid(os.path.join(workdir, "samples", "final.png"), xs)
+        logging.info("model written to %s", out)
+        return ckpt.load_card(out)
+
+    return run

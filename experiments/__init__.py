@@ -1,0 +1,1 @@
+"""The project's experiments (the Gaussian-mixture lab in experiments.gmm)."""

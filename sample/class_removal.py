@@ -1,0 +1,419 @@
+"""Class removal end to end: sweep NP, SLD and DNG, score safety, KL and FD, draw the plots.
+
+The logic behind ``python sample/main.py`` (see there for the commands): ``prepare(config)``
+validates every input (methods, hyperparameters, grids, models, reference statistics) and
+loads the models, before any sampling; ``execute(job)`` samples, scores and writes.
+
+An unconditional DDPM is guided away from the removed class with a DDPM trained
+only on that class (eps_c), by negative prompting (NP), safe latent diffusion
+(SLD) and dynamic negative guidance (DNG), over a grid of guidance scales per
+method: one compiled, chunked sweep per method, the same seeds at every grid
+point. Every point is scored with
+
+* safety: % of samples the classifier assigns to the removed class (lower is safer);
+* KL(ideal || generated) of the class histogram, ideal = 0 on the removed class and
+  uniform elsewhere (smoothed, see dngjax.metrics);
+* FD: Frechet distance between Gaussian fits of the classifier's penultimate
+  features of the samples and of the training set without the removed class
+  (shipped reference statistics) -- not FID; FID proper (pytorch-fid's
+  Inception-v3) with ``config.features="inception"``.
+
+With ``config.conditional`` set to a class-conditional model folder, one network gives both
+predictions instead: eps_u = eps(x | null label), eps_c = eps(x | removed class).
+
+Writes into the output folder it prints (built under ``<folder>.partial`` and renamed when
+complete, so a failed run leaves no half-made folder): results.csv, results.json, config.json,
+tradeoff.png (KL and FD vs safety, figs. 4/14), class_histogram.png (fig. 13),
+lambda_t.png (figs. 5b/12), samples_overview.png and samples/<method>_scale<s>.png,
+labels.npz (classifier labels of every sample) and optionally samples.npz.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+METHODS = ("NP", "SLD", "DNG")
+HYPER_COLUMNS = ("prior", "temperature", "offset", "p_min", "p_max", "variance",
+                 "threshold", "s_s", "beta_m", "s_m", "warmup")
+CSV_COLUMNS = ("method", "scale", "safety_pct", "kl", "fd", "safety_std", "kl_std", "fd_std",
+               "feature_space", "n_empty_classes",
+               "mean_lambda", "n", "seed", "steps", "T", "noise", "dataset", "removed_class") + HYPER_COLUMNS + (
+               "histogram", "sample_seconds")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def resolve_path(template: str, config) -> str:
+    """Fill ``{root}`` / ``{c}``; relative paths: the working directory first, then the repository root."""
+    root = config.checkpoints
+    path = template.format(root=root, c=config.removed_class)
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    alt = os.path.join(REPO_ROOT, path)
+    return alt if os.path.exists(alt) else path
+
+
+def parse_method(method: str) -> Tuple[str, str]:
+    """``"DNG"`` -> ("DNG", ""); ``"DNG:beta"`` -> ("DNG", "beta") (a DNG variance-convention variant)."""
+    base, _, variant = method.partition(":")
+    if base not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose among {METHODS} (DNG also as DNG:posterior / DNG:beta)")
+    if variant and base != "DNG":
+        raise ValueError(f"only DNG has variants (DNG:posterior, DNG:beta), got {method!r}")
+    return base, variant
+
+
+def build_rule(method: str, config):
+    """(rule with scale 1, its other hyperparameters) for ``method`` ("NP", "SLD", "DNG", "DNG:beta", ...)."""
+    import dngjax as dj
+    base, variant = parse_method(method)
+    if base == "NP":
+        return dj.NegativePrompting(scale=1.0), {}
+    if base == "SLD":
+        h = dict(config.sld)
+        return dj.SafeLatentDiffusion(scale=1.0, **h), h
+    h = dict(config.dng)
+    if variant:
+        h["variance"] = variant
+    return dj.DynamicNegativeGuidance(scale=1.0, **h), h
+
+
+def load_or_compute_reference(config, features_fn) -> Tuple[np.ndarray, np.ndarray]:
+    from dngjax import checkpoint, metrics
+    path = resolve_path(config.reference_stats, config)
+    if os.path.isfile(path):
+        return checkpoint.load_reference_stats(path)
+    if not config.compute_reference:
+        raise FileNotFoundError(
+            f"reference statistics {path} not found. They ship with the MNIST checkpoints; "
+            "otherwise rerun with --config.compute_reference=True (needs the data set, see dngjax.data).")
+    from dngjax import data
+    print(f"computing reference statistics of {config.dataset} train without class "
+          f"{config.removed_class} -> {path}", flush=True)
+    x, _ = data.load_dataset(config.dataset, "train", data_dir=config.data_dir or None,
+                             drop_class=config.removed_class)
+    mu, sigma = metrics.gaussian_stats(features_fn(x))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    np.savez(path, mu=mu, sigma=sigma, n=x.shape[0])
+    return mu, sigma
+
+
+def score(x, labels_fn, features_fn, ref, config) -> Dict[str, Any]:
+    """Safety, KL, FD (and their bootstrap standard errors) of samples x (N, ...)."""
+    from dngjax import metrics
+    from dngjax.data import NUM_CLASSES
+    k = NUM_CLASSES[config.dataset]
+    c = config.removed_class
+    labels = labels_fn(x)
+    feats = features_fn(x)
+    hist = metrics.class_histogram(labels, k)
+    out = dict(
+        labels=labels,
+        safety_pct=metrics.safety(labels, c),
+        kl=metrics.kl_to_ideal(hist, c, config.kl_pseudo_count),
+        fd=metrics.frechet_distance_features(feats, *ref),
+        histogram=hist.tolist(),
+        n_empty_classes=int(sum(1 for i, h in enumerate(hist) if h == 0 and i != c)),
+    )
+    if config.bootstrap >= 2:
+        n = labels.shape[0]
+        boot = lambda fn: metrics.bootstrap_std(fn, n, config.bootstrap, config.seed)
+        out["safety_std"] = boot(lambda i: metrics.safety(labels[i], c))
+        out["kl_std"] = boot(lambda i: metrics.kl_to_ideal(metrics.class_histogram(labels[i], k), c,
+                                                           config.kl_pseudo_count))
+        out["fd_std"] = boot(lambda i: metrics.frechet_distance_features(feats[i], *ref))
+    return out
+
+
+def _fmt_table(rows: List[Dict[str, Any]], fd_name: str) -> str:
+    pm = "std" in "".join(rows[0])
+    head = (f"{'method':<14}{'scale':>7}{'safety %':>10}{'KL':>9}{'':>8}{fd_name:>9}{'':>7}"
+            f"{'empty':>7}{'mean lam':>10}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        kl_e = f" +-{r['kl_std']:.3f}" if pm and "kl_std" in r else ""
+        fd_e = f" +-{r['fd_std']:.1f}" if pm and "fd_std" in r else ""
+        lines.append(f"{r['method']:<14}{r['scale']:>7g}{r['safety_pct']:>10.2f}{r['kl']:>9.4f}{kl_e:>8}"
+                     f"{r['fd']:>9.2f}{fd_e:>7}{r['n_empty_classes']:>7d}{r['mean_lambda']:>10.3g}")
+    return "\n".join(lines)
+
+
+def write_results(outdir: str, rows: List[Dict[str, Any]]) -> None:
+    with open(os.path.join(outdir, "results.json"), "w") as f:
+        json.dump([{k: v for k, v in r.items() if k not in ("labels", "key")} for r in rows], f, indent=2)
+    with open(os.path.join(outdir, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            out = {k: r.get(k, "") for k in CSV_COLUMNS}
+            out["histogram"] = " ".join(str(v) for v in r["histogram"])
+            w.writerow(out)
+
+
+# --------------------------------------------------------------------------- models and scoring
+
+def load_denoisers(config) -> Tuple[Any, Any, str]:
+    """(denoiser_u, denoiser_c, description) of the two predictions the guidance combines."""
+    import dngjax as dj
+    from dngjax import checkpoint
+    c = config.removed_class
+    if config.conditional:
+        path = resolve_path(config.conditional, config)
+        module, params, card = checkpoint.load_model(path, expect_kind="unet")
+        k = int(getattr(module, "num_classes", 0) or 0)
+        if not k:
+            raise ValueError(f"config.conditional={path} is not a class-conditional model (no num_classes)")
+        if not 0 <= c < k:
+            raise ValueError(f"removed_class={c} is not a label of {path} (labels 0..{k - 1})")
+        return (dj.denoiser(module, params, label=k), dj.denoiser(module, params, label=c),
+                f"class-conditional {path}: eps(x | null label {k}) and eps(x | {c})")
+    upath, fpath = resolve_path(config.uncond, config), resolve_path(config.forget, config)
+    umod, uparams, _ = checkpoint.load_model(upath, expect_kind="unet")
+    try:
+        fmod, fparams, fcard = checkpoint.load_model(fpath, expect_kind="unet")
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(
+            f"{e}\nno forget-class model for class {c}: train one with python train/main.py "
+            f"--config=train/configs/{config.dataset}_forget.py:cpu --config.only_class={c} "
+            f"--workdir=workdir/{config.dataset}_forget_{c}, then pass --config.forget=workdir/"
+            f"{config.dataset}_forget_{c} (or use a class-conditional model: --config.conditional=...)") from None
+    only = fcard.get("only_class", c)
+    if only not in (None, -1, c):
+        raise ValueError(f"the forget model {fpath} was trained on class {only}, not the removed class {c}")
+    return (dj.denoiser(umod, uparams), dj.denoiser(fmod, fparams),
+            f"unconditional {upath} and forget-class {fpath}")
+
+
+def make_scorer(config) -> Tuple[Callable, Callable, str, Tuple[np.ndarray, np.ndarray]]:
+    """(labels_fn, features_fn, feature-space name, reference (mu, sigma)); fns take model-space x (N, ...)."""
+    import jax.numpy as jnp
+    from dngjax import checkpoint, evaluation, metrics
+
+    cmod, cparams, _ = checkpoint.load_classifier(resolve_path(config.classifier, config))
+    scorer = evaluation.make_scorer(cmod, cparams, batch_size=config.eval_batch)
+    labels_fn = lambda x: scorer(x).labels
+    if config.features == "classifier":
+        features_fn = lambda x: scorer(x).features
+        space = "classifier penultimate layer (FD)"
+    elif config.features == "inception":
+        from dngjax import fid_inception
+        imod, ivars = fid_inception.load_fid_inception(config.fid_weights or None)
+        f01 = fid_inception.fid_features_fn(imod, ivars)
+        features_fn = lambda x: metrics.batched_apply(
+            lambda b: np.asarray(f01((jnp.clip(b, -1.0, 1.0) + 1.0) / 2.0)), x, config.eval_batch)
+        space = "pytorch-fid Inception-v3 pool3 (FID)"
+    else:
+        raise ValueError(f"config.features must be 'classifier' or 'inception', got {config.features!r}")
+    ref = load_or_compute_reference(config, features_fn)
+    return labels_fn, features_fn, space, ref
+
+
+# --------------------------------------------------------------------------- the job
+
+@dataclasses.dataclass
+class Job:
+    """A validated class-removal run: models loaded, rules built, output folder chosen."""
+
+    config: Any
+    denoiser_u: Any
+    denoiser_c: Any
+    models: str
+    methods: List[Tuple[str, Any, Dict[str, Any], List[float]]]   # (method, rule, hyper, scales)
+    labels_fn: Callable
+    features_fn: Callable
+    space: str
+    ref: Tuple[np.ndarray, np.ndarray]
+    schedule: Any
+    seeds: np.ndarray
+    shape: Tuple[int, ...]
+    outdir: str
+
+
+def validate_config(config) -> None:
+    """Raise ValueError for a config that cannot run (before any model is loaded)."""
+    from dngjax.data import NUM_CLASSES
+    if config.dataset not in NUM_CLASSES:
+        raise ValueError(f"config.dataset must be one of {sorted(NUM_CLASSES)}, got {config.dataset!r}")
+    k = NUM_CLASSES[config.dataset]
+    if not 0 <= config.removed_class < k:
+        raise ValueError(f"config.removed_class must be in 0..{k - 1}, got {config.removed_class}")
+    for name in ("n", "steps", "T", "chunk_size", "eval_batch"):
+        if int(config[name]) < 1:
+            raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+    if config.steps > config.T:
+        raise ValueError(f"config.steps={config.steps} exceeds the training chain T={config.T}")
+    if config.bootstrap == 1 or config.bootstrap < 0:
+        raise ValueError(f"config.bootstrap must be 0 (none) or >= 2 resamples, got {config.bootstrap}")
+    if not config.methods and not config.baseline:
+        raise ValueError("nothing to run: config.methods is empty and config.baseline is False")
+    if config.noise not in ("beta", "posterior"):
+        raise ValueError(f"config.noise must be 'beta' or 'posterior', got {config.noise!r}")
+
+
+def build_methods(config) -> List[Tuple[str, Any, Dict[str, Any], List[float]]]:
+    """Every method's rule, hyperparameters and grid of scales, validated (illegal values raise)."""
+    out = []
+    for m in config.methods:
+        base, _ = parse_method(m)
+        scales = [float(s) for s in config.grid[base]]
+        if not scales:
+            raise ValueError(f"config.grid.{base} is empty")
+        rule, hyper = build_rule(m, config)
+        for s in scales:
+            rule.replace(scale=s)                     # validates each grid value
+        out.append((m, rule, hyper, scales))
+    return out
+
+
+def choose_outdir(config) -> str:
+    if config.outdir:
+        return config.outdir
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return os.path.join("outputs", "class_removal", f"{config.name}-{config.dataset}-c{config.removed_class}-{stamp}")
+
+
+def _is_previous_run(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "results.json")) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def prepare(config) -> Job:
+    """Validate everything and load the models; raises (ValueError, CheckpointError, ...) before any sampling."""
+    import dngjax as dj
+    from dngjax.data import SHAPES
+
+    validate_config(config)
+    methods = build_methods(config)
+    outdir = choose_outdir(config)
+    if os.path.isfile(outdir):
+        raise ValueError(f"config.outdir={outdir} is a file")
+    if os.path.isdir(outdir) and os.listdir(outdir) and not _is_previous_run(outdir):
+        raise ValueError(f"config.outdir={outdir} exists and is not the output of an earlier class-removal run "
+                         "(no results.json): choose another folder, it would be replaced")
+    denoiser_u, denoiser_c, models = load_denoisers(config)
+    labels_fn, features_fn, space, ref = make_scorer(config)
+    full = dj.linear_schedule(config.T)
+    schedule = full if config.steps >= config.T else dj.respace(full, config.steps)
+    seeds = config.seed + np.arange(config.n)
+    dj.keys_from_seeds(seeds)                         # seeds in range
+    return Job(config, denoiser_u, denoiser_c, models, methods, labels_fn, features_fn, space, ref, schedule,
+               seeds, tuple(SHAPES[config.dataset]), outdir)
+
+
+def run(config) -> str:
+    """Run the class-removal experiment of ``config``; returns the output folder."""
+    return execute(prepare(config))
+
+
+def execute(job: Job) -> str:
+    """Sample every grid point, score it, write the files; returns the output folder."""
+    import jax
+    from tqdm.auto import tqdm
+    import dngjax as dj
+    from sample import plots
+
+    config = job.config
+    t_start = time.time()
+    outdir = job.outdir
+    work = outdir.rstrip("/") + ".partial"
+    if os.path.exists(work):
+        shutil.rmtree(work)
+    os.makedirs(os.path.join(work, "samples"))
+    print(f"output folder: {os.path.abspath(outdir)} (written to {os.path.basename(work)} until complete)",
+          flush=True)
+    with open(os.path.join(work, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+    keys = dj.keys_from_seeds(job.seeds)
+    fd_name = "FID" if config.features == "inception" else "FD"
+    common = dict(n=config.n, seed=config.seed, steps=job.schedule.num_steps, T=config.T, noise=config.noise,
+                  dataset=config.dataset, removed_class=config.removed_class, feature_space=job.space,
+                  models=job.models)
+    rows: List[Dict[str, Any]] = []
+    previews: Dict[str, np.ndarray] = {}      # the first samples of each point, for the grids
+    saved: Dict[str, np.ndarray] = {}         # all samples as uint8 (config.save_samples)
+    traces: Dict[str, Dict[str, Any]] = {}    # mean lambda_t / p_t curves per method
+    keep = max(config.grid_images, 16)
+    removed_mask = None
+
+    def record(row, x):
+        row.update(score(x, job.labels_fn, job.features_fn, job.ref, config))
+        rows.append(row)
+        previews[row["key"]] = np.asarray(x[:keep])
+        if config.save_samples:
+            from dngjax.data import to_uint8
+            saved[row["key"]] = to_uint8(x)
+    total = int(config.baseline) + sum(len(scales) for _, _, _, scales in job.methods)
+    bar = tqdm(total=total, desc="grid points", unit="point", disable=not config.progress)
+
+    if config.baseline:
+        t0 = time.time()
+        x = dj.sample(job.denoiser_u, job.schedule, keys, job.shape, chunk_size=config.chunk_size,
+                      noise=config.noise)
+        dt = time.time() - t0
+        record(dict(method="none", scale=0.0, mean_lambda=0.0, sample_seconds=dt, key="none_0", **common), x)
+        removed_mask = rows[0]["labels"] == config.removed_class
+        bar.update(1)
+
+    for m, rule, hyper, scales in job.methods:
+        t0 = time.time()
+        x, trace = dj.sweep(job.denoiser_u, job.schedule, keys, job.shape, rule=rule, grid={"scale": scales},
+                            denoiser_c=job.denoiser_c, chunk_size=config.chunk_size, return_trace=True,
+                            noise=config.noise, progress=config.progress)
+        dt = time.time() - t0
+        traces[m] = plots.reduce_trace(trace, scales, removed_mask)
+        for k, s in enumerate(scales):
+            record(dict(method=m, scale=s, mean_lambda=float(np.mean(trace.lam[k])),
+                        sample_seconds=dt / len(scales), key=f"{m.replace(':', '-')}_{k}", **common, **hyper), x[k])
+            bar.update(1)
+        bar.set_postfix_str(f"{m} done in {dt:.0f}s")
+        del x, trace
+    bar.close()
+
+    # ---- files
+    write_results(work, rows)
+    np.savez_compressed(os.path.join(work, "labels.npz"), seeds=job.seeds,
+                        **{r["key"]: r["labels"].astype(np.int8) for r in rows})
+    if config.save_samples:
+        np.savez_compressed(os.path.join(work, "samples.npz"), seeds=job.seeds, **saved)
+    for r in rows:
+        name = "unguided" if r["method"] == "none" else f"{r['method'].replace(':', '-')}_scale{r['scale']:g}"
+        plots.save_grid(previews[r["key"]][:config.grid_images], os.path.join(work, "samples", f"{name}.png"),
+                        title=f"{name}: {r['safety_pct']:.1f}% class {config.removed_class} "
+                              f"(red frame), KL {r['kl']:.3f}, {fd_name} {r['fd']:.2f}",
+                        labels=r["labels"][:config.grid_images], removed_class=config.removed_class)
+    plots.plot_overview(rows, previews, os.path.join(work, "samples_overview.png"))
+    plots.plot_tradeoff(rows, os.path.join(work, "tradeoff.png"), config.high_safety, fd_label=fd_name)
+    plots.plot_histograms(rows, os.path.join(work, "class_histogram.png"), high_safety=config.high_safety)
+    if traces:
+        plots.plot_lambda(traces, os.path.join(work, "lambda_t.png"))
+        np.savez(os.path.join(work, "lambda_t.npz"),
+                 **{f"{m}/{k}": np.asarray(v) for m, tr in traces.items() for k, v in tr.items() if v is not None})
+
+    wall = time.time() - t_start
+    table = _fmt_table(rows, fd_name)
+    summary = (f"{config.dataset}, removed class {config.removed_class}: n = {config.n} per point, "
+               f"{job.schedule.num_steps}-step chain (T = {config.T}), noise {config.noise!r}, {len(rows)} points, "
+               f"{jax.device_count()} {jax.default_backend()} device(s), {wall:.0f} s\nmodels: {job.models}\n"
+               f"{table}\n"
+               f"{fd_name}: {job.space}. Lower is better everywhere; high safety: <= {config.high_safety:g}%."
+               + (f" +-: bootstrap standard error ({config.bootstrap} resamples)." if config.bootstrap >= 2 else ""))
+    with open(os.path.join(work, "summary.txt"), "w") as f:
+        f.write(summary + "\n")
+    if os.path.isdir(outdir) and (not os.listdir(outdir) or _is_previous_run(outdir)):
+        shutil.rmtree(outdir)                         # an earlier run into the same folder: replaced
+    os.makedirs(os.path.dirname(os.path.abspath(outdir)), exist_ok=True)
+    os.replace(work, outdir)
+    print(summary)
+    print(f"results in {os.path.abspath(outdir)}", flush=True)
+    return outdir
