@@ -315,8 +315,70 @@ def run(config) -> str:
     return execute(prepare(config))
 
 
+def _config_json(config) -> Dict[str, Any]:
+    d = json.loads(config.to_json_best_effort())
+    d.pop("progress", None)
+    return d
+
+
+def _save_point(work: str, row: Dict[str, Any], preview: np.ndarray, trace_part: Dict[str, Any],
+                samples: Optional[np.ndarray]) -> None:
+    """One finished grid point, so that an interrupted run never recomputes it."""
+    path = os.path.join(work, "points", f"{row['key']}.npz")
+    arrays = {f"trace_{k}": np.asarray(v) for k, v in trace_part.items() if v is not None}
+    if samples is not None:
+        arrays["samples"] = samples
+    meta = {k: v for k, v in row.items() if k != "labels"}
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, meta=np.asarray(json.dumps(meta)), labels=row["labels"].astype(np.int16),
+             preview=preview.astype(np.float32), **arrays)
+    os.replace(tmp, path)
+
+
+def _load_point(path: str):
+    with np.load(path) as f:
+        row = json.loads(str(f["meta"]))
+        row["labels"] = f["labels"].astype(np.int64)
+        trace_part = {k[len("trace_"):]: f[k] for k in f.files if k.startswith("trace_")}
+        return row, f["preview"], trace_part, (f["samples"] if "samples" in f.files else None)
+
+
+def pass_seconds(job: Job) -> float:
+    """Measured seconds of one network pass per image, at the batch size of one sampling call."""
+    import jax
+    import jax.numpy as jnp
+    b = min(job.config.chunk_size, job.config.n)
+    x = jnp.zeros((b, *job.shape), jnp.float32)
+    t = jnp.full((b,), job.schedule.num_steps // 2, jnp.int32)
+    fn = jax.jit(lambda d, x, t: d(x, t))
+    fn(job.denoiser_u, x, t).block_until_ready()             # compile
+    reps, t0 = 3, time.time()
+    for _ in range(reps):
+        fn(job.denoiser_u, x, t).block_until_ready()
+    return (time.time() - t0) / (reps * b)
+
+
+def estimate_cost(job: Job, done=frozenset()) -> Dict[str, float]:
+    """Network passes left to run (n x chain steps x predictions per step, finished points excluded),
+    the measured time per pass and their product."""
+    config = job.config
+    per_seed_chain = config.n * job.schedule.num_steps
+    passes = per_seed_chain * int(config.baseline and "none_0" not in done)
+    for m, rule, _, scales in job.methods:
+        todo = sum(1 for k in range(len(scales)) if f"{m.replace(':', '-')}_{k}" not in done)
+        passes += per_seed_chain * todo * (2 if rule.needs_second_prediction else 1)
+    sec = pass_seconds(job)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"passes": passes, "seconds_per_pass": sec, "seconds": passes * sec,
+            "cpu_core_hours": passes * sec * cores / 3600}
+
+
 def execute(job: Job) -> str:
-    """Sample every grid point, score it, write the files; returns the output folder."""
+    """Sample every grid point not sampled yet, score it, write the files; returns the output folder.
+
+    Finished points are kept in ``<outdir>.partial/points``: rerunning the same config into the same
+    folder after an interruption skips them (another config starts that folder afresh).
+    """
     import jax
     from tqdm.auto import tqdm
     import dngjax as dj
@@ -326,59 +388,107 @@ def execute(job: Job) -> str:
     t_start = time.time()
     outdir = job.outdir
     work = outdir.rstrip("/") + ".partial"
-    if os.path.exists(work):
-        shutil.rmtree(work)
-    os.makedirs(os.path.join(work, "samples"))
+    done: Dict[str, Any] = {}
+    if os.path.isdir(work):
+        try:
+            with open(os.path.join(work, "config.json")) as f:
+                same = json.load(f) == _config_json(config)
+        except (OSError, ValueError):
+            same = False
+        if same:
+            for name in sorted(os.listdir(os.path.join(work, "points"))):
+                if name.endswith(".npz") and not name.endswith(".tmp.npz"):
+                    row, preview, trace_part, samples = _load_point(os.path.join(work, "points", name))
+                    done[row["key"]] = (row, preview, trace_part, samples)
+            print(f"resuming {work}: {len(done)} grid point(s) already finished", flush=True)
+        else:
+            print(f"discarding {work}: an unfinished run of another config", flush=True)
+            shutil.rmtree(work)
+    os.makedirs(os.path.join(work, "samples"), exist_ok=True)
+    os.makedirs(os.path.join(work, "points"), exist_ok=True)
     print(f"output folder: {os.path.abspath(outdir)} (written to {os.path.basename(work)} until complete)",
           flush=True)
     with open(os.path.join(work, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+        json.dump(_config_json(config), f, indent=2)
+    cost = estimate_cost(job, frozenset(done))
+    print(f"estimated cost: {cost['passes']:,} network passes x {1e3 * cost['seconds_per_pass']:.2f} ms (measured) = "
+          f"{cost['seconds'] / 60:.1f} min, {cost['cpu_core_hours']:.2f} CPU core-hours "
+          f"({jax.default_backend()}), plus compilation", flush=True)
 
     keys = dj.keys_from_seeds(job.seeds)
     fd_name = "FID" if config.features == "inception" else "FD"
     common = dict(n=config.n, seed=config.seed, steps=job.schedule.num_steps, T=config.T, noise=config.noise,
                   dataset=config.dataset, removed_class=config.removed_class, feature_space=job.space,
                   models=job.models)
-    rows: List[Dict[str, Any]] = []
+    rows: Dict[str, Dict[str, Any]] = {}      # by key
     previews: Dict[str, np.ndarray] = {}      # the first samples of each point, for the grids
     saved: Dict[str, np.ndarray] = {}         # all samples as uint8 (config.save_samples)
-    traces: Dict[str, Dict[str, Any]] = {}    # mean lambda_t / p_t curves per method
+    parts: Dict[str, Dict[str, Any]] = {}     # per point: its mean lambda_t / p_t curves
     keep = max(config.grid_images, 16)
-    removed_mask = None
 
-    def record(row, x):
+    def record(row, x, trace_part):
+        from dngjax.data import to_uint8
         row.update(score(x, job.labels_fn, job.features_fn, job.ref, config))
-        rows.append(row)
-        previews[row["key"]] = np.asarray(x[:keep])
-        if config.save_samples:
-            from dngjax.data import to_uint8
-            saved[row["key"]] = to_uint8(x)
-    total = int(config.baseline) + sum(len(scales) for _, _, _, scales in job.methods)
-    bar = tqdm(total=total, desc="grid points", unit="point", disable=not config.progress)
+        samples = to_uint8(x) if config.save_samples else None
+        _save_point(work, row, np.asarray(x[:keep]), trace_part, samples)
+        use(row, np.asarray(x[:keep]), trace_part, samples)
 
-    if config.baseline:
+    def use(row, preview, trace_part, samples):
+        rows[row["key"]] = row
+        previews[row["key"]] = preview
+        parts[row["key"]] = trace_part
+        if samples is not None:
+            saved[row["key"]] = samples
+
+    for row, preview, trace_part, samples in done.values():
+        use(row, preview, trace_part, samples)
+    total = int(config.baseline) + sum(len(scales) for _, _, _, scales in job.methods)
+    bar = tqdm(total=total, initial=len(done), desc="grid points", unit="point", disable=not config.progress)
+
+    if config.baseline and "none_0" not in rows:
         t0 = time.time()
         x = dj.sample(job.denoiser_u, job.schedule, keys, job.shape, chunk_size=config.chunk_size,
                       noise=config.noise)
-        dt = time.time() - t0
-        record(dict(method="none", scale=0.0, mean_lambda=0.0, sample_seconds=dt, key="none_0", **common), x)
-        removed_mask = rows[0]["labels"] == config.removed_class
+        record(dict(method="none", scale=0.0, mean_lambda=0.0, sample_seconds=time.time() - t0, key="none_0",
+                    **common), x, {})
         bar.update(1)
+    removed_mask = rows["none_0"]["labels"] == config.removed_class if "none_0" in rows else None
 
     for m, rule, hyper, scales in job.methods:
+        name = m.replace(":", "-")
+        todo = [k for k in range(len(scales)) if f"{name}_{k}" not in rows]
+        if not todo:
+            continue
         t0 = time.time()
-        x, trace = dj.sweep(job.denoiser_u, job.schedule, keys, job.shape, rule=rule, grid={"scale": scales},
-                            denoiser_c=job.denoiser_c, chunk_size=config.chunk_size, return_trace=True,
-                            noise=config.noise, progress=config.progress)
+        x, trace = dj.sweep(job.denoiser_u, job.schedule, keys, job.shape, rule=rule,
+                            grid={"scale": [scales[k] for k in todo]}, denoiser_c=job.denoiser_c,
+                            chunk_size=config.chunk_size, return_trace=True, noise=config.noise,
+                            progress=config.progress)
         dt = time.time() - t0
-        traces[m] = plots.reduce_trace(trace, scales, removed_mask)
-        for k, s in enumerate(scales):
-            record(dict(method=m, scale=s, mean_lambda=float(np.mean(trace.lam[k])),
-                        sample_seconds=dt / len(scales), key=f"{m.replace(':', '-')}_{k}", **common, **hyper), x[k])
+        reduced = plots.reduce_trace(trace, [scales[k] for k in todo], removed_mask)
+        for j, k in enumerate(todo):
+            part = {key: (v[j] if key not in ("t", "scales") and v is not None else v)
+                    for key, v in reduced.items()}
+            part["scales"] = np.asarray(scales[k])
+            record(dict(method=m, scale=scales[k], mean_lambda=float(np.mean(trace.lam[j])),
+                        sample_seconds=dt / len(todo), key=f"{name}_{k}", **common, **hyper), x[j], part)
             bar.update(1)
         bar.set_postfix_str(f"{m} done in {dt:.0f}s")
         del x, trace
     bar.close()
+
+    # every point in config order, and each method's lambda_t / p_t curves stacked over its scales
+    order = (["none_0"] if config.baseline else []) + [f"{m.replace(':', '-')}_{k}"
+                                                        for m, _, _, scales in job.methods
+                                                        for k in range(len(scales))]
+    rows = [rows[k] for k in order]
+    traces: Dict[str, Dict[str, Any]] = {}
+    for m, _, _, scales in job.methods:
+        ps = [parts[f"{m.replace(':', '-')}_{k}"] for k in range(len(scales))]
+        traces[m] = {"t": ps[0]["t"], "scales": np.asarray([float(p["scales"]) for p in ps])}
+        for key in ("lam_all", "lam_removed", "lam_other", "p_all", "p_removed", "p_other"):
+            have = [p.get(key) for p in ps]
+            traces[m][key] = np.stack(have) if all(h is not None for h in have) else None
 
     # ---- files
     write_results(work, rows)

@@ -70,6 +70,8 @@ def test_cli_end_to_end_writes_every_file(tiny_checkpoints, tmp_path):
     assert f"output folder: {out}" in res.stdout
     assert not os.path.exists(str(out) + ".partial")
     assert "safety %" in res.stdout and "DNG" in res.stdout      # the results table
+    # printed before sampling: 8 seeds x 3 steps x (1 unguided + 2 x 4 guided points) passes
+    assert "estimated cost: 216 network passes x" in res.stdout
 
     for f in ("results.csv", "results.json", "config.json", "summary.txt", "labels.npz",
               "tradeoff.png", "class_histogram.png", "lambda_t.png", "lambda_t.npz", "samples_overview.png"):
@@ -222,3 +224,51 @@ def test_an_outdir_holding_other_files_is_refused_not_replaced(tiny_checkpoints,
                tmp_path)
     assert res.returncode == 2 and "is not the output of an earlier class-removal run" in res.stderr
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_interrupted_run_resumes_without_recomputing_finished_points(tiny_checkpoints, tmp_path, monkeypatch):
+    """Finished grid points are kept in <outdir>.partial/points; the same config again samples only
+    the rest, and the result equals an uninterrupted run."""
+    import dngjax as dj
+    from sample import class_removal
+    from sample.configs import mnist
+
+    def config(out):
+        c = mnist.get_config("tiny")
+        c.checkpoints = str(tiny_checkpoints)
+        c.removed_class = 1
+        c.methods = ("NP", "DNG")
+        c.outdir = str(out)
+        return c
+
+    real, calls = dj.sweep, []
+
+    def interrupted(*a, **k):
+        calls.append(list(k["grid"]["scale"]))
+        if k["rule"].__class__.__name__ == "DynamicNegativeGuidance":
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(dj, "sweep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        class_removal.execute(class_removal.prepare(config(out)))
+    assert sorted(os.listdir(str(out) + ".partial/points")) == ["NP_0.npz", "NP_1.npz", "none_0.npz"]
+    assert not out.exists()
+
+    calls.clear()
+    monkeypatch.setattr(dj, "sweep", lambda *a, **k: (calls.append(list(k["grid"]["scale"])), real(*a, **k))[1])
+    class_removal.execute(class_removal.prepare(config(out)))
+    assert calls == [[5.0]]                                   # only DNG's point was sampled
+    assert not os.path.exists(str(out) + ".partial")
+
+    class_removal.run(config(tmp_path / "once"))
+    resumed = json.loads((out / "results.json").read_text())
+    once = json.loads((tmp_path / "once" / "results.json").read_text())
+    for a, b in zip(resumed, once):
+        for k in ("method", "scale", "safety_pct", "kl", "fd", "histogram", "mean_lambda"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["key"], k)
+    la, lb = np.load(out / "lambda_t.npz"), np.load(tmp_path / "once" / "lambda_t.npz")
+    assert sorted(la.files) == sorted(lb.files)
+    for k in la.files:
+        np.testing.assert_allclose(la[k], lb[k], rtol=1e-4, atol=1e-6)

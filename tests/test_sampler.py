@@ -172,11 +172,11 @@ def test_sweep_over_two_leaves_and_clear_grid_errors(schedule):
 def test_wrong_denoiser_shape_errors_before_compiling(schedule):
     bad = lambda x, t: x[..., :1]
     keys = dj.keys_from_seeds(np.arange(2))
-    with pytest.raises(ValueError, match="must have the shape of x"):
+    with pytest.raises(ValueError, match="must return one array of the shape of x"):
         dj.sample(bad, schedule, keys, SHAPE)
-    with pytest.raises(ValueError, match="eps_c"):
+    with pytest.raises(ValueError, match="denoiser_c returned"):
         dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(1.0), denoiser_c=bad)
-    with pytest.raises(ValueError, match="pass eps_c"):
+    with pytest.raises(ValueError, match="pass denoiser_c"):
         dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(1.0))
     with pytest.raises(ValueError, match="keys"):
         dj.sample(eps_u, schedule, jnp.zeros((2, 3)), SHAPE)
