@@ -30,7 +30,6 @@ with traced values, nothing can be checked.)
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, ClassVar, Protocol, Tuple, runtime_checkable
 
 import numpy as np

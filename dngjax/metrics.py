@@ -23,7 +23,7 @@ not depend on the accelerator's precision.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Iterable, Tuple
 
 import numpy as np
 

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np

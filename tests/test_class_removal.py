@@ -45,18 +45,19 @@ QUALITY_SEEDS = 32  # 100 steps x 32 seeds x 4 models: ~1 min on 2 cores
 
 @pytest.mark.parametrize("c", FORGET_CLASSES)
 def test_forget_model_reproduces_its_card(models, c):
-    """The card's claim (>= 95% of 1000 samples are class c) meets the target, and the shipped
-    weights reproduce it: the first 32 of the card's seeds, on the card's chain, give a share within
-    three binomial standard errors of the card's."""
+    """The card's claim (>= 95% of 1000 samples are class c; "passed" says whether issue 11's 99 %
+    target is met) is reproduced by the shipped weights: the first 32 of the card's seeds, on the
+    card's chain and noise, give a share within three binomial standard errors of the card's."""
     from dngjax import checkpoint
     _, forget, classify = models
     q = checkpoint.load_card(os.path.join(ROOT, f"forget_{c}"))["quality"]
     claimed = q["fraction_classified_as_class"]
-    assert q["num_samples"] >= 1000 and claimed >= 0.95 and q["passed"], q
+    assert q["num_samples"] >= 1000 and claimed >= 0.95 and q["passed"] == (claimed >= 0.99), q
     steps = int(re.search(r"respaced to (\d+) steps", q["sampler"]).group(1))
+    noise = "posterior" if "'posterior'" in q["sampler"] else "beta"
     schedule = dj.respace(dj.linear_schedule(), steps)
     keys = dj.keys_from_seeds(q["seed_first"] + np.arange(QUALITY_SEEDS))
-    x = dj.sample(forget[c], schedule, keys, (28, 28, 1))   # same shapes and module: compiled once for all c
+    x = dj.sample(forget[c], schedule, keys, (28, 28, 1), noise=noise)   # compiled once for all c
     labels = np.asarray(classify(x))
     frac = float(np.mean(labels == c))
     floor = claimed - 3 * np.sqrt(claimed * (1 - claimed) / QUALITY_SEEDS)

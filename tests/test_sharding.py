@@ -1,4 +1,4 @@
-"""sweep() shards the seed axis over several devices (4 forced host devices in a subprocess)."""
+"""sweep() and sample() shard the seed axis over several devices (4 forced host devices in a subprocess)."""
 
 import os
 import subprocess
@@ -20,9 +20,12 @@ SCRIPT = textwrap.dedent("""
     from dngjax import sampler as S
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     kc = jax.device_put(keys[:8], NamedSharding(Mesh(np.asarray(jax.devices()), ("n",)), PartitionSpec("n")))
-    out = S._sweep_jit(dj.as_denoiser(eps_u), dj.as_denoiser(eps_c), S.grid_rules(rule, {"scale": [0.0, 2.0]})[0],
-                       sched, kc, (3,), False, ("scale",), "beta")
+    out = S._grid_jit(dj.as_denoiser(eps_u), dj.as_denoiser(eps_c), S.grid_rules(rule, {"scale": [0.0, 2.0]})[0],
+                      sched, kc, (3,), False, "beta", ("scale",))
     assert len(out.sharding.device_set) == 4, out.sharding
+    # sample() is the same loop: chunked and sharded, equal to the sweep's point
+    xs = dj.sample(eps_u, sched, keys, (3,), rule=rule.replace(scale=2.0), denoiser_c=eps_c, chunk_size=6)
+    np.testing.assert_allclose(xs, x[1], rtol=1e-5, atol=1e-5)
     for k, s in enumerate([0.0, 2.0]):
         for n in (0, 7, 9):
             ref = dj.sample(eps_u, sched, keys[n:n+1], (3,), rule=rule.replace(scale=s), denoiser_c=eps_c)

@@ -72,6 +72,9 @@ def copy_models(workdir, out, classes):
             continue
         os.makedirs(d, exist_ok=True)
         old = _read(d) if os.path.isfile(os.path.join(d, "card.json")) else {}
+        if old.get("params_sha256") and old["params_sha256"] == _read(s).get("params_sha256"):
+            print(f"unchanged {d} (same parameters as {s}): its card is kept")
+            continue
         for f in ("params.msgpack", "card.json"):
             shutil.copy2(os.path.join(s, f), os.path.join(d, f))
         card = _read(d)
@@ -80,10 +83,6 @@ def copy_models(workdir, out, classes):
             card["init_from_workdir"] = card["init_from"]
             card["init_from"] = "ddpm (the shipped unconditional model, before its quality evaluation)"
         card["config"].pop("data_dir", None)
-        if old.get("params_sha256") == card.get("params_sha256"):  # same model: keep its measured quality
-            for k in ("quality", "samples_png"):
-                if k in old:
-                    card[k] = old[k]
         _write(d, card)
         print(f"copied {s} -> {d}")
 

@@ -19,7 +19,6 @@ varies between runs is in the ``ml_collections`` config (see ``train/configs``).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform

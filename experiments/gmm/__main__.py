@@ -8,7 +8,6 @@
     dngjax-gmm ...                                                      # the same, installed
 """
 
-import sys
 import types
 
 from absl import flags

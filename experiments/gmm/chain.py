@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 
 from .common import Timer, chain, lab_1d, prepare_out, print_table, sample_chunked, save_png, summarize_1d
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
-import jax
-import jax.numpy as jnp
 
 from dngjax import (NoGuidance, NegativePrompting, ClassifierFreeGuidance, linear_schedule, respace,
                     sample_chunks, keys_from_seeds)
