@@ -1,13 +1,14 @@
 """The one way the command-line tools start: flags defined on call, clear errors, exit codes.
 
 Every CLI of the project (``train/main.py``, ``sample/main.py``, ``python -m train.export``,
-``python -m experiments.gmm``, and the installed ``dngjax-*`` commands) is a module with
+``python -m experiments.gmm``, ``python -m dngjax.models.convert_diffusers`` and the installed
+``dngjax-*`` commands) is a module with
 
 * ``define_flags()``: its absl flags, defined only when the tool runs, so that any number of
   CLI modules can be imported into one process (no ``DuplicateFlagError``);
 * ``main(argv)``: the job, which validates everything it can inside :func:`user_errors` before
   any long work starts;
-* ``cli()``: ``dngjax.cli.run(main, define_flags)``.
+* ``cli_main()``: ``dngjax.cli.run(main, define_flags, doc=__doc__)``.
 
 Exit codes: 0 success (``--help`` included), 2 a user error (a bad flag, a config typo, a missing
 file, an illegal hyperparameter), with one ``error: ...`` line and no traceback; anything else
@@ -66,12 +67,14 @@ def user_errors(what: str = "") -> Iterator[None]:
         fail((f"{what}: " if what else "") + _message(e))
 
 
-def _parse(argv: Sequence[str]):
+def _parse(argv: Sequence[str], doc: str = ""):
     """absl's flag parsing with --help exiting 0 and every parsing problem one line + exit 2."""
     FLAGS = flags.FLAGS
     if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
         FLAGS.mark_as_parsed()
-        print(FLAGS.main_module_help() if "--helpfull" not in argv else FLAGS.get_help())
+        if doc:
+            print(doc.strip() + "\n")
+        print(FLAGS.get_help() if "--helpfull" in argv else FLAGS.main_module_help())
         sys.exit(0)
     try:
         return FLAGS(list(argv))
@@ -84,14 +87,20 @@ def _parse(argv: Sequence[str]):
 
 
 def run(main: Callable[[Sequence[str]], None], define_flags: Callable[[], None],
-        argv: Optional[Sequence[str]] = None) -> None:
-    """Define the tool's flags, parse ``argv`` (default ``sys.argv``) and run ``main`` under absl."""
+        argv: Optional[Sequence[str]] = None, positional: Sequence[str] = (), doc: str = "") -> None:
+    """Define the tool's flags, parse ``argv`` (default ``sys.argv``) and run ``main`` under absl.
+
+    ``positional``: names of the positional arguments the tool takes (exactly these; none by default).
+    ``doc``: what ``--help`` prints above the flags (the tool module's docstring).
+    """
     define_flags()
     argv = list(sys.argv if argv is None else argv)
 
     def _main(args):
-        if len(args) > 1:
+        if len(args) - 1 != len(positional):
+            if positional:
+                fail(f"expected {' '.join(positional)}, got {args[1:]} (see --help)")
             fail(f"unexpected arguments {args[1:]}; flags are written --name=value (see --help)")
         main(args)
 
-    app.run(_main, argv=argv, flags_parser=_parse)
+    app.run(_main, argv=argv, flags_parser=lambda a: _parse(a, doc))

@@ -212,7 +212,9 @@ def test_cli_writes_a_model_folder_every_loader_takes(small_dir, tmp_path, capsy
     checkpoint.load_model reads it, and training can start from it (init_from)."""
     from dngjax import checkpoint
     out = tmp_path / "out"
-    assert cd.main([str(small_dir), str(out)]) == 0
+    with pytest.raises(SystemExit) as e:                      # absl's app.run exits
+        cd.cli_main(["convert_diffusers", str(small_dir), str(out)])
+    assert e.value.code in (None, 0)
     printed = capsys.readouterr().out
     module, params = cd.convert(str(small_dir))
     assert f"{checkpoint.num_params(params):,}" in printed
@@ -229,7 +231,9 @@ def test_cli_writes_a_model_folder_every_loader_takes(small_dir, tmp_path, capsy
 
 
 def test_cli_error_exit_code(tmp_path, capsys):
-    assert cd.main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit) as e:
+        cd.cli_main(["convert_diffusers", str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert e.value.code == 2
     assert "not found" in capsys.readouterr().err
 
 

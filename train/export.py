@@ -314,7 +314,7 @@ def main(argv):
 
 
 def cli_main():
-    cli.run(main, define_flags)
+    cli.run(main, define_flags, doc=__doc__)
 
 
 if __name__ == "__main__":

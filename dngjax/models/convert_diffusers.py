@@ -25,7 +25,6 @@ fine-tuning, ``--config.uncond=OUT_DIR`` for sampling.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -395,13 +394,23 @@ def convert(src: str) -> Tuple[UNet, Dict[str, Any]]:
     ``module.apply(params, x, t)`` with ``x`` NHWC equals the diffusers model's
     output on the NCHW transpose of ``x``.
     """
-    config, state = load_diffusers_checkpoint(src)
+    return _convert_loaded(*load_diffusers_checkpoint(src))
+
+
+def _convert_loaded(config: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Tuple[UNet, Dict[str, Any]]:
     kwargs = unet_kwargs_from_config(config)
     module = UNet(**kwargs)
     size = config.get("sample_size")
     hgt, wid = (size, size) if isinstance(size, int) else tuple(size)
     in_ch = config.get("in_channels", DIFFUSERS_DEFAULTS["in_channels"])
     return module, convert_state_dict(state, module, (hgt, wid, in_ch))
+
+
+def convert_folder(src: str, out_dir: str) -> Dict[str, Any]:
+    """Convert the diffusers folder ``src`` into the dngjax model folder ``out_dir``; returns its card."""
+    config, state = load_diffusers_checkpoint(src)
+    module, params = _convert_loaded(config, state)
+    return save_converted(out_dir, module, params, src=src, config=config)
 
 
 # --------------------------------------------------------------------------- save
@@ -440,25 +449,20 @@ def save_converted(out_dir: str, module: UNet, params: Any, src: str = "", confi
     return checkpoint.load_card(out_dir)
 
 
-def main(argv: Optional[list] = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m dngjax.models.convert_diffusers",
-        description="Convert a diffusers UNet2DModel directory (e.g. google/ddpm-cifar10-32) "
-                    "to a dngjax model folder (OUT_DIR/params.msgpack + OUT_DIR/card.json).")
-    ap.add_argument("src", metavar="SRC_DIR", help="directory with config.json and "
-                    "diffusion_pytorch_model.safetensors (or .bin)")
-    ap.add_argument("out", metavar="OUT_DIR", help="output directory")
-    args = ap.parse_args(argv)
-    try:
-        config, _ = load_diffusers_checkpoint(args.src)
-        module, params = convert(args.src)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    card = save_converted(args.out, module, params, src=args.src, config=config)
-    print(f"converted {card['num_params']:,} parameters -> {args.out}")
-    return 0
+def main(argv) -> None:
+    """``python -m dngjax.models.convert_diffusers SRC_DIR OUT_DIR`` (run through :func:`dngjax.cli.run`)."""
+    from .. import cli
+    src, out = argv[1:]
+    with cli.user_errors():
+        card = convert_folder(src, out)
+    print(f"converted {card['num_params']:,} parameters -> {out}")
+
+
+def cli_main(argv=None) -> None:
+    from .. import cli
+    cli.run(main, lambda: None, argv=argv, positional=("SRC_DIR", "OUT_DIR"),
+            doc="python -m dngjax.models.convert_diffusers SRC_DIR OUT_DIR\n\n" + __doc__.split("CLI::")[0])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_main()
