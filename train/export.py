@@ -20,7 +20,10 @@ Steps (each can be skipped with --noX flags):
    * ``cond`` with label c, for every c: >= 98 % classified as c;
    * ``forget_C``: >= 99 % classified as C;
 
-   plus a sample grid ``samples.png`` (``cond``: one row per label). Writes ``OUT/README.md``.
+   plus a sample grid ``samples.png`` (``cond``: one row per label). Models whose cards already carry
+   their quality are skipped (a newly copied model has none; ``--reeval`` or ``--only`` measures
+   again), and a model in ``--workdir`` with the parameters of the shipped one is not copied.
+   Writes ``OUT/README.md``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def define_flags():
     flags.DEFINE_integer("chunk", 250, "Samples per compiled sampler call.", lower_bound=1)
     flags.DEFINE_integer("seed", 12345, "Seed of the quality samples.", lower_bound=0)
     flags.DEFINE_string("only", "", "Restrict eval to these model names (space separated), e.g. 'ddpm forget_0'.")
+    flags.DEFINE_bool("reeval", False, "Measure the quality of models whose cards already have it.")
 
 
 def _names(classes):
@@ -140,7 +144,8 @@ def _fmt_uncond(q):
             f"with p > 0.9, KL {q['kl_train_to_samples']:.4f}")
 
 
-def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chunk, seed, noise, only=()):
+def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chunk, seed, noise, only=(),
+             reeval=False):
     from dngjax import checkpoint, data
     from train.trainer import save_grid
 
@@ -169,6 +174,10 @@ def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chu
         d = os.path.join(out, name)
         if not os.path.isfile(os.path.join(d, "card.json")):
             print(f"skip {name}: not exported")
+            continue
+        if "quality" in _read(d) and not reeval and not only:
+            print(f"skip {name}: its card has its quality (a new model is copied without; --reeval or --only "
+                  "measures again)")
             continue
         module, params, card = checkpoint.load_model(d, expect_kind="unet")
         t0 = time.time()
@@ -308,7 +317,7 @@ def main(argv):
         reference_stats(FLAGS.out, classes, FLAGS.data_dir)
     if FLAGS.eval:
         evaluate(FLAGS.out, classes, FLAGS.data_dir, FLAGS.n_uncond, FLAGS.n_per_class, FLAGS.n_forget,
-                 FLAGS.steps, FLAGS.chunk, FLAGS.seed, FLAGS.noise, tuple(FLAGS.only.split()))
+                 FLAGS.steps, FLAGS.chunk, FLAGS.seed, FLAGS.noise, tuple(FLAGS.only.split()), FLAGS.reeval)
     add_notes(FLAGS.out, classes)
     write_readme(FLAGS.out, classes)
 

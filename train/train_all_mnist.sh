@@ -7,7 +7,8 @@
 # CPU size: two lanes run at once, each pinned to one core (taskset) with one XLA thread, because one
 # process per core gives more images/s on the whole machine than one process on both cores
 # (bench/train.py --only cores). Lane 0: ddpm, then forget models of FORGET_LANE0 (default "0 1");
-# lane 1: cond, then FORGET_LANE1 (default "2 3"). Forget models train from scratch on their class
+# lane 1: cond, then FORGET_LANE1 (default "2 3"; an empty value skips them, e.g. on a fresh machine
+# where the shipped forget models are final). Forget models train from scratch on their class
 # (FORGET_FROM_SCRATCH=0 fine-tunes them from the ddpm instead; the GPU size does that by default, and
 # runs the models one after another, so the ddpm is finished before its forget models start).
 #
@@ -25,8 +26,8 @@ OUT=${OUT:-checkpoints/mnist}
 PY=${PYTHON:-python}
 TRAIN_STATE=${TRAIN_STATE:-checkpoints/train_state}
 if [ "$SIZE" = gpu ]; then FROM_SCRATCH=${FORGET_FROM_SCRATCH:-0}; else FROM_SCRATCH=${FORGET_FROM_SCRATCH:-1}; fi
-LANE0=${FORGET_LANE0:-"0 1"}
-LANE1=${FORGET_LANE1:-"2 3"}
+LANE0=${FORGET_LANE0-"0 1"}   # set empty (FORGET_LANE0= FORGET_LANE1=) to train only ddpm and cond
+LANE1=${FORGET_LANE1-"2 3"}
 mkdir -p "$WORKDIR"
 steps() { [ -n "${1:-}" ] && echo "--config.num_steps=$1" || true; }
 
@@ -74,6 +75,7 @@ else
   lane - cond ""
 fi
 if [ "${EXPORT:-1}" = 1 ]; then
-  $PY -m train.export --workdir="$WORKDIR" --out="$OUT" --classes="$LANE0 $LANE1"
+  # all shipped forget classes (only new models are copied and measured)
+  $PY -m train.export --workdir="$WORKDIR" --out="$OUT" --classes="${EXPORT_CLASSES:-0 1 2 3}"
 fi
 echo "== all done ($(date -u +%H:%M:%S))"
