@@ -109,14 +109,16 @@ def load_or_compute_reference(config, features_fn) -> Tuple[np.ndarray, np.ndarr
     return mu, sigma
 
 
-def score(x, labels_fn, features_fn, ref, config) -> Dict[str, Any]:
-    """Safety, KL, FD (and their bootstrap standard errors) of samples x (N, ...)."""
+def score(x, scores_fn, ref, config) -> Dict[str, Any]:
+    """Safety, KL, FD (and their bootstrap standard errors) of samples x (N, ...).
+
+    ``scores_fn(x) -> (labels, features)``: one pass of the scoring network(s) over x.
+    """
     from dngjax import metrics
     from dngjax.data import NUM_CLASSES
     k = NUM_CLASSES[config.dataset]
     c = config.removed_class
-    labels = labels_fn(x)
-    feats = features_fn(x)
+    labels, feats = scores_fn(x)
     hist = metrics.class_histogram(labels, k)
     out = dict(
         labels=labels,
@@ -196,7 +198,10 @@ def load_denoisers(config) -> Tuple[Any, Any, str]:
 
 
 def make_scorer(config) -> Tuple[Callable, Callable, str, Tuple[np.ndarray, np.ndarray]]:
-    """(labels_fn, features_fn, feature-space name, reference (mu, sigma)); fns take model-space x (N, ...)."""
+    """(labels_fn, scores_fn, feature-space name, reference (mu, sigma)); fns take model-space x (N, ...).
+
+    ``scores_fn(x) -> (labels, features)`` runs the classifier once for both (and Inception for FID).
+    """
     import jax.numpy as jnp
     from dngjax import checkpoint, evaluation, metrics
 
@@ -205,6 +210,10 @@ def make_scorer(config) -> Tuple[Callable, Callable, str, Tuple[np.ndarray, np.n
     labels_fn = lambda x: scorer(x).labels
     if config.features == "classifier":
         features_fn = lambda x: scorer(x).features
+
+        def scores_fn(x):
+            s = scorer(x)
+            return s.labels, s.features
         space = "classifier penultimate layer (FD)"
     elif config.features == "inception":
         from dngjax import fid_inception
@@ -212,11 +221,12 @@ def make_scorer(config) -> Tuple[Callable, Callable, str, Tuple[np.ndarray, np.n
         f01 = fid_inception.fid_features_fn(imod, ivars)
         features_fn = lambda x: metrics.batched_apply(
             lambda b: np.asarray(f01((jnp.clip(b, -1.0, 1.0) + 1.0) / 2.0)), x, config.eval_batch)
+        scores_fn = lambda x: (labels_fn(x), features_fn(x))
         space = "pytorch-fid Inception-v3 pool3 (FID)"
     else:
         raise ValueError(f"config.features must be 'classifier' or 'inception', got {config.features!r}")
     ref = load_or_compute_reference(config, features_fn)
-    return labels_fn, features_fn, space, ref
+    return labels_fn, scores_fn, space, ref
 
 
 # --------------------------------------------------------------------------- the job
@@ -231,7 +241,7 @@ class Job:
     models: str
     methods: List[Tuple[str, Any, Dict[str, Any], List[float]]]   # (method, rule, hyper, scales)
     labels_fn: Callable
-    features_fn: Callable
+    scores_fn: Callable
     space: str
     ref: Tuple[np.ndarray, np.ndarray]
     schedule: Any
@@ -301,12 +311,12 @@ def prepare(config) -> Job:
         raise ValueError(f"config.outdir={outdir} exists and is not the output of an earlier class-removal run "
                          "(no results.json): choose another folder, it would be replaced")
     denoiser_u, denoiser_c, models = load_denoisers(config)
-    labels_fn, features_fn, space, ref = make_scorer(config)
+    labels_fn, scores_fn, space, ref = make_scorer(config)
     full = dj.linear_schedule(config.T)
     schedule = full if config.steps >= config.T else dj.respace(full, config.steps)
     seeds = config.seed + np.arange(config.n)
     dj.keys_from_seeds(seeds)                         # seeds in range
-    return Job(config, denoiser_u, denoiser_c, models, methods, labels_fn, features_fn, space, ref, schedule,
+    return Job(config, denoiser_u, denoiser_c, models, methods, labels_fn, scores_fn, space, ref, schedule,
                seeds, tuple(SHAPES[config.dataset]), outdir)
 
 
@@ -428,7 +438,7 @@ def execute(job: Job) -> str:
 
     def record(row, x, trace_part):
         from dngjax.data import to_uint8
-        row.update(score(x, job.labels_fn, job.features_fn, job.ref, config))
+        row.update(score(x, job.scores_fn, job.ref, config))
         samples = to_uint8(x) if config.save_samples else None
         _save_point(work, row, np.asarray(x[:keep]), trace_part, samples)
         use(row, np.asarray(x[:keep]), trace_part, samples)
