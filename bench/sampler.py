@@ -296,10 +296,10 @@ def compile_once(ctx, n_steps, b=16):
     """Trace + lower + XLA-compile the library's sampler afresh (AOT, nothing cached)."""
     sched = dj.respace(dj.linear_schedule(), n_steps)
     rule = dj.DynamicNegativeGuidance(scale=2.0)
-    eu, ec, shape = dj_sampler._prepare(ctx["eu"], ctx["ec"], rule, SHAPE, "beta")
+    eu, ec, shape, eta = dj_sampler._prepare(ctx["eu"], ctx["ec"], rule, SHAPE, "beta", None)
     keys = dj_sampler._as_keys(dj.keys_from_seeds(range(b)))
     jax.clear_caches()                                   # trace afresh
-    lowered = dj_sampler._grid_jit.lower(eu, ec, rule, sched, keys, shape, False, "beta", ())
+    lowered = dj_sampler._grid_jit.lower(eu, ec, rule, sched, keys, shape, False, "beta", eta, ())
     lowered.compile()
 
 

@@ -1,10 +1,11 @@
 """dngjax: Dynamic Negative Guidance of diffusion models in JAX/Flax."""
 
-from .schedules import Schedule, linear_schedule, respace
-from .denoiser import Denoiser, denoiser, as_denoiser
+from .schedules import (Schedule, linear_schedule, scaled_linear_schedule, cosine_schedule, schedule_from_betas,
+                        schedule_from_alpha_bars, respace)
+from .denoiser import Denoiser, denoiser, as_denoiser, to_eps, PREDICTIONS
 from .guidance import (Rule, GuidanceRule, rule_class, NoGuidance, NegativePrompting, ClassifierFreeGuidance,
                        SafeLatentDiffusion, DynamicNegativeGuidance, ExactDynamicNegativeGuidance,
-                       Step, ddpm_mean)
-from .sampler import sample, sweep, sample_chunks, keys_from_seeds, Trace, Chunk
+                       Step, step_mean)
+from .sampler import sample, sweep, sample_chunks, chain_steps, keys_from_seeds, Trace, Chunk
 
 __version__ = "0.1.0"

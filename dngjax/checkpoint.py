@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,8 @@ import numpy as np
 from flax import serialization
 
 from .data import SHAPES
-from .denoiser import Denoiser, denoiser
+from .denoiser import PREDICTIONS, Denoiser, denoiser
+from .schedules import Schedule, cosine_schedule, linear_schedule, scaled_linear_schedule
 from .models.classifier import Classifier
 from .models.unet import UNet
 
@@ -219,9 +220,33 @@ def _check_tree(raw, template, where: str, prefix: str = "") -> None:
 
 
 def load_denoiser(path: str, label: int | None = None) -> Denoiser:
-    """eps(x, t) of a saved DDPM (``label`` only for class-conditional UNets)."""
-    module, params, _ = load_model(path, expect_kind="unet")
-    return denoiser(module, params, label=label)
+    """The denoiser of a saved DDPM (``label`` only for class-conditional UNets); its ``prediction``
+    (eps, x0 or v) is the card's ``diffusion.prediction``, so samplers convert it to eps."""
+    module, params, card = load_model(path, expect_kind="unet")
+    prediction = (card.get("diffusion") or {}).get("prediction", "eps")
+    if prediction not in PREDICTIONS:
+        raise CheckpointError(f"{path}: card's diffusion.prediction={prediction!r} is not one of {PREDICTIONS}")
+    return denoiser(module, params, label=label, prediction=prediction)
+
+
+#: the card's ``diffusion.schedule`` names (diffusers' ``beta_schedule`` names) -> constructors
+_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine", "cosine": "cosine"}
+
+
+def schedule_of(card: Mapping[str, Any]) -> Schedule:
+    """The full training chain (T steps) that a model card's ``diffusion`` entry describes
+    (default: Ho et al.'s linear betas 1e-4 .. 0.02 over T = 1000)."""
+    d = dict(card.get("diffusion") or {})
+    name = d.get("schedule", "linear")
+    if name not in _SCHEDULES:
+        raise CheckpointError(f"card's diffusion.schedule={name!r}: supported are {sorted(_SCHEDULES)}")
+    T = int(d.get("num_timesteps", 1000))
+    kind = _SCHEDULES[name]
+    if kind == "cosine":
+        return cosine_schedule(T)
+    make = linear_schedule if kind == "linear" else scaled_linear_schedule
+    defaults = (1e-4, 0.02) if kind == "linear" else (0.00085, 0.012)
+    return make(T, float(d.get("beta_start", defaults[0])), float(d.get("beta_end", defaults[1])))
 
 
 def load_classifier(path: str):

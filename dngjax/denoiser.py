@@ -6,6 +6,11 @@ timestep index). Any pure Python function with that signature works. A
 :class:`Denoiser` wraps a model's ``apply(params, x, t, ...)`` so that the
 parameters travel as a pytree leaf (not baked into the compiled program as
 constants): ``jit`` recompiles only when the *function* changes.
+
+Networks that predict x_0 or v (Salimans & Ho 2022) instead of eps declare it
+with ``prediction=``; the sampler converts their output to eps once, at this
+boundary (:func:`to_eps`), with the alpha_bar of the timestep, so the guidance
+rules always combine eps predictions.
 """
 
 from __future__ import annotations
@@ -17,6 +22,26 @@ import jax.numpy as jnp
 from flax import struct
 
 Array = jnp.ndarray
+
+#: What a network predicts: the noise eps, the clean sample x_0, or v = sqrt(ab) eps - sqrt(1 - ab) x_0.
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def to_eps(output: Array, x: Array, prediction: str, alpha_bar: Array, one_minus_alpha_bar: Array) -> Array:
+    """The eps prediction equivalent to a network ``output`` at x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps.
+
+    x0: eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab); v: eps = sqrt(1 - ab) x_t + sqrt(ab) v.
+    alpha_bar, one_minus_alpha_bar: scalars or (B,) (1 - ab passed separately: it is small near t = 0).
+    """
+    if prediction == "eps":
+        return output
+    per_sample = lambda a: jnp.sqrt(jnp.asarray(a, jnp.float32)).reshape(jnp.shape(a) + (1,) * (x.ndim - jnp.ndim(a)))
+    sa, so = per_sample(alpha_bar), per_sample(one_minus_alpha_bar)
+    if prediction == "x0":
+        return (x - sa * output) / so
+    if prediction == "v":
+        return so * x + sa * output
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +62,14 @@ class Denoiser:
       apply_fn: static, e.g. ``module.apply``; must be hashable.
       params: pytree of arrays (or None for a parameter-free function).
       label: optional int class label(s), () or (B,); passed as ``label=``.
+      prediction: static, what the network predicts: ``"eps"``, ``"x0"`` or ``"v"`` (the sampler
+        converts to eps with :func:`to_eps`; calling the Denoiser returns the raw output).
     """
 
     apply_fn: Callable = struct.field(pytree_node=False)
     params: Any = None
     label: Optional[Array] = None
+    prediction: str = struct.field(pytree_node=False, default="eps")
 
     def __call__(self, x: Array, t: Array) -> Array:
         t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
@@ -52,13 +80,17 @@ class Denoiser:
         return self.apply_fn(self.params, x, t, label=self.label)
 
 
-def denoiser(module_or_fn: Any, params: Any = None, label: Optional[int] = None) -> Denoiser:
+def denoiser(module_or_fn: Any, params: Any = None, label: Optional[int] = None,
+             prediction: str = "eps") -> Denoiser:
     """Turn a Flax module + params (or a pure ``fn(x, t)``) into a :class:`Denoiser`.
 
     ``denoiser(unet, params)`` -> eps(x, t) = unet.apply(params, x, t);
     ``denoiser(unet, params, label=3)`` -> the class-conditional eps(x, t | 3);
-    ``denoiser(fn)`` -> fn itself, wrapped (fn must be hashable: a function, not a lambda made per call).
+    ``denoiser(fn)`` -> fn itself, wrapped (fn must be hashable: a function, not a lambda made per call);
+    ``denoiser(fn, prediction="v")`` -> a v-predicting network (the sampler converts to eps).
     """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if hasattr(module_or_fn, "apply") and hasattr(module_or_fn, "init"):
         if params is None:
             raise ValueError("a Flax module needs its params: denoiser(module, params)")
@@ -68,7 +100,7 @@ def denoiser(module_or_fn: Any, params: Any = None, label: Optional[int] = None)
     else:
         raise TypeError(f"expected a Flax module or a callable, got {type(module_or_fn).__name__}")
     lab = None if label is None else jnp.asarray(label, jnp.int32)
-    return Denoiser(apply_fn=apply_fn, params=params, label=lab)
+    return Denoiser(apply_fn=apply_fn, params=params, label=lab, prediction=prediction)
 
 
 def as_denoiser(fn: Any) -> Denoiser:

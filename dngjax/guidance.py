@@ -39,15 +39,20 @@ from flax import struct
 
 Array = jnp.ndarray
 
-VARIANCES = ("posterior", "beta")
+VARIANCES = ("posterior", "beta", "step")
 
 
 @struct.dataclass
 class Step:
-    """Quantities of one transition x_t -> x_{t-1} of the chain (scalars).
+    """Quantities of one transition x_t -> x_{t-1} of the chain (scalars; built by
+    :func:`dngjax.sampler.chain_steps`).
 
     index: position in the chain (0 = least noisy). t: network timestep index.
-    beta, alpha_bar, alpha_bar_prev, posterior_variance: the chain's own values.
+    beta, alpha_bar, alpha_bar_prev, one_minus_alpha_bar, one_minus_alpha_bar_prev,
+    posterior_variance (beta_tilde): the chain's own values.
+    mean_x, mean_eps: the sampler's step is Gaussian, x_{t-1} ~ N(mean_x x_t + mean_eps eps,
+    noise_variance I) (ancestral DDPM or DDIM; see :func:`step_mean`); noise_variance is 0 at the
+    final step.
     steps_taken: number of steps already taken (0 at the first, noisiest step).
     is_last: True at the final step (index 0; no noise is added).
     """
@@ -57,14 +62,22 @@ class Step:
     beta: Array
     alpha_bar: Array
     alpha_bar_prev: Array
+    one_minus_alpha_bar: Array
+    one_minus_alpha_bar_prev: Array
     posterior_variance: Array
+    mean_x: Array
+    mean_eps: Array
+    noise_variance: Array
     steps_taken: Array
     is_last: Array
 
 
-def ddpm_mean(x: Array, eps: Array, step: Step) -> Array:
-    """Mean of p(x_{t-1} | x_t) for a prediction eps: (x - beta/sqrt(1-ab) eps) / sqrt(1-beta)."""
-    return (x - step.beta / jnp.sqrt(1.0 - step.alpha_bar) * eps) / jnp.sqrt(1.0 - step.beta)
+def step_mean(x: Array, eps: Array, step: Step) -> Array:
+    """Mean of the sampler's step x_t -> x_{t-1} for a prediction eps: mean_x x + mean_eps eps.
+
+    Ancestral DDPM: (x - beta / sqrt(1 - alpha_bar) eps) / sqrt(1 - beta).
+    """
+    return step.mean_x * x + step.mean_eps * eps
 
 
 # --------------------------------------------------------------------------- helpers
@@ -155,6 +168,10 @@ class Rule(Protocol):
     def posterior(self, state: Any, batch: int) -> Array:
         """p(c- | x_t) (B,) that the last ``guide`` used; NaN for rules that track none."""
 
+    def check_sampler(self, noise: str, eta: Any) -> None:
+        """Raise ValueError, before sampling, if the rule cannot run on this sampler step
+        (``noise``/``eta`` of :func:`dngjax.sample`); e.g. DNG's update on a deterministic step."""
+
 
 class GuidanceRule:
     """Base class of the shipped rules (implements :class:`Rule`): no state, no update, no posterior."""
@@ -174,6 +191,9 @@ class GuidanceRule:
     def posterior(self, state, batch: int) -> Array:
         """p(c- | x_t) per sample (B,) for rules that track it; NaN otherwise."""
         return jnp.full((batch,), jnp.nan, jnp.float32)
+
+    def check_sampler(self, noise: str, eta: Any) -> None:
+        """Every sampler step is fine (rules whose state depends on the step's noise override this)."""
 
     def replace(self, **changes):
         """A copy with some hyperparameters changed (validated like the constructor)."""
@@ -284,12 +304,19 @@ class DynamicNegativeGuidance(GuidanceRule):
         log p += (-temperature (|x_{t-1} - mu_neg|^2 - |x_{t-1} - mu_u|^2) + offset) / (2 sigma_t^2),
     then p is clamped to [p_min, p_max].
 
+    mu_u, mu_neg are the means of the sampler's step (ancestral DDPM or DDIM, :func:`step_mean`).
     ``variance`` chooses sigma_t^2:
       * ``"posterior"`` (default): beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t),
         and beta_t at the final step (where beta_tilde is 0) -- what the authors' code uses
         and what produced the paper's numbers;
-      * ``"beta"``: beta_t, as written in the paper's Alg. 2.
-    Both use the transition variances of the chain being sampled (respaced or not).
+      * ``"beta"``: beta_t, as written in the paper's Alg. 2;
+      * ``"step"``: the variance of the step actually sampled (beta_t or beta_tilde_t for the
+        ancestral step, eta^2 beta_tilde_t for DDIM; beta_t at the final step): the exact
+        log-likelihood ratio of the two Gaussian transitions. Refused on a deterministic chain
+        (DDIM with eta = 0), where it would divide by zero.
+    All use the transition variances of the chain being sampled (respaced or not).
+    On DDIM with eta = 0 the step adds no noise, so x_{t-1} - mu_u is the guidance's own shift and
+    the update carries no evidence about c- beyond x_t; the sampler refuses DNG there (use eta > 0).
     """
 
     scale: Any = 1.0
@@ -327,11 +354,17 @@ class DynamicNegativeGuidance(GuidanceRule):
         eps = eps_u - _per_sample(lam, eps_u) * (eps_c - eps_u)
         return eps, lam.astype(jnp.float32), log_p
 
+    def check_sampler(self, noise, eta):
+        if eta is not None and float(eta) == 0.0:
+            raise ValueError("DynamicNegativeGuidance needs a stochastic step: DDIM with eta = 0 adds no noise, "
+                             "so its posterior update would see no evidence (a constant drift; with "
+                             "variance='step' a division by zero); use eta > 0 (eta = 1 is the ancestral chain)")
+
     def update(self, log_p, x_t, x_next, eps_u, eps_c, step):
         # |x' - mu_neg|^2 - |x' - mu_u|^2 = b.(2a + b) with a = x' - mu_u, b = mu_u - mu_neg
-        # = c (eps_neg - eps_u): no cancellation between two nearly equal squared norms.
-        a = x_next - ddpm_mean(x_t, eps_u, step)
-        b = step.beta / (jnp.sqrt(1.0 - step.alpha_bar) * jnp.sqrt(1.0 - step.beta)) * (eps_c - eps_u)
+        # = -mean_eps (eps_neg - eps_u): no cancellation between two nearly equal squared norms.
+        a = x_next - step_mean(x_t, eps_u, step)
+        b = -step.mean_eps * (eps_c - eps_u)
         sq_diff = jnp.sum(b * (2.0 * a + b), axis=tuple(range(1, x_t.ndim)))
         sigma2 = transition_variance(step, self.variance)
         increment = (-self.temperature * sq_diff + self.offset) / (2.0 * sigma2)
@@ -348,6 +381,8 @@ def transition_variance(step: Step, variance: str) -> Array:
     """sigma_t^2 used by DNG's posterior update (see :class:`DynamicNegativeGuidance`)."""
     if variance == "beta":
         return step.beta
+    if variance == "step":
+        return jnp.where(step.is_last, step.beta, step.noise_variance)
     return jnp.where(step.is_last, step.beta, step.posterior_variance)
 
 

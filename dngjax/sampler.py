@@ -1,4 +1,4 @@
-"""Compiled ancestral DDPM sampling with guidance: one entry point for N seeds, and vmapped sweeps.
+"""Compiled guided sampling (ancestral DDPM or DDIM): one entry point for N seeds, and vmapped sweeps.
 
 The whole trajectory is one ``jax.lax.scan`` inside one ``jax.jit``: the carry
 holds the sample x (B, *shape), the guidance state (DNG's log-posterior (B,),
@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .denoiser import Denoiser, as_denoiser
-from .guidance import GuidanceRule, NoGuidance, Step, ddpm_mean
+from .denoiser import Denoiser, as_denoiser, to_eps
+from .guidance import GuidanceRule, NoGuidance, Step, step_mean
 from .schedules import Schedule
 
 Array = jnp.ndarray
@@ -88,22 +88,50 @@ def _as_keys(keys: Any) -> Array:
                      f"jax.random.split(key, N)) or (N, 2) uint32 raw keys; got {keys.dtype} {keys.shape}")
 
 
-def _prediction(name: str, fn: Denoiser, x: Array, t: Array) -> Array:
-    eps = fn(x, t)
-    if not hasattr(eps, "shape") or eps.shape != x.shape:
-        got = f"shape {eps.shape}" if hasattr(eps, "shape") else f"a {type(eps).__name__}"
+def _prediction(name: str, fn: Denoiser, x: Array, t: Array, step: Step) -> Array:
+    out = fn(x, t)
+    if not hasattr(out, "shape") or out.shape != x.shape:
+        got = f"shape {out.shape}" if hasattr(out, "shape") else f"a {type(out).__name__}"
         raise ValueError(f"{name} returned {got} for x of shape {x.shape}; "
                          "a denoiser eps(x, t) must return one array of the shape of x")
-    return eps
+    return to_eps(out, x, fn.prediction, step.alpha_bar, step.one_minus_alpha_bar)
 
 
-def noise_variance(step: Step, noise: str) -> Array:
-    """sigma_t^2 of the reverse step's noise: beta_t (``"beta"``) or beta_tilde_t (``"posterior"``)."""
-    return step.beta if noise == "beta" else step.posterior_variance
+def chain_steps(schedule: Schedule, noise: str = "beta", eta: Optional[float] = None) -> Step:
+    """The chain's transitions as a :class:`Step` of (S,) arrays, index 0 = least noisy step.
+
+    The step x_t -> x_{t-1} is Gaussian: mean mean_x x_t + mean_eps eps, variance noise_variance.
+      * ancestral DDPM (``eta=None``): mean_x = 1 / sqrt(alpha_t), mean_eps = -beta_t / (sqrt(1 - ab_t)
+        sqrt(alpha_t)); variance beta_t (``noise="beta"``) or beta_tilde_t (``noise="posterior"``);
+      * DDIM (Song et al. 2021, eq. 12) with ``eta`` in [0, 1]: sigma^2 = eta^2 beta_tilde_t,
+        x_{t-1} = sqrt(ab_{t-1}) x0_hat + sqrt(1 - ab_{t-1} - sigma^2) eps + sigma z, i.e.
+        mean_x = 1 / sqrt(alpha_t), mean_eps = -(sigma^2 + beta_t / alpha_t) / (sqrt(1 - ab_{t-1} - sigma^2)
+        + sqrt(1 - ab_t) / sqrt(alpha_t)) (the difference of the two eps terms, written without
+        cancellation). eta = 1 is the ancestral step with ``noise="posterior"``; eta = 0 is deterministic.
+    No noise at the final step (index 0) in every case. Works on traced schedules (inside jit).
+    """
+    n = schedule.num_steps
+    beta, alpha = schedule.betas, schedule.alphas
+    om, om_prev = schedule.one_minus_alpha_bars, schedule.one_minus_alpha_bars_prev
+    post = schedule.posterior_variances
+    is_last = jnp.arange(n) == 0
+    mean_x = 1.0 / jnp.sqrt(alpha)
+    if eta is None:
+        mean_eps = -beta / (jnp.sqrt(om) * jnp.sqrt(alpha))
+        var = beta if noise == "beta" else post
+    else:
+        var = float(eta) ** 2 * post
+        keep = jnp.maximum(om_prev * (1.0 - float(eta) ** 2 * beta / om), 0.0)   # 1 - ab_{t-1} - sigma^2
+        mean_eps = -(var + beta / alpha) / (jnp.sqrt(keep) + jnp.sqrt(om) / jnp.sqrt(alpha))
+    return Step(index=jnp.arange(n), t=schedule.timesteps, beta=beta, alpha_bar=schedule.alpha_bars,
+                alpha_bar_prev=schedule.alpha_bars_prev, one_minus_alpha_bar=om, one_minus_alpha_bar_prev=om_prev,
+                posterior_variance=post, mean_x=mean_x, mean_eps=mean_eps,
+                noise_variance=jnp.where(is_last, 0.0, var), steps_taken=n - 1 - jnp.arange(n), is_last=is_last)
 
 
 def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: GuidanceRule,
-                 schedule: Schedule, keys: Array, shape: Tuple[int, ...], return_trace: bool, noise: str):
+                 schedule: Schedule, keys: Array, shape: Tuple[int, ...], return_trace: bool, noise: str,
+                 eta: Optional[float]):
     batch = keys.shape[0]
     split = jax.vmap(jax.random.split)                       # (B,) -> (B, 2)
     normal = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))
@@ -113,27 +141,21 @@ def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Gui
     x = normal(keys[:, 0])
     keys = keys[:, 1]
     state = rule.init(x)
-    n = schedule.num_steps
-    steps = Step(index=jnp.arange(n), t=schedule.timesteps, beta=schedule.betas,
-                 alpha_bar=schedule.alpha_bars, alpha_bar_prev=schedule.alpha_bars_prev,
-                 posterior_variance=schedule.posterior_variances,
-                 steps_taken=n - 1 - jnp.arange(n), is_last=jnp.arange(n) == 0)
-    steps = jax.tree.map(lambda a: a[::-1], steps)           # noisiest step first
+    steps = jax.tree.map(lambda a: a[::-1], chain_steps(schedule, noise, eta))   # noisiest step first
 
     def body(carry, step: Step):
         x, state, keys = carry
         t = jnp.broadcast_to(step.t, (batch,))
         # 1. the predictions the rule combines (the second network call only if it needs one)
-        eps_u = _prediction("denoiser_u", denoiser_u, x, t)
-        eps_c = _prediction("denoiser_c", denoiser_c, x, t) if rule.needs_second_prediction else eps_u
+        eps_u = _prediction("denoiser_u", denoiser_u, x, t, step)
+        eps_c = _prediction("denoiser_c", denoiser_c, x, t, step) if rule.needs_second_prediction else eps_u
         # 2. the guided prediction, and the posterior the rule used for it (traces)
         eps, lam, state = rule.guide(state, x, eps_u, eps_c, step)
         p = rule.posterior(state, batch)
-        # 3. the ancestral step x_t -> x_{t-1}: the DDPM mean plus noise (none at the last step)
+        # 3. the Gaussian step x_t -> x_{t-1} (ancestral DDPM or DDIM): its mean plus noise (none at the end)
         keys = split(keys)
         z = normal(keys[:, 1])
-        sigma = jnp.where(step.is_last, 0.0, jnp.sqrt(noise_variance(step, noise)))
-        x_next = ddpm_mean(x, eps, step) + sigma * z
+        x_next = step_mean(x, eps, step) + jnp.sqrt(step.noise_variance) * z
         # 4. the rule sees the transition it caused (DNG's posterior update)
         state = rule.update(state, x, x_next, eps_u, eps_c, step)
         return (x_next, state, keys[:, 0]), ((lam, p) if return_trace else None)
@@ -144,25 +166,43 @@ def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Gui
     return x
 
 
-def _grid_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, grid_names):
+def _grid_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, grid_names):
     """``_sample_impl`` vmapped over the rule leaves named in grid_names (none: no vmap)."""
     if not grid_names:
-        return _sample_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise)
+        return _sample_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta)
     axes = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(rule),
                                         [0 if name in grid_names else None for name in rule.leaf_names])
-    run = lambda r: _sample_impl(denoiser_u, denoiser_c, r, schedule, keys, shape, return_trace, noise)
+    run = lambda r: _sample_impl(denoiser_u, denoiser_c, r, schedule, keys, shape, return_trace, noise, eta)
     return jax.vmap(run, in_axes=(axes,))(rule)
 
 
-_grid_jit = jax.jit(_grid_impl, static_argnames=("shape", "return_trace", "noise", "grid_names"))
+_grid_jit = jax.jit(_grid_impl, static_argnames=("shape", "return_trace", "noise", "eta", "grid_names"))
 
 
-def _prepare(denoiser_u, denoiser_c, rule, shape, noise):
+def _check_eta(eta, noise):
+    """eta as a float (None: ancestral step); DDIM takes its noise from eta, not from ``noise``."""
     if noise not in NOISES:
         raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+    if eta is None:
+        return None
+    try:
+        eta = float(eta)
+    except (TypeError, ValueError):
+        raise ValueError(f"eta must be a number in [0, 1] (DDIM) or None (ancestral step), got {eta!r}") from None
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    if noise != "beta":
+        raise ValueError(f"noise={noise!r} sets the ancestral step's variance; DDIM's is eta^2 beta_tilde "
+                         "(eta = 1 is noise='posterior'): pass one of them")
+    return eta
+
+
+def _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta):
+    eta = _check_eta(eta, noise)
     denoiser_u = as_denoiser(denoiser_u)
     if not isinstance(rule, GuidanceRule):
         raise TypeError(f"rule must be a guidance rule from dngjax.guidance, got {type(rule).__name__}")
+    rule.check_sampler(noise, eta)
     if rule.needs_second_prediction:
         if denoiser_c is None:
             raise ValueError(f"{type(rule).__name__} combines two predictions: pass denoiser_c "
@@ -176,7 +216,7 @@ def _prepare(denoiser_u, denoiser_c, rule, shape, noise):
         raise ValueError(f"shape must be the per-sample shape, a sequence of ints, got {shape!r}") from None
     if not shape or min(shape) < 1:
         raise ValueError(f"shape must be a non-empty per-sample shape of positive sizes, got {shape}")
-    return denoiser_u, denoiser_c, shape
+    return denoiser_u, denoiser_c, shape, eta
 
 
 def grid_rules(rule: GuidanceRule, grid: Optional[Mapping[str, Any]]) -> Tuple[GuidanceRule, int, Tuple[str, ...]]:
@@ -203,8 +243,8 @@ def grid_rules(rule: GuidanceRule, grid: Optional[Mapping[str, Any]]) -> Tuple[G
 
 def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
                   rule: GuidanceRule = NoGuidance(), denoiser_c=None, grid: Optional[Mapping[str, Any]] = None,
-                  chunk_size: Optional[int] = None, noise: str = "beta", return_trace: bool = False,
-                  progress: bool = False, desc: Optional[str] = None) -> Iterator[Chunk]:
+                  chunk_size: Optional[int] = None, noise: str = "beta", eta: Optional[float] = None,
+                  return_trace: bool = False, progress: bool = False, desc: Optional[str] = None) -> Iterator[Chunk]:
     """The samples of ``keys`` chunk by chunk, as :class:`Chunk` s (numpy), in seed order.
 
     Every chunk has the same compiled shape (``chunk_size`` seeds, rounded up to a multiple of the
@@ -212,7 +252,7 @@ def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
     compilation. With several devices each chunk's seed axis is sharded over them. ``grid``: as in
     :func:`sweep` (then x is (K, m, ...)). Arguments are validated before the first chunk runs.
     """
-    denoiser_u, denoiser_c, shape = _prepare(denoiser_u, denoiser_c, rule, shape, noise)
+    denoiser_u, denoiser_c, shape, eta = _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta)
     rules, k, names = grid_rules(rule, grid)
     keys = _as_keys(keys)
     n = keys.shape[0]
@@ -238,7 +278,7 @@ def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
         kc = keys[idx]
         if sharding is not None:
             kc = jax.device_put(kc, sharding)
-        out = _grid_jit(denoiser_u, denoiser_c, rules, schedule, kc, shape, return_trace, noise, names)
+        out = _grid_jit(denoiser_u, denoiser_c, rules, schedule, kc, shape, return_trace, noise, eta, names)
         m = min(chunk, n - start)
         cut = lambda a, ax: np.take(np.asarray(a), np.arange(m), axis=ax)
         if return_trace:
@@ -259,13 +299,14 @@ def _gather(chunks: Iterator[Chunk], axis: int, return_trace: bool):
 
 
 def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
-           rule: GuidanceRule = NoGuidance(), denoiser_c=None, noise: str = "beta",
+           rule: GuidanceRule = NoGuidance(), denoiser_c=None, noise: str = "beta", eta: Optional[float] = None,
            return_trace: bool = False, chunk_size: Optional[int] = None, progress: bool = False):
-    """Ancestral DDPM sampling from x_T ~ N(0, I) with a guidance rule, one sample per key.
+    """Ancestral DDPM (or DDIM) sampling from x_T ~ N(0, I) with a guidance rule, one sample per key.
 
     x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sigma_t z,
     with no noise at the final step, eps the rule's combination of eps_u = denoiser_u(x_t, t)
-    and eps_c = denoiser_c(x_t, t).
+    and eps_c = denoiser_c(x_t, t) (converted to eps first if the denoisers predict x0 or v).
+    With ``eta``, the DDIM step instead (:func:`chain_steps`).
 
     Args:
       denoiser_u: the unconditional denoiser eps(x, t) (a :class:`Denoiser` or a pure function).
@@ -278,6 +319,9 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
         upper bound; ``"posterior"`` beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t),
         the lower bound, which leaves less residual noise on short respaced chains. Both are the
         chain's own (respaced) values. (Not DNG's ``variance``: that is its update's sigma^2.)
+      eta: None (default) for the ancestral step; a number in [0, 1] for DDIM with noise variance
+        eta^2 beta_tilde_t (eta = 1 equals ``noise="posterior"``; eta = 0 is deterministic, and
+        refused by DNG, whose update needs the step's noise).
       return_trace: also return a :class:`Trace` of lambda_t and p_t, (S, N) each.
       chunk_size: process the seeds in chunks of this many (one compilation; sharded over the
         local devices; see :func:`sample_chunks`). Default: all N in one call.
@@ -289,16 +333,17 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
       arrays gathered from the chunks otherwise.
     """
     if chunk_size is None and not progress and jax.local_device_count() == 1:
-        denoiser_u, denoiser_c, shape = _prepare(denoiser_u, denoiser_c, rule, shape, noise)
-        return _grid_jit(denoiser_u, denoiser_c, rule, schedule, _as_keys(keys), shape, return_trace, noise, ())
+        denoiser_u, denoiser_c, shape, eta = _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta)
+        return _grid_jit(denoiser_u, denoiser_c, rule, schedule, _as_keys(keys), shape, return_trace, noise, eta, ())
     chunks = sample_chunks(denoiser_u, schedule, keys, shape, rule=rule, denoiser_c=denoiser_c,
-                           chunk_size=chunk_size, noise=noise, return_trace=return_trace, progress=progress)
+                           chunk_size=chunk_size, noise=noise, eta=eta, return_trace=return_trace,
+                           progress=progress)
     return _gather(chunks, 0, return_trace)
 
 
 def sweep(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *, rule: GuidanceRule,
-          grid: Optional[Mapping[str, Any]], denoiser_c=None, noise: str = "beta", return_trace: bool = False,
-          chunk_size: Optional[int] = None, progress: bool = False):
+          grid: Optional[Mapping[str, Any]], denoiser_c=None, noise: str = "beta", eta: Optional[float] = None,
+          return_trace: bool = False, chunk_size: Optional[int] = None, progress: bool = False):
     """Sample a K-point grid of hyperparameters times N seeds; result indexed [k, n].
 
     Every grid point uses the same N keys. All K x chunk samples run in one compiled,
@@ -312,7 +357,8 @@ def sweep(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *, rule: G
       numpy x of shape (K, N, *shape) (and a Trace with lam, p of shape (K, S, N)).
     """
     chunks = sample_chunks(denoiser_u, schedule, keys, shape, rule=rule, denoiser_c=denoiser_c, grid=grid,
-                           chunk_size=chunk_size, noise=noise, return_trace=return_trace, progress=progress)
+                           chunk_size=chunk_size, noise=noise, eta=eta, return_trace=return_trace,
+                           progress=progress)
     if grid:
         return _gather(chunks, 1, return_trace)
     out = _gather(chunks, 0, return_trace)                    # no grid axis: add K = 1

@@ -6,6 +6,13 @@ has shape ``(num_steps,)``. ``timesteps[i]`` is the timestep index the network
 was trained with (for a respaced chain it is a subsequence of ``0..T-1``), and
 ``betas[i]`` is the variance of this chain's own transition ``i``, so a
 respaced chain is again an exact DDPM (Nichol & Dhariwal 2021, eq. 19).
+
+Constructors: :func:`linear_schedule` (Ho et al.), :func:`scaled_linear_schedule`
+(Stable Diffusion's), :func:`cosine_schedule` (Nichol & Dhariwal), and
+:func:`schedule_from_betas` / :func:`schedule_from_alpha_bars` for any other.
+Everything is derived in float64 and stored in float32, including
+1 - alpha_bar (near t = 0 it is ~1e-4, and 1 - float32(alpha_bar) would lose
+about 1e-4 of it relatively).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ class Schedule:
       alpha_bars_prev: alpha_bar_{i-1} (1 for i = 0).
       posterior_variances: beta_tilde_i = beta_i (1 - alpha_bar_{i-1}) / (1 - alpha_bar_i)
         (0 at i = 0).
+      one_minus_alpha_bars, one_minus_alpha_bars_prev: 1 - alpha_bar_i and 1 - alpha_bar_{i-1},
+        computed in float64 (what the samplers' coefficients use).
     """
 
     timesteps: Array
@@ -37,6 +46,8 @@ class Schedule:
     alpha_bars: Array
     alpha_bars_prev: Array
     posterior_variances: Array
+    one_minus_alpha_bars: Array
+    one_minus_alpha_bars_prev: Array
 
     @property
     def num_steps(self) -> int:
@@ -48,7 +59,10 @@ def _from_betas(betas: np.ndarray, timesteps: np.ndarray) -> Schedule:
     alphas = 1.0 - betas
     alpha_bars = np.cumprod(alphas)
     alpha_bars_prev = np.concatenate([[1.0], alpha_bars[:-1]])
-    post_var = betas * (1.0 - alpha_bars_prev) / (1.0 - alpha_bars)
+    # 1 - prod(1 - beta) without cancellation: -expm1(sum log1p(-beta))
+    one_minus = -np.expm1(np.cumsum(np.log1p(-betas)))
+    one_minus_prev = np.concatenate([[0.0], one_minus[:-1]])
+    post_var = betas * one_minus_prev / one_minus
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     return Schedule(
         timesteps=jnp.asarray(timesteps, jnp.int32),
@@ -57,7 +71,32 @@ def _from_betas(betas: np.ndarray, timesteps: np.ndarray) -> Schedule:
         alpha_bars=f32(alpha_bars),
         alpha_bars_prev=f32(alpha_bars_prev),
         posterior_variances=f32(post_var),
+        one_minus_alpha_bars=f32(one_minus),
+        one_minus_alpha_bars_prev=f32(one_minus_prev),
     )
+
+
+def schedule_from_betas(betas) -> Schedule:
+    """The chain of the given betas (T,), each in (0, 1), at timesteps 0..T-1."""
+    b = np.asarray(betas, np.float64)
+    if b.ndim != 1 or b.size == 0:
+        raise ValueError(f"betas must be a non-empty 1-D array, got shape {b.shape}")
+    if not np.all(np.isfinite(b)) or np.any(b <= 0) or np.any(b >= 1):
+        raise ValueError(f"betas must lie in (0, 1), got min {np.nanmin(b)}, max {np.nanmax(b)}")
+    return _from_betas(b, np.arange(b.size))
+
+
+def schedule_from_alpha_bars(alpha_bars) -> Schedule:
+    """The chain with these cumulative products alpha_bar_t (T,): strictly decreasing, in (0, 1).
+
+    beta_t = 1 - alpha_bar_t / alpha_bar_{t-1} (alpha_bar_{-1} = 1).
+    """
+    ab = np.asarray(alpha_bars, np.float64)
+    if ab.ndim != 1 or ab.size == 0:
+        raise ValueError(f"alpha_bars must be a non-empty 1-D array, got shape {ab.shape}")
+    if not np.all(np.isfinite(ab)) or np.any(ab <= 0) or np.any(ab >= 1) or np.any(np.diff(ab) >= 0):
+        raise ValueError("alpha_bars must be strictly decreasing values in (0, 1)")
+    return schedule_from_betas(1.0 - ab / np.concatenate([[1.0], ab[:-1]]))
 
 
 def linear_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4,
@@ -68,6 +107,33 @@ def linear_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4,
     if not 0.0 < beta_start <= beta_end < 1.0:
         raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
     betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+    return _from_betas(betas, np.arange(num_timesteps))
+
+
+def scaled_linear_schedule(num_timesteps: int = 1000, beta_start: float = 0.00085,
+                           beta_end: float = 0.012) -> Schedule:
+    """Stable Diffusion's schedule (diffusers' ``scaled_linear``): sqrt(beta) linear in t."""
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    if not 0.0 < beta_start <= beta_end < 1.0:
+        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=np.float64) ** 2
+    return _from_betas(betas, np.arange(num_timesteps))
+
+
+def cosine_schedule(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
+    """Nichol & Dhariwal's cosine schedule: alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2).
+
+    beta_t = min(1 - alpha_bar(t + 1) / alpha_bar(t), max_beta), as in their code and diffusers'
+    ``squaredcos_cap_v2``.
+    """
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    if not (s >= 0 and 0 < max_beta < 1):
+        raise ValueError(f"need s >= 0 and 0 < max_beta < 1, got s={s}, max_beta={max_beta}")
+    f = lambda u: np.cos((u / num_timesteps + s) / (1 + s) * np.pi / 2) ** 2
+    t = np.arange(num_timesteps, dtype=np.float64)
+    betas = np.minimum(1.0 - f(t + 1) / f(t), max_beta)
     return _from_betas(betas, np.arange(num_timesteps))
 
 
@@ -83,9 +149,9 @@ def respace(schedule: Schedule, num_steps: int) -> Schedule:
     if not 1 <= num_steps <= total:
         raise ValueError(f"num_steps must be in [1, {total}], got {num_steps}")
     keep = np.unique(np.round(np.linspace(0, total - 1, num_steps)).astype(np.int64))
-    # float64 cumulative product from the betas: float32 alpha_bars would cost ~1e-3 relative in beta'.
-    alpha_bars = np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))[keep]
-    prev = np.concatenate([[1.0], alpha_bars[:-1]])
-    betas = 1.0 - alpha_bars / prev
+    # float64 from the betas: float32 alpha_bars would cost ~1e-3 relative in beta'.
+    # beta'_i = 1 - exp(log alpha_bar_i - log alpha_bar_{i-1}), without cancellation.
+    log_ab = np.cumsum(np.log1p(-np.asarray(schedule.betas, np.float64)))[keep]
+    betas = -np.expm1(np.diff(np.concatenate([[0.0], log_ab])))
     timesteps = np.asarray(schedule.timesteps)[keep]
     return _from_betas(betas, timesteps)

@@ -24,7 +24,9 @@ def sample_numpy(eps_u, eps_c, schedule, keys, shape, method, hp):
     """Guided ancestral DDPM sampling, one sample at a time, in float64.
 
     method: 'none', 'np', 'cfg', 'sld', 'dng'. hp: dict of hyperparameters; hp['noise'] is the
-    sampler's step variance ('beta', default, or 'posterior' = beta_tilde).
+    sampler's step variance ('beta', default, or 'posterior' = beta_tilde); hp['eta'] (if given)
+    replaces the ancestral step by DDIM's (Song et al. 2021, eq. 12), written as in the paper:
+    x' = sqrt(ab') x0_hat + sqrt(1 - ab' - sigma^2) eps + sigma z, sigma^2 = eta^2 (1 - ab')/(1 - ab) (1 - ab/ab').
     Returns x0 (B, *shape), lam (S, B), p (S, B) in sampling order.
     """
     betas = np.asarray(schedule.betas, np.float64)
@@ -64,13 +66,24 @@ def sample_numpy(eps_u, eps_c, schedule, keys, shape, method, hp):
                 p = np.exp(log_p)
                 lam = hp["scale"] * p / (1 - p)
                 eps = e_u - lam * (e_c - e_u)
-            mean = lambda e: (x - beta / np.sqrt(1 - ab) * e) / np.sqrt(1 - beta)
             beta_tilde = beta * (1 - abar_prev[i]) / (1 - ab)
-            noise_var = beta if hp.get("noise", "beta") == "beta" else beta_tilde
+            if "eta" in hp:
+                abp = abar_prev[i]
+                noise_var = hp["eta"] ** 2 * (1 - abp) / (1 - ab) * (1 - ab / abp)
+
+                def mean(e):
+                    x0 = (x - np.sqrt(1 - ab) * e) / np.sqrt(ab)
+                    return np.sqrt(abp) * x0 + np.sqrt(max(1 - abp - noise_var, 0.0)) * e
+            else:
+                mean = lambda e: (x - beta / np.sqrt(1 - ab) * e) / np.sqrt(1 - beta)
+                noise_var = beta if hp.get("noise", "beta") == "beta" else beta_tilde
             x_next = mean(eps) + (0.0 if i == 0 else np.sqrt(noise_var) * zs[n])
             if method == "dng":
-                if hp.get("variance", "posterior") == "beta" or i == 0:
+                variance = hp.get("variance", "posterior")
+                if variance == "beta" or i == 0:
                     sigma2 = beta
+                elif variance == "step":
+                    sigma2 = noise_var
                 else:
                     sigma2 = beta_tilde
                 d_neg = np.sum((x_next - mean(e_c)) ** 2)

@@ -50,6 +50,29 @@ def test_unet_round_trip(tmp_path):
     checkpoint.load_model(os.path.join(path, "card.json"))
 
 
+def test_card_diffusion_gives_prediction_type_and_schedule(tmp_path):
+    """A v-predicting model on Stable Diffusion's schedule (as the diffusers converter writes its card)."""
+    import dngjax as dj
+    m = _tiny_unet()
+    p = _random_params(m, jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
+    diffusion = {"num_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "schedule": "scaled_linear",
+                 "prediction": "v"}
+    path = str(tmp_path / "v")
+    checkpoint.save_model(path, m, p, {"dataset": "mnist", "kind": "ddpm", "diffusion": diffusion})
+    assert checkpoint.load_denoiser(path).prediction == "v"
+    card = checkpoint.load_card(path)
+    np.testing.assert_array_equal(checkpoint.schedule_of(card).betas, dj.scaled_linear_schedule().betas)
+    np.testing.assert_array_equal(checkpoint.schedule_of({}).betas, dj.linear_schedule().betas)
+    np.testing.assert_array_equal(checkpoint.schedule_of({"diffusion": {"schedule": "squaredcos_cap_v2"}}).betas,
+                                  dj.cosine_schedule().betas)
+    with pytest.raises(checkpoint.CheckpointError, match="supported are"):
+        checkpoint.schedule_of({"diffusion": {"schedule": "sigmoid"}})
+    bad = str(tmp_path / "bad")
+    checkpoint.save_model(bad, m, p, {"dataset": "mnist", "kind": "ddpm", "diffusion": dict(diffusion, prediction="score")})
+    with pytest.raises(checkpoint.CheckpointError, match="prediction"):
+        checkpoint.load_denoiser(bad)
+
+
 def test_classifier_round_trip(tmp_path):
     m = Classifier(widths=(4, 8), feature_dim=16)
     p = _random_params(m, jnp.zeros((1, 28, 28, 1)), seed=1)

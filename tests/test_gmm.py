@@ -232,9 +232,7 @@ def test_exact_dng_and_cfg_give_the_remaining_modes_eps(t):
     np.testing.assert_array_less(np.abs(dng - e_r[ok]), tol)
     # the rule itself, through guide()
     rule = lab.exact_dng(1.0)
-    step = dj.Step(index=0, t=jnp.int32(t), beta=base.betas[t], alpha_bar=base.alpha_bars[t],
-                   alpha_bar_prev=base.alpha_bars_prev[t], posterior_variance=base.posterior_variances[t],
-                   steps_taken=0, is_last=False)
+    step = jax.tree.map(lambda a: a[t], dj.chain_steps(base))
     eps, lam, p_rule = rule.guide(rule.init(x), x, jnp.asarray(e_u, jnp.float32), jnp.asarray(e_f, jnp.float32), step)
     np.testing.assert_allclose(np.asarray(p_rule)[ok], p[ok], rtol=1e-5, atol=1e-7)
     np.testing.assert_array_less(np.abs(np.asarray(eps, np.float64)[ok] - e_r[ok]), tol + 1e-5)

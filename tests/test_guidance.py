@@ -73,9 +73,12 @@ def test_dng_lambda_and_update_by_hand():
     state = rule.init(x)
     np.testing.assert_allclose(np.exp(state), [0.2], rtol=1e-6)
     eps_u, eps_c = jnp.zeros((1, 2)), jnp.ones((1, 2))
+    # an ancestral DDPM step (mean (x - beta / sqrt(1 - ab) eps) / sqrt(1 - beta)) with beta_tilde = 0.015
     step = dj.Step(index=jnp.array(3), t=jnp.array(30), beta=jnp.array(0.02), alpha_bar=jnp.array(0.5),
-                   alpha_bar_prev=jnp.array(0.51), posterior_variance=jnp.array(0.015),
-                   steps_taken=jnp.array(0), is_last=jnp.array(False))
+                   alpha_bar_prev=jnp.array(0.51), one_minus_alpha_bar=jnp.array(0.5),
+                   one_minus_alpha_bar_prev=jnp.array(0.49), posterior_variance=jnp.array(0.015),
+                   mean_x=jnp.array(1 / np.sqrt(0.98)), mean_eps=jnp.array(-0.02 / np.sqrt(0.5) / np.sqrt(0.98)),
+                   noise_variance=jnp.array(0.02), steps_taken=jnp.array(0), is_last=jnp.array(False))
     eps, lam, state = rule.guide(state, x, eps_u, eps_c, step)
     np.testing.assert_allclose(lam, [2.0 * 0.2 / 0.8], rtol=1e-6)
     np.testing.assert_allclose(eps, -0.5 * np.ones((1, 2)), rtol=1e-6)
@@ -100,9 +103,7 @@ def test_sld_mask_by_hand():
     eps_u = jnp.array([[0.0, 0.0, 0.0]])
     eps_c = jnp.array([[0.001, 0.5, -0.5]])  # d = eps_u - eps_c = [-0.001, -0.5, 0.5]
     m = rule.init(eps_u)
-    step = dj.Step(index=jnp.array(0), t=jnp.array(0), beta=jnp.array(0.01), alpha_bar=jnp.array(0.5),
-                   alpha_bar_prev=jnp.array(0.5), posterior_variance=jnp.array(0.0), steps_taken=jnp.array(0),
-                   is_last=jnp.array(False))
+    step = jax.tree.map(lambda a: a[5], dj.chain_steps(dj.linear_schedule(10)))   # SLD reads only steps_taken
     eps, lam, m = rule.guide(m, eps_u, eps_u, eps_c, step)
     mask = np.array([0.1, 1.0, 0.0])                     # min(1, 100 |d|) where d < 0.04
     corr = -mask * np.array([-0.001, -0.5, 0.5])

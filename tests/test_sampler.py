@@ -84,6 +84,78 @@ def test_posterior_variance_noise_matches_numpy_loop(schedule, method, rule, hp)
     np.testing.assert_allclose(xs[1], np_ref, rtol=1e-4, atol=1e-4)
 
 
+DDIM_CASES = [("none", dj.NoGuidance(), {}, 0.0), ("none", dj.NoGuidance(), {}, 0.5),
+              ("np", dj.NegativePrompting(0.7), {"scale": 0.7}, 0.0),
+              ("dng", dj.DynamicNegativeGuidance(3.0, prior=0.3, offset=1e-4),
+               {"scale": 3.0, "prior": 0.3, "temperature": 0.25, "offset": 1e-4}, 0.5),
+              ("dng", dj.DynamicNegativeGuidance(3.0, prior=0.3, offset=1e-4, variance="step"),
+               {"scale": 3.0, "prior": 0.3, "temperature": 0.25, "offset": 1e-4, "variance": "step"}, 0.7)]
+
+
+@pytest.mark.parametrize("method,rule,hp,eta", DDIM_CASES,
+                         ids=[f"{c[0]}-{c[2].get('variance', '')}-eta{c[3]}" for c in DDIM_CASES])
+def test_ddim_matches_numpy_loop(schedule, method, rule, hp, eta):
+    """eta: the DDIM step of Song et al.'s eq. 12 (the numpy loop writes it as in the paper)."""
+    keys = dj.keys_from_seeds(np.arange(4))
+    x, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, eta=eta, return_trace=True)
+    x_ref, lam_ref, p_ref = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, method, dict(hp, eta=eta))
+    np.testing.assert_allclose(np.asarray(x), x_ref, rtol=1e-4, atol=1e-4)
+    if method == "dng":          # the last row divides by a tiny variance (see test_scan_matches_numpy_loop)
+        np.testing.assert_allclose(np.asarray(tr.p)[:-1], p_ref[:-1], rtol=2e-4, atol=1e-7)
+        assert np.ptp(p_ref) > 0.05
+    ancestral = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, method, dict(hp, noise="posterior"))[0]
+    assert np.abs(x_ref - ancestral).max() > 1e-2, "eta < 1 must differ from the ancestral chain"
+
+
+def test_ddim_eta_one_is_the_ancestral_posterior_noise_chain(schedule):
+    keys = dj.keys_from_seeds(np.arange(4))
+    rule = dj.DynamicNegativeGuidance(3.0, prior=0.3)
+    a = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, eta=1.0)
+    b = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, noise="posterior")
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    steps = dj.chain_steps(schedule, eta=1.0)
+    ref = dj.chain_steps(schedule, noise="posterior")
+    np.testing.assert_allclose(steps.mean_eps, ref.mean_eps, rtol=1e-6)
+    np.testing.assert_allclose(steps.noise_variance, ref.noise_variance, rtol=1e-6)
+
+
+def test_eta_errors_before_sampling(schedule):
+    keys = dj.keys_from_seeds([0])
+    with pytest.raises(ValueError, match="eta must lie in"):
+        dj.sample(eps_u, schedule, keys, SHAPE, eta=1.5)
+    with pytest.raises(ValueError, match="eta must be a number"):
+        dj.sample(eps_u, schedule, keys, SHAPE, eta="ddim")
+    with pytest.raises(ValueError, match="pass one of them"):
+        dj.sample(eps_u, schedule, keys, SHAPE, eta=0.5, noise="posterior")
+    with pytest.raises(ValueError, match="stochastic step"):
+        dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.DynamicNegativeGuidance(), denoiser_c=eps_c, eta=0.0)
+
+
+def test_x0_and_v_predicting_denoisers_give_the_eps_samples(schedule):
+    """The same model in its three parameterisations (converted here from the definitions) samples alike."""
+    ab = jnp.asarray(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), jnp.float32)
+    col = lambda a, t: a[t].reshape(-1, 1, 1)
+
+    def x0_u(x, t):
+        return (x - jnp.sqrt(1 - col(ab, t)) * eps_u(x, t)) / jnp.sqrt(col(ab, t))
+
+    def v_u(x, t):
+        return jnp.sqrt(col(ab, t)) * eps_u(x, t) - jnp.sqrt(1 - col(ab, t)) * x0_u(x, t)
+
+    def x0_c(x, t):
+        return (x - jnp.sqrt(1 - col(ab, t)) * eps_c(x, t)) / jnp.sqrt(col(ab, t))
+
+    keys = dj.keys_from_seeds(np.arange(3))
+    rule = dj.DynamicNegativeGuidance(2.0, prior=0.3)
+    ref = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c)
+    for du, dc in [(dj.denoiser(x0_u, prediction="x0"), dj.denoiser(x0_c, prediction="x0")),
+                   (dj.denoiser(v_u, prediction="v"), eps_c)]:
+        got = dj.sample(du, schedule, keys, SHAPE, rule=rule, denoiser_c=dc)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        dj.denoiser(eps_u, prediction="score")
+
+
 def test_unknown_noise_is_rejected(schedule):
     with pytest.raises(ValueError, match="noise must be one of"):
         dj.sample(eps_u, schedule, dj.keys_from_seeds([0]), SHAPE, noise="learned")
@@ -199,7 +271,7 @@ def test_vmap_over_rule_leaf_directly(schedule):
     keys = dj.keys_from_seeds(np.arange(3))
     rule = dj.NegativePrompting(jnp.array([0.0, 1.0]))
     f = jax.vmap(lambda r: sampler_mod._sample_impl(dj.as_denoiser(eps_u), dj.as_denoiser(eps_c), r,
-                                                   schedule, keys, SHAPE, False, "beta"))
+                                                   schedule, keys, SHAPE, False, "beta", None))
     x = f(rule)
     x0 = dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(1.0), denoiser_c=eps_c)
     np.testing.assert_allclose(np.asarray(x[1]), np.asarray(x0), rtol=1e-5, atol=1e-5)

@@ -95,7 +95,13 @@ def make_optimizer(config):
         lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, warm, max(config.num_steps, warm + 1),
                                                 end_value=o.lr * 0.01)
     else:
-        lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), optax.constant_schedule(o.lr)], [warm])
+        # warm-up, constant, then (decay_steps > 0) a cosine decay over the run's last decay_steps steps;
+        # the schedule is a function of the step count alone, so a resumed run (num_steps raised) follows it
+        pieces, bounds = [optax.linear_schedule(0.0, o.lr, warm), optax.constant_schedule(o.lr)], [warm]
+        if o.decay_steps > 0:
+            pieces.append(optax.cosine_decay_schedule(o.lr, int(o.decay_steps), alpha=0.01))
+            bounds.append(config.num_steps - int(o.decay_steps))
+        lr = optax.join_schedules(pieces, bounds)
     if o.weight_decay > 0:
         opt = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
     else:
@@ -257,6 +263,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         c = _opt_class(config.get(name, -1))
         if c is not None and c >= data_lib.NUM_CLASSES[config.dataset]:
             raise ValueError(f"config.{name}={c}: {config.dataset} has classes 0..{data_lib.NUM_CLASSES[config.dataset] - 1}")
+    o = config.optim
+    if o.schedule not in ("constant", "cosine"):
+        raise ValueError(f"config.optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}")
+    decay = int(o.get("decay_steps", 0))
+    if decay < 0 or decay > int(config.num_steps) - max(int(o.warmup_steps), 1):
+        raise ValueError(f"config.optim.decay_steps={decay}: must be >= 0 and leave the warm-up "
+                         f"({o.warmup_steps} steps) inside num_steps={config.num_steps}")
+    if decay and o.schedule != "constant":
+        raise ValueError("config.optim.decay_steps applies to schedule='constant' (cosine decays over the whole run)")
     if config.get("max_steps_this_run", 0) < 0:
         raise ValueError(f"config.max_steps_this_run must be >= 0, got {config.max_steps_this_run}")
 

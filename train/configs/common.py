@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.weight_decay = 0.0
     c.optim.warmup_steps = 100
-    c.optim.schedule = "constant"  # or "cosine"
+    c.optim.schedule = "constant"  # or "cosine" (warm-up, then cosine decay over the whole run)
+    c.optim.decay_steps = 0  # "constant" only: > 0 ends the run with a cosine decay to lr / 100 over this many steps
     c.optim.grad_clip = 1.0
 
     c.diffusion = ml_collections.ConfigDict()
