@@ -315,6 +315,25 @@ def test_approximate_dng_removes_most_forbidden_mass():
     assert wasserstein1_1d(x, lab.remember_mixture) < 0.15
 
 
+def test_ddim_exact_dng_reproduces_the_remaining_modes_and_tracked_dng_removes_most():
+    """DDIM steps (eta < 1, and eta = 0 for the exact posterior, which needs no noise): exact DNG samples
+    the remaining modes; tracked DNG with the step's own variance removes part of the forbidden mass (less than
+    on the ancestral chain: half the noise gives its likelihood ratios less evidence; see docs/gmm.md)."""
+    lab = _lab(STEPS_FAST)
+    keys = dj.keys_from_seeds(np.arange(N_FAST))
+    run = lambda rule, eta: np.asarray(dj.sample(lab.denoiser_full, lab.schedule, keys, (1,), rule=rule,
+                                                 denoiser_c=lab.denoiser_forget, eta=eta, chunk_size=N_FAST))
+    for eta in (0.0, 0.5):
+        x = run(lab.exact_dng(1.0), eta)
+        assert lab.in_forget(x).mean() < 0.005, eta
+        assert wasserstein1_1d(x, lab.remember_mixture) < W1_BOUND_FAST, eta
+    x = run(lab.approximate_dng(1.0, variance="step"), 0.5)
+    forb = lab.in_forget(x).mean()
+    assert forb < 0.2, forb          # from 0.35 unguided; measured 0.144 (ancestral beta-noise chain: 0.036)
+    with pytest.raises(ValueError, match="stochastic step"):
+        run(lab.approximate_dng(1.0), 0.0)
+
+
 # --------------------------------------------------------------------------- sampling (slow)
 
 @pytest.mark.slow

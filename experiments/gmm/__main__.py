@@ -5,6 +5,7 @@
     python -m experiments.gmm --figure=fig3 [--n_track=... --variance=posterior --p_max=...]
     python -m experiments.gmm --figure=appendix [--n=0: fields only]      # figs. 7-9
     python -m experiments.gmm --figure=chain     # DNG's posterior against chain length (1000 .. 25 steps)
+    python -m experiments.gmm --figure=ddim      # DNG on DDIM steps: eta x chain length
     dngjax-gmm ...                                                      # the same, installed
 """
 
@@ -15,9 +16,9 @@ from absl import flags
 from dngjax import cli
 
 FLAGS = flags.FLAGS
-FIGURES = ("fig1", "fig3", "appendix", "chain")
+FIGURES = ("fig1", "fig3", "appendix", "chain", "ddim")
 #: samples per method when --n is not given
-N_DEFAULT = {"fig1": 100_000, "fig3": 100_000, "appendix": 20_000, "chain": 100_000}
+N_DEFAULT = {"fig1": 100_000, "fig3": 100_000, "appendix": 20_000, "chain": 100_000, "ddim": 100_000}
 
 
 def define_flags():
@@ -34,7 +35,7 @@ def define_flags():
     flags.DEFINE_bool("replot", False, "fig1: reuse the samples saved by the last run (OUT/fig1_samples.npz).")
     flags.DEFINE_integer("n_track", 50_000, "fig3: trajectories for panel (a).", lower_bound=1)
     flags.DEFINE_enum("variance", "beta", ["beta", "posterior"], "fig3, chain: sigma_t^2 of DNG's posterior update.")
-    flags.DEFINE_float("p_max", 0.99, "fig3 (panel b), chain: clamp of the posterior estimate.",
+    flags.DEFINE_float("p_max", 0.99, "fig3 (panel b), chain, ddim: clamp of the posterior estimate.",
                        lower_bound=1e-6, upper_bound=1 - 1e-9)
 
 
@@ -47,8 +48,8 @@ def args_for(figure: str) -> types.SimpleNamespace:
 
 
 def main(argv):
-    from . import appendix, chain, fig1, fig3
-    runs = {"fig1": fig1.run, "fig3": fig3.run, "appendix": appendix.run, "chain": chain.run}
+    from . import appendix, chain, ddim, fig1, fig3
+    runs = {"fig1": fig1.run, "fig3": fig3.run, "appendix": appendix.run, "chain": chain.run, "ddim": ddim.run}
     names = FIGURES if FLAGS.figure == "all" else (FLAGS.figure,)
     with cli.user_errors():
         for name in names:

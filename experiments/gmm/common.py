@@ -54,16 +54,16 @@ def rule_for(lab: ForgetSplit, method: str, scale: float = 1.0, **kw):
 
 def sample_chunked(lab: ForgetSplit, rule, eps_c, schedule, n: int, *, seed0: int = 0,
                    chunk: int = 25_000, progress: bool = True, desc: str = "",
-                   trace_reducer=None):
+                   trace_reducer=None, eta=None):
     """Samples for seeds seed0 .. seed0+n-1 via :func:`dngjax.sample_chunks` (one compilation).
 
     ``trace_reducer(x0, t, p, lam)`` is called per chunk when given (the trace is then
     requested), so that per-step statistics can be accumulated without holding an (S, n)
-    array. Returns x0 (n, d) as numpy.
+    array. ``eta``: DDIM steps (see :func:`dngjax.sample`). Returns x0 (n, d) as numpy.
     """
     keys = keys_from_seeds(np.arange(seed0, seed0 + n))
     chunks = sample_chunks(lab.denoiser_full, schedule, keys, (lab.full.dim,), rule=rule, denoiser_c=eps_c,
-                           chunk_size=chunk, return_trace=trace_reducer is not None,
+                           chunk_size=chunk, eta=eta, return_trace=trace_reducer is not None,
                            progress=progress, desc=desc or None)
     xs = []
     for c in chunks:
