@@ -64,29 +64,62 @@ def resolve_path(template: str, config) -> str:
     return alt if os.path.exists(alt) else path
 
 
-def parse_method(method: str) -> Tuple[str, str]:
-    """``"DNG"`` -> ("DNG", ""); ``"DNG:beta"`` -> ("DNG", "beta") (a DNG variance-convention variant)."""
-    base, _, variant = method.partition(":")
+def parse_method(method: str) -> Tuple[str, str, Dict[str, float]]:
+    """A method string -> (base, DNG variance variant, hyperparameter overrides).
+
+    ``"DNG"`` -> ("DNG", "", {}); ``"DNG:beta"`` -> ("DNG", "beta", {}) (a variance-convention variant);
+    ``"DNG[prior=0.1,temperature=0.5]"`` -> ("DNG", "", {"prior": 0.1, "temperature": 0.5}): the method
+    with those hyperparameters instead of config.dng's / config.sld's (hyperparameter studies run many
+    settings in one job; same rule type, so one compilation serves them all).
+    """
+    head, bracket, rest = method.partition("[")
+    overrides: Dict[str, float] = {}
+    if bracket:
+        if not rest.endswith("]") or not rest[:-1].strip():
+            raise ValueError(f"method {method!r}: write overrides as NAME[key=value,...], e.g. DNG[prior=0.1]")
+        for item in rest[:-1].split(","):
+            key, eq, value = item.partition("=")
+            try:
+                overrides[key.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"method {method!r}: {item.strip()!r} is not key=number") from None
+            if not eq or not key.strip():
+                raise ValueError(f"method {method!r}: {item.strip()!r} is not key=number")
+    base, _, variant = head.partition(":")
     if base not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose among {METHODS} (DNG also as DNG:posterior / DNG:beta)")
+        raise ValueError(f"unknown method {method!r}; choose among {METHODS} (DNG also as DNG:posterior / DNG:beta, "
+                         "any method with overrides as NAME[key=value,...])")
     if variant and base != "DNG":
         raise ValueError(f"only DNG has variants (DNG:posterior, DNG:beta), got {method!r}")
-    return base, variant
+    if overrides and base == "NP":
+        raise ValueError(f"NP has no hyperparameter besides its scale (the grid), got {method!r}")
+    if "scale" in overrides:
+        raise ValueError(f"method {method!r}: the scale is swept by config.grid, not set per method")
+    return base, variant, overrides
+
+
+def method_key(method: str) -> str:
+    """A file-name-safe name of a method string: ``DNG:beta`` -> ``DNG-beta``, ``DNG[prior=0.1]`` -> ``DNG-prior0.1``."""
+    base, variant, overrides = parse_method(method)
+    return "-".join([base] + ([variant] if variant else []) + [f"{k}{v:g}" for k, v in overrides.items()])
 
 
 def build_rule(method: str, config):
-    """(rule with scale 1, its other hyperparameters) for ``method`` ("NP", "SLD", "DNG", "DNG:beta", ...)."""
+    """(rule with scale 1, its other hyperparameters) for ``method`` ("NP", "SLD", "DNG", "DNG:beta",
+    "DNG[prior=0.1]", ...). Unknown or illegal overrides raise ValueError naming them."""
     import dngjax as dj
-    base, variant = parse_method(method)
+    base, variant, overrides = parse_method(method)
     if base == "NP":
         return dj.NegativePrompting(scale=1.0), {}
-    if base == "SLD":
-        h = dict(config.sld)
-        return dj.SafeLatentDiffusion(scale=1.0, **h), h
-    h = dict(config.dng)
+    h = dict(config.sld) if base == "SLD" else dict(config.dng)
+    unknown = sorted(set(overrides) - set(h))
+    if unknown:
+        raise ValueError(f"method {method!r}: {base} has no hyperparameter {unknown}; choose among {sorted(h)}")
+    h.update(overrides)
     if variant:
         h["variance"] = variant
-    return dj.DynamicNegativeGuidance(scale=1.0, **h), h
+    cls = dj.SafeLatentDiffusion if base == "SLD" else dj.DynamicNegativeGuidance
+    return cls(scale=1.0, **h), h
 
 
 def load_or_compute_reference(config, features_fn) -> Tuple[np.ndarray, np.ndarray]:
@@ -140,13 +173,14 @@ def score(x, scores_fn, ref, config) -> Dict[str, Any]:
 
 def _fmt_table(rows: List[Dict[str, Any]], fd_name: str) -> str:
     pm = "std" in "".join(rows[0])
-    head = (f"{'method':<14}{'scale':>7}{'safety %':>10}{'KL':>9}{'':>8}{fd_name:>9}{'':>7}"
+    w = max([14] + [len(r["method"]) + 2 for r in rows])
+    head = (f"{'method':<{w}}{'scale':>7}{'safety %':>10}{'KL':>9}{'':>8}{fd_name:>9}{'':>7}"
             f"{'empty':>7}{'mean lam':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         kl_e = f" +-{r['kl_std']:.3f}" if pm and "kl_std" in r else ""
         fd_e = f" +-{r['fd_std']:.1f}" if pm and "fd_std" in r else ""
-        lines.append(f"{r['method']:<14}{r['scale']:>7g}{r['safety_pct']:>10.2f}{r['kl']:>9.4f}{kl_e:>8}"
+        lines.append(f"{r['method']:<{w}}{r['scale']:>7g}{r['safety_pct']:>10.2f}{r['kl']:>9.4f}{kl_e:>8}"
                      f"{r['fd']:>9.2f}{fd_e:>7}{r['n_empty_classes']:>7d}{r['mean_lambda']:>10.3g}")
     return "\n".join(lines)
 
@@ -275,7 +309,7 @@ def build_methods(config) -> List[Tuple[str, Any, Dict[str, Any], List[float]]]:
     """Every method's rule, hyperparameters and grid of scales, validated (illegal values raise)."""
     out = []
     for m in config.methods:
-        base, _ = parse_method(m)
+        base, _, _ = parse_method(m)
         scales = [float(s) for s in config.grid[base]]
         if not scales:
             raise ValueError(f"config.grid.{base} is empty")
@@ -288,7 +322,7 @@ def build_methods(config) -> List[Tuple[str, Any, Dict[str, Any], List[float]]]:
 
 def choose_outdir(config) -> str:
     if config.outdir:
-        return config.outdir
+        return config.outdir.replace("{c}", str(config.removed_class))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return os.path.join("outputs", "class_removal", f"{config.name}-{config.dataset}-c{config.removed_class}-{stamp}")
 
@@ -375,7 +409,7 @@ def estimate_cost(job: Job, done=frozenset()) -> Dict[str, float]:
     per_seed_chain = config.n * job.schedule.num_steps
     passes = per_seed_chain * int(config.baseline and "none_0" not in done)
     for m, rule, _, scales in job.methods:
-        todo = sum(1 for k in range(len(scales)) if f"{m.replace(':', '-')}_{k}" not in done)
+        todo = sum(1 for k in range(len(scales)) if f"{method_key(m)}_{k}" not in done)
         passes += per_seed_chain * todo * (2 if rule.needs_second_prediction else 1)
     sec = pass_seconds(job)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -465,7 +499,7 @@ def execute(job: Job) -> str:
     removed_mask = rows["none_0"]["labels"] == config.removed_class if "none_0" in rows else None
 
     for m, rule, hyper, scales in job.methods:
-        name = m.replace(":", "-")
+        name = method_key(m)
         todo = [k for k in range(len(scales)) if f"{name}_{k}" not in rows]
         if not todo:
             continue
@@ -488,13 +522,13 @@ def execute(job: Job) -> str:
     bar.close()
 
     # every point in config order, and each method's lambda_t / p_t curves stacked over its scales
-    order = (["none_0"] if config.baseline else []) + [f"{m.replace(':', '-')}_{k}"
+    order = (["none_0"] if config.baseline else []) + [f"{method_key(m)}_{k}"
                                                         for m, _, _, scales in job.methods
                                                         for k in range(len(scales))]
     rows = [rows[k] for k in order]
     traces: Dict[str, Dict[str, Any]] = {}
     for m, _, _, scales in job.methods:
-        ps = [parts[f"{m.replace(':', '-')}_{k}"] for k in range(len(scales))]
+        ps = [parts[f"{method_key(m)}_{k}"] for k in range(len(scales))]
         traces[m] = {"t": ps[0]["t"], "scales": np.asarray([float(p["scales"]) for p in ps])}
         for key in ("lam_all", "lam_removed", "lam_other", "p_all", "p_removed", "p_other"):
             have = [p.get(key) for p in ps]
@@ -507,7 +541,7 @@ def execute(job: Job) -> str:
     if config.save_samples:
         np.savez_compressed(os.path.join(work, "samples.npz"), seeds=job.seeds, **saved)
     for r in rows:
-        name = "unguided" if r["method"] == "none" else f"{r['method'].replace(':', '-')}_scale{r['scale']:g}"
+        name = "unguided" if r["method"] == "none" else f"{method_key(r['method'])}_scale{r['scale']:g}"
         plots.save_grid(previews[r["key"]][:config.grid_images], os.path.join(work, "samples", f"{name}.png"),
                         title=f"{name}: {r['safety_pct']:.1f}% class {config.removed_class} "
                               f"(red frame), KL {r['kl']:.3f}, {fd_name} {r['fd']:.2f}",

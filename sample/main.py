@@ -7,11 +7,13 @@
   python sample/main.py --config=sample/configs/cifar10.py:full --config.fid_weights=pt_inception-....pth
   python sample/main.py --job=posterior_check --classes=0,1,2,3    # does DNG's p_t flag the class?
   python sample/main.py --job=report --runs=outputs/report_cpu     # one report over several runs
+  python sample/main.py --job=select --runs=outputs/select          # DNG hyperparameters from selection runs
   dngjax-sample ...                                        # the same, as an installed command
 
 Jobs: ``class_removal`` (default; :mod:`sample.class_removal`), ``posterior_check``
 (:mod:`sample.posterior_check`: the config's DNG hyperparameters, chain and models, unguided) and
-``report`` (:mod:`sample.report`: report.md and one trade-off figure over class-removal runs).
+``report`` (:mod:`sample.report`: report.md and one trade-off figure over class-removal runs) and
+``select`` (:mod:`sample.select`: DNG's hyperparameters from runs on selection seeds, by a fixed rule).
 Every input is validated before sampling starts; a bad one exits with code 2 and one message.
 """
 
@@ -31,11 +33,12 @@ def define_flags():
         "config", DEFAULT_CONFIG,
         "Class-removal config file, path[:name] (default: sample/configs/mnist.py, the 'quick' main job).",
         lock_config=True)
-    flags.DEFINE_enum("job", "class_removal", ["class_removal", "posterior_check", "report"], "What to run.")
+    flags.DEFINE_enum("job", "class_removal", ["class_removal", "posterior_check", "report", "select"], "What to run.")
     flags.DEFINE_list("classes", None, "posterior_check: removed classes to check (default: the config's).")
-    flags.DEFINE_list("runs", None, "report: class-removal output folders, or folders of them.")
+    flags.DEFINE_list("runs", None, "report, select: class-removal output folders, or folders of them.")
     flags.DEFINE_string("out", None, "posterior_check: output folder (default outputs/posterior_check); "
-                                     "report: where report.md goes (default: the runs' common parent).")
+                                     "report, select: where report.md / selection.md go (default: the runs' "
+                                     "common parent).")
 
 
 def main(argv):
@@ -53,12 +56,15 @@ def main(argv):
             job = posterior_check.prepare(config, classes, FLAGS.out or "outputs/posterior_check")
         posterior_check.execute(job)
     else:
-        from sample import report
+        from sample import report, select
         with cli.user_errors():
             if not FLAGS.runs:
-                raise ValueError("--job=report needs --runs=FOLDER[,FOLDER...]")
+                raise ValueError(f"--job={FLAGS.job} needs --runs=FOLDER[,FOLDER...]")
             runs = report.find_runs(FLAGS.runs)
-        report.write_report(runs, FLAGS.out, config.high_safety)
+            if FLAGS.job == "select":
+                select.write_selection(runs, FLAGS.out, config.high_safety)
+        if FLAGS.job == "report":
+            report.write_report(runs, FLAGS.out, config.high_safety)
 
 
 def cli_main():

@@ -24,7 +24,9 @@ MARKERS = {"none": "*", "NP": "o", "SLD": "s", "DNG": "^", "DNG:beta": "^", "DNG
 
 
 def _color(method: str) -> str:
-    return COLORS.get(method, "tab:gray")
+    """The method's colour; other method strings (e.g. DNG[prior=0.1]) get a stable tab10 colour."""
+    import zlib
+    return COLORS.get(method) or f"C{zlib.crc32(method.encode()) % 10}"
 
 
 def to_image(x: np.ndarray) -> np.ndarray:

@@ -55,7 +55,8 @@ def tiny_checkpoints(tmp_path_factory):
     clf = Classifier(num_classes=10, widths=(4,), feature_dim=8, dropout=0.0)
     checkpoint.save_model(str(root / "classifier"), clf, random_params(clf, x, seed=2), {"dataset": "mnist"})
     os.makedirs(root / "reference_stats")
-    np.savez(root / "reference_stats" / "train_without_1.npz", mu=np.zeros(8), sigma=np.eye(8))
+    for c in (1, 2):
+        np.savez(root / "reference_stats" / f"train_without_{c}.npz", mu=np.zeros(8), sigma=np.eye(8))
     return root
 
 
@@ -130,6 +131,85 @@ def test_resolve_path_and_bad_method(tmp_path):
     assert sm.build_rule("DNG", c)[0].variance == c.dng.variance
     with pytest.raises(ValueError, match="unknown config"):
         mnist.get_config("huge")
+
+
+def test_method_overrides_parse_validate_and_name_files():
+    from sample import class_removal as sm
+    from sample.configs import mnist
+
+    c = mnist.get_config("tiny")
+    rule, h = sm.build_rule("DNG[prior=0.1, temperature=0.5]", c)
+    assert float(rule.prior) == pytest.approx(0.1) and float(rule.temperature) == pytest.approx(0.5)
+    assert h["offset"] == c.dng.offset and h["variance"] == c.dng.variance
+    rule, h = sm.build_rule("DNG:posterior[prior=0.05]", c)
+    assert rule.variance == "posterior" and float(rule.prior) == pytest.approx(0.05)
+    assert float(sm.build_rule("SLD[threshold=0.02]", c)[0].threshold) == pytest.approx(0.02)
+    assert sm.method_key("DNG:beta[prior=0.1,temperature=0.25]") == "DNG-beta-prior0.1-temperature0.25"
+    assert sm.method_key("NP") == "NP"
+    for bad, message in [("DNG[prior=abc]", "is not key=number"), ("DNG[prior]", "is not key=number"),
+                         ("DNG[prior=0.1", "NAME\\[key=value"), ("NP[scale=2]", "NP has no hyperparameter"),
+                         ("DNG[scale=2]", "swept by config.grid"), ("DNG[priors=0.1]", "has no hyperparameter"),
+                         ("DNG[prior=1.5]", "prior must be in")]:
+        with pytest.raises(ValueError, match=message):
+            sm.build_rule(bad, c)
+
+
+def _row(method, scale, safety, kl, fd, c=0):
+    return {"method": method, "scale": scale, "safety_pct": safety, "kl": kl, "fd": fd, "removed_class": c,
+            "seed": 1_000_000, "n": 256}
+
+
+def test_selection_rule_on_hand_made_results():
+    """sample/select.py's rule: lowest mean KL at <= 1 % in every class, ties by FD, else the safest."""
+    from sample import select
+
+    a, b, d = "DNG[prior=0.1]", "DNG[prior=0.25]", "DNG[prior=0.5]"
+    rows = {0: [_row("none", 0, 10, 0.0, 5), _row(a, 2, 3.0, 0.01, 5), _row(a, 5, 0.5, 0.05, 6),
+                _row(b, 2, 0.9, 0.03, 7), _row(b, 5, 0.0, 0.2, 9), _row(d, 2, 2.0, 0.01, 5)],
+            1: [_row(a, 2, 0.8, 0.02, 5), _row(a, 5, 0.1, 0.04, 6),
+                _row(b, 2, 1.0, 0.06, 4), _row(b, 5, 0.2, 0.1, 9), _row(d, 2, 0.1, 0.001, 1)]}
+    out = select.choose(rows)
+    by = {s["method"]: s for s in out["settings"]}
+    assert by[a]["qualified"] and by[b]["qualified"] and not by[d]["qualified"]   # d misses 1 % in class 0
+    assert by[a]["mean_kl"] == pytest.approx((0.05 + 0.02) / 2) and by[b]["mean_kl"] == pytest.approx(0.045)
+    assert out["chosen"] == a and out["qualified"]
+    # a tie within 0.001 of mean KL goes to the lower mean FD (b: (7 + 1) / 2 against a's (6 + 5) / 2)
+    rows[1][2] = _row(b, 2, 1.0, 0.0405, 1)
+    assert select.choose(rows)["chosen"] == b
+    # nobody reaches the target: the safest setting, flagged
+    none_ok = {0: [_row(a, 2, 3.0, 0.01, 5), _row(b, 2, 2.0, 0.01, 5)]}
+    out = select.choose(none_ok)
+    assert out["chosen"] == b and not out["qualified"]
+    with pytest.raises(ValueError, match="missing from the run of class 1"):
+        select.choose({0: [_row(a, 2, 0.5, 0.01, 5)], 1: [_row(b, 2, 0.5, 0.01, 5)]})
+
+
+def test_select_job_end_to_end_on_tiny_runs(tiny_checkpoints, tmp_path):
+    """Two DNG settings on two classes (class-conditional tiny model), then --job=select."""
+    from sample import class_removal, select
+    from sample.configs import mnist
+
+    runs = []
+    for cls in (1, 2):
+        c = mnist.get_config("tiny")
+        c.checkpoints = str(tiny_checkpoints)
+        c.removed_class = cls
+        c.conditional = "{root}/cond"
+        c.outdir = str(tmp_path / "select" / "class_{c}")
+        c.methods = ("DNG[prior=0.1]", "DNG[prior=0.5,temperature=0.5]")
+        c.grid.DNG = (5.0, 50.0)
+        c.baseline = False
+        c.bootstrap = 0
+        class_removal.execute(class_removal.prepare(c))
+        runs.append(str(tmp_path / "select" / f"class_{cls}"))
+        assert os.path.isfile(os.path.join(runs[-1], "samples", "DNG-prior0.5-temperature0.5_scale50.png"))
+    chosen = select.write_selection(runs, None, high_safety=100.0)   # every point qualifies at 100 %
+    out = json.loads((tmp_path / "select" / "selection.json").read_text())
+    assert out["chosen"] == chosen and out["classes"] == [1, 2] and len(out["settings"]) == 2
+    assert chosen in ("DNG[prior=0.1]", "DNG[prior=0.5,temperature=0.5]")
+    best = min(out["settings"], key=lambda s: s["mean_kl"])
+    assert abs(best["mean_kl"] - next(s for s in out["settings"] if s["method"] == chosen)["mean_kl"]) <= select.KL_TIE
+    assert "chosen" in (tmp_path / "select" / "selection.md").read_text()
 
 
 def _cli(args, cwd, timeout=300):

@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.bootstrap = 50             # resamples for the standard errors of safety, KL and FD (0: none)
     c.eval_batch = 512
     c.grid_images = 64           # samples per saved grid image
-    c.outdir = ""                # default: outputs/class_removal/<name>-<dataset>-c<class>-<UTC time>
+    c.outdir = ""                # default: outputs/class_removal/<name>-<dataset>-c<class>-<UTC time>; "{c}": the class
     c.save_samples = False       # also write samples.npz (uint8, all points)
     c.progress = True
     return c
