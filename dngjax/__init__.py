@@ -5,6 +5,9 @@ from .schedules import (Schedule, linear_schedule, scaled_linear_schedule, cosin
 from .denoiser import Denoiser, denoiser, as_denoiser, to_eps, PREDICTIONS
 from .guidance import (Rule, GuidanceRule, rule_class, NoGuidance, NegativePrompting, ClassifierFreeGuidance,
                        SafeLatentDiffusion, DynamicNegativeGuidance, ExactDynamicNegativeGuidance,
+                       MultiConceptDynamicNegativeGuidance, ExactMultiConceptDynamicNegativeGuidance,
+                       PositiveNegativePrompting, PositiveSafeLatentDiffusion, PositiveDynamicNegativeGuidance,
+                       PositiveExactDynamicNegativeGuidance,
                        Step, step_mean)
 from .sampler import sample, sweep, sample_chunks, chain_steps, keys_from_seeds, Trace, Chunk
 

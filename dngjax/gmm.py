@@ -42,7 +42,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from .denoiser import Denoiser
-from .guidance import DynamicNegativeGuidance, ExactDynamicNegativeGuidance
+from .guidance import (DynamicNegativeGuidance, ExactDynamicNegativeGuidance, ExactMultiConceptDynamicNegativeGuidance,
+                       MultiConceptDynamicNegativeGuidance)
 from .schedules import Schedule
 
 Array = jnp.ndarray
@@ -367,6 +368,60 @@ class ForgetSplit:
         return counts / max(counts.sum(), 1.0)
 
 
+class ExactConceptPosteriors:
+    """Hashable ``posterior_fn(x, t) -> log p(c_k | x_t)`` (B, K) for ExactMultiConceptDynamicNegativeGuidance."""
+
+    def __init__(self, posteriors: Sequence[ExactForgetPosterior]):
+        self.posteriors = tuple(posteriors)
+
+    def __hash__(self):
+        return hash(self.posteriors)
+
+    def __eq__(self, other):
+        return isinstance(other, ExactConceptPosteriors) and other.posteriors == self.posteriors
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        return jnp.stack([f(x, t) for f in self.posteriors], axis=-1)
+
+
+class ConceptSplit:
+    """A mixture with K disjoint forbidden concepts (each a set of components), under one schedule.
+
+    Attributes:
+      concepts: one :class:`ForgetSplit` per concept (its denoiser_forget is eps(x | c_k), its
+        posterior_fn log p(c_k | x_t)).
+      union: the :class:`ForgetSplit` of all forbidden components together: its remember_mixture is
+        the target p(x | none of the concepts), its denoiser_remember that target's exact eps.
+      denoisers_concepts: the K concept denoisers, as the sampler's ``denoiser_c``.
+    """
+
+    def __init__(self, mixture: GaussianMixture, concepts: Sequence[Sequence[int]], schedule: Schedule):
+        sets = [sorted({int(i) for i in np.asarray(c).reshape(-1)}) for c in concepts]
+        flat = [i for c in sets for i in c]
+        if len(sets) < 1 or any(not c for c in sets) or len(flat) != len(set(flat)):
+            raise ValueError(f"concepts must be non-empty, disjoint sets of components, got {sets}")
+        self.full = mixture
+        self.concepts = tuple(ForgetSplit(mixture, c, schedule) for c in sets)
+        self.union = ForgetSplit(mixture, flat, schedule)
+        self.schedule = schedule
+        self.denoiser_full = self.union.denoiser_full
+        self.denoisers_concepts = tuple(c.denoiser_forget for c in self.concepts)
+        self.posterior_fn = ExactConceptPosteriors([c.posterior_fn for c in self.concepts])
+
+    def exact_dng(self, scale=1.0, p_max=1.0 - 1e-6) -> ExactMultiConceptDynamicNegativeGuidance:
+        """Multi-concept DNG with the exact posteriors; at scale 1 eps == union.denoiser_remember."""
+        return ExactMultiConceptDynamicNegativeGuidance(scale=scale, posterior_fn=self.posterior_fn, p_max=p_max,
+                                                        num_concepts=len(self.concepts))
+
+    def approximate_dng(self, scale=1.0, temperature=1.0, offset=0.0, p_min=1e-6, p_max=0.99,
+                        variance: str = "beta") -> MultiConceptDynamicNegativeGuidance:
+        """Multi-concept DNG with tracked posteriors; prior = the concepts' mean weight (equal weights: exact)."""
+        prior = float(np.mean([c.forget_weight for c in self.concepts]))
+        return MultiConceptDynamicNegativeGuidance(scale=scale, prior=prior, temperature=temperature, offset=offset,
+                                                   p_min=p_min, p_max=p_max, variance=variance,
+                                                   num_concepts=len(self.concepts))
+
+
 # --------------------------------------------------------------------------- the lab's mixtures
 
 def toy_1d() -> Tuple[GaussianMixture, Tuple[int, ...]]:
@@ -377,6 +432,12 @@ def toy_1d() -> Tuple[GaussianMixture, Tuple[int, ...]]:
     mass" number).
     """
     return GaussianMixture.create([0.25, 0.35, 0.40], [-3.0, 0.0, 3.0], [0.35, 0.50, 0.40]), (1,)
+
+
+def toy_2d_two_concepts() -> Tuple[GaussianMixture, Tuple[Tuple[int, ...], ...]]:
+    """Four equal modes (std .5) at (+-2, +-2); forbid the two upper ones as two separate concepts."""
+    return (GaussianMixture.create([0.25] * 4, [[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]], [0.5] * 4),
+            ((2,), (3,)))
 
 
 def toy_2d() -> Tuple[GaussianMixture, Tuple[int, ...]]:

@@ -150,10 +150,14 @@ class Rule(Protocol):
     Attributes:
       needs_second_prediction: whether ``guide``/``update`` use eps_c (else the sampler skips the
         second network call and passes eps_u twice).
+      num_conditions: None for rules of one second prediction (eps_c is an array); K >= 1 for rules
+        of K conditional predictions (the sampler takes K denoisers as ``denoiser_c`` and eps_c is a
+        tuple of K predictions): K concepts to avoid, or (c+, c-) in the positive-prompt mode.
       leaf_names: the hyperparameters that are pytree leaves (what ``sweep`` can grid over).
     """
 
     needs_second_prediction: bool
+    num_conditions: Any
     leaf_names: Tuple[str, ...]
 
     def init(self, x: Array) -> Any:
@@ -178,6 +182,8 @@ class GuidanceRule:
 
     #: whether the rule needs the second prediction eps_c (the sampler skips that call if not).
     needs_second_prediction: ClassVar[bool] = True
+    #: None: eps_c is one prediction; K: a tuple of K predictions (multi-concept, positive-prompt mode).
+    num_conditions = None
 
     def init(self, x: Array) -> Any:
         return ()
@@ -328,23 +334,7 @@ class DynamicNegativeGuidance(GuidanceRule):
     variance: str = static("posterior")
 
     def __post_init__(self):
-        _check("scale", self.scale, lambda a: a >= 0, ">= 0")
-        _check("prior", self.prior, lambda a: (a > 0) & (a < 1), "in (0, 1)")
-        _check("temperature", self.temperature, lambda a: a >= 0, ">= 0")
-        _check("offset", self.offset, lambda a: np.ones_like(a, bool), "a number")
-        _check("p_min", self.p_min, lambda a: a > 0, "> 0")
-        _check("p_max", self.p_max, lambda a: a < 1, "< 1")
-        if _is_concrete(self.p_min) and _is_concrete(self.p_max):
-            if np.any(np.asarray(self.p_min) >= np.asarray(self.p_max)):
-                raise ValueError(f"p_min must be < p_max, got p_min={self.p_min}, p_max={self.p_max}")
-            if _is_concrete(self.prior) and np.any((np.asarray(self.prior) > np.asarray(self.p_max))
-                                                   | (np.asarray(self.prior) < np.asarray(self.p_min))):
-                raise ValueError(f"prior must lie in [p_min, p_max] = [{self.p_min}, {self.p_max}] (the clamp of "
-                                 f"the tracked posterior), got prior={self.prior}")
-        if self.variance not in VARIANCES:
-            raise ValueError(f"variance must be one of {VARIANCES}, got {self.variance!r}")
-        for n in ("scale", "prior", "temperature", "offset", "p_min", "p_max"):
-            _as_leaf(self, n)
+        _check_dng_leaves(self)
 
     def init(self, x):
         return jnp.broadcast_to(jnp.log(self.prior), (x.shape[0],)).astype(jnp.float32)
@@ -356,25 +346,168 @@ class DynamicNegativeGuidance(GuidanceRule):
 
     def check_sampler(self, noise, eta):
         if eta is not None and float(eta) == 0.0:
-            raise ValueError("DynamicNegativeGuidance needs a stochastic step: DDIM with eta = 0 adds no noise, "
+            raise ValueError(f"{type(self).__name__} needs a stochastic step: DDIM with eta = 0 adds no noise, "
                              "so its posterior update would see no evidence (a constant drift; with "
                              "variance='step' a division by zero); use eta > 0 (eta = 1 is the ancestral chain)")
 
     def update(self, log_p, x_t, x_next, eps_u, eps_c, step):
-        # |x' - mu_neg|^2 - |x' - mu_u|^2 = b.(2a + b) with a = x' - mu_u, b = mu_u - mu_neg
-        # = -mean_eps (eps_neg - eps_u): no cancellation between two nearly equal squared norms.
-        a = x_next - step_mean(x_t, eps_u, step)
-        b = -step.mean_eps * (eps_c - eps_u)
-        sq_diff = jnp.sum(b * (2.0 * a + b), axis=tuple(range(1, x_t.ndim)))
-        sigma2 = transition_variance(step, self.variance)
-        increment = (-self.temperature * sq_diff + self.offset) / (2.0 * sigma2)
-        # +-inf increments (possible when sigma2 is tiny) are absorbed by the clamp; NaN never arises
-        # from finite inputs, but is mapped to "no change" rather than poisoning the chain.
-        increment = jnp.where(jnp.isnan(increment), 0.0, increment)
+        increment = _log_likelihood_ratio(self, x_t, x_next, eps_u, eps_c, step)
         return jnp.clip(log_p + increment, jnp.log(self.p_min), jnp.log(self.p_max))
 
     def posterior(self, log_p, batch):
         return jnp.exp(log_p)
+
+
+def _check_dng_leaves(rule) -> None:
+    """Validation shared by the tracked DNG rules (one concept or several)."""
+    _check("scale", rule.scale, lambda a: a >= 0, ">= 0")
+    _check("prior", rule.prior, lambda a: (a > 0) & (a < 1), "in (0, 1)")
+    _check("temperature", rule.temperature, lambda a: a >= 0, ">= 0")
+    _check("offset", rule.offset, lambda a: np.ones_like(a, bool), "a number")
+    _check("p_min", rule.p_min, lambda a: a > 0, "> 0")
+    _check("p_max", rule.p_max, lambda a: a < 1, "< 1")
+    if _is_concrete(rule.p_min) and _is_concrete(rule.p_max):
+        if np.any(np.asarray(rule.p_min) >= np.asarray(rule.p_max)):
+            raise ValueError(f"p_min must be < p_max, got p_min={rule.p_min}, p_max={rule.p_max}")
+        if _is_concrete(rule.prior) and np.any((np.asarray(rule.prior) > np.asarray(rule.p_max))
+                                               | (np.asarray(rule.prior) < np.asarray(rule.p_min))):
+            raise ValueError(f"prior must lie in [p_min, p_max] = [{rule.p_min}, {rule.p_max}] (the clamp of "
+                             f"the tracked posterior), got prior={rule.prior}")
+    if rule.variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {rule.variance!r}")
+    for n in ("scale", "prior", "temperature", "offset", "p_min", "p_max"):
+        _as_leaf(rule, n)
+
+
+def _log_likelihood_ratio(rule, x_t, x_next, eps_u, eps_c, step) -> Array:
+    """Alg. 2's increment of log p(c | x) for the transition x_t -> x_next, per sample (B,)."""
+    # |x' - mu_c|^2 - |x' - mu_u|^2 = b.(2a + b) with a = x' - mu_u, b = mu_u - mu_c
+    # = -mean_eps (eps_c - eps_u): no cancellation between two nearly equal squared norms.
+    a = x_next - step_mean(x_t, eps_u, step)
+    b = -step.mean_eps * (eps_c - eps_u)
+    sq_diff = jnp.sum(b * (2.0 * a + b), axis=tuple(range(1, x_t.ndim)))
+    sigma2 = transition_variance(step, rule.variance)
+    increment = (-rule.temperature * sq_diff + rule.offset) / (2.0 * sigma2)
+    # +-inf increments (possible when sigma2 is tiny) are absorbed by the clamp; NaN never arises
+    # from finite inputs, but is mapped to "no change" rather than poisoning the chain.
+    return jnp.where(jnp.isnan(increment), 0.0, increment)
+
+
+def _guide_concepts(scale, log_p: Array, log_p_max, eps_u: Array, eps_c: Tuple[Array, ...]):
+    """eps_u - sum_k lambda_k (eps_k - eps_u), lambda_k = scale p_k / (1 - P), P = sum_k p_k <= p_max.
+
+    log_p: (B, K). Returns (eps, sum_k lambda_k (B,)).
+    """
+    lse = jax.scipy.special.logsumexp(log_p, axis=-1)                  # log P
+    log_p = log_p - jnp.maximum(lse - log_p_max, 0.0)[:, None]           # P capped at p_max
+    log_total = jnp.minimum(jax.scipy.special.logsumexp(log_p, axis=-1), -1e-12)
+    scale = jnp.asarray(scale)
+    scale = scale[:, None] if scale.ndim else scale                      # () or (B,) -> against (B, K)
+    lam = scale * jnp.exp(log_p - jnp.log(-jnp.expm1(log_total))[:, None])
+    eps = eps_u
+    for k, e in enumerate(eps_c):
+        eps = eps - _per_sample(lam[:, k], eps_u) * (e - eps_u)
+    return eps, lam.sum(-1)
+
+
+def _check_concepts(k) -> None:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"num_concepts must be an integer >= 1 (one denoiser per concept), got {k!r}")
+
+
+@rule_class
+class MultiConceptDynamicNegativeGuidance(GuidanceRule):
+    """DNG away from K concepts at once, each with its own tracked posterior.
+
+    With p_k = p(c_k | x_t) and P = sum_k p_k, the score of p(x | none of the concepts) is
+    s_u - sum_k [p_k / (1 - P)] (s_k - s_u), so
+        eps = eps_u - sum_k lambda_k (eps_k - eps_u),   lambda_k = scale p_k / (1 - P).
+    State: log p_k (B, K), each initialised to log(prior) and updated after every step from its own
+    prediction exactly as in :class:`DynamicNegativeGuidance` (Alg. 2), clamped to [p_min, p_max];
+    P is capped at p_max (all p_k scaled down together) so that 1 - P stays positive.
+    Hyperparameters are shared by the concepts. The sampler passes K predictions (``denoiser_c``: a
+    sequence of K denoisers); the traces report sum_k lambda_k and P. With K = 1 it is
+    :class:`DynamicNegativeGuidance`.
+    """
+
+    scale: Any = 1.0
+    prior: Any = 0.25
+    temperature: Any = 0.25
+    offset: Any = 0.0
+    p_min: Any = 1e-6
+    p_max: Any = 0.99
+    variance: str = static("posterior")
+    num_concepts: int = static(2)
+
+    def __post_init__(self):
+        _check_concepts(self.num_concepts)
+        _check_dng_leaves(self)
+        if _is_concrete(self.prior) and _is_concrete(self.p_max) and np.any(
+                self.num_concepts * np.asarray(self.prior) > np.asarray(self.p_max)):
+            raise ValueError(f"num_concepts x prior = {self.num_concepts} x {self.prior} exceeds p_max = {self.p_max}: "
+                             "the concepts' prior probabilities must sum below p_max")
+
+    check_sampler = DynamicNegativeGuidance.check_sampler
+
+    @property
+    def num_conditions(self) -> int:
+        return self.num_concepts
+
+    def init(self, x):
+        return jnp.broadcast_to(jnp.log(self.prior), (x.shape[0], self.num_concepts)).astype(jnp.float32)
+
+    def guide(self, log_p, x_t, eps_u, eps_c, step):
+        eps, lam = _guide_concepts(self.scale, log_p, jnp.log(self.p_max), eps_u, eps_c)
+        return eps, lam.astype(jnp.float32), log_p
+
+    def update(self, log_p, x_t, x_next, eps_u, eps_c, step):
+        inc = jnp.stack([_log_likelihood_ratio(self, x_t, x_next, eps_u, e, step) for e in eps_c], axis=-1)
+        log_p = jnp.clip(log_p + inc, jnp.log(self.p_min), jnp.log(self.p_max))
+        lse = jax.scipy.special.logsumexp(log_p, axis=-1)
+        return log_p - jnp.maximum(lse - jnp.log(self.p_max), 0.0)[:, None]
+
+    def posterior(self, log_p, batch):
+        return jnp.exp(jax.scipy.special.logsumexp(log_p, axis=-1))
+
+
+@rule_class
+class ExactMultiConceptDynamicNegativeGuidance(GuidanceRule):
+    """Multi-concept DNG with given exact posteriors (analytic models): lambda_k = scale p_k / (1 - P).
+
+    ``posterior_fn(x, t) -> log p`` of shape (B, K), log p(c_k | x_t) per concept (t: network timestep
+    index (B,)). P = sum_k p_k is capped at ``p_max``. At scale 1 with exact posteriors and exact
+    predictions, eps is the prediction of p(x | none of the concepts).
+    """
+
+    scale: Any = 1.0
+    posterior_fn: Callable = static(None)
+    p_max: Any = 1.0 - 1e-6
+    num_concepts: int = static(2)
+
+    def __post_init__(self):
+        _check_concepts(self.num_concepts)
+        _check("scale", self.scale, lambda a: a >= 0, ">= 0")
+        _check("p_max", self.p_max, lambda a: (a > 0) & (a < 1), "in (0, 1)")
+        if not callable(self.posterior_fn):
+            raise ValueError("posterior_fn must be a callable posterior_fn(x, t) -> log p (B, K)")
+        _as_leaf(self, "scale")
+        _as_leaf(self, "p_max")
+
+    @property
+    def num_conditions(self) -> int:
+        return self.num_concepts
+
+    def init(self, x):
+        return jnp.zeros((x.shape[0],), jnp.float32)     # P at the last guided step, for traces
+
+    def guide(self, state, x_t, eps_u, eps_c, step):
+        log_p = self.posterior_fn(x_t, jnp.broadcast_to(step.t, (x_t.shape[0],))).astype(jnp.float32)
+        eps, lam = _guide_concepts(self.scale, log_p, jnp.log(self.p_max), eps_u, eps_c)
+        total = jnp.minimum(jnp.exp(jax.scipy.special.logsumexp(log_p, axis=-1)), self.p_max)
+        return eps, lam.astype(jnp.float32), total
+
+    def posterior(self, state, batch):
+        return state
 
 
 def transition_variance(step: Step, variance: str) -> Array:
@@ -430,3 +563,46 @@ class ExactDynamicNegativeGuidance(GuidanceRule):
 
     def posterior(self, state, batch):
         return state
+
+
+# --------------------------------------------------------------------------- positive-prompt mode
+
+def _positive_mode(base):
+    """``base`` in the positive-prompt mode: predictions (null, c+, c-), eps_c = (eps_pos, eps_neg).
+
+    eps = eps_null + cfg_scale (eps_pos - eps_null) + [base's eps with eps_pos as its "unconditional"
+    prediction and eps_neg as its negative] - eps_pos, i.e. for NP and DNG
+        eps = eps_null + cfg_scale (eps_pos - eps_null) - lambda_t (eps_neg - eps_pos),
+    and base's state update sees (eps_pos, eps_neg): DNG's posterior p(c- | x_t, c+) is tracked from
+    the transitions of eps(x | c+) and eps(x | c-) (the paper's Alg. 2 with s_theta replaced by
+    s_theta,c+). cfg_scale = 1: no classifier-free guidance toward c+ beyond sampling from it.
+    """
+
+    class Positive(base):
+        cfg_scale: Any = 1.0
+        num_conditions = 2
+
+        def __post_init__(self):
+            base.__post_init__(self)
+            _check("cfg_scale", self.cfg_scale, lambda a: a >= 0, ">= 0")
+            _as_leaf(self, "cfg_scale")
+
+        def guide(self, state, x_t, eps_u, eps_c, step):
+            eps_pos, eps_neg = eps_c
+            eps, lam, state = base.guide(self, state, x_t, eps_pos, eps_neg, step)
+            return eps + _per_sample(self.cfg_scale - 1.0, eps_u) * (eps_pos - eps_u), lam, state
+
+        def update(self, state, x_t, x_next, eps_u, eps_c, step):
+            return base.update(self, state, x_t, x_next, eps_c[0], eps_c[1], step)
+
+    Positive.__name__ = Positive.__qualname__ = "Positive" + base.__name__
+    Positive.__doc__ = (f"{base.__name__} in the positive-prompt mode (predictions null, c+, c-; "
+                        f"``denoiser_c=(denoiser_pos, denoiser_neg)``), with ``cfg_scale`` toward c+."
+                        + (_positive_mode.__doc__.split("\n", 1)[1]))
+    return rule_class(Positive)
+
+
+PositiveNegativePrompting = _positive_mode(NegativePrompting)
+PositiveSafeLatentDiffusion = _positive_mode(SafeLatentDiffusion)
+PositiveDynamicNegativeGuidance = _positive_mode(DynamicNegativeGuidance)
+PositiveExactDynamicNegativeGuidance = _positive_mode(ExactDynamicNegativeGuidance)

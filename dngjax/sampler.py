@@ -148,7 +148,12 @@ def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Gui
         t = jnp.broadcast_to(step.t, (batch,))
         # 1. the predictions the rule combines (the second network call only if it needs one)
         eps_u = _prediction("denoiser_u", denoiser_u, x, t, step)
-        eps_c = _prediction("denoiser_c", denoiser_c, x, t, step) if rule.needs_second_prediction else eps_u
+        if not rule.needs_second_prediction:
+            eps_c = eps_u
+        elif rule.num_conditions is None:
+            eps_c = _prediction("denoiser_c", denoiser_c, x, t, step)
+        else:                                                  # one prediction per condition
+            eps_c = tuple(_prediction(f"denoiser_c[{k}]", d, x, t, step) for k, d in enumerate(denoiser_c))
         # 2. the guided prediction, and the posterior the rule used for it (traces)
         eps, lam, state = rule.guide(state, x, eps_u, eps_c, step)
         p = rule.posterior(state, batch)
@@ -207,7 +212,21 @@ def _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta):
         if denoiser_c is None:
             raise ValueError(f"{type(rule).__name__} combines two predictions: pass denoiser_c "
                              "(the unwanted concept's denoiser for NP/SLD/DNG, the condition's for CFG)")
-        denoiser_c = as_denoiser(denoiser_c)
+        many = isinstance(denoiser_c, (list, tuple))
+        k = rule.num_conditions
+        if k is None:
+            if many:
+                raise ValueError(f"{type(rule).__name__} takes one denoiser_c, got a sequence of {len(denoiser_c)} "
+                                 "(several concepts: MultiConceptDynamicNegativeGuidance; c+ and c-: the "
+                                 "Positive... rules)")
+            denoiser_c = as_denoiser(denoiser_c)
+        else:
+            if not many or len(denoiser_c) != k:
+                got = f"{len(denoiser_c)} denoisers" if many else "one denoiser"
+                raise ValueError(f"{type(rule).__name__} needs denoiser_c = a sequence of {k} denoisers "
+                                 f"({'c+ and c-' if type(rule).__name__.startswith('Positive') else 'one per concept'}); "
+                                 f"got {got}")
+            denoiser_c = tuple(as_denoiser(d) for d in denoiser_c)
     else:
         denoiser_c = None
     try:
@@ -314,7 +333,8 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
       keys: (N,) PRNG keys, one per sample (see :func:`keys_from_seeds`).
       shape: per-sample shape, e.g. (28, 28, 1) or (d,).
       rule: guidance rule (default: none).
-      denoiser_c: the second denoiser (c- for NP/SLD/DNG, c for CFG); unused by NoGuidance.
+      denoiser_c: the second denoiser (c- for NP/SLD/DNG, c for CFG); unused by NoGuidance; for a
+        multi-concept or positive-mode rule a sequence of ``rule.num_conditions`` denoisers.
       noise: the reverse step's noise variance sigma_t^2: ``"beta"`` (default) beta_t, DDPM's
         upper bound; ``"posterior"`` beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t),
         the lower bound, which leaves less residual noise on short respaced chains. Both are the

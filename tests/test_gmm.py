@@ -334,6 +334,98 @@ def test_ddim_exact_dng_reproduces_the_remaining_modes_and_tracked_dng_removes_m
         run(lab.approximate_dng(1.0), 0.0)
 
 
+def _marginal_w1(x: np.ndarray, mixture: GaussianMixture, direction) -> float:
+    """W1 between the projection of 2-D samples on a unit direction and the projected (1-D) mixture."""
+    u = np.asarray(direction, np.float64) / np.linalg.norm(direction)
+    means = np.asarray(mixture.means, np.float64) @ u
+    proj = GaussianMixture.create(np.exp(np.asarray(mixture.log_weights)), means[:, None],
+                                  np.asarray(mixture.stds, np.float64).reshape(-1))
+    return wasserstein1_1d(np.asarray(x, np.float64) @ u, proj)
+
+
+def test_multi_concept_dng_exact_removes_both_concepts_and_equals_cfg_toward_the_rest():
+    """Two forbidden modes given as two concepts: exact multi-concept DNG at lambda0 = 1 samples the two
+    remaining modes (marginal W1 within sampling error, forbidden mass < 0.5 %) and follows CFG toward
+    them path by path; tracked multi-concept DNG removes most of both."""
+    from dngjax.gmm import ConceptSplit, toy_2d_two_concepts
+    mixture, concepts = toy_2d_two_concepts()
+    lab = ConceptSplit(mixture, concepts, _chain(STEPS_FAST))
+    keys = dj.keys_from_seeds(np.arange(N_FAST))
+    run = lambda rule, dc: np.asarray(dj.sample(lab.denoiser_full, lab.schedule, keys, (2,), rule=rule,
+                                                denoiser_c=dc, chunk_size=N_FAST))
+    x = run(lab.exact_dng(1.0), lab.denoisers_concepts)
+    target = lab.union.remember_mixture
+    assert lab.union.in_forget(x).mean() < 0.005
+    ref = np.asarray(target.sample(jax.random.key(7), N_FAST))       # the sampling error of N exact draws
+    for d in ([1, 0], [0, 1], [1, 1]):
+        floor = _marginal_w1(ref, target, d)
+        assert _marginal_w1(x, target, d) < 3 * floor + 0.02, (d, floor)
+    cfg = run(dj.ClassifierFreeGuidance(1.0), lab.union.denoiser_remember)
+    dist = np.abs(x - cfg).max(-1)
+    assert np.quantile(dist, 0.999) < 1e-3 and dist.max() < 0.1
+    # tracked posteriors, one per concept; the unguided chain leaves half the mass in the two concepts
+    none = run(dj.NoGuidance(), None)
+    assert abs(lab.union.in_forget(none).mean() - 0.5) < 0.02
+    tracked, tr = dj.sample(lab.denoiser_full, lab.schedule, keys, (2,), rule=lab.approximate_dng(1.0),
+                            denoiser_c=lab.denoisers_concepts, chunk_size=N_FAST, return_trace=True)
+    forb = lab.union.in_forget(np.asarray(tracked))
+    assert forb.mean() < 0.06, forb.mean()
+    for c in lab.concepts:                                   # each concept removed, not only their sum
+        assert c.in_forget(np.asarray(tracked)).mean() < 0.04
+    assert np.all(np.asarray(tr.p) <= 0.99 + 1e-6)          # P = sum_k p_k capped at p_max
+    with pytest.raises(ValueError, match="sequence of 2 denoisers \\(one per concept"):
+        run(lab.approximate_dng(1.0), lab.denoisers_concepts[0])
+    with pytest.raises(ValueError, match="takes one denoiser_c"):
+        run(dj.DynamicNegativeGuidance(), lab.denoisers_concepts)
+
+
+def test_positive_mode_exact_dng_samples_the_prompt_without_the_negative():
+    """c+ = the left modes {0, 2}, c- = the top modes {2, 3}: exact DNG in the positive mode at lambda0 = 1,
+    with eps(x | c+, c-) as its negative prediction, samples p(x | c+, not c-) = mode 0, path by path the
+    chain of mode 0's own eps; tracked DNG removes most of mode 2 with that prediction, and part of it
+    with the text-to-image stand-in eps(x | c-)."""
+    from dngjax.gmm import mixture_denoiser, toy_2d_two_concepts
+    mixture, _ = toy_2d_two_concepts()
+    sched = _chain(STEPS_FAST)
+    pos = ForgetSplit(mixture.subset([0, 2]), [1], sched)     # within c+: forget mode 2 (= c+ and c-)
+    null = mixture_denoiser(mixture, sched)
+    keys = dj.keys_from_seeds(np.arange(N_FAST))
+    run = lambda rule, dc: np.asarray(dj.sample(null, sched, keys, (2,), rule=rule, denoiser_c=dc, chunk_size=N_FAST))
+    comp = lambda x: np.bincount(np.asarray(mixture.classify(jnp.asarray(x))), minlength=4) / len(x)
+    rule = dj.PositiveExactDynamicNegativeGuidance(1.0, posterior_fn=pos.posterior_fn, log_space=True)
+    x = run(rule, (pos.denoiser_full, pos.denoiser_forget))
+    assert comp(x)[0] > 0.995, comp(x)
+    target = pos.remember_mixture
+    ref = np.asarray(target.sample(jax.random.key(7), N_FAST))
+    for d in ([1, 0], [0, 1]):
+        assert _marginal_w1(x, target, d) < 3 * _marginal_w1(ref, target, d) + 0.02
+    direct = np.asarray(dj.sample(pos.denoiser_remember, sched, keys, (2,), chunk_size=N_FAST))
+    dist = np.abs(x - direct).max(-1)
+    assert np.quantile(dist, 0.999) < 1e-3 and dist.max() < 0.1
+    tracked = dj.PositiveDynamicNegativeGuidance(1.0, prior=0.5, temperature=1.0, variance="beta")
+    forb = comp(run(tracked, (pos.denoiser_full, pos.denoiser_forget)))[2]
+    assert forb < 0.07, forb                                   # from 0.5 within c+; measured 0.035
+    standin = comp(run(tracked, (pos.denoiser_full, mixture_denoiser(mixture.subset([2, 3]), sched))))[2]
+    assert forb < standin < 0.35, standin                      # measured 0.24
+    with pytest.raises(ValueError, match="c\\+ and c-"):
+        run(tracked, pos.denoiser_full)
+
+
+def test_multi_concept_dng_with_one_concept_is_dng():
+    lab = _lab(STEPS_FAST)
+    keys = dj.keys_from_seeds(np.arange(64))
+    one = dj.sample(lab.denoiser_full, lab.schedule, keys, (1,), rule=lab.approximate_dng(2.0),
+                    denoiser_c=lab.denoiser_forget)
+    multi = dj.MultiConceptDynamicNegativeGuidance(2.0, prior=lab.forget_weight, temperature=1.0,
+                                                   variance="beta", num_concepts=1)
+    got = dj.sample(lab.denoiser_full, lab.schedule, keys, (1,), rule=multi, denoiser_c=[lab.denoiser_forget])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(one), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="must sum below p_max"):
+        dj.MultiConceptDynamicNegativeGuidance(prior=0.5, num_concepts=2)
+    with pytest.raises(ValueError, match="num_concepts must be an integer"):
+        dj.MultiConceptDynamicNegativeGuidance(num_concepts=0)
+
+
 # --------------------------------------------------------------------------- sampling (slow)
 
 @pytest.mark.slow

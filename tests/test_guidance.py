@@ -132,3 +132,27 @@ def test_shipped_rules_follow_the_protocol():
     for rule in (dj.NoGuidance(), dj.NegativePrompting(1.0), dj.ClassifierFreeGuidance(1.0),
                  dj.SafeLatentDiffusion(1.0), dj.DynamicNegativeGuidance(1.0)):
         assert isinstance(rule, dj.Rule)
+
+
+def test_positive_mode_combines_null_positive_and_negative_by_hand():
+    """eps = eps_null + g (eps_pos - eps_null) - lambda (eps_neg - eps_pos); DNG's update sees (eps_pos, eps_neg)."""
+    step = jax.tree.map(lambda a: a[5], dj.chain_steps(dj.linear_schedule(10)))
+    null, pos, neg = jnp.array([[0.1, 0.2]]), jnp.array([[0.5, -0.3]]), jnp.array([[1.0, 0.4]])
+    eps, lam, _ = dj.PositiveNegativePrompting(scale=0.7, cfg_scale=3.0).guide((), null, null, (pos, neg), step)
+    np.testing.assert_allclose(eps, null + 3.0 * (pos - null) - 0.7 * (neg - pos), rtol=1e-6)
+    np.testing.assert_allclose(lam, [0.7])
+    rule = dj.PositiveDynamicNegativeGuidance(2.0, prior=0.2, cfg_scale=1.0)
+    single = dj.DynamicNegativeGuidance(2.0, prior=0.2)
+    state = rule.init(null)
+    eps, lam, _ = rule.guide(state, null, null, (pos, neg), step)
+    np.testing.assert_allclose(eps, pos - 2.0 * 0.25 * (neg - pos), rtol=1e-6)   # cfg_scale 1: from eps(x | c+)
+    x_next = jnp.array([[0.3, -0.2]])
+    np.testing.assert_allclose(rule.update(state, null, x_next, null, (pos, neg), step),
+                               single.update(state, null, x_next, pos, neg, step), rtol=1e-6)
+    sld = dj.PositiveSafeLatentDiffusion(scale=1.0, cfg_scale=2.0)
+    e1, _, m1 = sld.guide(sld.init(null), null, null, (pos, neg), step)
+    e0, _, m0 = dj.SafeLatentDiffusion(scale=1.0).guide(sld.init(null), null, pos, neg, step)
+    np.testing.assert_allclose(e1, e0 + (pos - null), rtol=1e-6)
+    np.testing.assert_allclose(m1, m0)
+    with pytest.raises(ValueError, match="cfg_scale must be >= 0"):
+        dj.PositiveDynamicNegativeGuidance(cfg_scale=-1.0)
