@@ -10,5 +10,6 @@ from .guidance import (Rule, GuidanceRule, rule_class, NoGuidance, NegativePromp
                        PositiveExactDynamicNegativeGuidance,
                        Step, step_mean)
 from .sampler import sample, sweep, sample_chunks, chain_steps, keys_from_seeds, Trace, Chunk
+from .calibration import Calibration, calibrate
 
 __version__ = "0.1.0"

@@ -8,12 +8,14 @@
   python sample/main.py --job=posterior_check --classes=0,1,2,3    # does DNG's p_t flag the class?
   python sample/main.py --job=report --runs=outputs/report_cpu     # one report over several runs
   python sample/main.py --job=select --runs=outputs/select          # DNG hyperparameters from selection runs
+  python sample/main.py --job=calibrate --target=1 --config.seed=5000  # smallest scale with <= 1 % (95 % bound)
   dngjax-sample ...                                        # the same, as an installed command
 
 Jobs: ``class_removal`` (default; :mod:`sample.class_removal`), ``posterior_check``
 (:mod:`sample.posterior_check`: the config's DNG hyperparameters, chain and models, unguided) and
 ``report`` (:mod:`sample.report`: report.md and one trade-off figure over class-removal runs) and
-``select`` (:mod:`sample.select`: DNG's hyperparameters from runs on selection seeds, by a fixed rule).
+``select`` (:mod:`sample.select`: DNG's hyperparameters from runs on selection seeds, by a fixed rule) and
+``calibrate`` (:mod:`sample.calibrate`: per method, the smallest scale of its grid that meets --target).
 Every input is validated before sampling starts; a bad one exits with code 2 and one message.
 """
 
@@ -33,10 +35,14 @@ def define_flags():
         "config", DEFAULT_CONFIG,
         "Class-removal config file, path[:name] (default: sample/configs/mnist.py, the 'quick' main job).",
         lock_config=True)
-    flags.DEFINE_enum("job", "class_removal", ["class_removal", "posterior_check", "report", "select"], "What to run.")
+    flags.DEFINE_enum("job", "class_removal", ["class_removal", "posterior_check", "report", "select", "calibrate"],
+                      "What to run.")
     flags.DEFINE_list("classes", None, "posterior_check: removed classes to check (default: the config's).")
     flags.DEFINE_list("runs", None, "report, select: class-removal output folders, or folders of them.")
-    flags.DEFINE_string("out", None, "posterior_check: output folder (default outputs/posterior_check); "
+    flags.DEFINE_float("target", 1.0, "calibrate: the highest acceptable share of the removed class, in %.")
+    flags.DEFINE_float("confidence", 0.95, "calibrate: one-sided confidence of the bound on that share.")
+    flags.DEFINE_string("out", None, "posterior_check, calibrate: output folder (default outputs/posterior_check, "
+                                     "outputs/calibration); "
                                      "report, select: where report.md / selection.md go (default: the runs' "
                                      "common parent).")
 
@@ -49,6 +55,12 @@ def main(argv):
         with cli.user_errors():
             job = class_removal.prepare(config)
         class_removal.execute(job)
+    elif FLAGS.job == "calibrate":
+        from sample import calibrate, class_removal
+        with cli.user_errors():
+            calibrate.validate(FLAGS.target, FLAGS.confidence)
+            job = class_removal.prepare(config)
+        calibrate.execute(job, FLAGS.target, FLAGS.confidence, FLAGS.out or "outputs/calibration")
     elif FLAGS.job == "posterior_check":
         from sample import posterior_check
         with cli.user_errors():

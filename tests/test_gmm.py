@@ -411,6 +411,41 @@ def test_positive_mode_exact_dng_samples_the_prompt_without_the_negative():
         run(tracked, pos.denoiser_full)
 
 
+def test_calibrate_finds_the_smallest_scale_meeting_the_target_with_a_bound():
+    """One sweep over NP scales on the 1-D lab: the chosen scale's upper 95 % bound meets 5 %, the scale
+    before it does not, and the bound is Clopper-Pearson's."""
+    from scipy import stats
+    lab = _lab(STEPS_FAST)
+    keys = dj.keys_from_seeds(np.arange(2000))
+    scales = [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
+    cal = dj.calibrate(lab.denoiser_full, lab.schedule, keys, (1,), rule=dj.NegativePrompting(), scales=scales[::-1],
+                       is_unwanted=lab.in_forget, target=0.05, denoiser_c=lab.denoiser_forget, chunk_size=2000)
+    np.testing.assert_array_equal(cal.scales, scales)                # sorted
+    assert cal.n == 2000 and abs(cal.rate[0] - 0.35) < 0.04          # unguided: the forbidden mode's weight
+    assert cal.met and cal.scale in scales[1:]
+    k = scales.index(cal.scale)
+    assert cal.upper[k] <= 0.05 < cal.upper[k - 1]
+    assert np.all(cal.upper >= cal.rate)
+    np.testing.assert_allclose(cal.upper[k], stats.beta.ppf(0.95, cal.unwanted[k] + 1, 2000 - cal.unwanted[k]))
+    # the same samples as a plain sweep
+    x = dj.sweep(lab.denoiser_full, lab.schedule, keys, (1,), rule=dj.NegativePrompting(), grid={"scale": [cal.scale]},
+                 denoiser_c=lab.denoiser_forget, chunk_size=2000)
+    assert int(lab.in_forget(x[0]).sum()) == cal.unwanted[k]
+    assert "smallest scale meeting 5 %" in cal.table()
+    # k = 0 of n: the bound is 1 - (1 - c)^(1/n)
+    np.testing.assert_allclose(dj.calibration.upper_bound(np.array([0]), 300, 0.95), 1 - 0.05 ** (1 / 300), rtol=1e-9)
+    none = dj.calibrate(lab.denoiser_full, lab.schedule, keys[:200], (1,), rule=dj.NegativePrompting(), scales=[0.0],
+                        is_unwanted=lab.in_forget, target=0.05, denoiser_c=lab.denoiser_forget)
+    assert not none.met and "no candidate scale" in none.table()
+    for kw, message in [({"target": 5.0}, "target must be a rate"), ({"confidence": 0.3}, "confidence must"),
+                        ({"scales": []}, "scales is empty"), ({"scales": [-1.0]}, "scale must be >= 0")]:
+        args = dict(rule=dj.NegativePrompting(), scales=[1.0], is_unwanted=lab.in_forget, target=0.05,
+                    denoiser_c=lab.denoiser_forget)
+        args.update(kw)
+        with pytest.raises(ValueError, match=message):
+            dj.calibrate(lab.denoiser_full, lab.schedule, keys[:10], (1,), **args)
+
+
 def test_multi_concept_dng_with_one_concept_is_dng():
     lab = _lab(STEPS_FAST)
     keys = dj.keys_from_seeds(np.arange(64))

@@ -212,6 +212,26 @@ def test_select_job_end_to_end_on_tiny_runs(tiny_checkpoints, tmp_path):
     assert "chosen" in (tmp_path / "select" / "selection.md").read_text()
 
 
+def test_calibrate_job_on_tiny_models(tiny_checkpoints, tmp_path):
+    from sample import calibrate, class_removal
+    from sample.configs import mnist
+
+    c = mnist.get_config("tiny")
+    c.checkpoints = str(tiny_checkpoints)
+    c.removed_class = 1
+    c.methods = ("NP", "DNG")
+    job = class_removal.prepare(c)
+    results = calibrate.execute(job, target_pct=50.0, confidence=0.9, out=str(tmp_path / "cal"))
+    saved = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert set(saved["methods"]) == {"NP", "DNG"} and saved["target_pct"] == 50.0
+    for m, r in results.items():
+        assert r["scales"] == sorted(c.grid[m]) and len(r["upper"]) == len(r["scales"]) and r["n"] == c.n
+        ok = [s for s, u in zip(r["scales"], r["upper"]) if u <= 0.5]
+        assert r["scale"] == (ok[0] if ok else None)
+    with pytest.raises(ValueError, match="--target"):
+        calibrate.validate(0.0, 0.95)
+
+
 def _cli(args, cwd, timeout=300):
     return subprocess.run([sys.executable, os.path.join(REPO, "sample", "main.py"), *args],
                           capture_output=True, text=True, cwd=str(cwd), timeout=timeout)
