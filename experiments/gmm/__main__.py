@@ -6,6 +6,7 @@
     python -m experiments.gmm --figure=appendix [--n=0: fields only]      # figs. 7-9
     python -m experiments.gmm --figure=chain     # DNG's posterior against chain length (1000 .. 25 steps)
     python -m experiments.gmm --figure=ddim      # DNG on DDIM steps: eta x chain length
+    python -m experiments.gmm --figure=extensions   # several concepts, positive mode, calibration (2-D lab)
     dngjax-gmm ...                                                      # the same, installed
 """
 
@@ -16,9 +17,10 @@ from absl import flags
 from dngjax import cli
 
 FLAGS = flags.FLAGS
-FIGURES = ("fig1", "fig3", "appendix", "chain", "ddim")
+FIGURES = ("fig1", "fig3", "appendix", "chain", "ddim", "extensions")
 #: samples per method when --n is not given
-N_DEFAULT = {"fig1": 100_000, "fig3": 100_000, "appendix": 20_000, "chain": 100_000, "ddim": 100_000}
+N_DEFAULT = {"fig1": 100_000, "fig3": 100_000, "appendix": 20_000, "chain": 100_000, "ddim": 100_000,
+             "extensions": 20_000}
 
 
 def define_flags():
@@ -26,8 +28,8 @@ def define_flags():
     flags.DEFINE_string("out", "outputs/gmm", "Folder for the PNGs and the tables.")
     flags.DEFINE_integer("n", None, "Samples per method (default: fig1 and fig3 100,000, appendix 20,000; "
                                     "appendix: 0 = fields only).", lower_bound=0)
-    flags.DEFINE_integer("steps", 1000, "Chain length (not chain: it runs 1000 .. 25): 1000 = the full linear "
-                         "schedule, fewer = respaced.",
+    flags.DEFINE_integer("steps", 1000, "Chain length (not chain/ddim: they run several; extensions: 1000 "
+                         "means its default, 250): 1000 = the full linear schedule, fewer = respaced.",
                          lower_bound=1, upper_bound=1000)
     flags.DEFINE_integer("chunk", 25_000, "Samples per compiled call.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "First sample seed.", lower_bound=0)
@@ -48,8 +50,9 @@ def args_for(figure: str) -> types.SimpleNamespace:
 
 
 def main(argv):
-    from . import appendix, chain, ddim, fig1, fig3
-    runs = {"fig1": fig1.run, "fig3": fig3.run, "appendix": appendix.run, "chain": chain.run, "ddim": ddim.run}
+    from . import appendix, chain, ddim, extensions, fig1, fig3
+    runs = {"fig1": fig1.run, "fig3": fig3.run, "appendix": appendix.run, "chain": chain.run, "ddim": ddim.run,
+            "extensions": extensions.run}
     names = FIGURES if FLAGS.figure == "all" else (FLAGS.figure,)
     with cli.user_errors():
         for name in names:
