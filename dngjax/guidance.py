@@ -416,7 +416,7 @@ def _check_concepts(k) -> None:
 
 
 @rule_class
-class MultiConceptDynamicNegativeGuidance(GuidanceRule):
+class MultiConceptDynamicNegativeGuidance(DynamicNegativeGuidance):
     """DNG away from K concepts at once, each with its own tracked posterior.
 
     With p_k = p(c_k | x_t) and P = sum_k p_k, the score of p(x | none of the concepts) is
@@ -430,14 +430,7 @@ class MultiConceptDynamicNegativeGuidance(GuidanceRule):
     :class:`DynamicNegativeGuidance`.
     """
 
-    scale: Any = 1.0
-    prior: Any = 0.25
-    temperature: Any = 0.25
-    offset: Any = 0.0
-    p_min: Any = 1e-6
-    p_max: Any = 0.99
-    variance: str = static("posterior")
-    num_concepts: int = static(2)
+    num_concepts: int = static(2)     # (the other fields: DynamicNegativeGuidance's)
 
     def __post_init__(self):
         _check_concepts(self.num_concepts)
@@ -446,8 +439,6 @@ class MultiConceptDynamicNegativeGuidance(GuidanceRule):
                 self.num_concepts * np.asarray(self.prior) > np.asarray(self.p_max)):
             raise ValueError(f"num_concepts x prior = {self.num_concepts} x {self.prior} exceeds p_max = {self.p_max}: "
                              "the concepts' prior probabilities must sum below p_max")
-
-    check_sampler = DynamicNegativeGuidance.check_sampler
 
     @property
     def num_conditions(self) -> int:
