@@ -8,8 +8,13 @@
 #   CLASSES="0" CONFIG=sample/configs/mnist.py:report bash sample/run_protocol.sh   # smaller
 #   bash sample/run_protocol.sh --config.n=2048       # extra flags go to every sample/main.py run
 #
+#   CONFIG=sample/configs/mnist.py:protocol SETUPS="forget cond" OUT=outputs/protocol_cpu bash sample/run_protocol.sh
+#                                                     # the CPU second pass: both setups, resumable
+#
 # Environment: CLASSES (default "0 1 2 3"), CONFIG (default sample/configs/mnist.py:full),
-# OUT (default outputs/protocol/<UTC time>), PYTHON (default python).
+# SETUPS (default "forget": the unconditional + forget-class models; "cond": one class-conditional
+# model, eps(x | null) and eps(x | c-)), OUT (default outputs/protocol/<UTC time>; give a fixed OUT
+# to resume: finished grid points are never recomputed), PYTHON (default python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLASSES=${CLASSES:-"0 1 2 3"}
@@ -19,10 +24,20 @@ PYTHON=${PYTHON:-python}
 mkdir -p "$OUT"
 echo "protocol: config $CONFIG, classes $CLASSES -> $OUT"
 "$PYTHON" -c "import jax; print('devices:', jax.devices())" | tee "$OUT/devices.txt"
-for c in $CLASSES; do
-  start=$(date +%s)
-  "$PYTHON" sample/main.py --config="$CONFIG" --config.removed_class="$c" \
-      --config.outdir="$OUT/class_$c" "$@" 2>&1 | tee "$OUT/class_$c.log"
-  echo "class $c: $(( $(date +%s) - start )) s" | tee -a "$OUT/timings.txt"
+SETUPS=${SETUPS:-forget}
+for setup in $SETUPS; do
+  case $setup in
+    forget) extra=(); dir="$OUT" ;;
+    cond) extra=(--config.conditional='{root}/cond'); dir="$OUT/conditional" ;;
+    *) echo "unknown setup $setup (forget or cond)" >&2; exit 2 ;;
+  esac
+  mkdir -p "$dir"
+  for c in $CLASSES; do
+    if [ -f "$dir/class_$c/results.json" ]; then echo "== $setup class $c: done"; continue; fi
+    start=$(date +%s)
+    "$PYTHON" sample/main.py --config="$CONFIG" --config.removed_class="$c" \
+        --config.outdir="$dir/class_$c" "${extra[@]}" "$@" 2>&1 | tee -a "$dir/class_$c.log"
+    echo "$setup class $c: $(( $(date +%s) - start )) s" | tee -a "$OUT/timings.txt"
+  done
+  "$PYTHON" sample/main.py --job=report --runs="$dir"
 done
-"$PYTHON" sample/main.py --job=report --runs="$OUT"

@@ -9,6 +9,7 @@ checkpoints, remove 0, a small grid on a 25-step respaced chain; about 2-3 minut
   DNG with both variance conventions);
 * ``full``: the paper's protocol (10,240 samples per point, the full T = 1000 chain,
   wide grids) -- for a GPU;
+* ``protocol``: the reproduction's second pass on a CPU (n = 512, 100-step chain, posterior noise);
 * ``select``: DNG settings (prior x temperature) on selection seeds, for ``--job=select``;
 * ``tiny``: smoke tests (a handful of samples and steps).
 
@@ -56,6 +57,21 @@ def get_config(name: str = "quick"):
         c.grid.NP = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
         c.grid.SLD = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
         c.grid.DNG = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+    elif name == "protocol":
+        # docs/results.md's second pass (issue 12) on a 2-core CPU: a 100-step chain with the posterior
+        # noise (beta_tilde: no residual grain on a respaced chain), DNG's update with the same variance
+        # (the exact likelihood ratio of the step taken), n = 512 per point, grids that give every
+        # method points at and below 1 % of the removed class. About 2 M network passes per class
+        # and setup (~75 min on 2 cores at ~450 passes/s): run classes and setups one per session
+        # if needed (bash sample/run_protocol.sh resumes finished points).
+        c.n = 512
+        c.steps = 100
+        c.chunk_size = 128
+        c.noise = "posterior"
+        c.dng.variance = "posterior"
+        c.grid.NP = (0.5, 1.0, 2.0, 4.0, 8.0)
+        c.grid.SLD = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+        c.grid.DNG = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
     elif name == "select":
         # DNG's hyperparameters, chosen on seeds the report never uses (sample/select.py states the
         # rule): 9 settings (prior x temperature) x 3 scales on a 100-step chain, n = 256 per point,
@@ -82,5 +98,5 @@ def get_config(name: str = "quick"):
         c.bootstrap = 5
         c.progress = False
     else:
-        raise ValueError(f"unknown config {name!r}: quick, report, full, select or tiny")
+        raise ValueError(f"unknown config {name!r}: quick, report, full, protocol, select or tiny")
     return c
