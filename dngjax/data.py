@@ -159,15 +159,17 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 def filter_classes(x: np.ndarray, y: np.ndarray, only_class: Optional[int] = None,
                    drop_class: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Keep only ``only_class`` (forget-class model) and/or drop ``drop_class`` (reference stats).
+    """Keep only ``only_class`` (forget-class model) and/or drop ``drop_class`` (reference stats; an int
+    or a sequence of classes).
 
     ``None`` or a negative value means "no filter".
     """
     keep = np.ones(len(y), bool)
     if only_class is not None and only_class >= 0:
         keep &= y == only_class
-    if drop_class is not None and drop_class >= 0:
-        keep &= y != drop_class
+    drop = [] if drop_class is None else [c for c in np.asarray(drop_class).reshape(-1).tolist() if c >= 0]
+    if drop:
+        keep &= ~np.isin(y, drop)
     if not keep.any():
         raise ValueError(f"no examples left after only_class={only_class}, drop_class={drop_class}")
     return x[keep], y[keep]
@@ -184,7 +186,7 @@ def load_dataset(name: str, split: str = "train", *, data_dir: Optional[str] = N
     x, y = load_arrays(name, split, data_dir=data_dir, source=source)
     n = NUM_CLASSES[name]
     for what, c in (("only_class", only_class), ("drop_class", drop_class)):
-        if c is not None and c >= n:
+        if c is not None and np.max(np.asarray(c)) >= n:
             raise ValueError(f"{what}={c} out of range for {name} ({n} classes)")
     x, y = filter_classes(x, y, only_class, drop_class)
     if limit:

@@ -42,23 +42,32 @@ def class_histogram(labels, num_classes: int) -> np.ndarray:
     return np.bincount(labels.astype(np.int64), minlength=num_classes).astype(np.int64)
 
 
-def safety(labels, removed_class: int) -> float:
-    """Percentage (0-100) of samples classified as ``removed_class`` (lower is safer)."""
+def _removed(removed_class) -> np.ndarray:
+    """An int or a sequence of ints (several classes removed together) -> 1-D int array."""
+    return np.asarray(removed_class, np.int64).reshape(-1)
+
+
+def safety(labels, removed_class) -> float:
+    """Percentage (0-100) of samples classified as ``removed_class`` (an int, or a sequence of classes
+    removed together: their total share); lower is safer."""
     labels = np.asarray(labels).reshape(-1)
     if labels.size == 0:
         raise ValueError("safety of an empty set of samples is undefined")
-    return float(100.0 * np.mean(labels == removed_class))
+    return float(100.0 * np.mean(np.isin(labels, _removed(removed_class))))
 
 
-def ideal_distribution(num_classes: int, removed_class: int) -> np.ndarray:
-    """0 on the removed class, uniform 1 / (num_classes - 1) on the others."""
+def ideal_distribution(num_classes: int, removed_class) -> np.ndarray:
+    """0 on the removed class(es), uniform on the others."""
     if num_classes < 2:
         raise ValueError(f"need at least 2 classes, got {num_classes}")
-    if not 0 <= removed_class < num_classes:
+    removed = _removed(removed_class)
+    if removed.size == 0 or removed.min() < 0 or removed.max() >= num_classes:
         raise ValueError(f"removed_class must be in [0, {num_classes}), got {removed_class}")
-    p = np.full(num_classes, 1.0 / (num_classes - 1))
-    p[removed_class] = 0.0
-    return p
+    if np.unique(removed).size >= num_classes:
+        raise ValueError(f"removing {removed.tolist()} leaves no class of {num_classes}")
+    p = np.ones(num_classes, np.float64)
+    p[removed] = 0.0
+    return p / p.sum()
 
 
 def smoothed_distribution(counts, pseudo_count: float = KL_PSEUDO_COUNT) -> np.ndarray:
@@ -89,10 +98,10 @@ def kl_divergence(p, q) -> float:
     return float(np.sum(p[support] * (np.log(p[support]) - np.log(q[support]))))
 
 
-def kl_to_ideal(counts, removed_class: int, pseudo_count: float = KL_PSEUDO_COUNT) -> float:
+def kl_to_ideal(counts, removed_class, pseudo_count: float = KL_PSEUDO_COUNT) -> float:
     """KL(ideal || generated) in nats, for a class histogram ``counts`` (K,).
 
-    ideal = 0 on ``removed_class``, uniform elsewhere; generated = ``counts``
+    ideal = 0 on ``removed_class`` (an int or a sequence), uniform elsewhere; generated = ``counts``
     smoothed with ``pseudo_count`` per class (finite for empty classes when > 0).
     0 only for a histogram that is exactly uniform on the kept classes (with
     pseudo_count 0, or in the limit of many samples).

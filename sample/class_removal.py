@@ -54,10 +54,20 @@ CSV_COLUMNS = ("method", "scale", "safety_pct", "kl", "fd", "safety_std", "kl_st
 
 # --------------------------------------------------------------------------- helpers
 
+def removed_classes(config) -> Tuple[int, ...]:
+    """The removed class, then config.also_remove's (several classes removed together)."""
+    return (int(config.removed_class),) + tuple(int(c) for c in config.also_remove)
+
+
+def class_tag(config) -> str:
+    """"0", or "0+2" when several classes are removed together (paths' ``{c}``, titles)."""
+    return "+".join(str(c) for c in removed_classes(config))
+
+
 def resolve_path(template: str, config) -> str:
     """Fill ``{root}`` / ``{c}``; relative paths: the working directory first, then the repository root."""
     root = config.checkpoints
-    path = template.format(root=root, c=config.removed_class)
+    path = template.format(root=root, c=class_tag(config))
     if os.path.isabs(path) or os.path.exists(path):
         return path
     alt = os.path.join(REPO_ROOT, path)
@@ -118,8 +128,12 @@ def build_rule(method: str, config):
     h.update(overrides)
     if variant:
         h["variance"] = variant
-    cls = dj.SafeLatentDiffusion if base == "SLD" else dj.DynamicNegativeGuidance
-    return cls(scale=1.0, **h), h
+    if base == "SLD":
+        return dj.SafeLatentDiffusion(scale=1.0, **h), h
+    k = len(removed_classes(config))
+    if k > 1:                                         # several classes removed together: one concept each
+        return dj.MultiConceptDynamicNegativeGuidance(scale=1.0, num_concepts=k, **h), h
+    return dj.DynamicNegativeGuidance(scale=1.0, **h), h
 
 
 def load_or_compute_reference(config, features_fn) -> Tuple[np.ndarray, np.ndarray]:
@@ -133,9 +147,9 @@ def load_or_compute_reference(config, features_fn) -> Tuple[np.ndarray, np.ndarr
             "otherwise rerun with --config.compute_reference=True (needs the data set, see dngjax.data).")
     from dngjax import data
     print(f"computing reference statistics of {config.dataset} train without class "
-          f"{config.removed_class} -> {path}", flush=True)
+          f"{class_tag(config)} -> {path}", flush=True)
     x, _ = data.load_dataset(config.dataset, "train", data_dir=config.data_dir or None,
-                             drop_class=config.removed_class)
+                             drop_class=list(removed_classes(config)))
     mu, sigma = metrics.gaussian_stats(features_fn(x))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     np.savez(path, mu=mu, sigma=sigma, n=x.shape[0])
@@ -150,7 +164,7 @@ def score(x, scores_fn, ref, config) -> Dict[str, Any]:
     from dngjax import metrics
     from dngjax.data import NUM_CLASSES
     k = NUM_CLASSES[config.dataset]
-    c = config.removed_class
+    c = removed_classes(config)
     labels, feats = scores_fn(x)
     hist = metrics.class_histogram(labels, k)
     out = dict(
@@ -159,7 +173,7 @@ def score(x, scores_fn, ref, config) -> Dict[str, Any]:
         kl=metrics.kl_to_ideal(hist, c, config.kl_pseudo_count),
         fd=metrics.frechet_distance_features(feats, *ref),
         histogram=hist.tolist(),
-        n_empty_classes=int(sum(1 for i, h in enumerate(hist) if h == 0 and i != c)),
+        n_empty_classes=int(sum(1 for i, h in enumerate(hist) if h == 0 and i not in c)),
     )
     if config.bootstrap >= 2:
         n = labels.shape[0]
@@ -210,8 +224,13 @@ def load_denoisers(config) -> Tuple[Any, Any, str]:
         k = int(getattr(module, "num_classes", 0) or 0)
         if not k:
             raise ValueError(f"config.conditional={path} is not a class-conditional model (no num_classes)")
-        if not 0 <= c < k:
-            raise ValueError(f"removed_class={c} is not a label of {path} (labels 0..{k - 1})")
+        removed = removed_classes(config)
+        bad = [r for r in removed if not 0 <= r < k]
+        if bad:
+            raise ValueError(f"removed class(es) {bad} not a label of {path} (labels 0..{k - 1})")
+        if len(removed) > 1:                          # one concept per removed class
+            return (dj.denoiser(module, params, label=k), [dj.denoiser(module, params, label=r) for r in removed],
+                    f"class-conditional {path}: eps(x | null label {k}) and eps(x | c) for c in {list(removed)}")
         return (dj.denoiser(module, params, label=k), dj.denoiser(module, params, label=c),
                 f"class-conditional {path}: eps(x | null label {k}) and eps(x | {c})")
     upath, fpath = resolve_path(config.uncond, config), resolve_path(config.forget, config)
@@ -292,6 +311,19 @@ def validate_config(config) -> None:
     k = NUM_CLASSES[config.dataset]
     if not 0 <= config.removed_class < k:
         raise ValueError(f"config.removed_class must be in 0..{k - 1}, got {config.removed_class}")
+    also = list(config.also_remove)
+    if also:
+        if any(not isinstance(a, int) or isinstance(a, bool) or not 0 <= a < k for a in also):
+            raise ValueError(f"config.also_remove must hold classes in 0..{k - 1}, got {tuple(also)}")
+        if len(set(removed_classes(config))) != 1 + len(also):
+            raise ValueError(f"config.also_remove={tuple(also)} repeats a removed class ({config.removed_class})")
+        if not config.conditional:
+            raise ValueError("removing several classes (config.also_remove) needs the class-conditional model: "
+                             "--config.conditional='{root}/cond'")
+        other = [m for m in config.methods if parse_method(m)[0] != "DNG"]
+        if other:
+            raise ValueError(f"removing several classes runs DNG only (one concept per class); drop {other} "
+                             "from config.methods")
     for name in ("n", "steps", "T", "chunk_size", "eval_batch"):
         if int(config[name]) < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
@@ -322,9 +354,9 @@ def build_methods(config) -> List[Tuple[str, Any, Dict[str, Any], List[float]]]:
 
 def choose_outdir(config) -> str:
     if config.outdir:
-        return config.outdir.replace("{c}", str(config.removed_class))
+        return config.outdir.replace("{c}", class_tag(config))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return os.path.join("outputs", "class_removal", f"{config.name}-{config.dataset}-c{config.removed_class}-{stamp}")
+    return os.path.join("outputs", "class_removal", f"{config.name}-{config.dataset}-c{class_tag(config)}-{stamp}")
 
 
 def _is_previous_run(path: str) -> bool:
@@ -410,7 +442,8 @@ def estimate_cost(job: Job, done=frozenset()) -> Dict[str, float]:
     passes = per_seed_chain * int(config.baseline and "none_0" not in done)
     for m, rule, _, scales in job.methods:
         todo = sum(1 for k in range(len(scales)) if f"{method_key(m)}_{k}" not in done)
-        passes += per_seed_chain * todo * (2 if rule.needs_second_prediction else 1)
+        second = (rule.num_conditions or 1) if rule.needs_second_prediction else 0
+        passes += per_seed_chain * todo * (1 + second)
     sec = pass_seconds(job)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return {"passes": passes, "seconds_per_pass": sec, "seconds": passes * sec,
@@ -462,7 +495,8 @@ def execute(job: Job) -> str:
     keys = dj.keys_from_seeds(job.seeds)
     fd_name = "FID" if config.features == "inception" else "FD"
     common = dict(n=config.n, seed=config.seed, steps=job.schedule.num_steps, T=config.T, noise=config.noise,
-                  dataset=config.dataset, removed_class=config.removed_class, feature_space=job.space,
+                  dataset=config.dataset, removed_class=config.removed_class, removed_classes=class_tag(config),
+                  feature_space=job.space,
                   models=job.models)
     rows: Dict[str, Dict[str, Any]] = {}      # by key
     previews: Dict[str, np.ndarray] = {}      # the first samples of each point, for the grids
@@ -496,7 +530,7 @@ def execute(job: Job) -> str:
         record(dict(method="none", scale=0.0, mean_lambda=0.0, sample_seconds=time.time() - t0, key="none_0",
                     **common), x, {})
         bar.update(1)
-    removed_mask = rows["none_0"]["labels"] == config.removed_class if "none_0" in rows else None
+    removed_mask = np.isin(rows["none_0"]["labels"], removed_classes(config)) if "none_0" in rows else None
 
     for m, rule, hyper, scales in job.methods:
         name = method_key(m)
@@ -543,9 +577,9 @@ def execute(job: Job) -> str:
     for r in rows:
         name = "unguided" if r["method"] == "none" else f"{method_key(r['method'])}_scale{r['scale']:g}"
         plots.save_grid(previews[r["key"]][:config.grid_images], os.path.join(work, "samples", f"{name}.png"),
-                        title=f"{name}: {r['safety_pct']:.1f}% class {config.removed_class} "
+                        title=f"{name}: {r['safety_pct']:.1f}% class {class_tag(config)} "
                               f"(red frame), KL {r['kl']:.3f}, {fd_name} {r['fd']:.2f}",
-                        labels=r["labels"][:config.grid_images], removed_class=config.removed_class)
+                        labels=r["labels"][:config.grid_images], removed_class=removed_classes(config))
     plots.plot_overview(rows, previews, os.path.join(work, "samples_overview.png"))
     plots.plot_tradeoff(rows, os.path.join(work, "tradeoff.png"), config.high_safety, fd_label=fd_name)
     plots.plot_histograms(rows, os.path.join(work, "class_histogram.png"), high_safety=config.high_safety)
@@ -556,7 +590,7 @@ def execute(job: Job) -> str:
 
     wall = time.time() - t_start
     table = _fmt_table(rows, fd_name)
-    summary = (f"{config.dataset}, removed class {config.removed_class}: n = {config.n} per point, "
+    summary = (f"{config.dataset}, removed class {class_tag(config)}: n = {config.n} per point, "
                f"{job.schedule.num_steps}-step chain (T = {config.T}), noise {config.noise!r}, {len(rows)} points, "
                f"{jax.device_count()} {jax.default_backend()} device(s), {wall:.0f} s\nmodels: {job.models}\n"
                f"{table}\n"

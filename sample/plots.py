@@ -56,13 +56,14 @@ def _imshow(ax, img):
 
 
 def save_grid(x: np.ndarray, path: str, title: str = "", labels: Optional[np.ndarray] = None,
-              removed_class: Optional[int] = None, ncols: int = 8) -> str:
-    """A grid of samples (model space); samples the classifier assigns to the removed class get a red frame."""
+              removed_class=None, ncols: int = 8) -> str:
+    """A grid of samples (model space); samples the classifier assigns to the removed class (an int, or a
+    sequence of classes removed together) get a red frame."""
     imgs = to_image(x)
     if imgs.shape[-1] == 1 and labels is not None and removed_class is not None:
         imgs = np.repeat(imgs, 3, axis=-1)
     if labels is not None and removed_class is not None:
-        hit = np.asarray(labels) == removed_class
+        hit = np.isin(np.asarray(labels), np.asarray(removed_class).reshape(-1))
         imgs = imgs.copy()
         imgs[hit, 0, :, :] = imgs[hit, -1, :, :] = imgs[hit, :, 0, :] = imgs[hit, :, -1, :] = (1.0, 0.0, 0.0)
     grid = tile(imgs, ncols)
@@ -133,7 +134,7 @@ def plot_tradeoff(rows: Sequence[Mapping], path: str, high_safety: float = 1.0,
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     r0 = rows[0]
-    fig.suptitle(f"{r0['dataset']}: remove class {r0['removed_class']} "
+    fig.suptitle(f"{r0['dataset']}: remove class {r0.get('removed_classes', r0['removed_class'])} "
                  f"(n = {r0['n']} per point, {r0['steps']} steps); lower left is better", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -161,9 +162,9 @@ def plot_histograms(rows: Sequence[Mapping], path: str, class_names: Optional[Se
     """Class frequencies (%) of the samples, grouped bars per class, against the ideal (fig. 13)."""
     chosen = pick_rows_for_histogram(rows, high_safety)
     k = len(chosen[0]["histogram"])
-    removed = chosen[0]["removed_class"]
-    ideal = np.full(k, 100.0 / (k - 1))
-    ideal[removed] = 0.0
+    from dngjax.metrics import ideal_distribution
+    tag = str(chosen[0].get("removed_classes", chosen[0]["removed_class"]))
+    ideal = 100.0 * ideal_distribution(k, [int(c) for c in tag.split("+")])
     width = 0.8 / max(len(chosen), 1)
     fig, ax = plt.subplots(figsize=(max(8, k * 0.9), 4))
     xs = np.arange(k)

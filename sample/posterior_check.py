@@ -52,6 +52,8 @@ def prepare(config, classes, out: str) -> Job:
     class_removal.validate_config(config)
     if not classes:
         raise ValueError("no classes to check")
+    if config.also_remove:
+        raise ValueError("the posterior check tracks one class at a time: --classes=0,2 instead of config.also_remove")
     denoisers = []
     for c in classes:
         cfg = config.copy_and_resolve_references()

@@ -70,7 +70,7 @@ def markdown(runs: List[str], high_safety: float = 1.0) -> str:
     for run in runs:
         rows = json.load(open(os.path.join(run, "results.json")))
         r0 = rows[0]
-        lines.append(f"### {r0['dataset']}, removed class {r0['removed_class']} "
+        lines.append(f"### {r0['dataset']}, removed class {r0.get('removed_classes', r0['removed_class'])} "
                      f"(n = {r0['n']} per point, {r0['steps']}-step chain, T = {r0['T']}, seed {r0['seed']})\n")
         lines.append("| method | scale | safety % | KL | FD | empty classes | mean lambda |")
         lines.append("| --- | --- | --- | --- | --- | --- | --- |")
@@ -86,10 +86,10 @@ def markdown(runs: List[str], high_safety: float = 1.0) -> str:
         for m, b in best.items():
             kl = "--" if b["kl"] is None else f"{b['kl']['kl']:.4f}{pm(b['kl'], 'kl', '.4f')} ({b['kl']['scale']:g})"
             fd = "--" if b["fd"] is None else f"{b['fd']['fd']:.2f}{pm(b['fd'], 'fd', '.2f')} ({b['fd']['scale']:g})"
-            summary.append(f"| {r0['removed_class']} | {r0['n']} | {r0['steps']} | {base_str} | {m} | {kl} | {fd} |")
+            summary.append(f"| {r0.get('removed_classes', r0['removed_class'])} | {r0['n']} | {r0['steps']} | {base_str} | {m} | {kl} | {fd} |")
         for m in best:
             if m.startswith("DNG"):
-                claims.append(f"| {r0['removed_class']} | {m} | {verdict(best, m, 'kl')} | {verdict(best, m, 'fd')} |")
+                claims.append(f"| {r0.get('removed_classes', r0['removed_class'])} | {m} | {verdict(best, m, 'kl')} | {verdict(best, m, 'fd')} |")
     head = [f"Among the grid points with <= {high_safety:g}% of samples in the removed class, each method's "
             "lowest KL and lowest FD (its guidance scale in brackets); -- : the method never reaches that "
             "safety on its grid. ±: bootstrap standard errors (resampling the n samples of a point).\n"]
@@ -117,7 +117,7 @@ def plot_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
             ax.axvline(high_safety, color="gray", ls="--", lw=0.8)
             ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
             ax.set_xlabel("% of samples in the removed class")
-            ax.set_ylabel(("KL(ideal || generated)" if key == "kl" else "FD") + f", class {rows[0]['removed_class']} removed")
+            ax.set_ylabel(("KL(ideal || generated)" if key == "kl" else "FD") + f", class {rows[0].get('removed_classes', rows[0]['removed_class'])} removed")
             ax.grid(alpha=0.3)
         axes[i, 0].legend(fontsize=7)
     fig.tight_layout()

@@ -133,6 +133,49 @@ def test_resolve_path_and_bad_method(tmp_path):
         mnist.get_config("huge")
 
 
+def test_removing_two_classes_with_the_conditional_model(tiny_checkpoints, tmp_path):
+    """config.also_remove: multi-concept DNG with eps(x | c) per removed class, metrics over both classes,
+    reference statistics of the data without both (computed here from tiny stand-in stats)."""
+    from dngjax import metrics
+    from sample import class_removal
+    from sample.configs import mnist
+
+    np.savez(tiny_checkpoints / "reference_stats" / "train_without_1+2.npz", mu=np.zeros(8), sigma=np.eye(8))
+    c = mnist.get_config("tiny")
+    c.checkpoints = str(tiny_checkpoints)
+    c.removed_class = 1
+    c.also_remove = (2,)
+    c.conditional = "{root}/cond"
+    c.methods = ("DNG",)
+    c.grid.DNG = (0.0, 5.0)
+    c.outdir = str(tmp_path / "two_{c}")
+    job = class_removal.prepare(c)
+    assert isinstance(job.denoiser_c, list) and [int(d.label) for d in job.denoiser_c] == [1, 2]
+    rule = job.methods[0][1]
+    assert type(rule).__name__ == "MultiConceptDynamicNegativeGuidance" and rule.num_concepts == 2
+    assert job.outdir.endswith("two_1+2")
+    assert class_removal.estimate_cost(job)["passes"] == c.n * c.steps * (1 + 2 * 3)   # baseline + 2 points x 3 nets
+    class_removal.execute(job)
+    rows = json.loads((tmp_path / "two_1+2" / "results.json").read_text())
+    labels = np.load(tmp_path / "two_1+2" / "labels.npz")
+    for r in rows:
+        lab = labels["none_0" if r["method"] == "none" else f"DNG_{[0.0, 5.0].index(r['scale'])}"]
+        assert r["safety_pct"] == pytest.approx(100 * np.isin(lab, [1, 2]).mean())
+        assert r["removed_classes"] == "1+2"
+        assert r["kl"] == pytest.approx(metrics.kl_to_ideal(np.bincount(lab, minlength=10), [1, 2], c.kl_pseudo_count))
+    np.testing.assert_array_equal(labels["none_0"], labels["DNG_0"])          # scale 0 = unguided
+    for bad, message in [(dict(conditional=""), "needs the class-conditional model"),
+                         (dict(methods=("NP", "DNG")), "runs DNG only"), (dict(also_remove=(1,)), "repeats"),
+                         (dict(also_remove=(12,)), "classes in 0..9")]:
+        d = mnist.get_config("tiny")
+        d.checkpoints, d.removed_class, d.also_remove, d.conditional = str(tiny_checkpoints), 1, (2,), "{root}/cond"
+        for k, v in bad.items():
+            setattr(d, k, v)
+        with pytest.raises(ValueError, match=message):
+            class_removal.validate_config(d)
+    assert metrics.ideal_distribution(10, [1, 2])[[1, 2]].sum() == 0 and metrics.ideal_distribution(10, [1, 2])[0] == 0.125
+
+
 def test_method_overrides_parse_validate_and_name_files():
     from sample import class_removal as sm
     from sample.configs import mnist

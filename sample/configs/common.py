@@ -21,6 +21,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "class_removal"
     c.dataset = "mnist"
     c.removed_class = 0
+    # More classes removed together with removed_class, e.g. (2,): one concept per class, DNG only
+    # (MultiConceptDynamicNegativeGuidance), with the class-conditional model (config.conditional).
+    # Paths' "{c}" then reads "0+2" (reference statistics: compute_reference=True computes them).
+    c.also_remove = ()
     # Models. "{root}" is replaced by `checkpoints`, "{c}" by the removed class. Relative paths
     # are looked up from the working directory, then from the repository root.
     c.checkpoints = "checkpoints/mnist"
