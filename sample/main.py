@@ -3,6 +3,8 @@
   python sample/main.py                                    # the main job: MNIST, remove 0, shipped checkpoints
   python sample/main.py --config.removed_class=3           # another class (forget models for 0-3 ship)
   python sample/main.py --config.conditional='{root}/cond' # one class-conditional model instead of two
+  python sample/main.py --config.conditional='{root}/cond' --config.also_remove='(2,)' \\
+      --config.methods='("DNG",)' --config.compute_reference=True   # remove 0 and 2 at once (multi-concept DNG)
   python sample/main.py --config=sample/configs/mnist.py:full      # the paper's protocol (GPU)
   python sample/main.py --config=sample/configs/cifar10.py:full --config.fid_weights=pt_inception-....pth
   python sample/main.py --job=posterior_check --classes=0,1,2,3    # does DNG's p_t flag the class?
@@ -14,7 +16,7 @@
 Jobs: ``class_removal`` (default; :mod:`sample.class_removal`), ``posterior_check``
 (:mod:`sample.posterior_check`: the config's DNG hyperparameters, chain and models, unguided) and
 ``report`` (:mod:`sample.report`: report.md and one trade-off figure over class-removal runs) and
-``select`` (:mod:`sample.select`: DNG's hyperparameters from runs on selection seeds, by a fixed rule) and
+``select`` (:mod:`sample.selection`: DNG's hyperparameters from runs on selection seeds, by a fixed rule) and
 ``calibrate`` (:mod:`sample.calibrate`: per method, the smallest scale of its grid that meets --target).
 Every input is validated before sampling starts; a bad one exits with code 2 and one message.
 """
@@ -68,13 +70,13 @@ def main(argv):
             job = posterior_check.prepare(config, classes, FLAGS.out or "outputs/posterior_check")
         posterior_check.execute(job)
     else:
-        from sample import report, select
+        from sample import report, selection
         with cli.user_errors():
             if not FLAGS.runs:
                 raise ValueError(f"--job={FLAGS.job} needs --runs=FOLDER[,FOLDER...]")
             runs = report.find_runs(FLAGS.runs)
             if FLAGS.job == "select":
-                select.write_selection(runs, FLAGS.out, config.high_safety)
+                selection.write_selection(runs, FLAGS.out, config.high_safety)
         if FLAGS.job == "report":
             report.write_report(runs, FLAGS.out, config.high_safety)
 

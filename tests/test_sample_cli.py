@@ -203,8 +203,8 @@ def _row(method, scale, safety, kl, fd, c=0):
 
 
 def test_selection_rule_on_hand_made_results():
-    """sample/select.py's rule: lowest mean KL at <= 1 % in every class, ties by FD, else the safest."""
-    from sample import select
+    """sample/selection.py's rule: lowest mean KL at <= 1 % in every class, ties by FD, else the safest."""
+    from sample import selection as select
 
     a, b, d = "DNG[prior=0.1]", "DNG[prior=0.25]", "DNG[prior=0.5]"
     rows = {0: [_row("none", 0, 10, 0.0, 5), _row(a, 2, 3.0, 0.01, 5), _row(a, 5, 0.5, 0.05, 6),
@@ -229,7 +229,7 @@ def test_selection_rule_on_hand_made_results():
 
 def test_select_job_end_to_end_on_tiny_runs(tiny_checkpoints, tmp_path):
     """Two DNG settings on two classes (class-conditional tiny model), then --job=select."""
-    from sample import class_removal, select
+    from sample import class_removal, selection as select
     from sample.configs import mnist
 
     runs = []

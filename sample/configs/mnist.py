@@ -73,7 +73,7 @@ def get_config(name: str = "quick"):
         c.grid.SLD = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
         c.grid.DNG = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
     elif name == "select":
-        # DNG's hyperparameters, chosen on seeds the report never uses (sample/select.py states the
+        # DNG's hyperparameters, chosen on seeds the report never uses (sample/selection.py states the
         # rule): 9 settings (prior x temperature) x 3 scales on a 100-step chain, n = 256 per point,
         # one run per removed class, then `--job=select --runs=outputs/select`.
         c.n = 256

@@ -93,7 +93,7 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float) -> 
     with open(os.path.join(out, "selection.json"), "w") as f:
         json.dump(dict(result, runs=[os.path.abspath(r) for r in runs], seeds=sorted(map(str, seeds))), f, indent=1)
     lines = [f"# DNG hyperparameter selection ({len(runs)} run(s), classes {result['classes']})", "",
-             f"Rule (sample/select.py): lowest mean KL over classes at <= {high_safety:g} % removed class; "
+             f"Rule (sample/selection.py): lowest mean KL over classes at <= {high_safety:g} % removed class; "
              f"ties within {KL_TIE} by FD. Seeds (first, n): {sorted(map(str, seeds))}.", "",
              "| setting | reaches target in every class | mean KL* | mean FD* | mean min. share (%) | chosen |",
              "| --- | --- | --- | --- | --- | --- |"]
