@@ -272,14 +272,24 @@ NOTES = {
     "classifier": "CPU size of train/configs/mnist_classifier.py (CNN widths (16, 32), 128-d features), "
                   "1500 steps x 128 with +-2 pixel shift augmentation.",
     "ddpm": "train/configs/mnist_ddpm.py:cpu, trained from scratch: UNet ch 16 x (1, 2, 4), {steps} steps x 64 "
-            "(~{epochs:.1f} epochs), Adam lr 1e-3 (200 warm-up steps, then constant), EMA 0.999. Resumable: the same "
+            "(~{epochs:.1f} epochs), {lr}, EMA 0.999. Resumable: the same "
             "command with a larger --config.num_steps continues it.",
     "cond": "train/configs/mnist_cond.py:cpu, trained from scratch: the ddpm's architecture and schedule with a "
             "label embedding (labels 0-9 and the null label 10), each label dropped to the null label with "
-            "probability 0.1; {steps} steps x 64 (~{epochs:.1f} epochs). Resumable like ddpm.",
+            "probability 0.1; {steps} steps x 64 (~{epochs:.1f} epochs), {lr}. Resumable like ddpm.",
     "forget": "train/configs/mnist_forget.py:cpu, trained from scratch on the ~6,000 train images of class {c} "
-              "only: {steps} steps x 64.",
+              "only: {steps} steps x 64, {lr}.",
 }
+
+
+def _lr_note(card) -> str:
+    """The learning-rate schedule a card's config describes, in words."""
+    o = (card.get("config") or {}).get("optim") or {}
+    lr, warm, decay = o.get("lr", 1e-3), o.get("warmup_steps", 0), int(o.get("decay_steps", 0) or 0)
+    if o.get("schedule") == "cosine":
+        return f"Adam lr {lr:g} ({warm} warm-up steps, then a cosine decay to {lr / 100:g} over the run)"
+    tail = f", then a cosine decay to {lr / 100:g} over the last {decay} steps" if decay else ""
+    return f"Adam lr {lr:g} ({warm} warm-up steps, then constant{tail})"
 HARDWARE_NOTE = ("{cpu}, {cores} of the VM's {count} cores (the process pinned with taskset; the other core "
                  "trained another model at the same time). CPU core-hours = wall time x cores used: {hours}.")
 
@@ -296,7 +306,8 @@ def add_notes(out, classes):
             continue
         key = "forget" if name.startswith("forget_") else name
         epochs = card.get("steps", 0) * card.get("batch_size", 0) / max(card.get("train_examples", 1), 1)
-        card["notes"] = NOTES[key].format(c=card.get("only_class"), steps=card.get("steps"), epochs=epochs)
+        card["notes"] = NOTES[key].format(c=card.get("only_class"), steps=card.get("steps"), epochs=epochs,
+                                          lr=_lr_note(card))
         card["hardware_note"] = HARDWARE_NOTE.format(cpu=hw.get("processor"), cores=hw.get("cpu_cores_used", "?"),
                                                      count=hw.get("cpu_count"), hours=card.get("cpu_core_hours"))
         _write(d, card)

@@ -1,0 +1,179 @@
+"""CLIP's text encoder in Flax (transformers' ``CLIPTextModel`` layout), loaded from a local folder.
+
+Stable Diffusion conditions its UNet on the last hidden state of a CLIP text transformer: SD 1.x on
+OpenAI's CLIP ViT-L/14 text tower (12 layers, width 768, ``quick_gelu``), SD 2.x on OpenCLIP ViT-H's
+(23 layers as shipped, width 1024, ``gelu``), both stored in transformers' ``CLIPTextModel`` layout
+(``text_encoder/config.json`` + ``model.safetensors`` in a diffusers folder). This module is that
+transformer: token + position embeddings, pre-LayerNorm blocks with causal self-attention and an MLP,
+a final LayerNorm. Prompts are padded to ``max_position_embeddings`` tokens by the tokenizer, and, as
+in the diffusers pipelines, no padding mask is applied (the causal mask alone).
+
+    encoder, params = load_clip_text("sd/text_encoder")     # no torch needed
+    hidden = encoder.apply(params, input_ids)                # (B, L) int -> (B, L, width)
+
+Parity with transformers' PyTorch model: ``tests/test_clip_text.py`` (tiny random configs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+class CLIPAttention(nn.Module):
+    width: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):                                          # (B, L, D)
+        b, n, d = x.shape
+        head = d // self.heads
+        split = lambda y: y.reshape(b, n, self.heads, head)
+        q = split(nn.Dense(d, name="q_proj")(x)) * head ** -0.5
+        k = split(nn.Dense(d, name="k_proj")(x))
+        v = split(nn.Dense(d, name="v_proj")(x))
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
+        causal = jnp.tril(jnp.ones((n, n), bool))
+        logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+        out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, n, d)
+        return nn.Dense(d, name="out_proj")(out)
+
+
+class CLIPEncoderLayer(nn.Module):
+    width: int
+    heads: int
+    intermediate: int
+    activation: str
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + CLIPAttention(self.width, self.heads, name="self_attn")(nn.LayerNorm(self.eps, name="layer_norm1")(x))
+        h = nn.LayerNorm(self.eps, name="layer_norm2")(x)
+        h = nn.Dense(self.intermediate, name="fc1")(h)
+        h = nn.Dense(self.width, name="fc2")(ACTIVATIONS[self.activation](h))
+        return x + h
+
+
+class CLIPTextEncoder(nn.Module):
+    """The text transformer. ``__call__(input_ids (B, L) int32) -> last hidden state (B, L, width)``."""
+
+    vocab_size: int
+    width: int
+    layers: int
+    heads: int
+    intermediate: int
+    max_positions: int = 77
+    activation: str = "quick_gelu"
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, input_ids):
+        n = input_ids.shape[-1]
+        if n > self.max_positions:
+            raise ValueError(f"{n} tokens exceed max_position_embeddings={self.max_positions}")
+        x = nn.Embed(self.vocab_size, self.width, name="token_embedding")(input_ids)
+        x = x + nn.Embed(self.max_positions, self.width, name="position_embedding")(jnp.arange(n))[None]
+        for i in range(self.layers):
+            x = CLIPEncoderLayer(self.width, self.heads, self.intermediate, self.activation, self.eps,
+                                 name=f"layers_{i}")(x)
+        return nn.LayerNorm(self.eps, name="final_layer_norm")(x)
+
+
+def encoder_from_config(cfg: Dict[str, Any]) -> CLIPTextEncoder:
+    """A :class:`CLIPTextEncoder` from transformers' ``CLIPTextConfig`` dict (``config.json``)."""
+    act = cfg.get("hidden_act", "quick_gelu")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={act!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+    width, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    if width % heads:
+        raise ValueError(f"hidden_size={width} is not a multiple of num_attention_heads={heads}")
+    return CLIPTextEncoder(vocab_size=int(cfg["vocab_size"]), width=width, layers=int(cfg["num_hidden_layers"]),
+                           heads=heads, intermediate=int(cfg["intermediate_size"]),
+                           max_positions=int(cfg.get("max_position_embeddings", 77)), activation=act,
+                           eps=float(cfg.get("layer_norm_eps", 1e-5)))
+
+
+def _flax_path(key: str) -> Tuple[Tuple[str, ...], str]:
+    """transformers' parameter name -> (flax module path, "kernel" | "bias" | "scale" | "embedding")."""
+    parts = key.split(".")
+    if parts[0] == "text_model":                                   # transformers 4.x layout
+        parts = parts[1:]
+    leaf = parts[-1]
+    if parts[0] == "embeddings":
+        return (parts[1],), "embedding"                            # token_embedding / position_embedding
+    if parts[0] == "final_layer_norm":
+        return ("final_layer_norm",), {"weight": "scale", "bias": "bias"}[leaf]
+    if parts[0] == "encoder" and parts[1] == "layers":
+        layer, sub = f"layers_{int(parts[2])}", parts[3:-1]
+        if sub[0] in ("layer_norm1", "layer_norm2"):
+            return (layer, sub[0]), {"weight": "scale", "bias": "bias"}[leaf]
+        if sub[0] == "self_attn":
+            return (layer, "self_attn", sub[1]), {"weight": "kernel", "bias": "bias"}[leaf]
+        if sub[0] == "mlp":
+            return (layer, sub[1]), {"weight": "kernel", "bias": "bias"}[leaf]
+    raise KeyError(key)
+
+
+def params_from_torch(state: Dict[str, np.ndarray], encoder: CLIPTextEncoder) -> Dict[str, Any]:
+    """Flax params of ``encoder`` from a transformers ``CLIPTextModel`` state dict (numpy arrays).
+
+    Linear weights (out, in) become kernels (in, out). Every parameter of the encoder must be present
+    with its shape; unexpected entries (e.g. ``position_ids`` buffers) are ignored.
+    """
+    tmpl = jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    flat_tmpl = {tuple(str(getattr(k, "key", k)) for k in path): v
+                 for path, v in jax.tree_util.tree_flatten_with_path(tmpl)[0]}
+    out: Dict[Tuple[str, ...], np.ndarray] = {}
+    for key, arr in state.items():
+        if key.endswith("position_ids"):
+            continue
+        try:
+            mod, leaf = _flax_path(key)
+        except (KeyError, IndexError):
+            raise ValueError(f"unexpected parameter {key!r} for a CLIP text encoder") from None
+        a = np.asarray(arr, np.float32)
+        if leaf == "kernel":
+            a = a.T
+        out[mod + (leaf,)] = a
+    missing = sorted(".".join(k) for k in flat_tmpl if k not in out)
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} parameters of the encoder, e.g. {missing[:3]}")
+    for k, v in flat_tmpl.items():
+        if out[k].shape != tuple(v.shape):
+            raise ValueError(f"parameter {'.'.join(k)} has shape {out[k].shape}, the config needs {tuple(v.shape)}")
+    params: Dict[str, Any] = {}
+    for k in flat_tmpl:
+        node = params
+        for p in k[:-1]:
+            node = node.setdefault(p, {})
+        node[k[-1]] = jnp.asarray(out[k])
+    return {"params": params}
+
+
+def load_clip_text(folder: str) -> Tuple[CLIPTextEncoder, Dict[str, Any]]:
+    """(encoder, params) from a transformers/diffusers ``text_encoder`` folder: ``config.json`` and
+    ``model.safetensors`` (float32 or float16 weights; loaded as float32)."""
+    from .convert_diffusers import _load_safetensors
+    cfg_path = os.path.join(folder, "config.json")
+    weights = os.path.join(folder, "model.safetensors")
+    for p in (cfg_path, weights):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{folder!r} is not a CLIP text-encoder folder: {os.path.basename(p)} is missing "
+                                    "(expected config.json and model.safetensors, as in a diffusers text_encoder/)")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    encoder = encoder_from_config(cfg)
+    return encoder, params_from_torch(_load_safetensors(weights), encoder)

@@ -1,0 +1,60 @@
+"""The Flax CLIP text encoder against transformers' PyTorch CLIPTextModel (tiny random configs, test-only torch)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import jax.numpy as jnp
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from dngjax.models.clip_text import load_clip_text  # noqa: E402
+
+
+def _tiny(tmp_path, act, name):
+    cfg = transformers.CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=16, hidden_act=act,
+                                      layer_norm_eps=1e-5)
+    torch.manual_seed(0)
+    model = transformers.CLIPTextModel(cfg).eval()
+    with torch.no_grad():                                    # non-trivial LayerNorm parameters too
+        for n, p in model.named_parameters():
+            if "layer_norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    path = str(tmp_path / name)
+    model.save_pretrained(path, safe_serialization=True)
+    return model, path
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])       # SD 1.x's CLIP ViT-L and SD 2.x's OpenCLIP ViT-H
+def test_clip_text_encoder_matches_transformers(tmp_path, act):
+    model, path = _tiny(tmp_path, act, act)
+    encoder, params = load_clip_text(path)
+    ids = np.random.default_rng(0).integers(0, 99, size=(3, 16))
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
+    got = np.asarray(encoder.apply(params, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    # causal: a token never sees later ones (changing the last token changes only the last position)
+    ids2 = ids.copy()
+    ids2[:, -1] = (ids2[:, -1] + 1) % 99
+    got2 = np.asarray(encoder.apply(params, jnp.asarray(ids2, jnp.int32)))
+    np.testing.assert_allclose(got2[:, :-1], got[:, :-1], rtol=1e-6, atol=1e-6)
+    assert np.abs(got2[:, -1] - got[:, -1]).max() > 1e-3
+
+
+def test_clip_text_loader_errors(tmp_path):
+    _, path = _tiny(tmp_path, "quick_gelu", "m")
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        load_clip_text(str(tmp_path))
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["hidden_size"] = 48
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(ValueError, match="has shape"):
+        load_clip_text(path)
+    cfg["hidden_size"], cfg["hidden_act"] = 32, "silu"
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(ValueError, match="hidden_act='silu' is not supported"):
+        load_clip_text(path)
