@@ -58,3 +58,28 @@ def test_clip_text_loader_errors(tmp_path):
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
     with pytest.raises(ValueError, match="hidden_act='silu' is not supported"):
         load_clip_text(path)
+
+
+def test_tokenizer_pads_truncates_and_brackets_prompts(tmp_path):
+    """A tiny BPE vocabulary in the diffusers tokenizer/ layout: bos ... eos, padded to max_length."""
+    from dngjax.models.clip_text import load_tokenizer
+    chars = list("abcdefghijklmnopqrstuvwxyz")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in chars:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    vocab["ca"] = len(vocab)
+    vocab["cat</w>"] = len(vocab)
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
+    encode = load_tokenizer(str(folder), max_length=8)
+    ids = encode(["a cat", "abcdefghij"])
+    assert ids.shape == (2, 8) and ids.dtype == np.int32
+    assert ids[0].tolist()[:4] == [0, vocab["a</w>"], vocab["cat</w>"], 1]          # merges applied
+    assert ids[1, 0] == 0 and ids[1, -1] == 1                                      # truncated, still closed
+    assert encode("a cat").shape == (1, 8)
+    with pytest.raises(FileNotFoundError, match="merges.txt is missing"):
+        (folder / "merges.txt").unlink()
+        load_tokenizer(str(folder))

@@ -177,3 +177,28 @@ def load_clip_text(folder: str) -> Tuple[CLIPTextEncoder, Dict[str, Any]]:
         cfg = json.load(f)
     encoder = encoder_from_config(cfg)
     return encoder, params_from_torch(_load_safetensors(weights), encoder)
+
+
+def load_tokenizer(folder: str, max_length: int = 77):
+    """``prompts -> input_ids (B, max_length) int32`` with the CLIP BPE tokenizer of a diffusers
+    ``tokenizer/`` folder (``vocab.json``, ``merges.txt`` and its ``tokenizer_config.json``: SD 2 pads with
+    "!", SD 1 with the end token), via transformers' ``CLIPTokenizer`` (the ``tokenizers`` library; no torch).
+    Prompts are padded to ``max_length`` and truncated, as the Stable Diffusion pipelines do.
+    """
+    for name in ("vocab.json", "merges.txt"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise FileNotFoundError(f"{folder!r} is not a CLIP tokenizer folder: {name} is missing")
+    try:
+        from transformers import CLIPTokenizer
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the CLIP tokenizer needs transformers (pip install transformers; torch is not needed)") from e
+    tok = CLIPTokenizer.from_pretrained(folder)
+
+    def encode(prompts) -> np.ndarray:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        out = tok(list(prompts), padding="max_length", max_length=max_length, truncation=True)
+        return np.asarray(out["input_ids"], np.int32)
+
+    encode.tokenizer = tok
+    return encode
