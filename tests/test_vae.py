@@ -1,0 +1,50 @@
+"""The Flax VAE decoder against diffusers' PyTorch AutoencoderKL (tiny random config, test-only torch)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import jax.numpy as jnp
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from dngjax.models.vae import load_vae_decoder  # noqa: E402
+
+
+def _tiny_vae(tmp_path):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16).eval()
+    with torch.no_grad():                              # non-trivial norms and biases (defaults are 1 and 0)
+        for n, p in vae.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    path = str(tmp_path / "vae")
+    vae.save_pretrained(path, safe_serialization=True)
+    return vae, path
+
+
+def test_vae_decoder_matches_diffusers(tmp_path):
+    vae, path = _tiny_vae(tmp_path)
+    decoder, params, cfg = load_vae_decoder(path)
+    assert cfg["scaling_factor"] == pytest.approx(vae.config.scaling_factor)
+    z = np.random.default_rng(0).standard_normal((2, 4, 6, 5)).astype(np.float32)      # NCHW latents
+    with torch.no_grad():
+        ref = vae.decode(torch.from_numpy(z)).sample.numpy().transpose(0, 2, 3, 1)     # -> NHWC
+    got = np.asarray(decoder.apply(params, jnp.asarray(z.transpose(0, 2, 3, 1))))
+    assert got.shape == (2, 12, 10, 3)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_vae_loader_errors(tmp_path):
+    _, path = _tiny_vae(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        load_vae_decoder(str(tmp_path))
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["block_out_channels"] = [8, 32]
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(ValueError, match="has shape"):
+        load_vae_decoder(path)
