@@ -10,7 +10,7 @@ import jax.numpy as jnp
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from dngjax.models.clip_text import load_clip_text  # noqa: E402
+from dngjax.models.clip import load_clip_text  # noqa: E402
 
 
 def _tiny(tmp_path, act, name):
@@ -62,7 +62,7 @@ def test_clip_text_loader_errors(tmp_path):
 
 def test_tokenizer_pads_truncates_and_brackets_prompts(tmp_path):
     """A tiny BPE vocabulary in the diffusers tokenizer/ layout: bos ... eos, padded to max_length."""
-    from dngjax.models.clip_text import load_tokenizer
+    from dngjax.models.clip import load_tokenizer
     chars = list("abcdefghijklmnopqrstuvwxyz")
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in chars:
@@ -83,3 +83,39 @@ def test_tokenizer_pads_truncates_and_brackets_prompts(tmp_path):
     with pytest.raises(FileNotFoundError, match="merges.txt is missing"):
         (folder / "merges.txt").unlink()
         load_tokenizer(str(folder))
+
+
+def test_clip_image_encoder_matches_transformers(tmp_path):
+    """The image tower with its projection (the Q metric's image embeddings), from a CLIPVisionModelWithProjection
+    folder and from a full CLIPModel folder (its text tower ignored)."""
+    from dngjax.models.clip import load_clip_image
+    vcfg = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,
+                patch_size=6, projection_dim=16, hidden_act="quick_gelu")
+    torch.manual_seed(0)
+    vis = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**vcfg)).eval()
+    with torch.no_grad():
+        for n, p in vis.named_parameters():
+            if "layer" in n and "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    vis.save_pretrained(str(tmp_path / "vis"), safe_serialization=True)
+    px = np.random.default_rng(1).standard_normal((2, 3, 30, 30)).astype(np.float32)
+    with torch.no_grad():
+        ref = vis(pixel_values=torch.from_numpy(px)).image_embeds.numpy()
+    encoder, params = load_clip_image(str(tmp_path / "vis"))
+    got = np.asarray(encoder.apply(params, jnp.asarray(px.transpose(0, 2, 3, 1))))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+    full_cfg = transformers.CLIPConfig(text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37,
+                                                        num_hidden_layers=1, num_attention_heads=4,
+                                                        max_position_embeddings=16),
+                                       vision_config=vcfg, projection_dim=16)
+    full = transformers.CLIPModel(full_cfg).eval()
+    full.save_pretrained(str(tmp_path / "full"), safe_serialization=True)
+    with torch.no_grad():
+        ref2 = full.get_image_features(pixel_values=torch.from_numpy(px))
+    ref2 = (ref2.pooler_output if hasattr(ref2, "pooler_output") else ref2).numpy()
+    encoder2, params2 = load_clip_image(str(tmp_path / "full"))
+    np.testing.assert_allclose(np.asarray(encoder2.apply(params2, jnp.asarray(px.transpose(0, 2, 3, 1)))), ref2,
+                               rtol=1e-4, atol=1e-5 * np.abs(ref2).max())
+    with pytest.raises(ValueError, match="images of 28x28"):
+        encoder.apply(params, jnp.zeros((1, 28, 28, 3)))

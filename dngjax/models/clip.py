@@ -1,4 +1,5 @@
-"""CLIP's text encoder in Flax (transformers' ``CLIPTextModel`` layout), loaded from a local folder.
+"""CLIP's text encoder and image encoder in Flax (transformers' ``CLIPTextModel`` /
+``CLIPVisionModelWithProjection`` layouts), loaded from local folders without torch.
 
 Stable Diffusion conditions its UNet on the last hidden state of a CLIP text transformer: SD 1.x on
 OpenAI's CLIP ViT-L/14 text tower (12 layers, width 768, ``quick_gelu``), SD 2.x on OpenCLIP ViT-H's
@@ -11,7 +12,10 @@ in the diffusers pipelines, no padding mask is applied (the causal mask alone).
     encoder, params = load_clip_text("sd/text_encoder")     # no torch needed
     hidden = encoder.apply(params, input_ids)                # (B, L) int -> (B, L, width)
 
-Parity with transformers' PyTorch model: ``tests/test_clip_text.py`` (tiny random configs).
+The image tower (:class:`CLIPImageEncoder`, :func:`load_clip_image`) gives the projected image
+embeddings of the paper's Q metric (eqs. 22-23).
+
+Parity with transformers' PyTorch models: ``tests/test_clip.py`` (tiny random configs).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ ACTIVATIONS = {
 class CLIPAttention(nn.Module):
     width: int
     heads: int
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):                                          # (B, L, D)
@@ -44,8 +49,8 @@ class CLIPAttention(nn.Module):
         k = split(nn.Dense(d, name="k_proj")(x))
         v = split(nn.Dense(d, name="v_proj")(x))
         logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
-        causal = jnp.tril(jnp.ones((n, n), bool))
-        logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
+        if self.causal:                                             # the text tower; the image tower sees all
+            logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, jnp.finfo(logits.dtype).min)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
         out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, n, d)
         return nn.Dense(d, name="out_proj")(out)
@@ -57,10 +62,11 @@ class CLIPEncoderLayer(nn.Module):
     intermediate: int
     activation: str
     eps: float
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
-        x = x + CLIPAttention(self.width, self.heads, name="self_attn")(nn.LayerNorm(self.eps, name="layer_norm1")(x))
+        x = x + CLIPAttention(self.width, self.heads, self.causal, name="self_attn")(nn.LayerNorm(self.eps, name="layer_norm1")(x))
         h = nn.LayerNorm(self.eps, name="layer_norm2")(x)
         h = nn.Dense(self.intermediate, name="fc1")(h)
         h = nn.Dense(self.width, name="fc2")(ACTIVATIONS[self.activation](h))
@@ -92,6 +98,55 @@ class CLIPTextEncoder(nn.Module):
         return nn.LayerNorm(self.eps, name="final_layer_norm")(x)
 
 
+class CLIPImageEncoder(nn.Module):
+    """The image tower with its projection. ``__call__(pixels (B, S, S, C), normalised as CLIP's processor
+    does) -> image embeddings (B, projection_dim)`` (not L2-normalised)."""
+
+    width: int
+    layers: int
+    heads: int
+    intermediate: int
+    image_size: int
+    patch_size: int
+    projection_dim: int
+    channels: int = 3
+    activation: str = "quick_gelu"
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, pixels):
+        b, hgt, wid, _ = pixels.shape
+        if (hgt, wid) != (self.image_size, self.image_size):
+            raise ValueError(f"images of {hgt}x{wid}; the model takes {self.image_size}x{self.image_size}")
+        p = self.patch_size
+        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", use_bias=False, name="patch_embedding")(pixels)
+        x = x.reshape(b, -1, self.width)
+        cls = self.param("class_embedding", nn.initializers.normal(1.0), (self.width,))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)), x], axis=1)
+        x = x + nn.Embed(x.shape[1], self.width, name="position_embedding")(jnp.arange(x.shape[1]))[None]
+        x = nn.LayerNorm(self.eps, name="pre_layrnorm")(x)
+        for i in range(self.layers):
+            x = CLIPEncoderLayer(self.width, self.heads, self.intermediate, self.activation, self.eps, causal=False,
+                                 name=f"layers_{i}")(x)
+        pooled = nn.LayerNorm(self.eps, name="post_layernorm")(x[:, 0])
+        return nn.Dense(self.projection_dim, use_bias=False, name="visual_projection")(pooled)
+
+
+def image_encoder_from_config(cfg: Dict[str, Any]) -> CLIPImageEncoder:
+    """A :class:`CLIPImageEncoder` from a ``CLIPVisionConfig`` dict, or a ``CLIPConfig`` dict (its
+    ``vision_config`` and ``projection_dim``)."""
+    vis = dict(cfg.get("vision_config") or cfg)
+    act = vis.get("hidden_act", "quick_gelu")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={act!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+    return CLIPImageEncoder(width=int(vis["hidden_size"]), layers=int(vis["num_hidden_layers"]),
+                            heads=int(vis["num_attention_heads"]), intermediate=int(vis["intermediate_size"]),
+                            image_size=int(vis["image_size"]), patch_size=int(vis["patch_size"]),
+                            projection_dim=int(cfg.get("projection_dim", vis.get("projection_dim", 512))),
+                            channels=int(vis.get("num_channels", 3)), activation=act,
+                            eps=float(vis.get("layer_norm_eps", 1e-5)))
+
+
 def encoder_from_config(cfg: Dict[str, Any]) -> CLIPTextEncoder:
     """A :class:`CLIPTextEncoder` from transformers' ``CLIPTextConfig`` dict (``config.json``)."""
     act = cfg.get("hidden_act", "quick_gelu")
@@ -107,15 +162,22 @@ def encoder_from_config(cfg: Dict[str, Any]) -> CLIPTextEncoder:
 
 
 def _flax_path(key: str) -> Tuple[Tuple[str, ...], str]:
-    """transformers' parameter name -> (flax module path, "kernel" | "bias" | "scale" | "embedding")."""
+    """transformers' parameter name -> (flax module path, "kernel" | "bias" | "scale" | "embedding"),
+    for the text tower (``text_model.``) and the image tower (``vision_model.``, ``visual_projection``)."""
     parts = key.split(".")
-    if parts[0] == "text_model":                                   # transformers 4.x layout
+    if parts[0] in ("text_model", "vision_model"):               # transformers 4.x layout / WithProjection
         parts = parts[1:]
     leaf = parts[-1]
     if parts[0] == "embeddings":
+        if parts[1] == "class_embedding":
+            return (), "class_embedding"
+        if parts[1] == "patch_embedding":
+            return ("patch_embedding",), "kernel"
         return (parts[1],), "embedding"                            # token_embedding / position_embedding
-    if parts[0] == "final_layer_norm":
-        return ("final_layer_norm",), {"weight": "scale", "bias": "bias"}[leaf]
+    if parts[0] in ("final_layer_norm", "pre_layrnorm", "post_layernorm"):
+        return (parts[0],), {"weight": "scale", "bias": "bias"}[leaf]
+    if parts[0] == "visual_projection":
+        return ("visual_projection",), "kernel"
     if parts[0] == "encoder" and parts[1] == "layers":
         layer, sub = f"layers_{int(parts[2])}", parts[3:-1]
         if sub[0] in ("layer_norm1", "layer_norm2"):
@@ -127,26 +189,30 @@ def _flax_path(key: str) -> Tuple[Tuple[str, ...], str]:
     raise KeyError(key)
 
 
-def params_from_torch(state: Dict[str, np.ndarray], encoder: CLIPTextEncoder) -> Dict[str, Any]:
-    """Flax params of ``encoder`` from a transformers ``CLIPTextModel`` state dict (numpy arrays).
+def params_from_torch(state: Dict[str, np.ndarray], encoder) -> Dict[str, Any]:
+    """Flax params of ``encoder`` (text or image) from a transformers CLIP state dict (numpy arrays).
 
     Linear weights (out, in) become kernels (in, out). Every parameter of the encoder must be present
     with its shape; unexpected entries (e.g. ``position_ids`` buffers) are ignored.
     """
-    tmpl = jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    dummy = (jnp.zeros((1, encoder.image_size, encoder.image_size, encoder.channels))
+             if isinstance(encoder, CLIPImageEncoder) else jnp.zeros((1, 1), jnp.int32))
+    tmpl = jax.eval_shape(encoder.init, jax.random.key(0), dummy)["params"]
     flat_tmpl = {tuple(str(getattr(k, "key", k)) for k in path): v
                  for path, v in jax.tree_util.tree_flatten_with_path(tmpl)[0]}
     out: Dict[Tuple[str, ...], np.ndarray] = {}
+    tower = "vision_model" if isinstance(encoder, CLIPImageEncoder) else "text_model"
+    other = {"text_model": ("vision_model", "visual_projection"), "vision_model": ("text_model", "text_projection")}
     for key, arr in state.items():
-        if key.endswith("position_ids"):
-            continue
+        if key.endswith("position_ids") or key.startswith(other[tower]) or key == "logit_scale":
+            continue                                               # buffers; a full CLIPModel's other tower
         try:
             mod, leaf = _flax_path(key)
         except (KeyError, IndexError):
-            raise ValueError(f"unexpected parameter {key!r} for a CLIP text encoder") from None
+            raise ValueError(f"unexpected parameter {key!r} for a CLIP {tower.split('_')[0]} encoder") from None
         a = np.asarray(arr, np.float32)
         if leaf == "kernel":
-            a = a.T
+            a = a.transpose(2, 3, 1, 0) if a.ndim == 4 else a.T   # conv (out, in, kh, kw) / linear (out, in)
         out[mod + (leaf,)] = a
     missing = sorted(".".join(k) for k in flat_tmpl if k not in out)
     if missing:
@@ -176,6 +242,20 @@ def load_clip_text(folder: str) -> Tuple[CLIPTextEncoder, Dict[str, Any]]:
     with open(cfg_path) as f:
         cfg = json.load(f)
     encoder = encoder_from_config(cfg)
+    return encoder, params_from_torch(_load_safetensors(weights), encoder)
+
+
+def load_clip_image(folder: str) -> Tuple[CLIPImageEncoder, Dict[str, Any]]:
+    """(image encoder, params) from a transformers ``CLIPModel`` or ``CLIPVisionModelWithProjection``
+    folder (``config.json``, ``model.safetensors``); the text tower of a full CLIPModel is ignored."""
+    from .convert_diffusers import _load_safetensors
+    cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    for p in (cfg_path, weights):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{folder!r} is not a CLIP model folder: {os.path.basename(p)} is missing")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    encoder = image_encoder_from_config(cfg)
     return encoder, params_from_torch(_load_safetensors(weights), encoder)
 
 
