@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import os
 import sys
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -72,9 +73,12 @@ def _parse(argv: Sequence[str], doc: str = ""):
     FLAGS = flags.FLAGS
     if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
         FLAGS.mark_as_parsed()
-        if doc:
-            print(doc.strip() + "\n")
-        print(FLAGS.get_help() if "--helpfull" in argv else FLAGS.main_module_help())
+        try:
+            if doc:
+                print(doc.strip() + "\n")
+            print(FLAGS.get_help() if "--helpfull" in argv else FLAGS.main_module_help(), flush=True)
+        except BrokenPipeError:          # `--help | head`: the reader left; no traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     try:
         return FLAGS(list(argv))

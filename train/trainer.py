@@ -165,7 +165,7 @@ def make_train_step(module, opt, config, alpha_bars):
         d = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
         ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state["ema_params"], params)
         new = dict(state, step=step, params=params, ema_params=ema, opt_state=opt_state)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads))), **aux}
         return new, metrics
 
     return train_step
