@@ -90,7 +90,8 @@ def print_table(title: str, rows: Sequence[Dict], columns: Sequence[Tuple[str, s
         cells = []
         for k, _, f in columns:
             v = r.get(k, "")
-            cells.append(format(v, f) if isinstance(v, (int, float, np.floating)) and f else str(v))
+            cells.append(format(v, f) if isinstance(v, (int, float, np.floating)) and f
+                         else str(v).replace("|", "\\|"))              # a "|" in a label would split the cell
         lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines)
     print(out, flush=True)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 
+from dngjax import NoGuidance
+
 from .common import Timer, chain, lab_1d, prepare_out, print_table, sample_chunked, save_png, summarize_1d
 
 STEPS = (1000, 250, 100, 50)
@@ -40,7 +42,7 @@ def run(args):
         sched = chain(steps)
         lab = lab_1d(sched)
         for eta in ETAS:
-            rules = {"none": lab.approximate_dng(0.0), "dng_exact": lab.exact_dng(1.0)}
+            rules = {"none": NoGuidance(), "dng_exact": lab.exact_dng(1.0)}
             if eta > 0:
                 rules["dng_step"] = lab.approximate_dng(1.0, p_max=args.p_max, variance="step")
                 rules["dng_floor"] = lab.approximate_dng(1.0, p_max=args.p_max, variance="posterior")
