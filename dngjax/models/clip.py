@@ -20,7 +20,6 @@ Parity with transformers' PyTorch models: ``tests/test_clip.py`` (tiny random co
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Tuple
 
@@ -28,6 +27,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+
+from .torch_weights import assemble, read_folder, template
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -197,9 +198,7 @@ def params_from_torch(state: Dict[str, np.ndarray], encoder) -> Dict[str, Any]:
     """
     dummy = (jnp.zeros((1, encoder.image_size, encoder.image_size, encoder.channels))
              if isinstance(encoder, CLIPImageEncoder) else jnp.zeros((1, 1), jnp.int32))
-    tmpl = jax.eval_shape(encoder.init, jax.random.key(0), dummy)["params"]
-    flat_tmpl = {tuple(str(getattr(k, "key", k)) for k in path): v
-                 for path, v in jax.tree_util.tree_flatten_with_path(tmpl)[0]}
+    tmpl = template(encoder, dummy)
     out: Dict[Tuple[str, ...], np.ndarray] = {}
     tower = "vision_model" if isinstance(encoder, CLIPImageEncoder) else "text_model"
     other = {"text_model": ("vision_model", "visual_projection"), "vision_model": ("text_model", "text_projection")}
@@ -214,49 +213,24 @@ def params_from_torch(state: Dict[str, np.ndarray], encoder) -> Dict[str, Any]:
         if leaf == "kernel":
             a = a.transpose(2, 3, 1, 0) if a.ndim == 4 else a.T   # conv (out, in, kh, kw) / linear (out, in)
         out[mod + (leaf,)] = a
-    missing = sorted(".".join(k) for k in flat_tmpl if k not in out)
-    if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} parameters of the encoder, e.g. {missing[:3]}")
-    for k, v in flat_tmpl.items():
-        if out[k].shape != tuple(v.shape):
-            raise ValueError(f"parameter {'.'.join(k)} has shape {out[k].shape}, the config needs {tuple(v.shape)}")
-    params: Dict[str, Any] = {}
-    for k in flat_tmpl:
-        node = params
-        for p in k[:-1]:
-            node = node.setdefault(p, {})
-        node[k[-1]] = jnp.asarray(out[k])
-    return {"params": params}
+    return assemble(out, tmpl, "encoder")
 
 
 def load_clip_text(folder: str) -> Tuple[CLIPTextEncoder, Dict[str, Any]]:
     """(encoder, params) from a transformers/diffusers ``text_encoder`` folder: ``config.json`` and
     ``model.safetensors`` (float32 or float16 weights; loaded as float32)."""
-    from .convert_diffusers import _load_safetensors
-    cfg_path = os.path.join(folder, "config.json")
-    weights = os.path.join(folder, "model.safetensors")
-    for p in (cfg_path, weights):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"{folder!r} is not a CLIP text-encoder folder: {os.path.basename(p)} is missing "
-                                    "(expected config.json and model.safetensors, as in a diffusers text_encoder/)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg, state = read_folder(folder, "model.safetensors", "a CLIP text-encoder folder (config.json and "
+                             "model.safetensors, as in a diffusers text_encoder/)")
     encoder = encoder_from_config(cfg)
-    return encoder, params_from_torch(_load_safetensors(weights), encoder)
+    return encoder, params_from_torch(state, encoder)
 
 
 def load_clip_image(folder: str) -> Tuple[CLIPImageEncoder, Dict[str, Any]]:
     """(image encoder, params) from a transformers ``CLIPModel`` or ``CLIPVisionModelWithProjection``
     folder (``config.json``, ``model.safetensors``); the text tower of a full CLIPModel is ignored."""
-    from .convert_diffusers import _load_safetensors
-    cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
-    for p in (cfg_path, weights):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"{folder!r} is not a CLIP model folder: {os.path.basename(p)} is missing")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg, state = read_folder(folder, "model.safetensors", "a CLIP model folder")
     encoder = image_encoder_from_config(cfg)
-    return encoder, params_from_torch(_load_safetensors(weights), encoder)
+    return encoder, params_from_torch(state, encoder)
 
 
 def load_tokenizer(folder: str, max_length: int = 77):

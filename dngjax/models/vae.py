@@ -15,15 +15,14 @@ Parity with diffusers' PyTorch decoder: ``tests/test_vae.py`` (tiny random confi
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from typing import Any, Dict, Tuple
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
+
+from .torch_weights import assemble, read_folder, template
 
 from .unet import AttnBlock, Conv1x1, GroupNorm, upsample_nearest_2x
 
@@ -128,10 +127,7 @@ def _convert(w: np.ndarray, leaf: str, kind: str) -> np.ndarray:
 def params_from_torch(state: Dict[str, np.ndarray], decoder: VAEDecoder) -> Dict[str, Any]:
     """Flax params of ``decoder`` from an ``AutoencoderKL`` state dict (numpy); encoder and quant_conv
     entries are ignored; every decoder parameter must be present with its shape."""
-    tmpl = jax.eval_shape(decoder.init, jax.random.key(0),
-                          jnp.zeros((1, 8, 8, decoder.latent_channels)))["params"]
-    flat_tmpl = {tuple(str(getattr(k, "key", k)) for k in path): v
-                 for path, v in jax.tree_util.tree_flatten_with_path(tmpl)[0]}
+    tmpl = template(decoder, jnp.zeros((1, 8, 8, decoder.latent_channels)))
     out: Dict[Tuple[str, ...], np.ndarray] = {}
     for key, w in state.items():
         if not (key.startswith("decoder.") or key.startswith("post_quant_conv.")):
@@ -148,31 +144,13 @@ def params_from_torch(state: Dict[str, np.ndarray], decoder: VAEDecoder) -> Dict
         if mod[-1] in ("conv_shortcut", "post_quant_conv") and a.ndim == 2:
             a = a[None, None]
         out[mod + (name,)] = a
-    missing = sorted(".".join(k) for k in flat_tmpl if k not in out)
-    if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} decoder parameters, e.g. {missing[:3]}")
-    params: Dict[str, Any] = {}
-    for k, v in flat_tmpl.items():
-        if out[k].shape != tuple(v.shape):
-            raise ValueError(f"parameter {'.'.join(k)} has shape {out[k].shape}, the config needs {tuple(v.shape)}")
-        node = params
-        for p in k[:-1]:
-            node = node.setdefault(p, {})
-        node[k[-1]] = jnp.asarray(out[k])
-    return {"params": params}
+    return assemble(out, tmpl, "decoder")
 
 
 def load_vae_decoder(folder: str) -> Tuple[VAEDecoder, Dict[str, Any], Dict[str, Any]]:
     """(decoder, params, config) from a diffusers ``vae/`` folder (``config.json`` and
     ``diffusion_pytorch_model.safetensors``); config["scaling_factor"] is SD's latent scale (0.18215)."""
-    from .convert_diffusers import _load_safetensors
-    cfg_path = os.path.join(folder, "config.json")
-    weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
-    for p in (cfg_path, weights):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"{folder!r} is not a diffusers VAE folder: {os.path.basename(p)} is missing")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg, state = read_folder(folder, "diffusion_pytorch_model.safetensors", "a diffusers VAE folder")
     decoder = decoder_from_config(cfg)
     cfg.setdefault("scaling_factor", 0.18215)
-    return decoder, params_from_torch(_load_safetensors(weights), decoder), cfg
+    return decoder, params_from_torch(state, decoder), cfg
