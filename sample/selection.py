@@ -88,7 +88,8 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float) -> 
         per_class[c] = rows
         seeds.add((rows[0]["seed"], rows[0]["n"]))
     result = choose(per_class, high_safety)
-    out = out or os.path.dirname(os.path.commonpath([os.path.abspath(r) for r in runs]) + os.sep)
+    common = os.path.commonpath([os.path.abspath(r) for r in runs])
+    out = out or (os.path.dirname(common) if len(runs) == 1 else common)      # next to the run folders
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "selection.json"), "w") as f:
         json.dump(dict(result, runs=[os.path.abspath(r) for r in runs], seeds=sorted(map(str, seeds))), f, indent=1)

@@ -36,6 +36,7 @@ from dngjax.gmm import (ExactForgetPosterior, ForgetSplit, GaussianMixture, alph
 from compile_count import count_compiles
 
 N_FAST, STEPS_FAST = 20_000, 250
+N_2D = 8_000                                           # the 2-D extension checks (several concepts, positive mode)
 N_SLOW, STEPS_SLOW = 100_000, 1000
 W1_BOUND_FAST = 0.10
 W1_BOUND_SLOW = 0.05
@@ -350,13 +351,13 @@ def test_multi_concept_dng_exact_removes_both_concepts_and_equals_cfg_toward_the
     from dngjax.gmm import ConceptSplit, toy_2d_two_concepts
     mixture, concepts = toy_2d_two_concepts()
     lab = ConceptSplit(mixture, concepts, _chain(STEPS_FAST))
-    keys = dj.keys_from_seeds(np.arange(N_FAST))
+    keys = dj.keys_from_seeds(np.arange(N_2D))
     run = lambda rule, dc: np.asarray(dj.sample(lab.denoiser_full, lab.schedule, keys, (2,), rule=rule,
-                                                denoiser_c=dc, chunk_size=N_FAST))
+                                                denoiser_c=dc, chunk_size=N_2D))
     x = run(lab.exact_dng(1.0), lab.denoisers_concepts)
     target = lab.union.remember_mixture
     assert lab.union.in_forget(x).mean() < 0.005
-    ref = np.asarray(target.sample(jax.random.key(7), N_FAST))       # the sampling error of N exact draws
+    ref = np.asarray(target.sample(jax.random.key(7), N_2D))       # the sampling error of N exact draws
     for d in ([1, 0], [0, 1], [1, 1]):
         floor = _marginal_w1(ref, target, d)
         assert _marginal_w1(x, target, d) < 3 * floor + 0.02, (d, floor)
@@ -367,7 +368,7 @@ def test_multi_concept_dng_exact_removes_both_concepts_and_equals_cfg_toward_the
     none = run(dj.NoGuidance(), None)
     assert abs(lab.union.in_forget(none).mean() - 0.5) < 0.02
     tracked, tr = dj.sample(lab.denoiser_full, lab.schedule, keys, (2,), rule=lab.approximate_dng(1.0),
-                            denoiser_c=lab.denoisers_concepts, chunk_size=N_FAST, return_trace=True)
+                            denoiser_c=lab.denoisers_concepts, chunk_size=N_2D, return_trace=True)
     forb = lab.union.in_forget(np.asarray(tracked))
     assert forb.mean() < 0.06, forb.mean()
     for c in lab.concepts:                                   # each concept removed, not only their sum
@@ -389,17 +390,17 @@ def test_positive_mode_exact_dng_samples_the_prompt_without_the_negative():
     sched = _chain(STEPS_FAST)
     pos = ForgetSplit(mixture.subset([0, 2]), [1], sched)     # within c+: forget mode 2 (= c+ and c-)
     null = mixture_denoiser(mixture, sched)
-    keys = dj.keys_from_seeds(np.arange(N_FAST))
-    run = lambda rule, dc: np.asarray(dj.sample(null, sched, keys, (2,), rule=rule, denoiser_c=dc, chunk_size=N_FAST))
+    keys = dj.keys_from_seeds(np.arange(N_2D))
+    run = lambda rule, dc: np.asarray(dj.sample(null, sched, keys, (2,), rule=rule, denoiser_c=dc, chunk_size=N_2D))
     comp = lambda x: np.bincount(np.asarray(mixture.classify(jnp.asarray(x))), minlength=4) / len(x)
     rule = dj.PositiveExactDynamicNegativeGuidance(1.0, posterior_fn=pos.posterior_fn, log_space=True)
     x = run(rule, (pos.denoiser_full, pos.denoiser_forget))
     assert comp(x)[0] > 0.995, comp(x)
     target = pos.remember_mixture
-    ref = np.asarray(target.sample(jax.random.key(7), N_FAST))
+    ref = np.asarray(target.sample(jax.random.key(7), N_2D))
     for d in ([1, 0], [0, 1]):
         assert _marginal_w1(x, target, d) < 3 * _marginal_w1(ref, target, d) + 0.02
-    direct = np.asarray(dj.sample(pos.denoiser_remember, sched, keys, (2,), chunk_size=N_FAST))
+    direct = np.asarray(dj.sample(pos.denoiser_remember, sched, keys, (2,), chunk_size=N_2D))
     dist = np.abs(x - direct).max(-1)
     assert np.quantile(dist, 0.999) < 1e-3 and dist.max() < 0.1
     tracked = dj.PositiveDynamicNegativeGuidance(1.0, prior=0.5, temperature=1.0, variance="beta")
