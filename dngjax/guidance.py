@@ -393,21 +393,26 @@ def _log_likelihood_ratio(rule, x_t, x_next, eps_u, eps_c, step) -> Array:
     return jnp.where(jnp.isnan(increment), 0.0, increment)
 
 
+def _cap_total(log_p: Array, log_p_max) -> Tuple[Array, Array]:
+    """(log p_k scaled down together so that P = sum_k p_k <= p_max, log P after the cap); log_p (B, K)."""
+    lse = jax.scipy.special.logsumexp(log_p, axis=-1)                  # log P
+    return log_p - jnp.maximum(lse - log_p_max, 0.0)[:, None], jnp.minimum(lse, log_p_max)
+
+
 def _guide_concepts(scale, log_p: Array, log_p_max, eps_u: Array, eps_c: Tuple[Array, ...]):
     """eps_u - sum_k lambda_k (eps_k - eps_u), lambda_k = scale p_k / (1 - P), P = sum_k p_k <= p_max.
 
-    log_p: (B, K). Returns (eps, sum_k lambda_k (B,)).
+    log_p: (B, K). Returns (eps, sum_k lambda_k (B,), log P after the cap (B,)).
     """
-    lse = jax.scipy.special.logsumexp(log_p, axis=-1)                  # log P
-    log_p = log_p - jnp.maximum(lse - log_p_max, 0.0)[:, None]           # P capped at p_max
-    log_total = jnp.minimum(jax.scipy.special.logsumexp(log_p, axis=-1), -1e-12)
+    log_p, log_total = _cap_total(log_p, log_p_max)
+    log_total = jnp.minimum(log_total, -1e-12)
     scale = jnp.asarray(scale)
     scale = scale[:, None] if scale.ndim else scale                      # () or (B,) -> against (B, K)
     lam = scale * jnp.exp(log_p - jnp.log(-jnp.expm1(log_total))[:, None])
     eps = eps_u
     for k, e in enumerate(eps_c):
         eps = eps - _per_sample(lam[:, k], eps_u) * (e - eps_u)
-    return eps, lam.sum(-1)
+    return eps, lam.sum(-1), log_total
 
 
 def _check_concepts(k) -> None:
@@ -448,14 +453,13 @@ class MultiConceptDynamicNegativeGuidance(DynamicNegativeGuidance):
         return jnp.broadcast_to(jnp.log(self.prior), (x.shape[0], self.num_concepts)).astype(jnp.float32)
 
     def guide(self, log_p, x_t, eps_u, eps_c, step):
-        eps, lam = _guide_concepts(self.scale, log_p, jnp.log(self.p_max), eps_u, eps_c)
+        eps, lam, _ = _guide_concepts(self.scale, log_p, jnp.log(self.p_max), eps_u, eps_c)
         return eps, lam.astype(jnp.float32), log_p
 
     def update(self, log_p, x_t, x_next, eps_u, eps_c, step):
         inc = jnp.stack([_log_likelihood_ratio(self, x_t, x_next, eps_u, e, step) for e in eps_c], axis=-1)
         log_p = jnp.clip(log_p + inc, jnp.log(self.p_min), jnp.log(self.p_max))
-        lse = jax.scipy.special.logsumexp(log_p, axis=-1)
-        return log_p - jnp.maximum(lse - jnp.log(self.p_max), 0.0)[:, None]
+        return _cap_total(log_p, jnp.log(self.p_max))[0]
 
     def posterior(self, log_p, batch):
         return jnp.exp(jax.scipy.special.logsumexp(log_p, axis=-1))
@@ -493,9 +497,8 @@ class ExactMultiConceptDynamicNegativeGuidance(GuidanceRule):
 
     def guide(self, state, x_t, eps_u, eps_c, step):
         log_p = self.posterior_fn(x_t, jnp.broadcast_to(step.t, (x_t.shape[0],))).astype(jnp.float32)
-        eps, lam = _guide_concepts(self.scale, log_p, jnp.log(self.p_max), eps_u, eps_c)
-        total = jnp.minimum(jnp.exp(jax.scipy.special.logsumexp(log_p, axis=-1)), self.p_max)
-        return eps, lam.astype(jnp.float32), total
+        eps, lam, log_total = _guide_concepts(self.scale, log_p, jnp.log(self.p_max), eps_u, eps_c)
+        return eps, lam.astype(jnp.float32), jnp.exp(log_total)
 
     def posterior(self, state, batch):
         return state
