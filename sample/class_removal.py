@@ -397,10 +397,78 @@ def _config_json(config) -> Dict[str, Any]:
     return d
 
 
+# config fields that choose which grid points a run has, not how any one point is sampled or scored
+_GRID_FIELDS = ("methods", "grid", "baseline", "grid_images", "outdir")
+
+
+def _sampling_identity(config) -> Dict[str, Any]:
+    """What a finished grid point depends on: the config without the choice of points. Two runs with the
+    same identity share every point they have in common (same method and scale)."""
+    d = _config_json(config)
+    for k in _GRID_FIELDS:
+        d.pop(k, None)
+    return d
+
+
+def _same_identity(folder: str, config) -> bool:
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            other = json.load(f)
+    except (OSError, ValueError):
+        return False
+    for k in _GRID_FIELDS + ("progress",):
+        other.pop(k, None)
+    return other == _sampling_identity(config)
+
+
+def _point_file(method: str, scale: float) -> str:
+    name = "none" if method == "none" else method_key(method)
+    return f"{name}_s{scale:g}.npz"
+
+
+def _reusable_points(job: "Job", work: str, outdir: str) -> Dict[str, Any]:
+    """Finished grid points for this config, by their key in it (``NP_0``, ...), from an interrupted run
+    (``work``) or a finished one (``outdir``) with the same sampling identity, whatever their grids were.
+
+    A finished run's point files are copied into ``work`` (kept even where this config's grid no longer
+    has them, so that a later, larger grid reuses them too); an interrupted run of another identity is
+    discarded. Points are matched by method and scale, never by position in the grid."""
+    config = job.config
+    if os.path.isdir(work) and not _same_identity(work, config):
+        print(f"discarding {work}: an unfinished run of another config", flush=True)
+        shutil.rmtree(work)
+    os.makedirs(os.path.join(work, "points"), exist_ok=True)
+    if os.path.isdir(os.path.join(outdir, "points")) and _same_identity(outdir, config):
+        for name in os.listdir(os.path.join(outdir, "points")):
+            dst = os.path.join(work, "points", name)
+            if name.endswith(".npz") and not name.endswith(".tmp.npz") and not os.path.exists(dst):
+                shutil.copy2(os.path.join(outdir, "points", name), dst)
+    wanted = {("none", 0.0): "none_0"} if config.baseline else {}
+    for m, _, _, scales in job.methods:
+        for k, s in enumerate(scales):
+            wanted[(method_key(m), round(float(s), 12))] = f"{method_key(m)}_{k}"
+    done: Dict[str, Any] = {}
+    found = 0
+    for name in sorted(os.listdir(os.path.join(work, "points"))):
+        if not name.endswith(".npz") or name.endswith(".tmp.npz"):
+            continue
+        row, preview, trace_part, samples = _load_point(os.path.join(work, "points", name))
+        found += 1
+        method = "none" if row["method"] == "none" else method_key(row["method"])
+        key = wanted.get((method, round(float(row["scale"]), 12)))
+        if key is not None:
+            row["key"] = key
+            done[key] = (row, preview, trace_part, samples)
+    if found:
+        print(f"reusing {len(done)} finished grid point(s) of {len(wanted)} "
+              f"({found} on disk for this config's chain, seeds and models)", flush=True)
+    return done
+
+
 def _save_point(work: str, row: Dict[str, Any], preview: np.ndarray, trace_part: Dict[str, Any],
                 samples: Optional[np.ndarray]) -> None:
     """One finished grid point, so that an interrupted run never recomputes it."""
-    path = os.path.join(work, "points", f"{row['key']}.npz")
+    path = os.path.join(work, "points", _point_file(row["method"], row["scale"]))
     arrays = {f"trace_{k}": np.asarray(v) for k, v in trace_part.items() if v is not None}
     if samples is not None:
         arrays["samples"] = samples
@@ -453,8 +521,11 @@ def estimate_cost(job: Job, done=frozenset()) -> Dict[str, float]:
 def execute(job: Job) -> str:
     """Sample every grid point not sampled yet, score it, write the files; returns the output folder.
 
-    Finished points are kept in ``<outdir>.partial/points``: rerunning the same config into the same
-    folder after an interruption skips them (another config starts that folder afresh).
+    Finished points are kept in ``<outdir>.partial/points`` (and ``<outdir>/points`` once complete):
+    rerunning into the same folder after an interruption, or with more methods or scales after it
+    finished, samples only the points it does not have yet. A point is reused when its method and scale
+    are in the new grid and the rest of the config (chain, seeds, models, hyperparameters, scoring) is
+    unchanged; another config starts the folder afresh.
     """
     import jax
     from tqdm.auto import tqdm
@@ -465,24 +536,8 @@ def execute(job: Job) -> str:
     t_start = time.time()
     outdir = job.outdir
     work = outdir.rstrip("/") + ".partial"
-    done: Dict[str, Any] = {}
-    if os.path.isdir(work):
-        try:
-            with open(os.path.join(work, "config.json")) as f:
-                same = json.load(f) == _config_json(config)
-        except (OSError, ValueError):
-            same = False
-        if same:
-            for name in sorted(os.listdir(os.path.join(work, "points"))):
-                if name.endswith(".npz") and not name.endswith(".tmp.npz"):
-                    row, preview, trace_part, samples = _load_point(os.path.join(work, "points", name))
-                    done[row["key"]] = (row, preview, trace_part, samples)
-            print(f"resuming {work}: {len(done)} grid point(s) already finished", flush=True)
-        else:
-            print(f"discarding {work}: an unfinished run of another config", flush=True)
-            shutil.rmtree(work)
+    done = _reusable_points(job, work, outdir)
     os.makedirs(os.path.join(work, "samples"), exist_ok=True)
-    os.makedirs(os.path.join(work, "points"), exist_ok=True)
     print(f"output folder: {os.path.abspath(outdir)} (written to {os.path.basename(work)} until complete)",
           flush=True)
     with open(os.path.join(work, "config.json"), "w") as f:

@@ -14,7 +14,8 @@
 # Environment: CLASSES (default "0 1 2 3"), CONFIG (default sample/configs/mnist.py:full),
 # SETUPS (default "forget": the unconditional + forget-class models; "cond": one class-conditional
 # model, eps(x | null) and eps(x | c-)), OUT (default outputs/protocol/<UTC time>; give a fixed OUT
-# to resume: finished grid points are never recomputed), PYTHON (default python).
+# to resume: finished grid points are never recomputed, also when a rerun adds methods or scales),
+# PYTHON (default python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLASSES=${CLASSES:-"0 1 2 3"}
@@ -33,7 +34,6 @@ for setup in $SETUPS; do
   esac
   mkdir -p "$dir"
   for c in $CLASSES; do
-    if [ -f "$dir/class_$c/results.json" ]; then echo "== $setup class $c: done"; continue; fi
     start=$(date +%s)
     "$PYTHON" sample/main.py --config="$CONFIG" --config.removed_class="$c" \
         --config.outdir="$dir/class_$c" "${extra[@]}" "$@" 2>&1 | tee -a "$dir/class_$c.log"

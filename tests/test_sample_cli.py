@@ -398,7 +398,7 @@ def test_interrupted_run_resumes_without_recomputing_finished_points(tiny_checkp
     monkeypatch.setattr(dj, "sweep", interrupted)
     with pytest.raises(KeyboardInterrupt):
         class_removal.execute(class_removal.prepare(config(out)))
-    assert sorted(os.listdir(str(out) + ".partial/points")) == ["NP_0.npz", "NP_1.npz", "none_0.npz"]
+    assert sorted(os.listdir(str(out) + ".partial/points")) == ["NP_s0.5.npz", "NP_s2.npz", "none_s0.npz"]
     assert not out.exists()
 
     calls.clear()
@@ -419,3 +419,56 @@ def test_interrupted_run_resumes_without_recomputing_finished_points(tiny_checkp
     assert sorted(la.files) == sorted(lb.files)
     for k in la.files:
         np.testing.assert_allclose(la[k], lb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_finished_run_grows_by_new_methods_and_scales_only(tiny_checkpoints, tmp_path, monkeypatch):
+    """A finished run rerun into its folder with another grid samples only the (method, scale) points it
+    lacks, whatever their position in the grid; a changed chain starts afresh."""
+    import dngjax as dj
+    from sample import class_removal
+    from sample.configs import mnist
+
+    def config(out, methods, grid, **extra):
+        c = mnist.get_config("tiny")
+        c.checkpoints = str(tiny_checkpoints)
+        c.removed_class = 1
+        c.bootstrap = 0
+        c.methods = methods
+        for m, scales in grid.items():
+            c.grid[m] = scales
+        c.outdir = str(out)
+        for k, v in extra.items():
+            setattr(c, k, v)
+        return c
+
+    real, calls = dj.sweep, []
+    monkeypatch.setattr(dj, "sweep", lambda *a, **k: (calls.append(
+        (k["rule"].__class__.__name__, list(k["grid"]["scale"]))), real(*a, **k))[1])
+    out = tmp_path / "run"
+    class_removal.run(config(out, ("NP",), {"NP": (0.5, 2.0)}))
+    first = {r["scale"]: r for r in json.loads((out / "results.json").read_text())}
+    calls.clear()
+    class_removal.run(config(out, ("NP", "DNG"), {"NP": (2.0, 1.0, 0.5), "DNG": (5.0,)}))
+    assert calls == [("NegativePrompting", [1.0]), ("DynamicNegativeGuidance", [5.0])]
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["scale"]) for r in rows] == [("none", 0.0), ("NP", 2.0), ("NP", 1.0), ("NP", 0.5),
+                                                         ("DNG", 5.0)]
+    for r in rows:
+        if r["method"] == "NP" and r["scale"] in first:
+            assert r["histogram"] == first[r["scale"]]["histogram"]
+    labels = np.load(out / "labels.npz")
+    assert labels["NP_0"].shape == (8,)                       # keys follow the new grid's order
+    calls.clear()
+    class_removal.run(config(out, ("NP",), {"NP": (0.5,)}, steps=4))
+    assert calls == [("NegativePrompting", [0.5])]            # another chain: nothing reused
+
+
+
+def test_selection_seeds_and_chain_match_the_protocol():
+    """DNG's settings are chosen on the chain the protocol reports on, with seeds it never uses."""
+    from sample.configs import mnist
+    p, s = mnist.get_config("protocol"), mnist.get_config("select")
+    for k in ("steps", "T", "noise", "checkpoints", "classifier", "features", "high_safety"):
+        assert s[k] == p[k], k
+    assert dict(s.dng) == dict(p.dng)
+    assert s.seed >= p.seed + 10240                          # disjoint from any report's seeds (up to n = 10,240)

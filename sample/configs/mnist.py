@@ -78,11 +78,12 @@ def get_config(name: str = "quick"):
         # one run per removed class, then `--job=select --runs=outputs/select`.
         c.n = 256
         c.seed = 1_000_000
-        c.steps = 100
+        c.steps = 100                 # the protocol's chain, noise and DNG variance
         c.chunk_size = 128
+        c.noise = "posterior"
+        c.dng.variance = "posterior"
         c.baseline = False
         c.bootstrap = 0
-        c.dng.variance = "beta"
         c.methods = tuple(f"DNG[prior={p},temperature={t}]" for p in (0.1, 0.25, 0.5) for t in (0.1, 0.25, 0.5))
         c.grid.DNG = (2.0, 5.0, 10.0)
         c.outdir = "outputs/select/class_{c}"
