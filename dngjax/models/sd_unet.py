@@ -1,0 +1,363 @@
+"""Stable Diffusion's UNet (diffusers' ``UNet2DConditionModel`` of SD 1.x and 2.x) in Flax.
+
+``unet.apply(params, latents, t, context)``: latents (B, h, w, C_in) NHWC, t (B,) timesteps of the
+1000-step training chain (int or float), context (B, L, D) the text encoder's last hidden states ->
+the network's output (B, h, w, C_out): eps for SD 1.x and SD 2 base, v for SD 2 768-v (the folder's
+scheduler config says which).
+
+Structure (diffusers' names, which are also the Flax module names with ``.i`` written ``_i``):
+
+* ``time_proj``: sinusoidal embedding of t (cos first: ``flip_sin_to_cos``), ``time_embedding``: two
+  Dense layers (SiLU between) to 4 x the first level's channels;
+* ``conv_in`` (3x3), then per level a down block of ``layers_per_block`` ResNets (``ResnetBlock2D``:
+  GroupNorm, SiLU, conv, + Dense(SiLU(temb)), GroupNorm, SiLU, conv, 1x1 shortcut when the channels
+  change), each followed by a spatial transformer in ``CrossAttnDownBlock2D`` levels, and a stride-2
+  3x3 conv except at the last level;
+* ``mid_block``: ResNet, transformer, ResNet;
+* per level an up block of ``layers_per_block + 1`` ResNets over the concatenation [h, skip], each
+  followed by a transformer in ``CrossAttnUpBlock2D`` levels, and nearest 2x upsampling + 3x3 conv
+  except at the last;
+* GroupNorm, SiLU, ``conv_out``.
+
+The spatial transformer (``Transformer2DModel``): GroupNorm (eps 1e-6), ``proj_in`` (1x1 conv in SD 1.x,
+Dense in SD 2.x: ``use_linear_projection``), ``transformer_layers`` blocks of [LayerNorm + self-attention,
+LayerNorm + cross-attention to the context, LayerNorm + GEGLU feed-forward (4x)], each residual,
+``proj_out``, plus the input. Heads per level: the config's ``num_attention_heads``, or, in the SD
+configs, ``attention_head_dim`` (which diffusers reads as the number of heads); head size = channels /
+heads. Attention logits and softmax in float32 whatever the compute dtype (SD 2.1's
+``upcast_attention``).
+
+``load_sd_unet(folder)`` reads a diffusers ``unet/`` folder (config.json and safetensors) without torch.
+Parity with diffusers' PyTorch UNet: ``tests/test_sd_unet.py`` (tiny random SD 1.x- and 2.x-style
+configs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from .torch_weights import assemble_torch, read_folder, template
+from .unet import GroupNorm, upsample_nearest_2x
+
+Array = jnp.ndarray
+_PAD = ((1, 1), (1, 1))
+DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def timestep_embedding(t: Array, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0) -> Array:
+    """diffusers' ``get_timestep_embedding``: (B,) -> (B, dim), frequencies exp(-log(1e4) i / (dim/2 - shift))."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+    arg = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+    sin, cos = jnp.sin(arg), jnp.cos(arg)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+class TimestepEmbedding(nn.Module):
+    dim: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, e: Array) -> Array:
+        e = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(e)
+        return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.swish(e))
+
+
+class ResnetBlock(nn.Module):
+    """``ResnetBlock2D`` with the time embedding added between the two convolutions."""
+
+    out_ch: int
+    groups: int = 32
+    eps: float = 1e-5
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Array) -> Array:
+        h = nn.swish(GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x))
+        h = nn.Conv(self.out_ch, (3, 3), padding=_PAD, dtype=self.dtype, name="conv1")(h)
+        h = h + nn.Dense(self.out_ch, dtype=self.dtype, name="time_emb_proj")(nn.swish(temb))[:, None, None, :]
+        h = nn.swish(GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm2")(h))
+        h = nn.Conv(self.out_ch, (3, 3), padding=_PAD, dtype=self.dtype, name="conv2")(h)
+        if x.shape[-1] != self.out_ch:
+            x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention of ``x`` (B, N, C) to ``context`` (B, M, D) (self-attention without one):
+    ``to_q``/``to_k``/``to_v`` without bias, ``to_out_0`` with; logits and softmax in float32."""
+
+    heads: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, context: Optional[Array] = None) -> Array:
+        context = x if context is None else context
+        b, n, c = x.shape
+        d = c // self.heads
+        q = nn.Dense(c, use_bias=False, dtype=self.dtype, name="to_q")(x).reshape(b, n, self.heads, d)
+        k = nn.Dense(c, use_bias=False, dtype=self.dtype, name="to_k")(context).reshape(b, -1, self.heads, d)
+        v = nn.Dense(c, use_bias=False, dtype=self.dtype, name="to_v")(context).reshape(b, -1, self.heads, d)
+        logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+        w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhnm,bmhd->bnhd", w, v).reshape(b, n, c)
+        return nn.Dense(c, dtype=self.dtype, name="to_out_0")(out)
+
+
+class GEGLU(nn.Module):
+    inner: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h, gate = jnp.split(nn.Dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        return h * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    mult: int = 4
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = GEGLU(self.mult * x.shape[-1], dtype=self.dtype, name="net_0")(x)
+        return nn.Dense(x.shape[-1], dtype=self.dtype, name="net_2")(h)
+
+
+class TransformerBlock(nn.Module):
+    """``BasicTransformerBlock``: self-attention, cross-attention, GEGLU feed-forward, each pre-LayerNorm."""
+
+    heads: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+        x = x + Attention(self.heads, dtype=self.dtype, name="attn1")(ln("norm1")(x))
+        x = x + Attention(self.heads, dtype=self.dtype, name="attn2")(ln("norm2")(x), context)
+        return x + FeedForward(dtype=self.dtype, name="ff")(ln("norm3")(x))
+
+
+class SpatialTransformer(nn.Module):
+    """``Transformer2DModel`` (continuous input): (B, H, W, C) -> same shape."""
+
+    heads: int
+    layers: int = 1
+    linear_projection: bool = False
+    groups: int = 32
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        b, hgt, wid, c = x.shape
+        h = GroupNorm(self.groups, 1e-6, dtype=self.dtype, name="norm")(x)
+        if self.linear_projection:
+            h = nn.Dense(c, dtype=self.dtype, name="proj_in")(h.reshape(b, hgt * wid, c))
+        else:
+            h = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_in")(h).reshape(b, hgt * wid, c)
+        for i in range(self.layers):
+            h = TransformerBlock(self.heads, dtype=self.dtype, name=f"transformer_blocks_{i}")(h, context)
+        if self.linear_projection:
+            h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h).reshape(b, hgt, wid, c)
+        else:
+            h = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(h.reshape(b, hgt, wid, c))
+        return h + x
+
+
+class Sampler2x(nn.Module):
+    """``Downsample2D`` (3x3 conv, stride 2) or ``Upsample2D`` (nearest 2x, 3x3 conv); parameter ``conv``."""
+
+    ch: int
+    up: bool
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.up:
+            return nn.Conv(self.ch, (3, 3), padding=_PAD, dtype=self.dtype, name="conv")(upsample_nearest_2x(x))
+        return nn.Conv(self.ch, (3, 3), strides=(2, 2), padding=_PAD, dtype=self.dtype, name="conv")(x)
+
+
+class Level(nn.Module):
+    """One down or up block: ResNets, each with a transformer after it when ``cross_attn``, then the
+    resampler. A down block returns (h, [outputs for the skips]); an up block consumes its skips."""
+
+    out_ch: int
+    num_resnets: int
+    cross_attn: bool
+    resample: bool
+    up: bool
+    heads: int
+    transformer_layers: int
+    linear_projection: bool
+    groups: int
+    eps: float
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, temb, context, skips=None):
+        outputs = []
+        for i in range(self.num_resnets):
+            if self.up:                                       # the latest skip first, as diffusers pops them
+                x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
+            x = ResnetBlock(self.out_ch, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
+            if self.cross_attn:
+                x = SpatialTransformer(self.heads, self.transformer_layers, self.linear_projection, self.groups,
+                                       dtype=self.dtype, name=f"attentions_{i}")(x, context)
+            outputs.append(x)
+        if self.resample:
+            x = Sampler2x(self.out_ch, self.up, dtype=self.dtype,
+                          name="upsamplers_0" if self.up else "downsamplers_0")(x)
+            outputs.append(x)
+        return x if self.up else (x, outputs)
+
+
+class MidBlock(nn.Module):
+    heads: int
+    transformer_layers: int
+    linear_projection: bool
+    groups: int
+    eps: float
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        c = x.shape[-1]
+        x = ResnetBlock(c, self.groups, self.eps, dtype=self.dtype, name="resnets_0")(x, temb)
+        x = SpatialTransformer(self.heads, self.transformer_layers, self.linear_projection, self.groups,
+                               dtype=self.dtype, name="attentions_0")(x, context)
+        return ResnetBlock(c, self.groups, self.eps, dtype=self.dtype, name="resnets_1")(x, temb)
+
+
+class SDUNet(nn.Module):
+    """``UNet2DConditionModel`` of SD 1.x / 2.x; fields as in its config (per-level tuples in down order)."""
+
+    block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: Tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: Tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    layers_per_block: int = 2
+    heads: Tuple[int, ...] = (8, 8, 8, 8)
+    transformer_layers: Tuple[int, ...] = (1, 1, 1, 1)
+    use_linear_projection: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    in_channels: int = 4
+    out_channels: int = 4
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, t: Array, context: Array) -> Array:
+        levels = len(self.block_out_channels)
+        if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
+            raise ValueError(f"latents of {x.shape[1]}x{x.shape[2]}: height and width must be multiples of "
+                             f"{2 ** (levels - 1)} for this UNet ({levels} levels)")
+        t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+        c0 = self.block_out_channels[0]
+        temb = timestep_embedding(t, c0, self.flip_sin_to_cos, self.freq_shift)
+        temb = TimestepEmbedding(4 * c0, dtype=self.dtype, name="time_embedding")(temb.astype(self.dtype or jnp.float32))
+        if self.dtype is not None:
+            x, context = x.astype(self.dtype), context.astype(self.dtype)
+        common = dict(linear_projection=self.use_linear_projection, groups=self.norm_num_groups, eps=self.norm_eps,
+                      dtype=self.dtype)
+        h = nn.Conv(c0, (3, 3), padding=_PAD, dtype=self.dtype, name="conv_in")(x)
+        skips = [h]
+        for i, ch in enumerate(self.block_out_channels):
+            h, out = Level(ch, self.layers_per_block, self.down_block_types[i] == "CrossAttnDownBlock2D",
+                           i < levels - 1, False, self.heads[i], self.transformer_layers[i],
+                           name=f"down_blocks_{i}", **common)(h, temb, context)
+            skips += out
+        h = MidBlock(self.heads[-1], self.transformer_layers[-1], name="mid_block", **common)(h, temb, context)
+        rev = list(reversed(range(levels)))
+        for i, lvl in enumerate(rev):
+            n = self.layers_per_block + 1
+            h = Level(self.block_out_channels[lvl], n, self.up_block_types[i] == "CrossAttnUpBlock2D",
+                      i < levels - 1, True, self.heads[lvl], self.transformer_layers[lvl], name=f"up_blocks_{i}",
+                      **common)(h, temb, context, tuple(skips[-n:]))
+            del skips[-n:]
+        h = nn.swish(GroupNorm(self.norm_num_groups, self.norm_eps, dtype=self.dtype, name="conv_norm_out")(h))
+        return nn.Conv(self.out_channels, (3, 3), padding=_PAD, dtype=self.dtype, name="conv_out")(h).astype(jnp.float32)
+
+
+# config keys whose non-default values this implementation does not have
+_UNSUPPORTED = {"class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
+                "encoder_hid_dim": None, "encoder_hid_dim_type": None, "time_embedding_type": "positional",
+                "resnet_time_scale_shift": "default", "dual_cross_attention": False,
+                "only_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
+                "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
+                "cross_attention_norm": None, "time_cond_proj_dim": None, "mid_block_only_cross_attention": None,
+                "reverse_transformer_layers_per_block": None, "center_input_sample": False,
+                "time_embedding_dim": None, "timestep_post_act": None, "projection_class_embeddings_input_dim": None,
+                "class_embeddings_concat": False, "addition_time_embed_dim": None,
+                "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0}
+
+
+def _per_level(value, levels: int, name: str) -> Tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != levels or any(isinstance(v, (list, tuple)) for v in value):
+            raise ValueError(f"config {name}={value}: expected one integer per level ({levels})")
+        return tuple(int(v) for v in value)
+    return (int(value),) * levels
+
+
+def unet_from_config(cfg: Dict[str, Any], dtype: Any = None) -> SDUNet:
+    """An :class:`SDUNet` from a diffusers ``unet/config.json`` dict; unsupported options raise ValueError."""
+    if cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise ValueError(f"{cfg.get('_class_name')!r} is not a UNet2DConditionModel")
+    bad = [f"{k}={cfg[k]!r}" for k, default in _UNSUPPORTED.items() if k in cfg and cfg[k] != default]
+    if bad:
+        raise ValueError(f"unsupported UNet2DConditionModel options (SD 1.x / 2.x only): {', '.join(bad)}")
+    chans = tuple(int(c) for c in cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+    levels = len(chans)
+    down = tuple(cfg.get("down_block_types", SDUNet.down_block_types))
+    up = tuple(cfg.get("up_block_types", SDUNet.up_block_types))
+    if len(down) != levels or len(up) != levels or any(d not in DOWN_TYPES for d in down) \
+            or any(u not in UP_TYPES for u in up):
+        raise ValueError(f"block types {down} / {up}: one per level, each one of {DOWN_TYPES} / {UP_TYPES}")
+    if [d.startswith("CrossAttn") for d in down] != [u.startswith("CrossAttn") for u in reversed(up)]:
+        raise ValueError(f"down {down} and up {up} blocks must mirror each other's cross-attention levels")
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)   # diffusers' legacy reading
+    cross = cfg.get("cross_attention_dim", 768)
+    if isinstance(cross, (list, tuple)) and len(set(cross)) > 1:
+        raise ValueError(f"cross_attention_dim={cross}: one context width for all levels is supported")
+    heads = _per_level(heads, levels, "num_attention_heads")
+    for ch, n in zip(chans, heads):
+        if ch % n:
+            raise ValueError(f"{ch} channels are not divisible into {n} attention heads")
+    return SDUNet(block_out_channels=chans, down_block_types=down, up_block_types=up,
+                  layers_per_block=int(cfg.get("layers_per_block", 2)), heads=heads,
+                  transformer_layers=_per_level(cfg.get("transformer_layers_per_block", 1), levels,
+                                                "transformer_layers_per_block"),
+                  use_linear_projection=bool(cfg.get("use_linear_projection", False)),
+                  norm_num_groups=int(cfg.get("norm_num_groups", 32)), norm_eps=float(cfg.get("norm_eps", 1e-5)),
+                  in_channels=int(cfg.get("in_channels", 4)), out_channels=int(cfg.get("out_channels", 4)),
+                  flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)), freq_shift=float(cfg.get("freq_shift", 0)),
+                  dtype=dtype)
+
+
+def context_dim(cfg: Dict[str, Any]) -> int:
+    cross = cfg.get("cross_attention_dim", 768)
+    return int(cross[0] if isinstance(cross, (list, tuple)) else cross)
+
+
+def load_sd_unet(folder: str, dtype: Any = None) -> Tuple[SDUNet, Dict[str, Any], Dict[str, Any]]:
+    """(unet, params, config) from a diffusers ``unet/`` folder (``config.json`` and
+    ``diffusion_pytorch_model[.fp16].safetensors``), no torch. ``dtype`` (e.g. ``jnp.float16`` or
+    ``jnp.bfloat16`` on a GPU): the parameters and the computation's dtype (default float32)."""
+    cfg, state = read_folder(folder, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
+                             "a diffusers UNet folder")
+    unet = unet_from_config(cfg, dtype)
+    levels = len(unet.block_out_channels)
+    s = 2 ** (levels - 1)
+    tmpl = template(unet, jnp.zeros((1, s, s, unet.in_channels)), jnp.zeros((1,)),
+                    jnp.zeros((1, 1, context_dim(cfg))))
+    params = assemble_torch(state, tmpl, "UNet", dtype=dtype)
+    return unet, params, cfg

@@ -1,0 +1,79 @@
+"""The Flax SD UNet against diffusers' PyTorch UNet2DConditionModel (tiny random configs, test-only torch)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import jax.numpy as jnp
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from dngjax.models.sd_unet import load_sd_unet, timestep_embedding  # noqa: E402
+
+SD1 = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=2, cross_attention_dim=24,
+           attention_head_dim=8, norm_num_groups=8)
+SD2 = dict(block_out_channels=(16, 32, 32), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+           cross_attention_dim=24, attention_head_dim=(2, 4, 8), use_linear_projection=True, upcast_attention=True,
+           transformer_layers_per_block=(1, 2, 1), norm_num_groups=8)
+
+
+def _tiny_unet(tmp_path, kwargs, name="unet"):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, **kwargs).eval()
+    with torch.no_grad():                              # non-trivial norms and biases (defaults are 1 and 0)
+        for n, p in unet.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    path = str(tmp_path / name)
+    unet.save_pretrained(path, safe_serialization=True)
+    return unet, path
+
+
+@pytest.mark.parametrize("kwargs", [SD1, SD2], ids=["sd1-conv-proj", "sd2-linear-proj-per-level-heads"])
+def test_sd_unet_matches_diffusers(tmp_path, kwargs):
+    unet, path = _tiny_unet(tmp_path, kwargs)
+    model, params, cfg = load_sd_unet(path)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 8, 12)).astype(np.float32)               # NCHW latents, non-square
+    t = np.array([7, 815])
+    ctx = rng.standard_normal((2, 5, 24)).astype(np.float32)
+    with torch.no_grad():
+        ref = unet(torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx)).sample
+    ref = ref.numpy().transpose(0, 2, 3, 1)
+    got = np.asarray(model.apply(params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx)))
+    assert got.shape == (2, 8, 12, 4)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_timestep_embedding_matches_diffusers():
+    from diffusers.models.embeddings import get_timestep_embedding
+    t = np.array([0, 3, 999])
+    for dim, flip, shift in ((32, True, 0), (33, False, 1)):
+        ref = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift).numpy()
+        np.testing.assert_allclose(np.asarray(timestep_embedding(jnp.asarray(t), dim, flip, shift)), ref,
+                                   rtol=1e-5, atol=2e-4)
+
+
+def test_sd_unet_loader_errors(tmp_path):
+    _, path = _tiny_unet(tmp_path, SD1)
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        load_sd_unet(str(tmp_path))
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    json.dump({**cfg, "cross_attention_dim": 32}, open(cfg_path, "w"))
+    with pytest.raises(ValueError, match="attn2.to_k.kernel has shape"):
+        load_sd_unet(path)
+    json.dump({**cfg, "layers_per_block": 1}, open(cfg_path, "w"))
+    with pytest.raises(ValueError, match="does not match its weights"):
+        load_sd_unet(path)
+    json.dump({**cfg, "class_embed_type": "timestep"}, open(cfg_path, "w"))
+    with pytest.raises(ValueError, match="unsupported UNet2DConditionModel options.*class_embed_type"):
+        load_sd_unet(path)
+    json.dump(cfg, open(cfg_path, "w"))
+    os.remove(os.path.join(path, "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="safetensors is missing"):
+        load_sd_unet(path)
