@@ -10,7 +10,7 @@ import jax.numpy as jnp
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from dngjax.models.vae import load_vae_decoder  # noqa: E402
+from dngjax.models.vae import load_vae_decoder, load_vae_encoder  # noqa: E402
 
 
 def _tiny_vae(tmp_path):
@@ -36,6 +36,36 @@ def test_vae_decoder_matches_diffusers(tmp_path):
         ref = vae.decode(torch.from_numpy(z)).sample.numpy().transpose(0, 2, 3, 1)     # -> NHWC
     got = np.asarray(decoder.apply(params, jnp.asarray(z.transpose(0, 2, 3, 1))))
     assert got.shape == (2, 12, 10, 3)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_vae_encoder_matches_diffusers(tmp_path):
+    vae, path = _tiny_vae(tmp_path)
+    encoder, params, _ = load_vae_encoder(path)
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 3, 12, 20)).astype(np.float32)    # NCHW images
+    with torch.no_grad():
+        dist = vae.encode(torch.from_numpy(x)).latent_dist
+    mean, logvar = encoder.apply(params, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    for got, ref in ((mean, dist.mean), (logvar, dist.logvar)):
+        ref = ref.numpy().transpose(0, 2, 3, 1)
+        assert got.shape == (2, 6, 10, 4)
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_vae_reads_old_attention_names(tmp_path):
+    """Checkpoints saved by older diffusers name the attention query/key/value/proj_attn."""
+    from safetensors.numpy import load_file, save_file
+    vae, path = _tiny_vae(tmp_path)
+    f = os.path.join(path, "diffusion_pytorch_model.safetensors")
+    old = {k.replace("to_q.", "query.").replace("to_k.", "key.").replace("to_v.", "value.")
+           .replace("to_out.0.", "proj_attn."): v for k, v in load_file(f).items()}
+    assert any("proj_attn" in k for k in old)
+    save_file(old, f)
+    decoder, params, cfg = load_vae_decoder(path)
+    z = np.random.default_rng(0).standard_normal((1, 4, 4, 4)).astype(np.float32)
+    with torch.no_grad():
+        ref = vae.decode(torch.from_numpy(z)).sample.numpy().transpose(0, 2, 3, 1)
+    got = np.asarray(decoder.apply(params, jnp.asarray(z.transpose(0, 2, 3, 1))))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 

@@ -90,24 +90,31 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
+def attend(q: Array, k: Array, v: Array, heads: int) -> Array:
+    """Softmax attention: q (B, N, C), k and v (B, M, C) -> (B, N, C), ``heads`` heads of C / heads;
+    logits and softmax in float32 whatever the compute dtype."""
+    b, n, c = q.shape
+    d = c // heads
+    q, k, v = (a.reshape(b, a.shape[1], heads, d) for a in (q, k, v))
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhnm,bmhd->bnhd", w, v).reshape(b, n, c)
+
+
 class Attention(nn.Module):
     """Multi-head attention of ``x`` (B, N, C) to ``context`` (B, M, D) (self-attention without one):
-    ``to_q``/``to_k``/``to_v`` without bias, ``to_out_0`` with; logits and softmax in float32."""
+    ``to_q``/``to_k``/``to_v`` (bias only with ``qkv_bias``), ``to_out_0``."""
 
     heads: int
+    qkv_bias: bool = False
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, context: Optional[Array] = None) -> Array:
         context = x if context is None else context
-        b, n, c = x.shape
-        d = c // self.heads
-        q = nn.Dense(c, use_bias=False, dtype=self.dtype, name="to_q")(x).reshape(b, n, self.heads, d)
-        k = nn.Dense(c, use_bias=False, dtype=self.dtype, name="to_k")(context).reshape(b, -1, self.heads, d)
-        v = nn.Dense(c, use_bias=False, dtype=self.dtype, name="to_v")(context).reshape(b, -1, self.heads, d)
-        logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-        w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhnm,bmhd->bnhd", w, v).reshape(b, n, c)
+        c = x.shape[-1]
+        dense = lambda name: nn.Dense(c, use_bias=self.qkv_bias, dtype=self.dtype, name=name)
+        out = attend(dense("to_q")(x), dense("to_k")(context), dense("to_v")(context), self.heads)
         return nn.Dense(c, dtype=self.dtype, name="to_out_0")(out)
 
 

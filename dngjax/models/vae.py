@@ -1,16 +1,23 @@
-"""The decoder of Stable Diffusion's VAE (diffusers' ``AutoencoderKL``) in Flax, loaded from a local folder.
+"""Stable Diffusion's VAE (diffusers' ``AutoencoderKL``) in Flax, loaded from a local folder.
 
-``decode(latents)`` maps SD latents (B, h, w, 4), already divided by the VAE's ``scaling_factor``, to
-images (B, 8h, 8w, 3) in [-1, 1] (about): ``post_quant_conv`` (1x1), then the decoder: ``conv_in``, a
-middle block (ResNet, single-head self-attention, ResNet), one up block per level (``layers_per_block
-+ 1`` ResNets, nearest 2x upsampling and a 3x3 conv except at the last), GroupNorm, SiLU, ``conv_out``.
-NHWC throughout (diffusers is NCHW); the blocks reuse the project UNet's GroupNorm, 1x1 convolution,
-upsampling and attention.
+* ``VAEDecoder``: SD latents (B, h, w, 4), already divided by the VAE's ``scaling_factor``, -> images
+  (B, 8h, 8w, 3) in [-1, 1] (about): ``post_quant_conv`` (1x1), then the decoder: ``conv_in``, a middle
+  block (ResNet, single-head self-attention, ResNet), one up block per level (``layers_per_block + 1``
+  ResNets, nearest 2x upsampling and a 3x3 conv except at the last), GroupNorm, SiLU, ``conv_out``.
+* ``VAEEncoder``: images (B, H, W, 3) in [-1, 1] -> (mean, log-variance) of the latent posterior, each
+  (B, H/8, W/8, 4): ``conv_in``, one down block per level (``layers_per_block`` ResNets, then a stride-2
+  3x3 conv on the input padded by one row and column at the bottom and right, except at the last level),
+  the middle block, GroupNorm, SiLU, ``conv_out`` (2 x 4 channels), ``quant_conv`` (1x1); the log-variance
+  clipped to [-30, 20] as diffusers does. Latents for the UNet: ``mean * scaling_factor`` (the mode).
+
+NHWC throughout (diffusers is NCHW). The Flax modules carry diffusers' parameter names (``.i`` written
+``_i``), so the weights convert by name (:func:`dngjax.models.torch_weights.assemble_torch`); the
+attention names of older checkpoints (``query``/``key``/``value``/``proj_attn``) are read as well.
 
     vae, params, cfg = load_vae_decoder("sd/vae")
     images = vae.apply(params, latents / cfg["scaling_factor"])
 
-Parity with diffusers' PyTorch decoder: ``tests/test_vae.py`` (tiny random configs).
+Parity with diffusers' PyTorch AutoencoderKL: ``tests/test_vae.py`` (tiny random configs).
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ import numpy as np
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .torch_weights import assemble, read_folder, template
+from .sd_unet import Sampler2x, attend
+from .torch_weights import assemble_torch, read_folder, template
+from .unet import GroupNorm
 
-from .unet import AttnBlock, Conv1x1, GroupNorm, upsample_nearest_2x
-
+Array = jnp.ndarray
 _PAD = ((1, 1), (1, 1))
+WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 
 
 class VAEResBlock(nn.Module):
@@ -34,16 +43,113 @@ class VAEResBlock(nn.Module):
 
     out_ch: int
     groups: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
-        h = nn.swish(GroupNorm(self.groups, epsilon=1e-6, name="norm1")(x))
-        h = nn.Conv(self.out_ch, (3, 3), padding=_PAD, name="conv1")(h)
-        h = nn.swish(GroupNorm(self.groups, epsilon=1e-6, name="norm2")(h))
-        h = nn.Conv(self.out_ch, (3, 3), padding=_PAD, name="conv2")(h)
+        h = nn.swish(GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm1")(x))
+        h = nn.Conv(self.out_ch, (3, 3), padding=_PAD, dtype=self.dtype, name="conv1")(h)
+        h = nn.swish(GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm2")(h))
+        h = nn.Conv(self.out_ch, (3, 3), padding=_PAD, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_ch:
-            x = Conv1x1(self.out_ch, name="conv_shortcut")(x)
+            x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
         return x + h
+
+
+class VAEAttention(nn.Module):
+    """The middle block's single-head self-attention over all pixels, with ``group_norm`` and a residual."""
+
+    groups: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        b, hgt, wid, c = x.shape
+        h = GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="group_norm")(x).reshape(b, hgt * wid, c)
+        q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h) for n in ("to_q", "to_k", "to_v"))
+        h = nn.Dense(c, dtype=self.dtype, name="to_out_0")(attend(q, k, v, 1))
+        return x + h.reshape(b, hgt, wid, c)
+
+
+class MidBlock(nn.Module):
+    groups: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        x = VAEResBlock(c, self.groups, self.dtype, name="resnets_0")(x)
+        x = VAEAttention(self.groups, self.dtype, name="attentions_0")(x)
+        return VAEResBlock(c, self.groups, self.dtype, name="resnets_1")(x)
+
+
+class Downsample(nn.Module):
+    """``Downsample2D(padding=0)``: pad one row and column at the bottom and right, 3x3 conv, stride 2."""
+
+    ch: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return nn.Conv(self.ch, (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype, name="conv")(x)
+
+
+class Level(nn.Module):
+    out_ch: int
+    num_resnets: int
+    resample: bool
+    up: bool
+    groups: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        for j in range(self.num_resnets):
+            x = VAEResBlock(self.out_ch, self.groups, self.dtype, name=f"resnets_{j}")(x)
+        if self.resample and self.up:
+            x = Sampler2x(self.out_ch, True, dtype=self.dtype, name="upsamplers_0")(x)
+        elif self.resample:
+            x = Downsample(self.out_ch, self.dtype, name="downsamplers_0")(x)
+        return x
+
+
+class Decoder(nn.Module):
+    block_out_channels: Tuple[int, ...]
+    layers_per_block: int
+    groups: int
+    out_channels: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, z):
+        chans = tuple(reversed(self.block_out_channels))
+        x = nn.Conv(chans[0], (3, 3), padding=_PAD, dtype=self.dtype, name="conv_in")(z)
+        x = MidBlock(self.groups, self.dtype, name="mid_block")(x)
+        for i, ch in enumerate(chans):
+            x = Level(ch, self.layers_per_block + 1, i < len(chans) - 1, True, self.groups, self.dtype,
+                      name=f"up_blocks_{i}")(x)
+        x = nn.swish(GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="conv_norm_out")(x))
+        return nn.Conv(self.out_channels, (3, 3), padding=_PAD, dtype=self.dtype, name="conv_out")(x)
+
+
+class Encoder(nn.Module):
+    block_out_channels: Tuple[int, ...]
+    layers_per_block: int
+    groups: int
+    latent_channels: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        chans = self.block_out_channels
+        x = nn.Conv(chans[0], (3, 3), padding=_PAD, dtype=self.dtype, name="conv_in")(x)
+        for i, ch in enumerate(chans):
+            x = Level(ch, self.layers_per_block, i < len(chans) - 1, False, self.groups, self.dtype,
+                      name=f"down_blocks_{i}")(x)
+        x = MidBlock(self.groups, self.dtype, name="mid_block")(x)
+        x = nn.swish(GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="conv_norm_out")(x))
+        return nn.Conv(2 * self.latent_channels, (3, 3), padding=_PAD, dtype=self.dtype, name="conv_out")(x)
 
 
 class VAEDecoder(nn.Module):
@@ -54,103 +160,90 @@ class VAEDecoder(nn.Module):
     groups: int = 32
     latent_channels: int = 4
     out_channels: int = 3
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, z):                                          # (B, h, w, latent) -> (B, H, W, 3)
-        z = Conv1x1(self.latent_channels, name="post_quant_conv")(z)
-        chans = tuple(reversed(self.block_out_channels))
-        x = nn.Conv(chans[0], (3, 3), padding=_PAD, name="conv_in")(z)
-        x = VAEResBlock(chans[0], self.groups, name="mid_resnet_0")(x)
-        x = AttnBlock(self.groups, name="mid_attn")(x)
-        x = VAEResBlock(chans[0], self.groups, name="mid_resnet_1")(x)
-        for i, ch in enumerate(chans):
-            for j in range(self.layers_per_block + 1):
-                x = VAEResBlock(ch, self.groups, name=f"up_{i}_resnet_{j}")(x)
-            if i < len(chans) - 1:
-                x = nn.Conv(ch, (3, 3), padding=_PAD, name=f"up_{i}_upsample")(upsample_nearest_2x(x))
-        x = nn.swish(GroupNorm(self.groups, epsilon=1e-6, name="conv_norm_out")(x))
-        return nn.Conv(self.out_channels, (3, 3), padding=_PAD, name="conv_out")(x)
+        z = nn.Conv(self.latent_channels, (1, 1), dtype=self.dtype, name="post_quant_conv")(z)
+        return Decoder(self.block_out_channels, self.layers_per_block, self.groups, self.out_channels, self.dtype,
+                       name="decoder")(z).astype(jnp.float32)
 
 
-def decoder_from_config(cfg: Dict[str, Any]) -> VAEDecoder:
-    """A :class:`VAEDecoder` from diffusers' ``AutoencoderKL`` config dict (``vae/config.json``)."""
-    ups = cfg.get("up_block_types", ["UpDecoderBlock2D"] * len(cfg.get("block_out_channels", [0] * 4)))
-    if any(u != "UpDecoderBlock2D" for u in ups):
-        raise ValueError(f"up_block_types={ups}: only UpDecoderBlock2D is supported (Stable Diffusion's VAE)")
+class VAEEncoder(nn.Module):
+    """diffusers' ``Encoder`` + ``quant_conv`` (``down_block_types`` all ``DownEncoderBlock2D``)."""
+
+    block_out_channels: Tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    groups: int = 32
+    latent_channels: int = 4
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):                                          # (B, H, W, 3) -> 2 x (B, h, w, latent)
+        h = Encoder(self.block_out_channels, self.layers_per_block, self.groups, self.latent_channels, self.dtype,
+                    name="encoder")(x)
+        h = nn.Conv(2 * self.latent_channels, (1, 1), dtype=self.dtype, name="quant_conv")(h).astype(jnp.float32)
+        mean, logvar = jnp.split(h, 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)
+
+
+def _check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    levels = len(cfg.get("block_out_channels", [0] * 4))
+    for key, kind in (("up_block_types", "UpDecoderBlock2D"), ("down_block_types", "DownEncoderBlock2D")):
+        types = cfg.get(key, [kind] * levels)
+        if any(u != kind for u in types):
+            raise ValueError(f"{key}={types}: only {kind} is supported (Stable Diffusion's VAE)")
     if cfg.get("mid_block_add_attention", True) is False:
         raise ValueError("mid_block_add_attention=False is not supported")
-    return VAEDecoder(block_out_channels=tuple(int(c) for c in cfg["block_out_channels"]),
-                      layers_per_block=int(cfg.get("layers_per_block", 2)), groups=int(cfg.get("norm_num_groups", 32)),
-                      latent_channels=int(cfg.get("latent_channels", 4)), out_channels=int(cfg.get("out_channels", 3)))
+    if cfg.get("use_quant_conv", True) is False or cfg.get("use_post_quant_conv", True) is False:
+        raise ValueError("use_quant_conv / use_post_quant_conv = False is not supported")
+    return dict(block_out_channels=tuple(int(c) for c in cfg["block_out_channels"]),
+                layers_per_block=int(cfg.get("layers_per_block", 2)), groups=int(cfg.get("norm_num_groups", 32)),
+                latent_channels=int(cfg.get("latent_channels", 4)))
 
 
-_RES = {"norm1": "norm1", "norm2": "norm2", "conv1": "conv1", "conv2": "conv2", "conv_shortcut": "conv_shortcut"}
-_ATT = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-        "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}        # (older diffusers names)
+def decoder_from_config(cfg: Dict[str, Any], dtype: Any = None) -> VAEDecoder:
+    """A :class:`VAEDecoder` from diffusers' ``AutoencoderKL`` config dict (``vae/config.json``)."""
+    return VAEDecoder(out_channels=int(cfg.get("out_channels", 3)), dtype=dtype, **_check_config(cfg))
 
 
-def _flax_path(key: str, n_levels: int) -> Tuple[Tuple[str, ...], str]:
-    """diffusers' parameter name (decoder or post_quant_conv) -> (flax module path, torch leaf)."""
-    m = re.fullmatch(r"post_quant_conv\.(weight|bias)", key)
-    if m:
-        return ("post_quant_conv",), m.group(1)
-    m = re.fullmatch(r"decoder\.(conv_in|conv_out|conv_norm_out)\.(weight|bias)", key)
-    if m:
-        return (m.group(1),), m.group(2)
-    m = re.fullmatch(r"decoder\.mid_block\.resnets\.(\d+)\.(\w+)\.(weight|bias)", key)
-    if m:
-        return (f"mid_resnet_{m.group(1)}", _RES[m.group(2)]), m.group(3)
-    m = re.fullmatch(r"decoder\.mid_block\.attentions\.0\.([\w.]+?)\.(weight|bias)", key)
-    if m:
-        return ("mid_attn", _ATT[m.group(1)]), m.group(2)
-    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)", key)
-    if m:
-        return (f"up_{m.group(1)}_resnet_{m.group(2)}", _RES[m.group(3)]), m.group(4)
-    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", key)
-    if m:
-        return (f"up_{m.group(1)}_upsample",), m.group(2)
-    raise KeyError(key)
+def encoder_from_config(cfg: Dict[str, Any], dtype: Any = None) -> VAEEncoder:
+    """A :class:`VAEEncoder` from diffusers' ``AutoencoderKL`` config dict."""
+    return VAEEncoder(dtype=dtype, **_check_config(cfg))
 
 
-def _convert(w: np.ndarray, leaf: str, kind: str) -> np.ndarray:
-    """torch leaf -> flax leaf value: conv (out, in, kh, kw) -> (kh, kw, in, out); linear (out, in) -> (in, out)."""
-    w = np.asarray(w, np.float32)
-    if leaf == "bias" or kind == "norm":
-        return w
-    if w.ndim == 4:
-        return w.transpose(2, 3, 1, 0)
-    if w.ndim == 2:
-        return w.T
-    raise ValueError(f"unexpected weight of shape {w.shape}")
+_OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def params_from_torch(state: Dict[str, np.ndarray], decoder: VAEDecoder) -> Dict[str, Any]:
-    """Flax params of ``decoder`` from an ``AutoencoderKL`` state dict (numpy); encoder and quant_conv
-    entries are ignored; every decoder parameter must be present with its shape."""
-    tmpl = template(decoder, jnp.zeros((1, 8, 8, decoder.latent_channels)))
-    out: Dict[Tuple[str, ...], np.ndarray] = {}
-    for key, w in state.items():
-        if not (key.startswith("decoder.") or key.startswith("post_quant_conv.")):
-            continue
-        try:
-            mod, leaf = _flax_path(key, len(decoder.block_out_channels))
-        except KeyError:
-            raise ValueError(f"unexpected VAE decoder parameter {key!r}") from None
-        is_norm = mod[-1].startswith("norm") or mod[-1] in ("conv_norm_out",)
-        name = ("scale" if is_norm else "kernel") if leaf == "weight" else "bias"
-        a = _convert(w, leaf, "norm" if is_norm else "other")
-        if mod[-1] in ("q", "k", "v", "proj_out") and a.ndim == 4:          # 1x1 conv attention (old layout)
-            a = a[0, 0]
-        if mod[-1] in ("conv_shortcut", "post_quant_conv") and a.ndim == 2:
-            a = a[None, None]
-        out[mod + (name,)] = a
-    return assemble(out, tmpl, "decoder")
+def _renamed(state: Dict[str, np.ndarray], prefixes: Tuple[str, ...]) -> Dict[str, np.ndarray]:
+    """The entries under ``prefixes``, attention names of older diffusers checkpoints renamed."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith(prefixes):
+            out[re.sub(r"\.attentions\.0\.(query|key|value|proj_attn)\.",
+                       lambda m: f".attentions.0.{_OLD_ATTENTION[m.group(1)]}.", k)] = v
+    return out
 
 
-def load_vae_decoder(folder: str) -> Tuple[VAEDecoder, Dict[str, Any], Dict[str, Any]]:
-    """(decoder, params, config) from a diffusers ``vae/`` folder (``config.json`` and
-    ``diffusion_pytorch_model.safetensors``); config["scaling_factor"] is SD's latent scale (0.18215)."""
-    cfg, state = read_folder(folder, "diffusion_pytorch_model.safetensors", "a diffusers VAE folder")
-    decoder = decoder_from_config(cfg)
+def _load(folder: str, make, prefixes: Tuple[str, ...], example, what: str, dtype):
+    cfg, state = read_folder(folder, WEIGHTS, "a diffusers VAE folder")
+    module = make(cfg, dtype)
+    tmpl = template(module, example(module))
+    params = assemble_torch(_renamed(state, prefixes), tmpl, what, dtype=dtype)
     cfg.setdefault("scaling_factor", 0.18215)
-    return decoder, params_from_torch(state, decoder), cfg
+    return module, params, cfg
+
+
+def load_vae_decoder(folder: str, dtype: Any = None) -> Tuple[VAEDecoder, Dict[str, Any], Dict[str, Any]]:
+    """(decoder, params, config) from a diffusers ``vae/`` folder (``config.json`` and
+    ``diffusion_pytorch_model[.fp16].safetensors``); config["scaling_factor"] is SD's latent scale (0.18215)."""
+    return _load(folder, decoder_from_config, ("decoder.", "post_quant_conv."),
+                 lambda m: jnp.zeros((1, 8, 8, m.latent_channels)), "VAE decoder", dtype)
+
+
+def load_vae_encoder(folder: str, dtype: Any = None) -> Tuple[VAEEncoder, Dict[str, Any], Dict[str, Any]]:
+    """(encoder, params, config) from a diffusers ``vae/`` folder; ``encoder.apply(params, images)`` gives
+    the latent posterior's (mean, log-variance); SD latents are ``mean * config["scaling_factor"]``."""
+    return _load(folder, encoder_from_config, ("encoder.", "quant_conv."),
+                 lambda m: jnp.zeros((1, 2 ** len(m.block_out_channels), 2 ** len(m.block_out_channels), 3)),
+                 "VAE encoder", dtype)
