@@ -131,14 +131,14 @@ def chain_steps(schedule: Schedule, noise: str = "beta", eta: Optional[float] = 
 
 def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: GuidanceRule,
                  schedule: Schedule, keys: Array, shape: Tuple[int, ...], return_trace: bool, noise: str,
-                 eta: Optional[float]):
+                 eta: Optional[float], x_T: Optional[Array] = None):
     batch = keys.shape[0]
     split = jax.vmap(jax.random.split)                       # (B,) -> (B, 2)
     normal = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))
 
-    # x_T ~ N(0, I) from each sample's own key; the rest of the key drives the step noise.
+    # x_T ~ N(0, I) from each sample's own key (or the x_T given); the rest of the key drives the step noise.
     keys = split(keys)
-    x = normal(keys[:, 0])
+    x = normal(keys[:, 0]) if x_T is None else x_T.astype(jnp.float32)
     keys = keys[:, 1]
     state = rule.init(x)
     steps = jax.tree.map(lambda a: a[::-1], chain_steps(schedule, noise, eta))   # noisiest step first
@@ -171,13 +171,13 @@ def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Gui
     return x
 
 
-def _grid_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, grid_names):
+def _grid_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, grid_names, x_T=None):
     """``_sample_impl`` vmapped over the rule leaves named in grid_names (none: no vmap)."""
     if not grid_names:
-        return _sample_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta)
+        return _sample_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, x_T)
     axes = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(rule),
                                         [0 if name in grid_names else None for name in rule.leaf_names])
-    run = lambda r: _sample_impl(denoiser_u, denoiser_c, r, schedule, keys, shape, return_trace, noise, eta)
+    run = lambda r: _sample_impl(denoiser_u, denoiser_c, r, schedule, keys, shape, return_trace, noise, eta, x_T)
     return jax.vmap(run, in_axes=(axes,))(rule)
 
 
@@ -263,13 +263,15 @@ def grid_rules(rule: GuidanceRule, grid: Optional[Mapping[str, Any]]) -> Tuple[G
 def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
                   rule: GuidanceRule = NoGuidance(), denoiser_c=None, grid: Optional[Mapping[str, Any]] = None,
                   chunk_size: Optional[int] = None, noise: str = "beta", eta: Optional[float] = None,
-                  return_trace: bool = False, progress: bool = False, desc: Optional[str] = None) -> Iterator[Chunk]:
+                  return_trace: bool = False, progress: bool = False, desc: Optional[str] = None,
+                  x_T=None) -> Iterator[Chunk]:
     """The samples of ``keys`` chunk by chunk, as :class:`Chunk` s (numpy), in seed order.
 
     Every chunk has the same compiled shape (``chunk_size`` seeds, rounded up to a multiple of the
     local device count; the last chunk is padded by wrapping and cut back), so N seeds cost one
     compilation. With several devices each chunk's seed axis is sharded over them. ``grid``: as in
-    :func:`sweep` (then x is (K, m, ...)). Arguments are validated before the first chunk runs.
+    :func:`sweep` (then x is (K, m, ...)). ``x_T``: as in :func:`sample`. Arguments are validated
+    before the first chunk runs.
     """
     denoiser_u, denoiser_c, shape, eta = _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta)
     rules, k, names = grid_rules(rule, grid)
@@ -277,6 +279,7 @@ def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
     n = keys.shape[0]
     if n == 0:
         raise ValueError("keys is empty: nothing to sample")
+    x_T = _check_x_T(x_T, n, shape)
     ndev = jax.local_device_count()
     chunk = n if chunk_size is None else int(chunk_size)
     if chunk < 1:
@@ -295,9 +298,11 @@ def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
     for start in starts:
         idx = np.arange(start, start + chunk) % n              # pad the last chunk by wrapping
         kc = keys[idx]
+        xc = None if x_T is None else x_T[idx]
         if sharding is not None:
             kc = jax.device_put(kc, sharding)
-        out = _grid_jit(denoiser_u, denoiser_c, rules, schedule, kc, shape, return_trace, noise, eta, names)
+            xc = None if xc is None else jax.device_put(xc, sharding)
+        out = _grid_jit(denoiser_u, denoiser_c, rules, schedule, kc, shape, return_trace, noise, eta, names, xc)
         m = min(chunk, n - start)
         cut = lambda a, ax: np.take(np.asarray(a), np.arange(m), axis=ax)
         if return_trace:
@@ -305,6 +310,16 @@ def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
             yield Chunk(start, cut(x, axis), Trace(t=t_order, lam=cut(tr.lam, axis + 1), p=cut(tr.p, axis + 1)))
         else:
             yield Chunk(start, cut(out, axis), None)
+
+
+def _check_x_T(x_T, n: int, shape: Tuple[int, ...]):
+    """x_T as a float32 array of shape (n, *shape), or None."""
+    if x_T is None:
+        return None
+    if not hasattr(x_T, "shape") or tuple(x_T.shape) != (n, *shape):
+        got = tuple(x_T.shape) if hasattr(x_T, "shape") else type(x_T).__name__
+        raise ValueError(f"x_T must be one starting sample per key, shape {(n, *shape)}; got {got}")
+    return jnp.asarray(x_T, jnp.float32) if isinstance(x_T, jax.Array) else np.asarray(x_T, np.float32)
 
 
 def _gather(chunks: Iterator[Chunk], axis: int, return_trace: bool):
@@ -319,7 +334,7 @@ def _gather(chunks: Iterator[Chunk], axis: int, return_trace: bool):
 
 def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
            rule: GuidanceRule = NoGuidance(), denoiser_c=None, noise: str = "beta", eta: Optional[float] = None,
-           return_trace: bool = False, chunk_size: Optional[int] = None, progress: bool = False):
+           return_trace: bool = False, chunk_size: Optional[int] = None, progress: bool = False, x_T=None):
     """Ancestral DDPM (or DDIM) sampling from x_T ~ N(0, I) with a guidance rule, one sample per key.
 
     x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sigma_t z,
@@ -346,6 +361,9 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
       chunk_size: process the seeds in chunks of this many (one compilation; sharded over the
         local devices; see :func:`sample_chunks`). Default: all N in one call.
       progress: a progress bar over chunks.
+      x_T: optional (N, *shape) starting samples instead of the N(0, I) draws of the keys (e.g. the
+        latents another implementation started from); the keys still drive the step noise, which is
+        the same as without x_T.
 
     Returns:
       x_0 of shape (N, *shape), float32 (and the Trace): jax arrays from one call when
@@ -354,16 +372,18 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
     """
     if chunk_size is None and not progress and jax.local_device_count() == 1:
         denoiser_u, denoiser_c, shape, eta = _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta)
-        return _grid_jit(denoiser_u, denoiser_c, rule, schedule, _as_keys(keys), shape, return_trace, noise, eta, ())
+        keys = _as_keys(keys)
+        x_T = _check_x_T(x_T, keys.shape[0], shape)
+        return _grid_jit(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, (), x_T)
     chunks = sample_chunks(denoiser_u, schedule, keys, shape, rule=rule, denoiser_c=denoiser_c,
                            chunk_size=chunk_size, noise=noise, eta=eta, return_trace=return_trace,
-                           progress=progress)
+                           progress=progress, x_T=x_T)
     return _gather(chunks, 0, return_trace)
 
 
 def sweep(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *, rule: GuidanceRule,
           grid: Optional[Mapping[str, Any]], denoiser_c=None, noise: str = "beta", eta: Optional[float] = None,
-          return_trace: bool = False, chunk_size: Optional[int] = None, progress: bool = False):
+          return_trace: bool = False, chunk_size: Optional[int] = None, progress: bool = False, x_T=None):
     """Sample a K-point grid of hyperparameters times N seeds; result indexed [k, n].
 
     Every grid point uses the same N keys. All K x chunk samples run in one compiled,
@@ -378,7 +398,7 @@ def sweep(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *, rule: G
     """
     chunks = sample_chunks(denoiser_u, schedule, keys, shape, rule=rule, denoiser_c=denoiser_c, grid=grid,
                            chunk_size=chunk_size, noise=noise, eta=eta, return_trace=return_trace,
-                           progress=progress)
+                           progress=progress, x_T=x_T)
     if grid:
         return _gather(chunks, 1, return_trace)
     out = _gather(chunks, 0, return_trace)                    # no grid axis: add K = 1

@@ -310,3 +310,28 @@ def test_chunked_sample_and_empty_grid_sweep_equal_one_call(schedule):
     seen = [(c.start, c.x.shape[0]) for c in dj.sample_chunks(eps_u, schedule, keys, SHAPE, rule=rule,
                                                               denoiser_c=eps_c, chunk_size=2)]
     assert seen == [(0, 2), (2, 2), (4, 1)]
+
+
+def test_given_x_T_replaces_only_the_starting_draw(schedule):
+    """x_T= starts the chain from given samples; the keys still give the same step noise, so passing the
+    keys' own starting draws reproduces the default run (one call, chunked, and in a sweep)."""
+    rule = dj.DynamicNegativeGuidance(2.0, prior=0.3)
+    keys = dj.keys_from_seeds(np.arange(5))
+    one = dj.respace(dj.linear_schedule(), 1)                 # one final step: x_0 = mean_x x_T (eps = 0)
+    zero = lambda x, t: jnp.zeros_like(x)
+    x_start = np.asarray(dj.sample(zero, one, keys, SHAPE)) * np.sqrt(float(one.alphas[0]))
+    x = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c)
+    for kw in ({}, {"chunk_size": 2}):
+        got = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, x_T=x_start, **kw)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(x), rtol=1e-5, atol=1e-5)
+    xs = dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"scale": [2.0, 0.0]}, denoiser_c=eps_c,
+                  x_T=x_start, chunk_size=3)
+    np.testing.assert_allclose(xs[0], np.asarray(x), rtol=1e-5, atol=1e-5)
+    # a different start: the one-step chain maps it by the step's mean (no noise at the final step)
+    other = np.random.default_rng(0).standard_normal((5,) + SHAPE).astype(np.float32)
+    got = np.asarray(dj.sample(eps_u, one, keys, SHAPE, x_T=other))
+    want = (other - float(one.betas[0]) / np.sqrt(float(one.one_minus_alpha_bars[0]))
+            * np.asarray(eps_u(jnp.asarray(other), jnp.zeros(5)))) / np.sqrt(float(one.alphas[0]))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"x_T must be one starting sample per key, shape \(5, 3, 2\)"):
+        dj.sample(eps_u, schedule, keys, SHAPE, x_T=other[:4])
