@@ -235,13 +235,17 @@ def load_clip_image(folder: str) -> Tuple[CLIPImageEncoder, Dict[str, Any]]:
 
 def load_tokenizer(folder: str, max_length: int = 77):
     """``prompts -> input_ids (B, max_length) int32`` with the CLIP BPE tokenizer of a diffusers
-    ``tokenizer/`` folder (``vocab.json``, ``merges.txt`` and its ``tokenizer_config.json``: SD 2 pads with
+    ``tokenizer/`` folder (``vocab.json`` and ``merges.txt``, or the ``tokenizer.json`` newer transformers
+    save, and its ``tokenizer_config.json``: SD 2 pads with
     "!", SD 1 with the end token), via transformers' ``CLIPTokenizer`` (the ``tokenizers`` library; no torch).
     Prompts are padded to ``max_length`` and truncated, as the Stable Diffusion pipelines do.
     """
-    for name in ("vocab.json", "merges.txt"):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise FileNotFoundError(f"{folder!r} is not a CLIP tokenizer folder: {name} is missing")
+    has = lambda name: os.path.isfile(os.path.join(folder, name))
+    if not has("tokenizer.json"):
+        for name in ("vocab.json", "merges.txt"):
+            if not has(name):
+                raise FileNotFoundError(f"{folder!r} is not a CLIP tokenizer folder: {name} is missing "
+                                        "(and there is no tokenizer.json)")
     try:
         from transformers import CLIPTokenizer
     except ImportError as e:  # pragma: no cover - depends on the environment
