@@ -11,13 +11,17 @@
   python sample/main.py --job=report --runs=outputs/report_cpu     # one report over several runs
   python sample/main.py --job=select --runs=outputs/select          # DNG hyperparameters from selection runs
   python sample/main.py --job=calibrate --target=1 --config.seed=5000  # smallest scale with <= 1 % (95 % bound)
+  python sample/main.py --job=text_to_image --config=sample/configs/sd.py:paper \\
+      --config.folder=PATH/stable-diffusion-2-base --config.clip=PATH/clip-vit-large-patch14   # SD + Q metric
   dngjax-sample ...                                        # the same, as an installed command
 
 Jobs: ``class_removal`` (default; :mod:`sample.class_removal`), ``posterior_check``
 (:mod:`sample.posterior_check`: the config's DNG hyperparameters, chain and models, unguided) and
 ``report`` (:mod:`sample.report`: report.md and one trade-off figure over class-removal runs) and
 ``select`` (:mod:`sample.selection`: DNG's hyperparameters from runs on selection seeds, by a fixed rule) and
-``calibrate`` (:mod:`sample.calibrate`: per method, the smallest scale of its grid that meets --target).
+``calibrate`` (:mod:`sample.calibrate`: per method, the smallest scale of its grid that meets --target) and
+``text_to_image`` (:mod:`sample.text_to_image`: Stable Diffusion with NP / DNG away from negative prompts,
+the paper's Q metric; config sample/configs/sd.py).
 Every input is validated before sampling starts; a bad one exits with code 2 and one message.
 """
 
@@ -35,9 +39,11 @@ def define_flags():
     from ml_collections import config_flags
     config_flags.DEFINE_config_file(
         "config", DEFAULT_CONFIG,
-        "Class-removal config file, path[:name] (default: sample/configs/mnist.py, the 'quick' main job).",
+        "Config file, path[:name] (default: sample/configs/mnist.py, the 'quick' main job; "
+        "text_to_image: sample/configs/sd.py).",
         lock_config=True)
-    flags.DEFINE_enum("job", "class_removal", ["class_removal", "posterior_check", "report", "select", "calibrate"],
+    flags.DEFINE_enum("job", "class_removal", ["class_removal", "posterior_check", "report", "select", "calibrate",
+                                        "text_to_image"],
                       "What to run.")
     flags.DEFINE_list("classes", None, "posterior_check: removed classes to check (default: the config's).")
     flags.DEFINE_list("runs", None, "report, select: class-removal output folders, or folders of them.")
@@ -52,7 +58,12 @@ def define_flags():
 def main(argv):
     logging.set_verbosity(logging.WARNING)
     config = FLAGS.config
-    if FLAGS.job == "class_removal":
+    if FLAGS.job == "text_to_image":
+        from sample import text_to_image
+        with cli.user_errors():
+            job = text_to_image.prepare(config)
+        text_to_image.execute(job)
+    elif FLAGS.job == "class_removal":
         from sample import class_removal
         with cli.user_errors():
             job = class_removal.prepare(config)

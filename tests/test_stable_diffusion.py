@@ -127,3 +127,73 @@ def test_load_errors_name_the_missing_or_mismatched_part(tiny, tmp_path):
         sd.load(str(broken))
     cfg_path.write_text(json.dumps({**cfg, "prediction_type": "v_prediction"}))
     assert sd.load(str(broken)).prediction == "v"
+
+
+def _tiny_clip(path):
+    import transformers
+    torch.manual_seed(1)
+    vis = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,
+        patch_size=6, projection_dim=16, hidden_act="quick_gelu")).eval()
+    vis.save_pretrained(str(path), safe_serialization=True)
+    return vis
+
+
+def test_q_score_on_hand_made_embeddings():
+    from dngjax.q_metric import q_score
+    u = np.array([[1.0, 0.0], [0.0, 1.0]])
+    rel = np.array([[0.0, 1.0], [1.0, 0.0]])                  # orthogonal: distance 1
+    unrel = u * 3.0                                            # parallel: distance 0
+    out = q_score(u, rel, unrel)
+    assert out["q"] == pytest.approx(1.0) and out["distance_related"] == pytest.approx(1.0)
+    assert out["distance_unrelated"] == pytest.approx(0.0) and out["n"] == 2
+    assert q_score(u, unrel, rel)["q"] == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="same seeds"):
+        q_score(u, rel[:1], unrel)
+
+
+def test_clip_preprocessing_and_embeddings_match_transformers(tmp_path):
+    """Images resized, cropped and normalised as CLIPImageProcessor does, then the projected embedding."""
+    import transformers
+    from dngjax.models.clip import load_clip_image
+    from dngjax.q_metric import image_embeddings, preprocess
+    vis = _tiny_clip(tmp_path / "clip")
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3)).astype(np.uint8)
+    images[:, 10:30, 5:25] = 200                               # some structure, not only noise
+    proc = transformers.CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    px = proc(images=list(images), return_tensors="np")["pixel_values"]          # (N, 3, 30, 30)
+    got = np.asarray(preprocess(images, 30)).transpose(0, 3, 1, 2)
+    assert np.abs(got - px).mean() < 0.02 and np.abs(got - px).max() < 0.3  # PIL rounds to uint8 after resizing
+    encoder, params = load_clip_image(str(tmp_path / "clip"))
+    with torch.no_grad():
+        ref = vis(pixel_values=torch.from_numpy(px)).image_embeds.numpy()
+    ref /= np.linalg.norm(ref, axis=-1, keepdims=True)
+    emb = image_embeddings(encoder, params, images, batch_size=2)
+    assert emb.shape == (3, 16)
+    assert np.all(np.sum(emb * ref, -1) > 0.999)
+
+
+def test_text_to_image_job_writes_figures_and_q(tiny, tmp_path):
+    from sample import text_to_image
+    from sample.configs import sd as sd_configs
+    path, _, _ = tiny
+    _tiny_clip(tmp_path / "clip")
+    c = sd_configs.get_config("tiny")
+    c.folder, c.clip, c.outdir = path, str(tmp_path / "clip"), str(tmp_path / "out")
+    out = text_to_image.execute(text_to_image.prepare(c))
+    files = sorted(os.listdir(out))
+    assert {"samples_0.png", "lambda_0.png", "q_table.md", "results.json", "images.npz", "config.json"} <= set(files)
+    res = json.load(open(os.path.join(out, "results.json")))["results"][0]
+    for m in ("NP", "DNG"):
+        info = res["methods"][m]
+        assert np.isfinite(info["q"]) and info["n"] == 3
+        assert info["q"] == pytest.approx(info["distance_related"] - info["distance_unrelated"])
+    images = np.load(os.path.join(out, "images.npz"))
+    assert images["row0_unguided"].shape == (3, 16, 16, 3)
+    assert np.abs(images["row0_NP_related"].astype(int) - images["row0_unguided"]).max() > 0
+    c.folder = ""
+    with pytest.raises(ValueError, match="config.folder is required"):
+        text_to_image.prepare(c)
+    c.folder, c.methods = path, ("CFG",)
+    with pytest.raises(ValueError, match="choose among"):
+        text_to_image.prepare(c)
