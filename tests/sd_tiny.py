@@ -34,7 +34,7 @@ def make_folder(path, prediction="epsilon", seed=0):
 
     tok_dir = str(path).rstrip("/") + "_vocab"
     vocab_size = _tokenizer_files(tok_dir)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
     torch.manual_seed(seed)
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
