@@ -77,3 +77,19 @@ def test_sd_unet_loader_errors(tmp_path):
     os.remove(os.path.join(path, "diffusion_pytorch_model.safetensors"))
     with pytest.raises(FileNotFoundError, match="safetensors is missing"):
         load_sd_unet(path)
+
+
+def test_sd_unet_half_precision_follows_float32(tmp_path):
+    """dtype=bfloat16: parameters stored and computed in bfloat16 (softmax in float32), output float32 and
+    close to the float32 network's."""
+    _, path = _tiny_unet(tmp_path, SD2)
+    model32, params32, _ = load_sd_unet(path)
+    model16, params16, _ = load_sd_unet(path, dtype=jnp.bfloat16)
+    assert all(a.dtype == jnp.bfloat16 for a in __import__("jax").tree_util.tree_leaves(params16))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
+    t, ctx = jnp.array([7, 815]), jnp.asarray(rng.standard_normal((2, 5, 24)), jnp.float32)
+    ref = np.asarray(model32.apply(params32, x, t, ctx))
+    got = model16.apply(params16, x, t, ctx)
+    assert got.dtype == jnp.float32
+    assert np.abs(np.asarray(got) - ref).max() < 0.05 * np.abs(ref).max()
