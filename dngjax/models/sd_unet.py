@@ -91,11 +91,16 @@ class ResnetBlock(nn.Module):
 
 
 def attend(q: Array, k: Array, v: Array, heads: int) -> Array:
-    """Softmax attention: q (B, N, C), k and v (B, M, C) -> (B, N, C), ``heads`` heads of C / heads;
-    logits and softmax in float32 whatever the compute dtype."""
+    """Softmax attention: q (B, N, C), k and v (B, M, C) -> (B, N, C), ``heads`` heads of C / heads.
+
+    float32: logits and softmax written out (exactly diffusers' math). Half precision:
+    ``jax.nn.dot_product_attention``, which XLA may lower to a fused kernel on a GPU (cuDNN flash
+    attention) instead of materialising the (B, heads, N, M) logits; softmax statistics in float32."""
     b, n, c = q.shape
     d = c // heads
     q, k, v = (a.reshape(b, a.shape[1], heads, d) for a in (q, k, v))
+    if q.dtype in (jnp.float16, jnp.bfloat16):
+        return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d)).reshape(b, n, c)
     logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
     w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhnm,bmhd->bnhd", w, v).reshape(b, n, c)
