@@ -55,7 +55,6 @@ def main(argv=None):
     args = _parse_args(argv)
     if args.threads == 1:
         os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-    import numpy as np
     import jax
     import dngjax as dj
     from dngjax import stable_diffusion as sd

@@ -92,11 +92,11 @@ def load(folder: str, dtype: Any = None) -> StableDiffusion:
     ``folder`` holds ``model_index.json`` and the components unet/, vae/, text_encoder/, tokenizer/ and
     scheduler/ (safetensors weights, float32 or the ``.fp16`` variant). ``dtype``: the UNet's parameter
     and compute dtype (e.g. ``jnp.float16`` or ``jnp.bfloat16`` on a GPU; default float32); the text
-    encoder and the VAE stay in float32. Errors name the missing or mismatched part before any weight of
-    the other components is read.
+    encoder and the VAE stay in float32. Errors name the missing or mismatched part (the folder's
+    layout and the scheduler are checked before any weights are read).
     """
     from .models.clip import load_clip_text, load_tokenizer
-    from .models.sd_unet import load_sd_unet
+    from .models.sd_unet import context_dim, load_sd_unet
     from .models.vae import load_vae_decoder
 
     if not os.path.isdir(folder):
@@ -118,7 +118,6 @@ def load(folder: str, dtype: Any = None) -> StableDiffusion:
     text_encoder, text_params = load_clip_text(os.path.join(folder, "text_encoder"))
     tokenize = load_tokenizer(os.path.join(folder, "tokenizer"), max_length=text_encoder.max_positions)
     unet, unet_params, unet_cfg = load_sd_unet(os.path.join(folder, "unet"), dtype)
-    from .models.sd_unet import context_dim
     if context_dim(unet_cfg) != text_encoder.width:
         raise ValueError(f"the UNet attends to {context_dim(unet_cfg)}-wide text features but the text encoder "
                          f"gives {text_encoder.width}: components of different models")

@@ -109,7 +109,6 @@ def estimate_seconds(job: Job) -> Dict[str, float]:
 def execute(job: Job) -> str:
     import dngjax as dj
     from dngjax import q_metric, stable_diffusion as sd
-    from sample import plots
 
     c, pipe = job.config, job.pipe
     os.makedirs(job.outdir, exist_ok=True)
