@@ -25,7 +25,8 @@ Writes into the output folder it prints (built under ``<folder>.partial`` and re
 complete, so a failed run leaves no half-made folder): results.csv, results.json, config.json,
 tradeoff.png (KL and FD vs safety, figs. 4/14), class_histogram.png (fig. 13),
 lambda_t.png (figs. 5b/12), samples_overview.png and samples/<method>_scale<s>.png,
-labels.npz (classifier labels of every sample) and optionally samples.npz.
+labels.npz (classifier labels of every sample), features.npz and reference.npz (each sample's scoring
+features and the reference statistics, for paired comparisons between points) and optionally samples.npz.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def score(x, scores_fn, ref, config) -> Dict[str, Any]:
     hist = metrics.class_histogram(labels, k)
     out = dict(
         labels=labels,
+        features=np.asarray(feats, np.float32),
         safety_pct=metrics.safety(labels, c),
         kl=metrics.kl_to_ideal(hist, c, config.kl_pseudo_count),
         fd=metrics.frechet_distance_features(feats, *ref),
@@ -199,9 +201,13 @@ def _fmt_table(rows: List[Dict[str, Any]], fd_name: str) -> str:
     return "\n".join(lines)
 
 
+# per-sample arrays of a row, kept out of results.json (labels.npz, features.npz)
+PER_SAMPLE = ("labels", "features")
+
+
 def write_results(outdir: str, rows: List[Dict[str, Any]]) -> None:
     with open(os.path.join(outdir, "results.json"), "w") as f:
-        json.dump([{k: v for k, v in r.items() if k not in ("labels", "key")} for r in rows], f, indent=2)
+        json.dump([{k: v for k, v in r.items() if k not in PER_SAMPLE + ("key",)} for r in rows], f, indent=2)
     with open(os.path.join(outdir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
@@ -472,7 +478,9 @@ def _save_point(work: str, row: Dict[str, Any], preview: np.ndarray, trace_part:
     arrays = {f"trace_{k}": np.asarray(v) for k, v in trace_part.items() if v is not None}
     if samples is not None:
         arrays["samples"] = samples
-    meta = {k: v for k, v in row.items() if k != "labels"}
+    meta = {k: v for k, v in row.items() if k not in PER_SAMPLE}
+    if row.get("features") is not None:
+        arrays["features"] = row["features"]
     tmp = path + ".tmp.npz"
     np.savez(tmp, meta=np.asarray(json.dumps(meta)), labels=row["labels"].astype(np.int16),
              preview=preview.astype(np.float32), **arrays)
@@ -483,6 +491,8 @@ def _load_point(path: str):
     with np.load(path) as f:
         row = json.loads(str(f["meta"]))
         row["labels"] = f["labels"].astype(np.int64)
+        if "features" in f.files:
+            row["features"] = f["features"]
         trace_part = {k[len("trace_"):]: f[k] for k in f.files if k.startswith("trace_")}
         return row, f["preview"], trace_part, (f["samples"] if "samples" in f.files else None)
 
@@ -627,6 +637,9 @@ def execute(job: Job) -> str:
     write_results(work, rows)
     np.savez_compressed(os.path.join(work, "labels.npz"), seeds=job.seeds,
                         **{r["key"]: r["labels"].astype(np.int8) for r in rows})
+    if all(r.get("features") is not None for r in rows):     # for paired comparisons (sample/report.py)
+        np.savez_compressed(os.path.join(work, "features.npz"), seeds=job.seeds, **{r["key"]: r["features"] for r in rows})
+        np.savez(os.path.join(work, "reference.npz"), mu=job.ref[0], sigma=job.ref[1])
     if config.save_samples:
         np.savez_compressed(os.path.join(work, "samples.npz"), seeds=job.seeds, **saved)
     for r in rows:

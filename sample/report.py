@@ -40,11 +40,68 @@ def best_at_high_safety(rows: List[Dict], high_safety: float = 1.0) -> Dict[str,
     return out
 
 
-def verdict(best: Dict[str, Dict[str, Optional[Dict]]], dng: str, key: str) -> str:
+def point_keys(rows: List[Dict]) -> List[str]:
+    """The labels.npz / features.npz key of each row of a results.json: ``none_0``, then
+    ``<method>_<k>`` with k the row's index among its method's rows (the run's grid order)."""
+    from sample.class_removal import method_key
+    seen: Dict[str, int] = {}
+    keys = []
+    for r in rows:
+        name = "none" if r["method"] == "none" else method_key(r["method"])
+        keys.append(f"{name}_{seen.get(name, 0)}")
+        seen[name] = seen.get(name, 0) + 1
+    return keys
+
+
+class PerSample:
+    """A run's per-sample data (labels, scoring features, reference statistics), when it has them, for
+    paired bootstrap comparisons: all points of a run share their seeds, so resampling the seeds
+    jointly gives the standard error of a *difference* between two points, which is much smaller
+    than the two points' errors combined when their samples are alike."""
+
+    def __init__(self, run: str, rows: List[Dict]):
+        self.ok = all(os.path.isfile(os.path.join(run, f))
+                      for f in ("labels.npz", "features.npz", "reference.npz", "config.json"))
+        if not self.ok:
+            return
+        self.keys = {id(r): k for r, k in zip(rows, point_keys(rows))}
+        self.labels, self.features = np.load(os.path.join(run, "labels.npz")), np.load(os.path.join(run, "features.npz"))
+        ref = np.load(os.path.join(run, "reference.npz"))
+        self.ref = (ref["mu"], ref["sigma"])
+        self.removed = rows[0].get("removed_classes", rows[0]["removed_class"])
+        with open(os.path.join(run, "config.json")) as f:
+            self.pseudo_count = json.load(f).get("kl_pseudo_count")
+
+    def statistic(self, row: Dict, key: str, idx: np.ndarray) -> float:
+        from dngjax import metrics
+        k = self.keys[id(row)]
+        if key == "kl":
+            lab = self.labels[k].astype(np.int64)[idx]
+            removed = [int(c) for c in str(self.removed).split("+")] if isinstance(self.removed, str) else self.removed
+            pc = metrics.KL_PSEUDO_COUNT if self.pseudo_count is None else self.pseudo_count
+            return metrics.kl_to_ideal(metrics.class_histogram(lab, len(row["histogram"])), removed, pc)
+        return metrics.frechet_distance_features(self.features[k][idx], *self.ref)
+
+    def gap_se(self, a: Dict, b: Dict, key: str, num: int = 200, seed: int = 0) -> Optional[float]:
+        """Bootstrap standard error of statistic(b) - statistic(a), resampling the seeds jointly."""
+        if not self.ok:
+            return None
+        n = len(self.labels[self.keys[id(a)]])
+        rng = np.random.default_rng(seed)
+        gaps = []
+        for _ in range(num):
+            idx = rng.integers(0, n, n)
+            gaps.append(self.statistic(b, key, idx) - self.statistic(a, key, idx))
+        return float(np.std(gaps, ddof=1))
+
+
+def verdict(best: Dict[str, Dict[str, Optional[Dict]]], dng: str, key: str,
+            per_sample: Optional[PerSample] = None) -> str:
     """Is DNG variant ``dng``'s lowest ``key`` at high safety below that of NP and SLD?
 
-    "yes" / "no" by the point estimates; "(within noise)" when the gap to the best
-    of NP and SLD is smaller than the two bootstrap standard errors combined.
+    "yes" / "no" by the point estimates; "(within noise)" when the gap to the best of NP and SLD is
+    under two standard errors of the gap: paired (the seeds resampled jointly, ``per_sample``) when
+    the run has its per-sample files, else the two points' bootstrap errors combined (conservative).
     """
     b = best.get(dng, {}).get(key)
     if b is None:
@@ -54,10 +111,12 @@ def verdict(best: Dict[str, Dict[str, Optional[Dict]]], dng: str, key: str) -> s
         return "only DNG reaches high safety"
     m_best, o = min(others.items(), key=lambda kv: kv[1][key])
     gap = o[key] - b[key]
-    se = np.hypot(b.get(key + "_std", 0.0), o.get(key + "_std", 0.0))
+    paired = per_sample.gap_se(b, o, key) if per_sample is not None else None
+    se = paired if paired is not None else np.hypot(b.get(key + "_std", 0.0), o.get(key + "_std", 0.0))
     word = "yes" if gap > 0 else "no"
     noise = " (within noise)" if se > 0 and abs(gap) < 2 * se else ""
-    return f"{word}{noise}: {b[key]:.3g} vs {m_best} {o[key]:.3g}"
+    how = f", gap {gap:.3g} +- {se:.2g}" + (" paired" if paired is not None else "") if se > 0 else ""
+    return f"{word}{noise}: {b[key]:.3g} vs {m_best} {o[key]:.3g}{how}"
 
 
 def markdown(runs: List[str], high_safety: float = 1.0) -> str:
@@ -87,14 +146,17 @@ def markdown(runs: List[str], high_safety: float = 1.0) -> str:
             kl = "--" if b["kl"] is None else f"{b['kl']['kl']:.4f}{pm(b['kl'], 'kl', '.4f')} ({b['kl']['scale']:g})"
             fd = "--" if b["fd"] is None else f"{b['fd']['fd']:.2f}{pm(b['fd'], 'fd', '.2f')} ({b['fd']['scale']:g})"
             summary.append(f"| {r0.get('removed_classes', r0['removed_class'])} | {r0['n']} | {r0['steps']} | {base_str} | {m} | {kl} | {fd} |")
+        per_sample = PerSample(run, rows)
         for m in best:
             if m.startswith("DNG"):
-                claims.append(f"| {r0.get('removed_classes', r0['removed_class'])} | {m} | {verdict(best, m, 'kl')} | {verdict(best, m, 'fd')} |")
+                claims.append(f"| {r0.get('removed_classes', r0['removed_class'])} | {m} | "
+                              f"{verdict(best, m, 'kl', per_sample)} | {verdict(best, m, 'fd', per_sample)} |")
     head = [f"Among the grid points with <= {high_safety:g}% of samples in the removed class, each method's "
             "lowest KL and lowest FD (its guidance scale in brackets); -- : the method never reaches that "
             "safety on its grid. ±: bootstrap standard errors (resampling the n samples of a point).\n"]
     return "\n".join(head + summary + ["", "The paper's claim, point by point "
-                                        "(\"within noise\": the gap is under two combined standard errors):\n"]
+                                        "(\"within noise\": the gap is under two standard errors of the gap; "
+                                        "\"paired\": from resampling the shared seeds jointly):\n"]
                      + claims + [""] + lines)
 
 

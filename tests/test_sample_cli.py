@@ -111,6 +111,17 @@ def test_cli_end_to_end_writes_every_file(tiny_checkpoints, tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "removed class 1" in md and "| DNG | 5 |" in md
     assert (tmp_path / "report" / "tradeoff_all.png").stat().st_size > 0
+    # the per-sample files give back every point's KL and FD, and paired errors of differences
+    per = report.PerSample(str(out), rows)
+    assert per.ok and sorted(np.load(out / "features.npz").files) == sorted(labels.files)
+    full = np.arange(8)
+    for r in rows:
+        assert per.statistic(r, "kl", full) == pytest.approx(r["kl"], rel=1e-6)
+        assert per.statistic(r, "fd", full) == pytest.approx(r["fd"], rel=1e-4)
+    se = per.gap_se(rows[1], rows[2], "fd", num=20)
+    assert np.isfinite(se) and se > 0
+    assert per.gap_se(rows[1], rows[1], "kl", num=20) == 0.0          # a point against itself
+    assert "paired" in report.verdict({"DNG": {"fd": rows[4]}, "NP": {"fd": rows[1]}}, "DNG", "fd", per)
 
 
 def test_resolve_path_and_bad_method(tmp_path):
