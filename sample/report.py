@@ -60,14 +60,18 @@ class PerSample:
     than the two points' errors combined when their samples are alike."""
 
     def __init__(self, run: str, rows: List[Dict]):
-        self.ok = all(os.path.isfile(os.path.join(run, f))
-                      for f in ("labels.npz", "features.npz", "reference.npz", "config.json"))
-        if not self.ok:
+        have = lambda f: os.path.isfile(os.path.join(run, f))
+        self.has_labels = have("labels.npz") and have("config.json")            # paired KL
+        self.has_features = have("features.npz") and have("reference.npz")     # paired FD (newer runs)
+        self.ok = self.has_labels and self.has_features
+        if not self.has_labels:
             return
         self.keys = {id(r): k for r, k in zip(rows, point_keys(rows))}
-        self.labels, self.features = np.load(os.path.join(run, "labels.npz")), np.load(os.path.join(run, "features.npz"))
-        ref = np.load(os.path.join(run, "reference.npz"))
-        self.ref = (ref["mu"], ref["sigma"])
+        self.labels = np.load(os.path.join(run, "labels.npz"))
+        if self.has_features:
+            self.features = np.load(os.path.join(run, "features.npz"))
+            ref = np.load(os.path.join(run, "reference.npz"))
+            self.ref = (ref["mu"], ref["sigma"])
         self.removed = rows[0].get("removed_classes", rows[0]["removed_class"])
         with open(os.path.join(run, "config.json")) as f:
             self.pseudo_count = json.load(f).get("kl_pseudo_count")
@@ -83,8 +87,9 @@ class PerSample:
         return metrics.frechet_distance_features(self.features[k][idx], *self.ref)
 
     def gap_se(self, a: Dict, b: Dict, key: str, num: int = 200, seed: int = 0) -> Optional[float]:
-        """Bootstrap standard error of statistic(b) - statistic(a), resampling the seeds jointly."""
-        if not self.ok:
+        """Bootstrap standard error of statistic(b) - statistic(a), resampling the seeds jointly
+        (None when the run lacks the per-sample data of ``key``)."""
+        if not (self.has_labels and (key == "kl" or self.has_features)):
             return None
         n = len(self.labels[self.keys[id(a)]])
         rng = np.random.default_rng(seed)
