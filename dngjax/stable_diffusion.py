@@ -179,7 +179,11 @@ def decode(pipe: StableDiffusion, latents, batch_size: int = 8) -> np.ndarray:
     lead, flat = latents.shape[:-3], latents.reshape((-1,) + latents.shape[-3:])
     out = []
     for i in range(0, flat.shape[0], batch_size):
-        x = np.asarray(_apply(pipe.vae, pipe.vae_params, jnp.asarray(flat[i:i + batch_size] / pipe.scaling_factor)))
+        part = flat[i:i + batch_size]
+        m = len(part)
+        if m < batch_size and flat.shape[0] > batch_size:      # the last batch padded: one compiled shape
+            part = np.concatenate([part, np.repeat(part[-1:], batch_size - m, axis=0)])
+        x = np.asarray(_apply(pipe.vae, pipe.vae_params, jnp.asarray(part / pipe.scaling_factor)))[:m]
         out.append(np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8))
     images = np.concatenate(out) if out else np.zeros((0,) + tuple(s * pipe.downscale for s in latents.shape[-3:-1]) + (3,), np.uint8)
     return images.reshape(lead + images.shape[1:])
