@@ -104,6 +104,7 @@ def test_generate_scale_zero_is_cfg_and_decodes_like_diffusers(tiny):
         ref = torch_pipe.vae.decode(torch.from_numpy(latents[1].transpose(0, 3, 1, 2) / pipe.scaling_factor)).sample
     ref = np.clip(np.round((ref.numpy().transpose(0, 2, 3, 1) + 1) * 127.5), 0, 255)
     assert np.abs(images[1].astype(int) - ref.astype(int)).max() <= 1
+    np.testing.assert_array_equal(sd.decode(pipe, latents, batch_size=4), images)     # padded last batch
     with pytest.raises(ValueError, match="needs a negative prompt"):
         sd.generate(pipe, PROMPT, None, seeds=[0], rule=rule)
     with pytest.raises(ValueError, match="does not use a negative prompt"):
