@@ -497,6 +497,49 @@ def _load_point(path: str):
         return row, f["preview"], trace_part, (f["samples"] if "samples" in f.files else None)
 
 
+def sweep_in_chunks(job: Job, work: str, name: str, rule, scales: List[float]):
+    """``dj.sweep`` of ``rule`` over ``scales`` and the job's seeds, chunk by chunk, every finished chunk
+    kept in ``<work>/chunks/<name>_<scales>/`` so that an interrupted method resumes at its first
+    unfinished chunk (each seed's sample depends on its key only, not on its chunk).
+
+    Returns (x (K, N, ...), :class:`dngjax.Trace` with lam and p (K, S, N), the chunk folder).
+    """
+    import dngjax as dj
+    config = job.config
+    folder = os.path.join(work, "chunks", name + "_" + "_".join(f"{s:g}" for s in scales))
+    os.makedirs(folder, exist_ok=True)
+    n = len(job.seeds)
+    parts, done = [], np.zeros(n, bool)
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".npz") and not f.endswith(".tmp.npz"):
+            with np.load(os.path.join(folder, f)) as z:
+                parts.append({k: z[k] for k in ("idx", "x", "lam", "p", "t")})
+            done[parts[-1]["idx"]] = True
+    todo = np.flatnonzero(~done)
+    if len(parts) and len(todo):
+        print(f"{name}: resuming at seed index {todo[0]} ({done.sum()} of {n} seeds done)", flush=True)
+    if len(todo):
+        chunks = dj.sample_chunks(job.denoiser_u, job.schedule, dj.keys_from_seeds(job.seeds[todo]), job.shape,
+                                  rule=rule, grid={"scale": list(scales)}, denoiser_c=job.denoiser_c,
+                                  chunk_size=config.chunk_size, return_trace=True, noise=config.noise,
+                                  progress=config.progress)
+        for ch in chunks:
+            part = {"idx": todo[ch.start:ch.start + ch.x.shape[1]], "x": ch.x, "lam": ch.trace.lam,
+                    "p": ch.trace.p, "t": ch.trace.t}
+            path = os.path.join(folder, f"{part['idx'][0]:07d}.npz")
+            np.savez(path + ".tmp.npz", **part)
+            os.replace(path + ".tmp.npz", path)
+            parts.append(part)
+    k, steps = len(scales), len(parts[0]["t"])
+    x = np.empty((k, n) + tuple(job.shape), np.float32)
+    lam, p = np.empty((k, steps, n), np.float32), np.empty((k, steps, n), np.float32)
+    for part in parts:
+        x[:, part["idx"]] = part["x"]
+        lam[:, :, part["idx"]] = part["lam"]
+        p[:, :, part["idx"]] = part["p"]
+    return x, dj.Trace(t=parts[0]["t"], lam=lam, p=p), folder
+
+
 def pass_seconds(job: Job) -> float:
     """Measured seconds of one network pass per image, at the batch size of one sampling call."""
     import jax
@@ -603,10 +646,7 @@ def execute(job: Job) -> str:
         if not todo:
             continue
         t0 = time.time()
-        x, trace = dj.sweep(job.denoiser_u, job.schedule, keys, job.shape, rule=rule,
-                            grid={"scale": [scales[k] for k in todo]}, denoiser_c=job.denoiser_c,
-                            chunk_size=config.chunk_size, return_trace=True, noise=config.noise,
-                            progress=config.progress)
+        x, trace, chunks = sweep_in_chunks(job, work, name, rule, [scales[k] for k in todo])
         dt = time.time() - t0
         reduced = plots.reduce_trace(trace, [scales[k] for k in todo], removed_mask)
         for j, k in enumerate(todo):
@@ -617,8 +657,10 @@ def execute(job: Job) -> str:
                         sample_seconds=dt / len(todo), key=f"{name}_{k}", **common, **hyper), x[j], part)
             bar.update(1)
         bar.set_postfix_str(f"{m} done in {dt:.0f}s")
+        shutil.rmtree(chunks)                         # its points are saved now
         del x, trace
     bar.close()
+    shutil.rmtree(os.path.join(work, "chunks"), ignore_errors=True)     # chunks of grids no longer asked for
 
     # every point in config order, and each method's lambda_t / p_t curves stacked over its scales
     order = (["none_0"] if config.baseline else []) + [f"{method_key(m)}_{k}"

@@ -383,7 +383,8 @@ def test_an_outdir_holding_other_files_is_refused_not_replaced(tiny_checkpoints,
 
 
 def test_interrupted_run_resumes_without_recomputing_finished_points(tiny_checkpoints, tmp_path, monkeypatch):
-    """Finished grid points are kept in <outdir>.partial/points; the same config again samples only
+    """Finished grid points are kept in <outdir>.partial/points, finished chunks of seeds of an unfinished
+    method in <outdir>.partial/chunks; the same config again samples only
     the rest, and the result equals an uninterrupted run."""
     import dngjax as dj
     from sample import class_removal
@@ -397,26 +398,29 @@ def test_interrupted_run_resumes_without_recomputing_finished_points(tiny_checkp
         c.outdir = str(out)
         return c
 
-    real, calls = dj.sweep, []
+    real, calls = dj.sample_chunks, []
 
-    def interrupted(*a, **k):
-        calls.append(list(k["grid"]["scale"]))
-        if k["rule"].__class__.__name__ == "DynamicNegativeGuidance":
-            raise KeyboardInterrupt
-        return real(*a, **k)
+    def interrupted(*a, **k):                  # DNG stops after its first chunk of seeds (4 of 8)
+        calls.append((k["rule"].__class__.__name__, list(k["grid"]["scale"]), len(a[2])))
+        for i, chunk in enumerate(real(*a, **k)):
+            if i == 1 and k["rule"].__class__.__name__ == "DynamicNegativeGuidance":
+                raise KeyboardInterrupt
+            yield chunk
 
     out = tmp_path / "run"
-    monkeypatch.setattr(dj, "sweep", interrupted)
+    monkeypatch.setattr(dj, "sample_chunks", interrupted)
     with pytest.raises(KeyboardInterrupt):
         class_removal.execute(class_removal.prepare(config(out)))
     assert sorted(os.listdir(str(out) + ".partial/points")) == ["NP_s0.5.npz", "NP_s2.npz", "none_s0.npz"]
+    assert os.listdir(str(out) + ".partial/chunks/DNG_5") == ["0000000.npz"]     # DNG's first chunk
     assert not out.exists()
 
     calls.clear()
-    monkeypatch.setattr(dj, "sweep", lambda *a, **k: (calls.append(list(k["grid"]["scale"])), real(*a, **k))[1])
+    monkeypatch.setattr(dj, "sample_chunks", lambda *a, **k: (
+        calls.append((k["rule"].__class__.__name__, list(k["grid"]["scale"]), len(a[2]))), real(*a, **k))[1])
     class_removal.execute(class_removal.prepare(config(out)))
-    assert calls == [[5.0]]                                   # only DNG's point was sampled
-    assert not os.path.exists(str(out) + ".partial")
+    assert calls == [("DynamicNegativeGuidance", [5.0], 4)]   # only DNG's unfinished seeds were sampled
+    assert not os.path.exists(str(out) + ".partial") and not (out / "chunks").exists()
 
     class_removal.run(config(tmp_path / "once"))
     resumed = json.loads((out / "results.json").read_text())
@@ -452,8 +456,8 @@ def test_finished_run_grows_by_new_methods_and_scales_only(tiny_checkpoints, tmp
             setattr(c, k, v)
         return c
 
-    real, calls = dj.sweep, []
-    monkeypatch.setattr(dj, "sweep", lambda *a, **k: (calls.append(
+    real, calls = dj.sample_chunks, []
+    monkeypatch.setattr(dj, "sample_chunks", lambda *a, **k: (calls.append(
         (k["rule"].__class__.__name__, list(k["grid"]["scale"]))), real(*a, **k))[1])
     out = tmp_path / "run"
     class_removal.run(config(out, ("NP",), {"NP": (0.5, 2.0)}))
