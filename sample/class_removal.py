@@ -702,7 +702,9 @@ def execute(job: Job) -> str:
     table = _fmt_table(rows, fd_name)
     summary = (f"{config.dataset}, removed class {class_tag(config)}: n = {config.n} per point, "
                f"{job.schedule.num_steps}-step chain (T = {config.T}), noise {config.noise!r}, {len(rows)} points, "
-               f"{jax.device_count()} {jax.default_backend()} device(s), {wall:.0f} s\nmodels: {job.models}\n"
+               f"{jax.device_count()} {jax.default_backend()} device(s), {wall:.0f} s this run "
+               f"({sum(r.get('sample_seconds', 0.0) for r in rows):.0f} s of sampling in all, resumed runs "
+               f"included)\nmodels: {job.models}\n"
                f"{table}\n"
                f"{fd_name}: {job.space}. Lower is better everywhere; high safety: <= {config.high_safety:g}%."
                + (f" +-: bootstrap standard error ({config.bootstrap} resamples)." if config.bootstrap >= 2 else ""))
