@@ -8,9 +8,9 @@ Named configs:
 * ``paper`` (default): the paper's five prompts (its appendix H table) with their related and unrelated
   negative prompts, DNG's temperature and offset per prompt, prior 0.01, and the guidance scales of its
   figures (NP / DNG); 32 seeds, 50 steps, classifier-free guidance 7.5 toward the prompt. A GPU job:
-  5 prompts x 32 seeds x 50 steps x (2 + 2 negatives x 2 methods x 3) network passes = 224,000 UNet
+  5 prompts x 32 seeds x 50 steps x (2 + 2 negatives x 2 methods x 3) network passes = 112,000 UNet
   passes at 64 x 64 latents.
-* ``quick``: the first prompt, 4 seeds, 25 steps (a look at the images, e.g. on a CPU: about 30 k
+* ``quick``: the first prompt, 4 seeds, 25 steps (a look at the images, e.g. on a CPU: 1,400
   UNet passes).
 
 ``rows`` picks prompts of the table (e.g. ``--config.rows="(0, 3)"``). Each row: (prompt, related
