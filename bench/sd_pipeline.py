@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -63,8 +62,7 @@ def main(argv=None):
         return _real_size(args)
     import torch
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from sd_tiny import make_folder
+    from tests.sd_tiny import make_folder                        # run from the repository root (PYTHONPATH=.)
 
     folder = os.path.join(tempfile.mkdtemp(prefix="dngjax-sd-bench-"), "tiny-sd")
     torch_pipe = make_folder(folder)

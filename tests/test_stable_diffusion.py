@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 import dngjax as dj  # noqa: E402
 from dngjax import stable_diffusion as sd  # noqa: E402
-from sd_tiny import make_folder  # noqa: E402
+from tests.sd_tiny import make_folder  # noqa: E402
 
 PROMPT, NEGATIVE = "a cat", "a dog"
 
