@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import jax
 import jax.numpy as jnp
 
 torch = pytest.importorskip("torch")
@@ -44,7 +45,7 @@ def test_sd_unet_matches_diffusers(tmp_path, kwargs):
     with torch.no_grad():
         ref = unet(torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx)).sample
     ref = ref.numpy().transpose(0, 2, 3, 1)
-    got = np.asarray(model.apply(params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx)))
+    got = np.asarray(jax.jit(model.apply)(params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx)))
     assert got.shape == (2, 8, 12, 4)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
@@ -85,11 +86,11 @@ def test_sd_unet_half_precision_follows_float32(tmp_path):
     _, path = _tiny_unet(tmp_path, SD2)
     model32, params32, _ = load_sd_unet(path)
     model16, params16, _ = load_sd_unet(path, dtype=jnp.bfloat16)
-    assert all(a.dtype == jnp.bfloat16 for a in __import__("jax").tree_util.tree_leaves(params16))
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree_util.tree_leaves(params16))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
     t, ctx = jnp.array([7, 815]), jnp.asarray(rng.standard_normal((2, 5, 24)), jnp.float32)
-    ref = np.asarray(model32.apply(params32, x, t, ctx))
-    got = model16.apply(params16, x, t, ctx)
+    ref = np.asarray(jax.jit(model32.apply)(params32, x, t, ctx))   # jitted: eager dispatch compiles per op
+    got = jax.jit(model16.apply)(params16, x, t, ctx)
     assert got.dtype == jnp.float32
     assert np.abs(np.asarray(got) - ref).max() < 0.05 * np.abs(ref).max()

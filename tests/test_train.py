@@ -61,10 +61,20 @@ def _params_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_ddpm_tiny_trains_loss_falls_and_resumes_identically(fake_data, tmp_path):
+def test_ddpm_tiny_trains_loss_falls_resumes_identically_and_compiles_once_per_run(fake_data, tmp_path):
+    """The loss falls; a run interrupted after a save and rerun ends with the uninterrupted run's
+    parameters; and the train step is compiled once per run: the saves put host scalars into the state
+    with the state's sharding (the step is compiled ahead of time, so a mismatch would raise), and a
+    resumed run compiles once too. metrics.jsonl holds each step once after the resume."""
+    import shutil
+
+    from compile_count import count_compiles
+
     cfg = _cfg(mnist_ddpm, fake_data, num_steps=8, checkpoint_every=4)
     full = str(tmp_path / "full")
-    card = trainer.train_and_evaluate(cfg, full)
+    with count_compiles("train_step") as compiles:
+        card = trainer.train_and_evaluate(cfg, full)
+        assert len(compiles) == 1, compiles               # the save at step 4 did not recompile
     assert card["steps"] == 8 and card["kind"] == "ddpm"
     for key in ("config", "wall_time_s", "hardware", "final_loss", "arch", "num_params"):
         assert key in card
@@ -74,39 +84,23 @@ def test_ddpm_tiny_trains_loss_falls_and_resumes_identically(fake_data, tmp_path
 
     # interrupted after 4 steps (as if killed right after the save), then the same command again
     part = str(tmp_path / "part")
-    halted = trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=8, checkpoint_every=4,
-                                           max_steps_this_run=5), part)
-    assert halted["halted"] and halted["step"] == 5
-    assert not os.path.exists(os.path.join(part, "model"))
-    # step 5 was saved too (the last step of a run is always saved); drop it to resume from step 4
-    import shutil
-    shutil.rmtree(os.path.join(part, "checkpoints", "5"))
-    trainer.train_and_evaluate(cfg, part)
+    with count_compiles("train_step") as compiles:
+        halted = trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=8, checkpoint_every=4,
+                                               max_steps_this_run=5), part)
+        assert halted["halted"] and halted["step"] == 5
+        assert not os.path.exists(os.path.join(part, "model"))
+        # step 5 was saved too (the last step of a run is always saved); drop it to resume from step 4:
+        # the log holds step 5, the checkpoint does not
+        shutil.rmtree(os.path.join(part, "checkpoints", "5"))
+        jax.clear_caches()
+        trainer.train_and_evaluate(cfg, part)
+        assert len(compiles) == 2, compiles                # one per run, the resumed one included
+    with open(os.path.join(part, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 9))
     m1, p1, _ = checkpoint.load_model(full)
     m2, p2, _ = checkpoint.load_model(part)
     assert m1 == m2
     _params_equal(p1, p2)
-
-
-def test_train_step_compiles_once_per_run_across_saves_and_a_resume(fake_data, tmp_path):
-    """One backend compilation of the train step per run: saves put host scalars into the state with
-    the state's sharding (the step is compiled ahead of time, so a mismatch would raise), and a
-    resumed run compiles once too. Also: metrics.jsonl holds each step once after a resume."""
-    from compile_count import count_compiles
-
-    with count_compiles("train_step") as compiles:
-        wd = str(tmp_path / "w")
-        trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=6, checkpoint_every=2, max_steps_this_run=5), wd)
-        assert len(compiles) == 1, compiles               # saves at steps 2 and 4 (and 5) did not recompile
-        # as if killed after the save at step 4: the log holds step 5, the checkpoint does not
-        import shutil
-        shutil.rmtree(os.path.join(wd, "checkpoints", "5"))
-        jax.clear_caches()
-        trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=6, checkpoint_every=2), wd)
-        assert len(compiles) == 2, compiles                # the resumed run: once
-    with open(os.path.join(wd, "metrics.jsonl")) as f:
-        steps = [json.loads(line)["step"] for line in f]
-    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_class_conditional_ddpm_trains_with_label_dropout(fake_data, tmp_path):
@@ -119,10 +113,10 @@ def test_class_conditional_ddpm_trains_with_label_dropout(fake_data, tmp_path):
     t = np.array([10, 500], np.int32)
     # the label embedding was trained: the gradient reached the rows of the labels it saw and the null row
     emb = np.asarray(params["params"]["label_emb"]["embedding"])
-    init = np.asarray(module.init(jax.random.PRNGKey(cfg.seed), x[:1], t[:1], np.zeros(1, np.int32))
-                      ["params"]["label_emb"]["embedding"])
+    init = np.asarray(jax.jit(module.init)(jax.random.PRNGKey(cfg.seed), x[:1], t[:1], np.zeros(1, np.int32))
+                      ["params"]["label_emb"]["embedding"])   # jitted: eager init compiles op by op
     assert not np.allclose(emb, init)
-    assert module.apply(params, x, t, label=np.array([3, 10])).shape == x.shape
+    assert jax.eval_shape(module.apply, params, x, t, label=np.array([3, 10])).shape == x.shape
     bad = _cfg(mnist_cond, fake_data, num_steps=2, label_dropout=0.0)
     with pytest.raises(ValueError, match="label_dropout"):
         trainer.train_and_evaluate(bad, str(tmp_path / "bad"))
