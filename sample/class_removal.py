@@ -162,11 +162,16 @@ def score(x, scores_fn, ref, config) -> Dict[str, Any]:
 
     ``scores_fn(x) -> (labels, features)``: one pass of the scoring network(s) over x.
     """
+    labels, feats = scores_fn(x)
+    return score_labels(np.asarray(labels), np.asarray(feats, np.float32), ref, config)
+
+
+def score_labels(labels: np.ndarray, feats: np.ndarray, ref, config) -> Dict[str, Any]:
+    """:func:`score` from the classifier's labels (N,) and the scoring features (N, D) of the samples."""
     from dngjax import metrics
     from dngjax.data import NUM_CLASSES
     k = NUM_CLASSES[config.dataset]
     c = removed_classes(config)
-    labels, feats = scores_fn(x)
     hist = metrics.class_histogram(labels, k)
     out = dict(
         labels=labels,

@@ -10,6 +10,7 @@
   python sample/main.py --job=posterior_check --classes=0,1,2,3    # does DNG's p_t flag the class?
   python sample/main.py --job=report --runs=outputs/report_cpu     # one report over several runs
   python sample/main.py --job=select --runs=outputs/select          # DNG hyperparameters from selection runs
+  python sample/main.py --job=extend --runs=OUT/class_0 --n=1024     # the points that decide the verdict, on more seeds
   python sample/main.py --job=calibrate --target=1 --config.seed=5000  # smallest scale with <= 1 % (95 % bound)
   python sample/main.py --job=text_to_image --config=sample/configs/sd.py:paper \\
       --config.folder=PATH/stable-diffusion-2-base --config.clip=PATH/clip-vit-large-patch14   # SD + Q metric
@@ -19,6 +20,7 @@ Jobs: ``class_removal`` (default; :mod:`sample.class_removal`), ``posterior_chec
 (:mod:`sample.posterior_check`: the config's DNG hyperparameters, chain and models, unguided) and
 ``report`` (:mod:`sample.report`: report.md and one trade-off figure over class-removal runs) and
 ``select`` (:mod:`sample.selection`: DNG's hyperparameters from runs on selection seeds, by a fixed rule) and
+``extend`` (:mod:`sample.extend`: a run's deciding points topped up to --n samples, merged by the report) and
 ``calibrate`` (:mod:`sample.calibrate`: per method, the smallest scale of its grid that meets --target) and
 ``text_to_image`` (:mod:`sample.text_to_image`: Stable Diffusion with NP / DNG away from negative prompts,
 the paper's Q metric; config sample/configs/sd.py).
@@ -42,11 +44,12 @@ def define_flags():
         "Config file, path[:name] (default: sample/configs/mnist.py, the 'quick' main job; "
         "text_to_image: sample/configs/sd.py).",
         lock_config=True)
-    flags.DEFINE_enum("job", "class_removal", ["class_removal", "posterior_check", "report", "select", "calibrate",
-                                        "text_to_image"],
+    flags.DEFINE_enum("job", "class_removal", ["class_removal", "posterior_check", "report", "select", "extend",
+                                               "calibrate", "text_to_image"],
                       "What to run.")
     flags.DEFINE_list("classes", None, "posterior_check: removed classes to check (default: the config's).")
-    flags.DEFINE_list("runs", None, "report, select: class-removal output folders, or folders of them.")
+    flags.DEFINE_list("runs", None, "report, select, extend: class-removal output folders, or folders of them.")
+    flags.DEFINE_integer("n", 1024, "extend: samples per deciding point after the top-up.")
     flags.DEFINE_float("target", 1.0, "calibrate: the highest acceptable share of the removed class, in %.")
     flags.DEFINE_float("confidence", 0.95, "calibrate: one-sided confidence of the bound on that share.")
     flags.DEFINE_string("out", None, "posterior_check, calibrate: output folder (default outputs/posterior_check, "
@@ -80,6 +83,21 @@ def main(argv):
             classes = [int(c) for c in (FLAGS.classes or [config.removed_class])]
             job = posterior_check.prepare(config, classes, FLAGS.out or "outputs/posterior_check")
         posterior_check.execute(job)
+    elif FLAGS.job == "extend":
+        from sample import class_removal, extend, report
+        with cli.user_errors():
+            if not FLAGS.runs:
+                raise ValueError("--job=extend needs --runs=FOLDER[,FOLDER...]")
+            runs = [r for r in report.find_runs(FLAGS.runs) if not extend.is_top_up(r)]
+            jobs = {run: extend.extension_config(run, FLAGS.n, progress=config.progress) for run in runs}
+            jobs = {run: class_removal.prepare(cfg) for run, cfg in jobs.items() if cfg is not None}
+        for run in runs:
+            job = jobs.get(run)
+            while job is not None:          # again while the larger samples make another point deciding
+                class_removal.execute(job)
+                cfg = extend.extension_config(run, FLAGS.n, progress=config.progress)
+                job = None if cfg is None else class_removal.prepare(cfg)
+            print(f"{run}: its deciding points have n >= {FLAGS.n}", flush=True)
     else:
         from sample import report, selection
         with cli.user_errors():

@@ -6,6 +6,8 @@
 Writes ``report.md`` (per class: the full table, and the paper's comparison --
 among the points with <= 1% removed class, each method's lowest KL and lowest FD)
 and ``tradeoff_all.png`` (KL and FD against safety, one row per removed class).
+Runs of the same points on other seeds (``--job=extend``'s top-ups) are merged: a point sampled in
+several runs pools their seeds, and its statistics are recomputed on the union.
 """
 
 from __future__ import annotations
@@ -53,50 +55,135 @@ def point_keys(rows: List[Dict]) -> List[str]:
     return keys
 
 
-class PerSample:
-    """A run's per-sample data (labels, scoring features, reference statistics), when it has them, for
-    paired bootstrap comparisons: all points of a run share their seeds, so resampling the seeds
-    jointly gives the standard error of a *difference* between two points, which is much smaller
-    than the two points' errors combined when their samples are alike."""
+# config fields that do not change how a point is sampled or scored: runs that differ only in these
+# (and in their seeds) hold samples of the same points and are merged (sample/extend.py's top-ups)
+_NOT_IDENTITY = ("methods", "grid", "baseline", "grid_images", "outdir", "progress", "n", "seed", "save_samples")
 
-    def __init__(self, run: str, rows: List[Dict]):
-        have = lambda f: os.path.isfile(os.path.join(run, f))
-        self.has_labels = have("labels.npz") and have("config.json")            # paired KL
-        self.has_features = have("features.npz") and have("reference.npz")     # paired FD (newer runs)
+
+def _run_config(run: str) -> Optional[Dict]:
+    path = os.path.join(run, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _identity(run: str) -> str:
+    config = _run_config(run)
+    if config is None:
+        return "run:" + os.path.abspath(run)           # no config: a group of its own
+    return json.dumps({k: v for k, v in config.items() if k not in _NOT_IDENTITY}, sort_keys=True)
+
+
+def group_runs(runs: List[str]) -> List[List[str]]:
+    """Runs of the same points (same chain, models, hyperparameters and scoring; other seeds or grids),
+    in the order of their first run."""
+    groups: Dict[str, List[str]] = {}
+    for run in runs:
+        groups.setdefault(_identity(run), []).append(run)
+    return list(groups.values())
+
+
+class PerSample:
+    """Per-sample data of a group of runs (seeds, labels, scoring features, reference statistics), for
+    merging points sampled in several runs and for paired bootstrap comparisons: points that share
+    their seeds, resampled jointly, give the standard error of a *difference*, much smaller than the
+    two points' errors combined when their samples are alike.
+
+    ``PerSample(runs)``: ``rows`` are the group's points, one per (method, scale), each merged over
+    the runs that sampled it (its seeds the union of theirs, every statistic recomputed), in the order
+    of the first run's grid and then of the later runs' new points.
+    """
+
+    def __init__(self, runs: List[str]):
+        from ml_collections import ConfigDict
+        from sample.class_removal import method_key, score_labels
+
+        if isinstance(runs, str):
+            runs = [runs]
+        self.data: Dict[int, Dict[str, np.ndarray]] = {}      # id(row) -> seeds, labels[, features]
+        have = lambda run, f: os.path.isfile(os.path.join(run, f))
+        self.has_labels = all(have(r, "labels.npz") and have(r, "config.json") for r in runs)
+        self.has_features = self.has_labels and all(have(r, "features.npz") and have(r, "reference.npz")
+                                                    for r in runs)
         self.ok = self.has_labels and self.has_features
+        first = json.load(open(os.path.join(runs[0], "results.json")))
         if not self.has_labels:
+            if len(runs) > 1:
+                raise ValueError(f"runs {runs} sample the same points but lack labels.npz / config.json: "
+                                 "they cannot be merged")
+            self.rows = first
             return
-        self.keys = {id(r): k for r, k in zip(rows, point_keys(rows))}
-        self.labels = np.load(os.path.join(run, "labels.npz"))
+        config = _run_config(runs[0])
+        self.config = ConfigDict(config)
+        self.removed = first[0].get("removed_classes", first[0]["removed_class"])
         if self.has_features:
-            self.features = np.load(os.path.join(run, "features.npz"))
-            ref = np.load(os.path.join(run, "reference.npz"))
+            ref = np.load(os.path.join(runs[0], "reference.npz"))
             self.ref = (ref["mu"], ref["sigma"])
-        self.removed = rows[0].get("removed_classes", rows[0]["removed_class"])
-        with open(os.path.join(run, "config.json")) as f:
-            self.pseudo_count = json.load(f).get("kl_pseudo_count")
+        parts: Dict[tuple, List] = {}                  # (method key, scale) -> [(row, seeds, labels, features)]
+        for run in runs:
+            rows = json.load(open(os.path.join(run, "results.json")))
+            labels = np.load(os.path.join(run, "labels.npz"))
+            feats = np.load(os.path.join(run, "features.npz")) if have(run, "features.npz") else None
+            for r, k in zip(rows, point_keys(rows)):
+                name = "none" if r["method"] == "none" else method_key(r["method"])
+                parts.setdefault((name, round(float(r["scale"]), 12)), []).append(
+                    (r, labels["seeds"], labels[k].astype(np.int64), None if feats is None else feats[k]))
+        self.rows = []
+        for (name, scale), ps in parts.items():
+            # a part whose seeds another part holds adds nothing (e.g. a point resampled at a larger n)
+            ps = sorted(ps, key=lambda p: -len(p[1]))
+            keep = []
+            for p in ps:
+                if not any(np.isin(p[1], q[1]).all() for q in keep):
+                    keep.append(p)
+            seeds = np.concatenate([p[1] for p in keep])
+            if len(np.unique(seeds)) != len(seeds):
+                raise ValueError(f"{name} at scale {scale:g}: runs {runs} share some of its seeds but not all; "
+                                 "merging needs disjoint seed ranges")
+            order = np.argsort(seeds, kind="stable")
+            labels = np.concatenate([p[2] for p in keep])[order]
+            has_f = all(p[3] is not None for p in keep)
+            feats = np.concatenate([p[3] for p in keep])[order] if has_f else None
+            row = dict(keep[0][0])
+            if len(keep) > 1:
+                if not has_f:
+                    raise ValueError(f"{name} at scale {scale:g}: a run of {runs} has no features.npz, so the "
+                                     "FD of the merged point cannot be computed")
+                cfg = ConfigDict(dict(config, seed=int(seeds.min())))
+                row.update({k: v for k, v in score_labels(labels, feats, self.ref, cfg).items()
+                            if k not in ("labels", "features")})
+                row.update(n=len(seeds), seed=int(seeds.min()),
+                           mean_lambda=float(sum(p[0]["mean_lambda"] * len(p[1]) for p in keep) / len(seeds)),
+                           sample_seconds=sum(p[0].get("sample_seconds", 0.0) for p in keep))
+            self.rows.append(row)
+            self.data[id(row)] = {"seeds": seeds[order], "labels": labels, "features": feats}
+        self.pseudo_count = config.get("kl_pseudo_count")
 
     def statistic(self, row: Dict, key: str, idx: np.ndarray) -> float:
+        """``key`` ("kl" or "fd") of the row's samples at indices ``idx`` (into its seeds, in seed order)."""
         from dngjax import metrics
-        k = self.keys[id(row)]
+        d = self.data[id(row)]
         if key == "kl":
-            lab = self.labels[k].astype(np.int64)[idx]
+            lab = d["labels"][idx]
             removed = [int(c) for c in str(self.removed).split("+")] if isinstance(self.removed, str) else self.removed
             pc = metrics.KL_PSEUDO_COUNT if self.pseudo_count is None else self.pseudo_count
             return metrics.kl_to_ideal(metrics.class_histogram(lab, len(row["histogram"])), removed, pc)
-        return metrics.frechet_distance_features(self.features[k][idx], *self.ref)
+        return metrics.frechet_distance_features(d["features"][idx], *self.ref)
 
     def gap_se(self, a: Dict, b: Dict, key: str, num: int = 200, seed: int = 0) -> Optional[float]:
-        """Bootstrap standard error of statistic(b) - statistic(a), resampling the seeds jointly
-        (None when the run lacks the per-sample data of ``key``)."""
+        """Bootstrap standard error of statistic(b) - statistic(a), resampling the seeds the two points
+        share jointly (None when the runs lack the per-sample data of ``key``)."""
         if not (self.has_labels and (key == "kl" or self.has_features)):
             return None
-        n = len(self.labels[self.keys[id(a)]])
+        sa, sb = self.data[id(a)]["seeds"], self.data[id(b)]["seeds"]
+        common = np.intersect1d(sa, sb)
+        ia, ib = np.searchsorted(sa, common), np.searchsorted(sb, common)
         rng = np.random.default_rng(seed)
         gaps = []
         for _ in range(num):
-            idx = rng.integers(0, n, n)
-            gaps.append(self.statistic(b, key, idx) - self.statistic(a, key, idx))
+            j = rng.integers(0, len(common), len(common))
+            gaps.append(self.statistic(b, key, ib[j]) - self.statistic(a, key, ia[j]))
         return float(np.std(gaps, ddof=1))
 
 
@@ -126,21 +213,28 @@ def verdict(best: Dict[str, Dict[str, Optional[Dict]]], dng: str, key: str,
 
 def markdown(runs: List[str], high_safety: float = 1.0) -> str:
     lines = []
-    summary = ["| removed class | n | steps | unguided % | method | lowest KL at <= 1% (scale) | "
-               "lowest FD at <= 1% (scale) |",
-               "| --- | --- | --- | --- | --- | --- | --- |"]
+    summary = ["| removed class | steps | unguided % | method | lowest KL at <= 1% (scale, n) | "
+               "lowest FD at <= 1% (scale, n) |",
+               "| --- | --- | --- | --- | --- | --- |"]
     claims = ["| removed class | DNG variant | lower KL than NP and SLD? | lower FD than NP and SLD? |",
               "| --- | --- | --- | --- |"]
-    for run in runs:
-        rows = json.load(open(os.path.join(run, "results.json")))
+    for group in group_runs(runs):
+        per_sample = PerSample(group)
+        rows = per_sample.rows
         r0 = rows[0]
+        ns = sorted({r["n"] for r in rows})
+        n_str = f"n = {ns[0]} per point" + (f", {'/'.join(map(str, ns[1:]))} where the n column says so"
+                                            if len(ns) > 1 else "")
         lines.append(f"### {r0['dataset']}, removed class {r0.get('removed_classes', r0['removed_class'])} "
-                     f"(n = {r0['n']} per point, {r0['steps']}-step chain, T = {r0['T']}, seed {r0['seed']})\n")
-        lines.append("| method | scale | safety % | KL | FD | empty classes | mean lambda |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+                     f"({n_str}, {r0['steps']}-step chain, T = {r0['T']}, seeds from {r0['seed']})\n")
+        if len(group) > 1:
+            lines.append("Merged runs (the points they share pool their seeds): "
+                         + ", ".join(f"`{os.path.basename(os.path.normpath(g))}`" for g in group) + "\n")
+        lines.append("| method | scale | n | safety % | KL | FD | empty classes | mean lambda |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
         pm = lambda r, k, f: f" ± {r[k + '_std']:{f}}" if k + "_std" in r else ""
         for r in rows:
-            lines.append(f"| {r['method']} | {r['scale']:g} | {r['safety_pct']:.2f}{pm(r, 'safety', '.2f')} | "
+            lines.append(f"| {r['method']} | {r['scale']:g} | {r['n']} | {r['safety_pct']:.2f}{pm(r, 'safety', '.2f')} | "
                          f"{r['kl']:.4f}{pm(r, 'kl', '.4f')} | {r['fd']:.2f}{pm(r, 'fd', '.2f')} | "
                          f"{r['n_empty_classes']} | {r['mean_lambda']:.3g} |")
         lines.append("")
@@ -148,17 +242,17 @@ def markdown(runs: List[str], high_safety: float = 1.0) -> str:
         base = next((r for r in rows if r["method"] == "none"), None)
         base_str = "--" if base is None else f"{base['safety_pct']:.2f}"
         for m, b in best.items():
-            kl = "--" if b["kl"] is None else f"{b['kl']['kl']:.4f}{pm(b['kl'], 'kl', '.4f')} ({b['kl']['scale']:g})"
-            fd = "--" if b["fd"] is None else f"{b['fd']['fd']:.2f}{pm(b['fd'], 'fd', '.2f')} ({b['fd']['scale']:g})"
-            summary.append(f"| {r0.get('removed_classes', r0['removed_class'])} | {r0['n']} | {r0['steps']} | {base_str} | {m} | {kl} | {fd} |")
-        per_sample = PerSample(run, rows)
+            kl = "--" if b["kl"] is None else f"{b['kl']['kl']:.4f}{pm(b['kl'], 'kl', '.4f')} ({b['kl']['scale']:g}, n {b['kl']['n']})"
+            fd = "--" if b["fd"] is None else f"{b['fd']['fd']:.2f}{pm(b['fd'], 'fd', '.2f')} ({b['fd']['scale']:g}, n {b['fd']['n']})"
+            summary.append(f"| {r0.get('removed_classes', r0['removed_class'])} | {r0['steps']} | {base_str} | {m} | {kl} | {fd} |")
         for m in best:
             if m.startswith("DNG"):
                 claims.append(f"| {r0.get('removed_classes', r0['removed_class'])} | {m} | "
                               f"{verdict(best, m, 'kl', per_sample)} | {verdict(best, m, 'fd', per_sample)} |")
     head = [f"Among the grid points with <= {high_safety:g}% of samples in the removed class, each method's "
-            "lowest KL and lowest FD (its guidance scale in brackets); -- : the method never reaches that "
-            "safety on its grid. ±: bootstrap standard errors (resampling the n samples of a point).\n"]
+            "lowest KL and lowest FD (its guidance scale and number of samples in brackets); -- : the method "
+            "never reaches that safety on its grid. ±: bootstrap standard errors (resampling the n samples of "
+            "a point).\n"]
     return "\n".join(head + summary + ["", "The paper's claim, point by point "
                                         "(\"within noise\": the gap is under two standard errors of the gap; "
                                         "\"paired\": from resampling the shared seeds jointly):\n"]
@@ -169,9 +263,10 @@ def plot_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
     from sample import plots
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.6 * len(runs)), squeeze=False)
-    for i, run in enumerate(runs):
-        rows = json.load(open(os.path.join(run, "results.json")))
+    groups = group_runs(runs)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
+    for i, group in enumerate(groups):
+        rows = PerSample(group).rows
         for j, key in enumerate(("kl", "fd")):
             ax = axes[i, j]
             for m in dict.fromkeys(r["method"] for r in rows):

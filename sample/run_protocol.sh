@@ -13,13 +13,16 @@
 #   export CONFIG=sample/configs/mnist.py:protocol OUT=outputs/protocol_cpu
 #   CORE=0 SETUPS=cond bash sample/run_protocol.sh & CORE=1 SETUPS=forget bash sample/run_protocol.sh &
 #                                                     # two lanes, one pinned single-threaded process per
-#                                                     # core: 1.6x the throughput of one process on both
+#                                                     # core: 1.6x the throughput of one process on both;
+#                                                     # the deciding points are topped up to n = 1024
 #
 # Environment: CLASSES (default "0 1 2 3"), CONFIG (default sample/configs/mnist.py:full),
 # SETUPS (default "forget": the unconditional + forget-class models; "cond": one class-conditional
 # model, eps(x | null) and eps(x | c-)), OUT (default outputs/protocol/<UTC time>; give a fixed OUT
 # to resume: finished grid points are never recomputed, also when a rerun adds methods or scales),
-# PYTHON (default python), CORE (pin every run to this CPU core, XLA single-threaded; unset: all cores).
+# PYTHON (default python), CORE (pin every run to this CPU core, XLA single-threaded; unset: all cores),
+# EXTEND (after each class, top up the points that decide the verdict to this many samples on new seeds,
+# sample/extend.py; the report merges them; default: 1024 for the protocol config, none otherwise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLASSES=${CLASSES:-"0 1 2 3"}
@@ -30,6 +33,7 @@ mkdir -p "$OUT"
 echo "protocol: config $CONFIG, classes $CLASSES -> $OUT"
 "$PYTHON" -c "import jax; print('devices:', jax.devices())" | tee "$OUT/devices.txt"
 SETUPS=${SETUPS:-forget}
+case $CONFIG in *:protocol) EXTEND=${EXTEND-1024} ;; *) EXTEND=${EXTEND-} ;; esac
 PIN=()
 if [ -n "${CORE:-}" ]; then
   PIN=(taskset -c "$CORE")
@@ -46,6 +50,9 @@ for setup in $SETUPS; do
     start=$(date +%s)
     "${PIN[@]}" "$PYTHON" sample/main.py --config="$CONFIG" --config.removed_class="$c" \
         --config.outdir="$dir/class_$c" "${extra[@]}" "$@" 2>&1 | tee -a "$dir/class_$c.log"
+    if [ -n "$EXTEND" ]; then   # the points that decide the verdict, topped up to $EXTEND samples
+      "${PIN[@]}" "$PYTHON" sample/main.py --job=extend --runs="$dir/class_$c" --n="$EXTEND" 2>&1 | tee -a "$dir/class_$c.log"
+    fi
     echo "$setup class $c: $(( $(date +%s) - start )) s" | tee -a "$OUT/timings.txt"
   done
   "$PYTHON" sample/main.py --job=report --runs="$dir"

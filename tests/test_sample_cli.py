@@ -112,7 +112,8 @@ def test_cli_end_to_end_writes_every_file(tiny_checkpoints, tmp_path):
     assert "removed class 1" in md and "| DNG | 5 |" in md
     assert (tmp_path / "report" / "tradeoff_all.png").stat().st_size > 0
     # the per-sample files give back every point's KL and FD, and paired errors of differences
-    per = report.PerSample(str(out), rows)
+    per = report.PerSample(str(out))
+    rows = per.rows
     assert per.ok and sorted(np.load(out / "features.npz").files) == sorted(labels.files)
     full = np.arange(8)
     for r in rows:
@@ -304,6 +305,7 @@ def _cli(args, cwd, timeout=300):
     (["--config.removed_class=7"], "no forget-class model for class 7: train one with python train/main.py"),
     (["--config.conditional={root}/ddpm"], "is not a class-conditional model"),
     (["--job=report"], "--job=report needs --runs"),
+    (["--job=extend"], "--job=extend needs --runs"),
     (["stray"], "unexpected arguments ['stray']"),
 ])
 def test_user_errors_exit_2_with_one_message_before_any_sampling(tiny_checkpoints, tmp_path, args, message):
@@ -477,6 +479,71 @@ def test_finished_run_grows_by_new_methods_and_scales_only(tiny_checkpoints, tmp
     class_removal.run(config(out, ("NP",), {"NP": (0.5,)}, steps=4))
     assert calls == [("NegativePrompting", [0.5])]            # another chain: nothing reused
 
+
+def test_extend_tops_up_the_deciding_points_and_the_report_merges_them_like_one_larger_run(
+        tiny_checkpoints, tmp_path, monkeypatch):
+    """--job=extend samples only the deciding points (and the unguided one) on the next seeds; the report
+    pools the seeds: every statistic of a merged point equals that of one run with all the seeds."""
+    import dngjax as dj
+    from sample import class_removal, extend, report
+    from sample.configs import mnist
+
+    def config(out, n, seed=0, grid=None):
+        c = mnist.get_config("tiny")
+        c.checkpoints = str(tiny_checkpoints)
+        c.removed_class, c.n, c.seed, c.bootstrap, c.outdir = 1, n, seed, 5, str(out)
+        c.methods = ("NP", "DNG")
+        c.grid.NP, c.grid.DNG = (0.5, 2.0, 4.0), (5.0,)
+        for m, scales in (grid or {}).items():
+            c.grid[m] = scales
+        return c
+
+    base = tmp_path / "runs" / "class_1"
+    class_removal.run(config(base, 8))
+    rows = json.loads((base / "results.json").read_text())
+    # high_safety = 100 %: every point qualifies, so the deciding points are the lowest KL / FD ones
+    decide = extend.deciding_points(rows, 100.0)
+    np_rows = [r for r in rows if r["method"] == "NP"]
+    assert decide["NP"] == sorted({min(np_rows, key=lambda r: r["kl"])["scale"],
+                                   min(np_rows, key=lambda r: r["fd"])["scale"]})
+    with pytest.raises(ValueError, match="has n = 8 per point already"):
+        extend.extension_config(str(base), 8)
+    cfg = extend.extension_config(str(base), 12, high_safety=100.0, progress=False)
+    assert (cfg.seed, cfg.n, cfg.baseline) == (8, 4, True) and cfg.outdir == f"{base}_seeds8-11"
+    assert tuple(cfg.grid.NP) == tuple(decide["NP"]) and tuple(cfg.methods) == ("NP", "DNG")
+
+    real, calls = dj.sample_chunks, []
+    monkeypatch.setattr(dj, "sample_chunks", lambda *a, **k: (calls.append(list(k["grid"]["scale"])), real(*a, **k))[1])
+    class_removal.run(cfg)
+    assert calls == [decide["NP"], [5.0]]                     # only the deciding points
+    # asked again: the merged statistics may move another NP point to the top; it alone would be added
+    again = extend.extension_config(str(base), 12, high_safety=100.0)
+    assert again is None or (set(again.grid.NP) > set(decide["NP"]) and tuple(again.grid.DNG) == (5.0,))
+
+    # the report merges the two runs; the merged points equal one run on seeds 0..11
+    groups = report.group_runs(report.find_runs([str(tmp_path / "runs")]))
+    assert [sorted(os.path.basename(g) for g in grp) for grp in groups] == [["class_1", "class_1_seeds8-11"]]
+    merged = report.PerSample(groups[0])
+    whole_dir = tmp_path / "whole"
+    class_removal.run(config(whole_dir, 12, grid={"NP": tuple(decide["NP"])}))
+    whole = {(r["method"], r["scale"]): r for r in json.loads((whole_dir / "results.json").read_text())}
+    n_of = {(r["method"], r["scale"]): r["n"] for r in merged.rows}
+    assert n_of == {**{("NP", s): 12 if s in decide["NP"] else 8 for s in (0.5, 2.0, 4.0)},
+                    ("DNG", 5.0): 12, ("none", 0.0): 12}
+    for r in merged.rows:
+        if r["n"] == 12:
+            w = whole[(r["method"], r["scale"])]
+            assert r["histogram"] == w["histogram"] and r["seed"] == 0
+            for k in ("safety_pct", "kl", "fd", "kl_std", "fd_std"):
+                assert r[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), k
+            assert np.array_equal(merged.data[id(r)]["seeds"], np.arange(12))
+    # paired errors between a merged point and an 8-seed point use the 8 seeds they share
+    small = next(r for r in merged.rows if r["n"] == 8)
+    big = next(r for r in merged.rows if r["method"] == "NP" and r["n"] == 12)
+    assert np.isfinite(merged.gap_se(small, big, "kl", num=20))
+    report.write_report(report.find_runs([str(tmp_path / "runs")]), str(tmp_path / "report"))
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Merged runs" in md and "| NP | 0.5 | " in md and "n = 8 per point, 12 where the n column says so" in md
 
 
 def test_selection_seeds_and_chain_match_the_protocol():

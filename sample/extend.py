@@ -1,0 +1,72 @@
+"""Top up the grid points that decide the verdict to more samples, on new seeds.
+
+  python sample/main.py --job=extend --runs=OUT/class_0 --n=1024      # then --job=report --runs=OUT
+
+The points that decide the paper's comparison are, per method, the one with the lowest KL and the
+one with the lowest FD among the points with at most ``high_safety`` % (1 %) of the removed class.
+For a class-removal run with n seeds per point, this samples those points (and the unguided one) on
+the next ``--n`` - n seeds, with everything else as the run had it, into ``<run>_seeds<a>-<b>``;
+``--job=report`` merges the two runs point by point (the union of the seeds, statistics recomputed).
+A run without scoring features (``features.npz``, older runs) cannot be merged for FD: its deciding
+points are then sampled afresh on seeds ``seed .. seed + --n - 1`` (the report keeps the larger point).
+
+Run it again after the report: when the larger samples move another point to the top (or a point
+above 1 %), that point is added; finished points are never recomputed (same output folder).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+from sample import report
+
+
+def is_top_up(run: str) -> bool:
+    """Whether ``run`` is a top-up folder (``<run>_seeds<a>-<b>``) rather than a run of its own."""
+    return "_seeds" in os.path.basename(os.path.normpath(run))
+
+
+def deciding_points(rows: List[Dict], high_safety: float = 1.0) -> Dict[str, List[float]]:
+    """Per method: the scales of its lowest-KL and lowest-FD points at <= ``high_safety`` %."""
+    out: Dict[str, List[float]] = {}
+    for m, best in report.best_at_high_safety(rows, high_safety).items():
+        scales = sorted({float(b["scale"]) for b in best.values() if b is not None})
+        if scales:
+            out[m] = scales
+    return out
+
+
+def extension_config(run: str, n_total: int, high_safety: Optional[float] = None, progress: bool = True):
+    """The class-removal config that brings ``run``'s deciding points to ``n_total`` samples, or None
+    when they all have that many already. Its points are those of the run's group (the run and its
+    earlier top-ups, merged), so a second call adds only points that became deciding. ``high_safety``:
+    the run's own (its config.json) unless given."""
+    from ml_collections import ConfigDict
+    from sample.class_removal import parse_method
+
+    config = report._run_config(run)
+    if config is None or not os.path.isfile(os.path.join(run, "labels.npz")):
+        raise ValueError(f"{run}: not a class-removal run with config.json and labels.npz")
+    n0, seed0 = int(config["n"]), int(config["seed"])
+    high_safety = float(config.get("high_safety", 1.0)) if high_safety is None else high_safety
+    if n_total <= n0:
+        raise ValueError(f"--n={n_total}: the run {run} has n = {n0} per point already; ask for more")
+    mergeable = os.path.isfile(os.path.join(run, "features.npz"))
+    seed, n = (seed0 + n0, n_total - n0) if mergeable else (seed0, n_total)
+    outdir = f"{os.path.normpath(run)}_seeds{seed}-{seed + n - 1}"
+    group = [run] + ([outdir] if os.path.isfile(os.path.join(outdir, "results.json")) else [])
+    rows = report.PerSample(group).rows
+    todo = {(m, s) for m, scales in deciding_points(rows, high_safety).items() for s in scales
+            if any(r["method"] == m and float(r["scale"]) == s and r["n"] < n_total for r in rows)}
+    if not todo:
+        return None
+    # the top-up keeps the points it has (reused, not resampled) and adds the newly deciding ones
+    have = {(r["method"], float(r["scale"])) for r in rows if r["method"] != "none" and r["n"] >= n_total}
+    points = todo | have
+    methods = [m for m in config["methods"] if any(pm == m for pm, _ in points)]
+    grid = dict(config["grid"])
+    for base in {parse_method(m)[0] for m in methods}:   # methods of one base share its grid
+        grid[base] = sorted({s for pm, s in points if parse_method(pm)[0] == base})
+    return ConfigDict(dict(config, seed=seed, n=n, methods=methods, grid=grid, baseline=True,
+                           outdir=outdir, progress=progress))
