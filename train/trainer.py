@@ -232,14 +232,22 @@ def _abstract_state(module, opt, config, input_shape):
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-def _init_state(module, opt, config, input_shape):
-    """The state at step 0: fresh parameters, or those of ``config.init_from``."""
-    if config.get("init_from", ""):
-        m2, params, card = ckpt.load_model(config.init_from)
-        if ckpt.arch_of(m2) != ckpt.arch_of(module):
-            raise ValueError(f"init_from={config.init_from}: its architecture {ckpt.arch_of(m2)} differs "
-                             f"from the config's {ckpt.arch_of(module)}")
+def _load_init_from(config, module):
+    """The parameters of ``config.init_from`` (None if unset), its architecture checked against the config's."""
+    if not config.get("init_from", ""):
+        return None
+    m2, params, _ = ckpt.load_model(config.init_from)
+    if ckpt.arch_of(m2) != ckpt.arch_of(module):
+        raise ValueError(f"init_from={config.init_from}: its architecture {ckpt.arch_of(m2)} differs "
+                         f"from the config's {ckpt.arch_of(module)}")
+    return params
+
+
+def _init_state(module, opt, config, input_shape, init_params=None):
+    """The state at step 0: fresh parameters, or ``init_params`` (from ``config.init_from``)."""
+    if init_params is not None:
         logging.info("initialised from %s", config.init_from)
+        params = init_params
     else:
         params = _init_params(module, config, input_shape)
     return _state_of(jax.tree_util.tree_map(jnp.asarray, params), opt)
@@ -304,6 +312,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
     opt = make_optimizer(config)
     sched = linear_schedule(config.diffusion.num_timesteps, config.diffusion.beta_start, config.diffusion.beta_end)
     step_fn = jax.jit(make_train_step(module, opt, config, sched.alpha_bars), donate_argnums=(0,))
+    init_params = _load_init_from(config, module)    # checked before anything is written
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
 
@@ -326,13 +335,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
     latest = mngr.latest_step()
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if latest is not None:
-        # only the state's structure is needed: nothing is initialised (nor init_from loaded) on a resume
+        # only the state's structure is needed: nothing is initialised on a resume
         abstract = _abstract_state(module, opt, config, input_shape)
         state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
         logging.warning("resumed from step %d in %s", latest, ckpt_dir)
         _truncate_metrics(metrics_path, latest)
     else:
-        state = _init_state(module, opt, config, input_shape)
+        state = _init_state(module, opt, config, input_shape, init_params)
         if os.path.exists(metrics_path):
             os.remove(metrics_path)  # a run killed before its first save: its lines are not in any state
     state = jax.device_put(state, repl)
