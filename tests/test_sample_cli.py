@@ -546,6 +546,48 @@ def test_extend_tops_up_the_deciding_points_and_the_report_merges_them_like_one_
     assert "Merged runs" in md and "| NP | 0.5 | " in md and "n = 8 per point, 12 where the n column says so" in md
 
 
+def _fake_run(folder, seeds, points, features=True):
+    """A class-removal output folder with the files the report reads: ``points`` = {(method, scale): labels}."""
+    from sample import report
+    from sample.configs import mnist
+    os.makedirs(folder)
+    c = mnist.get_config("tiny")
+    c.removed_class, c.n, c.seed, c.bootstrap, c.outdir = 1, len(seeds), int(seeds[0]), 0, str(folder)
+    rows = [dict(method=m, scale=s, n=len(seeds), seed=int(seeds[0]), steps=3, T=1000, dataset="mnist",
+                 removed_class=1, safety_pct=float(np.mean(np.asarray(lab) == 1) * 100), kl=0.0, fd=0.0,
+                 histogram=np.bincount(lab, minlength=10).tolist(), n_empty_classes=0, mean_lambda=s)
+            for (m, s), lab in points.items()]
+    (folder / "results.json").write_text(json.dumps(rows))
+    (folder / "config.json").write_text(c.to_json())
+    keys = report.point_keys(rows)
+    np.savez(folder / "labels.npz", seeds=np.asarray(seeds), **{k: np.asarray(lab) for k, lab in zip(keys, points.values())})
+    if features:
+        rng = np.random.default_rng(len(seeds))
+        np.savez(folder / "features.npz", seeds=np.asarray(seeds), **{k: rng.normal(size=(len(seeds), 8)) for k in keys})
+        np.savez(folder / "reference.npz", mu=np.zeros(8), sigma=np.eye(8))
+
+
+def test_report_keeps_the_larger_of_two_points_on_nested_seeds_and_refuses_overlaps(tmp_path):
+    """A point resampled on a superset of its seeds (a run without features, topped up afresh) is
+    replaced, not pooled; partly overlapping seeds cannot be merged."""
+    from sample import extend, report
+    lab4, lab8 = [1, 2, 3, 4], [1, 1, 3, 4, 5, 6, 7, 8]
+    _fake_run(tmp_path / "runs" / "class_1", np.arange(4), {("none", 0.0): lab4, ("NP", 0.5): lab4,
+                                                           ("NP", 1.0): [2, 2, 3, 4]}, features=False)
+    cfg = extend.extension_config(str(tmp_path / "runs" / "class_1"), 8, high_safety=100.0)
+    assert (cfg.seed, cfg.n) == (0, 8) and cfg.outdir.endswith("class_1_seeds0-7")      # afresh: no features
+    _fake_run(tmp_path / "runs" / "class_1_seeds0-7", np.arange(8), {("none", 0.0): lab8, ("NP", 1.0): lab8})
+    groups = report.group_runs(report.find_runs([str(tmp_path / "runs")]))
+    assert len(groups) == 1
+    rows = {(r["method"], r["scale"]): r for r in report.PerSample(groups[0]).rows}
+    assert {k: r["n"] for k, r in rows.items()} == {("none", 0.0): 8, ("NP", 0.5): 4, ("NP", 1.0): 8}
+    assert rows[("NP", 1.0)]["histogram"] == np.bincount(lab8, minlength=10).tolist()
+    _fake_run(tmp_path / "bad" / "a", np.arange(4), {("NP", 0.5): lab4})
+    _fake_run(tmp_path / "bad" / "b", np.arange(2, 6), {("NP", 0.5): lab4})
+    with pytest.raises(ValueError, match="disjoint seed ranges"):
+        report.PerSample([str(tmp_path / "bad" / "a"), str(tmp_path / "bad" / "b")])
+
+
 def test_selection_seeds_and_chain_match_the_protocol():
     """DNG's settings are chosen on the chain the protocol reports on, with seeds it never uses."""
     from sample.configs import mnist
