@@ -45,7 +45,7 @@ def extension_config(run: str, n_total: int, high_safety: Optional[float] = None
     from ml_collections import ConfigDict
     from sample.class_removal import parse_method
 
-    config = report._run_config(run)
+    config = report.run_config(run)
     if config is None or not os.path.isfile(os.path.join(run, "labels.npz")):
         raise ValueError(f"{run}: not a class-removal run with config.json and labels.npz")
     n0, seed0 = int(config["n"]), int(config["seed"])

@@ -57,10 +57,12 @@ def point_keys(rows: List[Dict]) -> List[str]:
 
 # config fields that do not change how a point is sampled or scored: runs that differ only in these
 # (and in their seeds) hold samples of the same points and are merged (sample/extend.py's top-ups)
-_NOT_IDENTITY = ("methods", "grid", "baseline", "grid_images", "outdir", "progress", "n", "seed", "save_samples")
+def _not_identity():
+    from sample.class_removal import _GRID_FIELDS
+    return _GRID_FIELDS + ("progress", "n", "seed", "save_samples")
 
 
-def _run_config(run: str) -> Optional[Dict]:
+def run_config(run: str) -> Optional[Dict]:
     path = os.path.join(run, "config.json")
     if not os.path.isfile(path):
         return None
@@ -69,10 +71,10 @@ def _run_config(run: str) -> Optional[Dict]:
 
 
 def _identity(run: str) -> str:
-    config = _run_config(run)
+    config = run_config(run)
     if config is None:
         return "run:" + os.path.abspath(run)           # no config: a group of its own
-    return json.dumps({k: v for k, v in config.items() if k not in _NOT_IDENTITY}, sort_keys=True)
+    return json.dumps({k: v for k, v in config.items() if k not in _not_identity()}, sort_keys=True)
 
 
 def group_runs(runs: List[str]) -> List[List[str]]:
@@ -114,7 +116,7 @@ class PerSample:
                                  "they cannot be merged")
             self.rows = first
             return
-        config = _run_config(runs[0])
+        config = run_config(runs[0])
         self.config = ConfigDict(config)
         self.removed = first[0].get("removed_classes", first[0]["removed_class"])
         if self.has_features:
