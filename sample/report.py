@@ -4,8 +4,10 @@
   python sample/main.py --job=report --runs=OUT      # every sub-folder of OUT holding a results.json
 
 Writes ``report.md`` (per class: the full table, and the paper's comparison --
-among the points with <= 1% removed class, each method's lowest KL and lowest FD)
-and ``tradeoff_all.png`` (KL and FD against safety, one row per removed class).
+among the points with <= 1% removed class, each method's lowest KL and lowest FD; and every curve
+read at exactly 1%, interpolated between the grid points that bracket it, so that the methods are
+compared at equal safety) and ``tradeoff_all.png`` (KL and FD against safety, one row per removed
+class; hollow markers: the readings at exactly 1%).
 Runs of the same points on other seeds (``--job=extend``'s top-ups) are merged: a point sampled in
 several runs pools their seeds, and its statistics are recomputed on the union.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -163,15 +165,26 @@ class PerSample:
         self.pseudo_count = config.get("kl_pseudo_count")
 
     def statistic(self, row: Dict, key: str, idx: np.ndarray) -> float:
-        """``key`` ("kl" or "fd") of the row's samples at indices ``idx`` (into its seeds, in seed order)."""
+        """``key`` ("safety", "kl" or "fd") of the row's samples at indices ``idx`` (into its seeds, in
+        seed order)."""
         from dngjax import metrics
         d = self.data[id(row)]
+        removed = ([int(c) for c in str(self.removed).split("+")] if isinstance(self.removed, (str, int))
+                   else list(self.removed))
+        if key == "safety":
+            return metrics.safety(d["labels"][idx], removed)
         if key == "kl":
             lab = d["labels"][idx]
-            removed = [int(c) for c in str(self.removed).split("+")] if isinstance(self.removed, str) else self.removed
             pc = metrics.KL_PSEUDO_COUNT if self.pseudo_count is None else self.pseudo_count
             return metrics.kl_to_ideal(metrics.class_histogram(lab, len(row["histogram"])), removed, pc)
         return metrics.frechet_distance_features(d["features"][idx], *self.ref)
+
+    def shared(self, points: List[Dict]) -> List[np.ndarray]:
+        """Per point, the indices (into its seeds) of the seeds that all ``points`` share, in seed order."""
+        common = self.data[id(points[0])]["seeds"]
+        for p in points[1:]:
+            common = np.intersect1d(common, self.data[id(p)]["seeds"])
+        return [np.searchsorted(self.data[id(p)]["seeds"], common) for p in points]
 
     def gap_se(self, a: Dict, b: Dict, key: str, num: int = 200, seed: int = 0) -> Optional[float]:
         """Bootstrap standard error of statistic(b) - statistic(a), resampling the seeds the two points
@@ -187,6 +200,96 @@ class PerSample:
             j = rng.integers(0, len(common), len(common))
             gaps.append(self.statistic(b, key, ib[j]) - self.statistic(a, key, ia[j]))
         return float(np.std(gaps, ddof=1))
+
+
+def crossing(rows: List[Dict], method: str, high_safety: float = 1.0) -> Optional[Tuple[Dict, Dict]]:
+    """The two neighbouring grid points of ``method`` (in order of scale) between which its safety first
+    falls to ``high_safety``: (a, b) with safety(a) > high_safety >= safety(b); None when the method
+    never gets there or its lowest scale is already there (nothing to interpolate from)."""
+    pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["scale"])
+    for a, b in zip(pts, pts[1:]):
+        if b["safety_pct"] <= high_safety:
+            return (a, b) if a["safety_pct"] > high_safety else None
+    return None
+
+
+def _interpolate(sa: float, sb: float, va: float, vb: float, h: float) -> float:
+    """The value at safety h on the straight line through (sa, va) and (sb, vb), h clipped into
+    [sb, sa] (a resample can move the crossing outside the bracket)."""
+    if sa <= sb:
+        return 0.5 * (va + vb)
+    w = min(max((sa - h) / (sa - sb), 0.0), 1.0)
+    return (1.0 - w) * va + w * vb
+
+
+def at_safety(per_sample: PerSample, method: str, key: str, high_safety: float = 1.0,
+              num: int = 200, seed: int = 0) -> Optional[Dict]:
+    """``key`` ("kl" or "fd") of ``method`` read at exactly ``high_safety`` % of the removed class:
+    interpolated linearly in safety between the two grid points that bracket it (:func:`crossing`).
+
+    Returns {"value", "se", "a", "b"}: the reading from the points' own statistics, its bootstrap
+    standard error (``num`` resamples of the seeds the two points share, jointly, the crossing recomputed
+    on each: the error includes where the curve crosses; None without per-sample data or for num < 2)
+    and the points.
+    The same crossing holds for every comparison, so methods are compared at equal safety.
+    """
+    pair = crossing(per_sample.rows, method, high_safety)
+    if pair is None:
+        return None
+    a, b = pair
+    value = _interpolate(a["safety_pct"], b["safety_pct"], a[key], b[key], high_safety)
+    out = {"value": value, "se": None, "a": a, "b": b}
+    if num >= 2 and per_sample.has_labels and (key == "kl" or per_sample.has_features):
+        draws = _at_safety_draws(per_sample, [pair], key, high_safety, num, seed)
+        out["se"] = float(np.std(draws[0], ddof=1))
+    return out
+
+
+def _at_safety_draws(per_sample: PerSample, pairs: List[Tuple[Dict, Dict]], key: str, high_safety: float,
+                     num: int, seed: int) -> List[np.ndarray]:
+    """Bootstrap draws of the reading at ``high_safety`` of each bracketing pair, all resampled on the
+    seeds every point shares (jointly: their differences are paired)."""
+    points = [p for pair in pairs for p in pair]
+    idx = per_sample.shared(points)
+    n = len(idx[0])
+    rng = np.random.default_rng(seed)
+    draws = np.zeros((len(pairs), num))
+    for t in range(num):
+        j = rng.integers(0, n, n)
+        for i, (a, b) in enumerate(pairs):
+            ia, ib = idx[2 * i][j], idx[2 * i + 1][j]
+            draws[i, t] = _interpolate(per_sample.statistic(a, "safety", ia), per_sample.statistic(b, "safety", ib),
+                                       per_sample.statistic(a, key, ia), per_sample.statistic(b, key, ib),
+                                       high_safety)
+    return list(draws)
+
+
+def verdict_at_safety(per_sample: PerSample, dng: str, key: str, high_safety: float = 1.0) -> str:
+    """The paper's claim read at exactly ``high_safety`` %: is DNG variant ``dng``'s interpolated ``key``
+    below NP's and SLD's? "(within noise)" when the gap to the better of the two is under two standard
+    errors of the gap (paired: all four bracketing points resampled on their shared seeds)."""
+    rows = per_sample.rows
+    d = at_safety(per_sample, dng, key, high_safety)
+    if d is None:
+        return f"{dng}: no grid points bracket {high_safety:g}%"
+    others = {}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        if m != "none" and not m.startswith("DNG"):
+            o = at_safety(per_sample, m, key, high_safety)
+            if o is not None:
+                others[m] = o
+    if not others:
+        return "no baseline's grid points bracket it"
+    m_best, o = min(others.items(), key=lambda kv: kv[1]["value"])
+    gap = o["value"] - d["value"]
+    se = None
+    if d["se"] is not None:
+        da, db = _at_safety_draws(per_sample, [(d["a"], d["b"]), (o["a"], o["b"])], key, high_safety, 200, 1)
+        se = float(np.std(db - da, ddof=1))
+    word = "yes" if gap > 0 else "no"
+    noise = " (within noise)" if se and abs(gap) < 2 * se else ""
+    how = f", gap {gap:.3g} +- {se:.2g} paired" if se else ""
+    return f"{word}{noise}: {d['value']:.3g} vs {m_best} {o['value']:.3g}{how}"
 
 
 def verdict(best: Dict[str, Dict[str, Optional[Dict]]], dng: str, key: str,
@@ -220,6 +323,9 @@ def markdown(runs: List[str], high_safety: float = 1.0) -> str:
                "| --- | --- | --- | --- | --- | --- |"]
     claims = ["| removed class | DNG variant | lower KL than NP and SLD? | lower FD than NP and SLD? |",
               "| --- | --- | --- | --- |"]
+    exact = [f"| removed class | method | KL at {high_safety:g}% | FD at {high_safety:g}% | between scales |",
+             "| --- | --- | --- | --- | --- |"]
+    claims_exact = list(claims)
     for group in group_runs(runs):
         per_sample = PerSample(group)
         rows = per_sample.rows
@@ -247,10 +353,21 @@ def markdown(runs: List[str], high_safety: float = 1.0) -> str:
             kl = "--" if b["kl"] is None else f"{b['kl']['kl']:.4f}{pm(b['kl'], 'kl', '.4f')} ({b['kl']['scale']:g}, n {b['kl']['n']})"
             fd = "--" if b["fd"] is None else f"{b['fd']['fd']:.2f}{pm(b['fd'], 'fd', '.2f')} ({b['fd']['scale']:g}, n {b['fd']['n']})"
             summary.append(f"| {r0.get('removed_classes', r0['removed_class'])} | {r0['steps']} | {base_str} | {m} | {kl} | {fd} |")
+        removed = r0.get('removed_classes', r0['removed_class'])
         for m in best:
             if m.startswith("DNG"):
-                claims.append(f"| {r0.get('removed_classes', r0['removed_class'])} | {m} | "
+                claims.append(f"| {removed} | {m} | "
                               f"{verdict(best, m, 'kl', per_sample)} | {verdict(best, m, 'fd', per_sample)} |")
+                claims_exact.append(f"| {removed} | {m} | {verdict_at_safety(per_sample, m, 'kl', high_safety)} | "
+                                    f"{verdict_at_safety(per_sample, m, 'fd', high_safety)} |")
+            cells = []
+            for key, f in (("kl", ".4f"), ("fd", ".2f")):
+                d = at_safety(per_sample, m, key, high_safety)
+                cells.append("--" if d is None else f"{d['value']:{f}}" + ("" if d["se"] is None else f" ± {d['se']:{f}}"))
+            pair = crossing(rows, m, high_safety)
+            between = "--" if pair is None else (f"{pair[0]['scale']:g} ({pair[0]['safety_pct']:.2f}%) and "
+                                                 f"{pair[1]['scale']:g} ({pair[1]['safety_pct']:.2f}%)")
+            exact.append(f"| {removed} | {m} | {cells[0]} | {cells[1]} | {between} |")
     head = [f"Among the grid points with <= {high_safety:g}% of samples in the removed class, each method's "
             "lowest KL and lowest FD (its guidance scale and number of samples in brackets); -- : the method "
             "never reaches that safety on its grid. ±: bootstrap standard errors (resampling the n samples of "
@@ -258,7 +375,16 @@ def markdown(runs: List[str], high_safety: float = 1.0) -> str:
     return "\n".join(head + summary + ["", "The paper's claim, point by point "
                                         "(\"within noise\": the gap is under two standard errors of the gap; "
                                         "\"paired\": from resampling the shared seeds jointly):\n"]
-                     + claims + [""] + lines)
+                     + claims
+                     + ["", f"The same read at exactly {high_safety:g}% of the removed class, so that every method "
+                        "is compared at equal safety: each curve interpolated linearly in safety between the two "
+                        f"neighbouring grid points (in scale) where it first falls to {high_safety:g}%; ±: bootstrap "
+                        "over the seeds the two points share, the crossing recomputed on every resample; "
+                        "-- : no two grid points bracket it (the method never gets there, or already is at "
+                        "its lowest scale).\n"]
+                     + exact + ["", "The paper's claim at exactly that safety (paired gaps: all four "
+                                "bracketing points resampled jointly on their shared seeds):\n"]
+                     + claims_exact + [""] + lines)
 
 
 def plot_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
@@ -268,7 +394,8 @@ def plot_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
     groups = group_runs(runs)
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
     for i, group in enumerate(groups):
-        rows = PerSample(group).rows
+        per_sample = PerSample(group)
+        rows = per_sample.rows
         for j, key in enumerate(("kl", "fd")):
             ax = axes[i, j]
             for m in dict.fromkeys(r["method"] for r in rows):
@@ -278,6 +405,10 @@ def plot_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
                     ax.scatter(xs, ys, marker="*", s=140, color="black", zorder=5, label="unguided")
                 else:
                     ax.plot(xs, ys, marker=plots.MARKERS.get(m, "o"), color=plots.COLORS.get(m), label=m)
+                    d = at_safety(per_sample, m, key, high_safety, num=0)
+                    if d is not None:                  # the reading at exactly high_safety (hollow)
+                        ax.scatter([high_safety], [d["value"]], marker=plots.MARKERS.get(m, "o"), s=70,
+                                   facecolors="none", edgecolors=plots.COLORS.get(m), zorder=6)
             ax.axvline(high_safety, color="gray", ls="--", lw=0.8)
             ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
             ax.set_xlabel("% of samples in the removed class")

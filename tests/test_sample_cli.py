@@ -553,17 +553,21 @@ def _fake_run(folder, seeds, points, features=True):
     os.makedirs(folder)
     c = mnist.get_config("tiny")
     c.removed_class, c.n, c.seed, c.bootstrap, c.outdir = 1, len(seeds), int(seeds[0]), 0, str(folder)
+    from dngjax import metrics
+    rng = np.random.default_rng(len(seeds))
+    feats = [rng.normal(size=(len(seeds), 8)) for _ in points]
     rows = [dict(method=m, scale=s, n=len(seeds), seed=int(seeds[0]), steps=3, T=1000, dataset="mnist",
-                 removed_class=1, safety_pct=float(np.mean(np.asarray(lab) == 1) * 100), kl=0.0, fd=0.0,
+                 removed_class=1, safety_pct=float(np.mean(np.asarray(lab) == 1) * 100),
+                 kl=metrics.kl_to_ideal(metrics.class_histogram(np.asarray(lab), 10), [1], c.kl_pseudo_count),
+                 fd=metrics.frechet_distance_features(f, np.zeros(8), np.eye(8)) if features else 0.0,
                  histogram=np.bincount(lab, minlength=10).tolist(), n_empty_classes=0, mean_lambda=s)
-            for (m, s), lab in points.items()]
+            for ((m, s), lab), f in zip(points.items(), feats)]
     (folder / "results.json").write_text(json.dumps(rows))
     (folder / "config.json").write_text(c.to_json())
     keys = report.point_keys(rows)
     np.savez(folder / "labels.npz", seeds=np.asarray(seeds), **{k: np.asarray(lab) for k, lab in zip(keys, points.values())})
     if features:
-        rng = np.random.default_rng(len(seeds))
-        np.savez(folder / "features.npz", seeds=np.asarray(seeds), **{k: rng.normal(size=(len(seeds), 8)) for k in keys})
+        np.savez(folder / "features.npz", seeds=np.asarray(seeds), **dict(zip(keys, feats)))
         np.savez(folder / "reference.npz", mu=np.zeros(8), sigma=np.eye(8))
 
 
@@ -586,6 +590,51 @@ def test_report_keeps_the_larger_of_two_points_on_nested_seeds_and_refuses_overl
     _fake_run(tmp_path / "bad" / "b", np.arange(2, 6), {("NP", 0.5): lab4})
     with pytest.raises(ValueError, match="disjoint seed ranges"):
         report.PerSample([str(tmp_path / "bad" / "a"), str(tmp_path / "bad" / "b")])
+
+
+def _labels(n: int, n_removed: int, weights) -> list:
+    """n labels: n_removed of the removed class 1, the rest over classes 0, 2..9 in proportion to weights."""
+    others = [0, 2, 3, 4, 5, 6, 7, 8, 9]
+    counts = np.floor(np.asarray(weights, float) / np.sum(weights) * (n - n_removed)).astype(int)
+    counts[0] += n - n_removed - counts.sum()
+    return [1] * n_removed + [c for c, k in zip(others, counts) for _ in range(k)]
+
+
+def test_report_reads_every_curve_at_exactly_one_percent(tmp_path):
+    """The reading at equal safety: interpolated linearly in safety between the grid points that bracket
+    1 % (checked against the formula by hand), '--' where none do, paired gaps, and the verdict."""
+    from sample import report
+    flat, skewed = [1] * 9, [9, 1, 1, 1, 1, 1, 1, 1, 1]
+    points = {("none", 0.0): _labels(200, 20, flat),
+              ("NP", 0.5): _labels(200, 6, skewed), ("NP", 1.0): _labels(200, 1, skewed),   # 3 % -> 0.5 %
+              ("NP", 2.0): _labels(200, 0, skewed),
+              ("SLD", 1.0): _labels(200, 4, flat), ("SLD", 2.0): _labels(200, 3, flat),     # never <= 1 %
+              ("DNG", 1.0): _labels(200, 4, flat), ("DNG", 2.0): _labels(200, 0, flat)}     # 2 % -> 0 %
+    _fake_run(tmp_path / "run", np.arange(200), points)
+    per = report.PerSample(str(tmp_path / "run"))
+    row = {(r["method"], r["scale"]): r for r in per.rows}
+    assert report.crossing(per.rows, "NP") == (row[("NP", 0.5)], row[("NP", 1.0)])
+    assert report.crossing(per.rows, "SLD") is None                        # never gets there
+    assert report.crossing(per.rows, "DNG", high_safety=2.5) is None       # there at its lowest scale
+    np_kl = report.at_safety(per, "NP", "kl")
+    w = (3.0 - 1.0) / (3.0 - 0.5)                                          # 1 % lies 80 % of the way
+    assert np_kl["value"] == pytest.approx((1 - w) * row[("NP", 0.5)]["kl"] + w * row[("NP", 1.0)]["kl"])
+    dng_fd = report.at_safety(per, "DNG", "fd")
+    assert dng_fd["value"] == pytest.approx(0.5 * row[("DNG", 1.0)]["fd"] + 0.5 * row[("DNG", 2.0)]["fd"])
+    assert np.isfinite(np_kl["se"]) and np_kl["se"] > 0
+    assert report.at_safety(per, "NP", "kl", num=0)["se"] is None
+    # jointly resampled draws of one pair against itself differ by nothing (the gap is paired)
+    pair = report.crossing(per.rows, "DNG")
+    d1, d2 = report._at_safety_draws(per, [pair, pair], "kl", 1.0, 20, 0)
+    assert np.array_equal(d1, d2) and np.std(d1) > 0
+    # DNG's classes are flat, NP's skewed: DNG has the lower KL at 1 %, by far more than the noise
+    assert row[("DNG", 2.0)]["kl"] < row[("NP", 1.0)]["kl"]
+    v = report.verdict_at_safety(per, "DNG", "kl")
+    assert v.startswith("yes: ") and "vs NP" in v and "paired" in v
+    assert report.verdict_at_safety(per, "DNG", "kl", high_safety=2.5).startswith("DNG: no grid points")
+    report.write_report([str(tmp_path / "run")], str(tmp_path / "report"))
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| 1 | SLD | -- | -- | -- |" in md and "| 1 | NP | " in md and "0.5 (3.00%) and 1 (0.50%)" in md
 
 
 def test_selection_seeds_and_chain_match_the_protocol():
