@@ -157,6 +157,23 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def tile(x: np.ndarray, ncols: Optional[int] = None, pad: int = 1, fill=None) -> np.ndarray:
+    """Images (N, H, W, C) -> one grid image (rows*(H+pad)-pad, ncols*(W+pad)-pad, C) of x's dtype,
+    row by row, ``ncols`` per row (default: a square), the gaps filled with ``fill`` (default white:
+    255 for integer images, 1.0 for float images in [0, 1])."""
+    x = np.asarray(x)
+    n, h, w, c = x.shape
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    if fill is None:
+        fill = 255 if np.issubdtype(x.dtype, np.integer) else 1.0
+    out = np.full((nrows * (h + pad) - pad, ncols * (w + pad) - pad, c), fill, x.dtype)
+    for i in range(n):
+        r, q = divmod(i, ncols)
+        out[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = x[i]
+    return out
+
+
 def filter_classes(x: np.ndarray, y: np.ndarray, only_class: Optional[int] = None,
                    drop_class: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Keep only ``only_class`` (forget-class model) and/or drop ``drop_class`` (reference stats; an int

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
+from dngjax.data import tile
 import matplotlib
 import matplotlib.ticker
 
@@ -32,18 +33,6 @@ def _color(method: str) -> str:
 def to_image(x: np.ndarray) -> np.ndarray:
     """Model space [-1, 1] -> float [0, 1] (clipped); (..., H, W, C)."""
     return np.clip((np.asarray(x, np.float32) + 1.0) / 2.0, 0.0, 1.0)
-
-
-def tile(x: np.ndarray, ncols: Optional[int] = None, pad: int = 1) -> np.ndarray:
-    """(N, H, W, C) in [0, 1] -> one (rows*(H+pad)-pad, cols*(W+pad)-pad, C) image, white gaps."""
-    n, h, w, c = x.shape
-    ncols = ncols or int(np.ceil(np.sqrt(n)))
-    nrows = int(np.ceil(n / ncols))
-    out = np.ones((nrows * (h + pad) - pad, ncols * (w + pad) - pad, c), np.float32)
-    for i in range(n):
-        r, q = divmod(i, ncols)
-        out[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = x[i]
-    return out
 
 
 def _imshow(ax, img):

@@ -125,3 +125,14 @@ def test_real_mnist_counts():
     assert int((y == 0).sum()) == 5923
     x0, y0 = data.load_dataset("mnist", "test", data_dir=SHARED, only_class=0, as_float=False)
     assert len(y0) == 980
+
+
+def test_tile_places_images_row_by_row_with_white_gaps():
+    x = np.arange(3 * 2 * 2, dtype=np.uint8).reshape(3, 2, 2, 1) + 1      # three 2x2 images
+    g = data.tile(x, ncols=2, pad=1)
+    assert g.shape == (5, 5, 1) and g.dtype == np.uint8
+    assert np.array_equal(g[0:2, 0:2], x[0]) and np.array_equal(g[0:2, 3:5], x[1])
+    assert np.array_equal(g[3:5, 0:2], x[2])
+    assert (g[2] == 255).all() and (g[:, 2] == 255).all() and (g[3:5, 3:5] == 255).all()   # gaps, empty cell
+    f = data.tile(np.zeros((4, 3, 3, 3), np.float32))                      # default: a 2 x 2 square, white 1.0
+    assert f.shape == (7, 7, 3) and f[3].min() == 1.0 and f[:3, :3].max() == 0.0

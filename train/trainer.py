@@ -185,20 +185,12 @@ def sample_images(module, params, n: int, seed: int, input_shape, num_steps: int
 
 
 def save_grid(path: str, x: np.ndarray, nrow: int | None = None) -> None:
-    """Save images (N,H,W,C) float in [-1,1] as a PNG grid."""
+    """Save images (N,H,W,C) float in [-1,1] as a PNG grid, ``nrow`` images per row (default: a square)."""
     from PIL import Image
 
-    x = data_lib.to_uint8(x)
-    n, h, w, c = x.shape
-    nrow = nrow or int(np.ceil(np.sqrt(n)))
-    ncol = int(np.ceil(n / nrow))
-    grid = np.full((ncol * (h + 2) + 2, nrow * (w + 2) + 2, c), 255, np.uint8)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = x[i]
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    grid = np.pad(data_lib.tile(data_lib.to_uint8(x), nrow, pad=2), ((2, 2), (2, 2), (0, 0)), constant_values=255)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
 def classifier_accuracy(module, params, x_uint8, y, batch_size: int = 1000) -> float:
