@@ -121,9 +121,12 @@ class PerSample:
         config = run_config(runs[0])
         self.config = ConfigDict(config)
         self.removed = first[0].get("removed_classes", first[0]["removed_class"])
-        if self.has_features:
-            ref = np.load(os.path.join(runs[0], "reference.npz"))
-            self.ref = (ref["mu"], ref["sigma"])
+        self.ref = None                                # the FD reference statistics, where a run has them
+        for run in runs:
+            if have(run, "reference.npz"):
+                ref = np.load(os.path.join(run, "reference.npz"))
+                self.ref = (ref["mu"], ref["sigma"])
+                break
         parts: Dict[tuple, List] = {}                  # (method key, scale) -> [(row, seeds, labels, features)]
         for run in runs:
             rows = json.load(open(os.path.join(run, "results.json")))
@@ -186,10 +189,17 @@ class PerSample:
             common = np.intersect1d(common, self.data[id(p)]["seeds"])
         return [np.searchsorted(self.data[id(p)]["seeds"], common) for p in points]
 
+    def has(self, row: Dict, key: str) -> bool:
+        """Whether the row's per-sample data give ``key`` ("safety", "kl": its labels; "fd": its features,
+        which runs older than the features files lack)."""
+        if not self.has_labels:
+            return False
+        return key != "fd" or (self.ref is not None and self.data[id(row)]["features"] is not None)
+
     def gap_se(self, a: Dict, b: Dict, key: str, num: int = 200, seed: int = 0) -> Optional[float]:
         """Bootstrap standard error of statistic(b) - statistic(a), resampling the seeds the two points
-        share jointly (None when the runs lack the per-sample data of ``key``)."""
-        if not (self.has_labels and (key == "kl" or self.has_features)):
+        share jointly (None when either point lacks the per-sample data of ``key``)."""
+        if not (self.has(a, key) and self.has(b, key)):
             return None
         sa, sb = self.data[id(a)]["seeds"], self.data[id(b)]["seeds"]
         common = np.intersect1d(sa, sb)
@@ -239,7 +249,7 @@ def at_safety(per_sample: PerSample, method: str, key: str, high_safety: float =
     a, b = pair
     value = _interpolate(a["safety_pct"], b["safety_pct"], a[key], b[key], high_safety)
     out = {"value": value, "se": None, "a": a, "b": b}
-    if num >= 2 and per_sample.has_labels and (key == "kl" or per_sample.has_features):
+    if num >= 2 and per_sample.has(a, key) and per_sample.has(b, key):
         draws = _at_safety_draws(per_sample, [pair], key, high_safety, num, seed)
         out["se"] = float(np.std(draws[0], ddof=1))
     return out
@@ -267,7 +277,8 @@ def _at_safety_draws(per_sample: PerSample, pairs: List[Tuple[Dict, Dict]], key:
 def verdict_at_safety(per_sample: PerSample, dng: str, key: str, high_safety: float = 1.0) -> str:
     """The paper's claim read at exactly ``high_safety`` %: is DNG variant ``dng``'s interpolated ``key``
     below NP's and SLD's? "(within noise)" when the gap to the better of the two is under two standard
-    errors of the gap (paired: all four bracketing points resampled on their shared seeds)."""
+    errors of the gap (paired: all four bracketing points resampled on their shared seeds; unpaired,
+    the errors combined, where a point lacks per-sample data)."""
     rows = per_sample.rows
     d = at_safety(per_sample, dng, key, high_safety)
     if d is None:
@@ -282,13 +293,20 @@ def verdict_at_safety(per_sample: PerSample, dng: str, key: str, high_safety: fl
         return "no baseline's grid points bracket it"
     m_best, o = min(others.items(), key=lambda kv: kv[1]["value"])
     gap = o["value"] - d["value"]
-    se = None
-    if d["se"] is not None:
+    se, kind = None, ""
+    if d["se"] is not None and o["se"] is not None:
         da, db = _at_safety_draws(per_sample, [(d["a"], d["b"]), (o["a"], o["b"])], key, high_safety, 200, 1)
-        se = float(np.std(db - da, ddof=1))
+        se, kind = float(np.std(db - da, ddof=1)), " paired"
+    elif d["se"] is not None or o["se"] is not None:
+        # one reading lacks per-sample data: its error from the points' own bootstrap errors, combined
+        # unpaired with the other's (conservative)
+        own = lambda r: (r["se"] if r["se"] is not None else
+                         np.hypot(r["a"].get(key + "_std", np.nan), r["b"].get(key + "_std", np.nan)))
+        se, kind = float(np.hypot(own(d), own(o))), " unpaired"
+        se = None if not np.isfinite(se) else se
     word = "yes" if gap > 0 else "no"
     noise = " (within noise)" if se and abs(gap) < 2 * se else ""
-    how = f", gap {gap:.3g} +- {se:.2g} paired" if se else ""
+    how = f", gap {gap:.3g} +- {se:.2g}{kind}" if se else ""
     return f"{word}{noise}: {d['value']:.3g} vs {m_best} {o['value']:.3g}{how}"
 
 

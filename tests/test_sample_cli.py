@@ -586,6 +586,13 @@ def test_report_keeps_the_larger_of_two_points_on_nested_seeds_and_refuses_overl
     rows = {(r["method"], r["scale"]): r for r in report.PerSample(groups[0]).rows}
     assert {k: r["n"] for k, r in rows.items()} == {("none", 0.0): 8, ("NP", 0.5): 4, ("NP", 1.0): 8}
     assert rows[("NP", 1.0)]["histogram"] == np.bincount(lab8, minlength=10).tolist()
+    # FD errors are paired point by point: the resampled point has features, the older one has none
+    per = report.PerSample(groups[0])
+    rows = {(r["method"], r["scale"]): r for r in per.rows}
+    assert per.has(rows[("NP", 1.0)], "fd") and not per.has(rows[("NP", 0.5)], "fd")
+    assert per.has(rows[("NP", 0.5)], "kl")
+    assert per.gap_se(rows[("none", 0.0)], rows[("NP", 1.0)], "fd", num=20) > 0
+    assert per.gap_se(rows[("NP", 0.5)], rows[("NP", 1.0)], "fd", num=20) is None
     _fake_run(tmp_path / "bad" / "a", np.arange(4), {("NP", 0.5): lab4})
     _fake_run(tmp_path / "bad" / "b", np.arange(2, 6), {("NP", 0.5): lab4})
     with pytest.raises(ValueError, match="disjoint seed ranges"):
