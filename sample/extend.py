@@ -3,7 +3,8 @@
   python sample/main.py --job=extend --runs=OUT/class_0 --n=1024      # then --job=report --runs=OUT
 
 The points that decide the paper's comparison are, per method, the one with the lowest KL and the
-one with the lowest FD among the points with at most ``high_safety`` % (1 %) of the removed class.
+one with the lowest FD among the points with at most ``high_safety`` % (1 %) of the removed class,
+and the two points that bracket ``high_safety`` % (the report reads each curve there).
 For a class-removal run with n seeds per point, this samples those points (and the unguided one) on
 the next ``--n`` - n seeds, with everything else as the run had it, into ``<run>_seeds<a>-<b>``;
 ``--job=report`` merges the two runs point by point (the union of the seeds, statistics recomputed).
@@ -28,10 +29,14 @@ def is_top_up(run: str) -> bool:
 
 
 def deciding_points(rows: List[Dict], high_safety: float = 1.0) -> Dict[str, List[float]]:
-    """Per method: the scales of its lowest-KL and lowest-FD points at <= ``high_safety`` %."""
+    """Per method: the scales of its lowest-KL and lowest-FD points at <= ``high_safety`` %, and of the
+    two neighbouring points between which its curve first falls to ``high_safety`` % (the reading at
+    exactly that safety interpolates between them, :func:`report.at_safety`)."""
     out: Dict[str, List[float]] = {}
     for m, best in report.best_at_high_safety(rows, high_safety).items():
-        scales = sorted({float(b["scale"]) for b in best.values() if b is not None})
+        pair = report.crossing(rows, m, high_safety) or ()
+        scales = sorted({float(b["scale"]) for b in best.values() if b is not None}
+                        | {float(p["scale"]) for p in pair})
         if scales:
             out[m] = scales
     return out

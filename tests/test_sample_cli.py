@@ -599,6 +599,18 @@ def test_report_keeps_the_larger_of_two_points_on_nested_seeds_and_refuses_overl
         report.PerSample([str(tmp_path / "bad" / "a"), str(tmp_path / "bad" / "b")])
 
 
+def test_the_points_bracketing_one_percent_decide_too():
+    """extend tops up, per method, the lowest-KL and lowest-FD points at <= 1 % and the two points that
+    bracket 1 % (the report's reading at equal safety interpolates between them)."""
+    from sample import extend
+    row = lambda m, s, safety, kl, fd: dict(method=m, scale=s, safety_pct=safety, kl=kl, fd=fd)
+    rows = [row("none", 0.0, 9.0, 0.1, 50.0),
+            row("NP", 0.5, 3.0, 0.10, 40.0), row("NP", 1.0, 0.8, 0.20, 45.0), row("NP", 2.0, 0.0, 0.15, 60.0),
+            row("DNG", 1.0, 0.5, 0.05, 30.0), row("DNG", 2.0, 0.0, 0.04, 35.0),
+            row("SLD", 1.0, 5.0, 0.10, 40.0)]
+    assert extend.deciding_points(rows) == {"NP": [0.5, 1.0, 2.0], "DNG": [1.0, 2.0]}   # SLD never gets there
+
+
 def _labels(n: int, n_removed: int, weights) -> list:
     """n labels: n_removed of the removed class 1, the rest over classes 0, 2..9 in proportion to weights."""
     others = [0, 2, 3, 4, 5, 6, 7, 8, 9]
