@@ -232,73 +232,62 @@ def _interpolate(sa: float, sb: float, va: float, vb: float, h: float) -> float:
     return (1.0 - w) * va + w * vb
 
 
-def at_safety(per_sample: PerSample, method: str, key: str, high_safety: float = 1.0,
-              num: int = 200, seed: int = 0) -> Optional[Dict]:
-    """``key`` ("kl" or "fd") of ``method`` read at exactly ``high_safety`` % of the removed class:
+def at_safety(per_sample: PerSample, key: str, high_safety: float = 1.0, num: int = 200,
+              seed: int = 0) -> Dict[str, Dict]:
+    """Every method's ``key`` ("kl" or "fd") read at exactly ``high_safety`` % of the removed class:
     interpolated linearly in safety between the two grid points that bracket it (:func:`crossing`).
 
-    Returns {"value", "se", "a", "b"}: the reading from the points' own statistics, its bootstrap
-    standard error (``num`` resamples of the seeds the two points share, jointly, the crossing recomputed
-    on each: the error includes where the curve crosses; None without per-sample data or for num < 2)
-    and the points.
-    The same crossing holds for every comparison, so methods are compared at equal safety.
+    Returns {method: {"value", "se", "draws", "a", "b"}} for the methods whose grid brackets it:
+    the reading from the points' own statistics; ``num`` bootstrap draws of it (None for num < 2 or
+    without per-sample data), resampling the seeds that all the bracketing points share, jointly for
+    all methods (so that differences of draws are paired), the crossing recomputed on every draw (the
+    error includes where the curve crosses), and their standard deviation ``se``. The same crossing
+    serves every comparison, so the methods are compared at equal safety.
     """
-    pair = crossing(per_sample.rows, method, high_safety)
-    if pair is None:
-        return None
-    a, b = pair
-    value = _interpolate(a["safety_pct"], b["safety_pct"], a[key], b[key], high_safety)
-    out = {"value": value, "se": None, "a": a, "b": b}
-    if num >= 2 and per_sample.has(a, key) and per_sample.has(b, key):
-        draws = _at_safety_draws(per_sample, [pair], key, high_safety, num, seed)
-        out["se"] = float(np.std(draws[0], ddof=1))
+    out: Dict[str, Dict] = {}
+    for m in dict.fromkeys(r["method"] for r in per_sample.rows if r["method"] != "none"):
+        pair = crossing(per_sample.rows, m, high_safety)
+        if pair is not None:
+            a, b = pair
+            out[m] = {"value": _interpolate(a["safety_pct"], b["safety_pct"], a[key], b[key], high_safety),
+                      "se": None, "draws": None, "a": a, "b": b}
+    boot = [m for m, d in out.items() if per_sample.has(d["a"], key) and per_sample.has(d["b"], key)]
+    if num >= 2 and boot:
+        points = [out[m][p] for m in boot for p in ("a", "b")]
+        idx = per_sample.shared(points)
+        n = len(idx[0])
+        rng = np.random.default_rng(seed)
+        draws = np.zeros((len(boot), num))
+        for t in range(num):
+            j = rng.integers(0, n, n)
+            for i, m in enumerate(boot):
+                a, b, ia, ib = out[m]["a"], out[m]["b"], idx[2 * i][j], idx[2 * i + 1][j]
+                draws[i, t] = _interpolate(per_sample.statistic(a, "safety", ia), per_sample.statistic(b, "safety", ib),
+                                           per_sample.statistic(a, key, ia), per_sample.statistic(b, key, ib),
+                                           high_safety)
+        for i, m in enumerate(boot):
+            out[m].update(draws=draws[i], se=float(np.std(draws[i], ddof=1)))
     return out
 
 
-def _at_safety_draws(per_sample: PerSample, pairs: List[Tuple[Dict, Dict]], key: str, high_safety: float,
-                     num: int, seed: int) -> List[np.ndarray]:
-    """Bootstrap draws of the reading at ``high_safety`` of each bracketing pair, all resampled on the
-    seeds every point shares (jointly: their differences are paired)."""
-    points = [p for pair in pairs for p in pair]
-    idx = per_sample.shared(points)
-    n = len(idx[0])
-    rng = np.random.default_rng(seed)
-    draws = np.zeros((len(pairs), num))
-    for t in range(num):
-        j = rng.integers(0, n, n)
-        for i, (a, b) in enumerate(pairs):
-            ia, ib = idx[2 * i][j], idx[2 * i + 1][j]
-            draws[i, t] = _interpolate(per_sample.statistic(a, "safety", ia), per_sample.statistic(b, "safety", ib),
-                                       per_sample.statistic(a, key, ia), per_sample.statistic(b, key, ib),
-                                       high_safety)
-    return list(draws)
-
-
-def verdict_at_safety(per_sample: PerSample, dng: str, key: str, high_safety: float = 1.0) -> str:
-    """The paper's claim read at exactly ``high_safety`` %: is DNG variant ``dng``'s interpolated ``key``
-    below NP's and SLD's? "(within noise)" when the gap to the better of the two is under two standard
-    errors of the gap (paired: all four bracketing points resampled on their shared seeds; unpaired,
-    the errors combined, where a point lacks per-sample data)."""
-    rows = per_sample.rows
-    d = at_safety(per_sample, dng, key, high_safety)
+def verdict_at_safety(readings: Dict[str, Dict], dng: str, key: str, high_safety: float = 1.0) -> str:
+    """The paper's claim read at exactly ``high_safety`` %, from :func:`at_safety`'s ``readings`` of
+    ``key``: is DNG variant ``dng``'s reading below NP's and SLD's? "(within noise)" when the gap to the
+    better of the two is under two standard errors of the gap (paired: differences of the joint draws;
+    unpaired, the errors combined, where a point lacks per-sample data)."""
+    d = readings.get(dng)
     if d is None:
         return f"{dng}: no grid points bracket {high_safety:g}%"
-    others = {}
-    for m in dict.fromkeys(r["method"] for r in rows):
-        if m != "none" and not m.startswith("DNG"):
-            o = at_safety(per_sample, m, key, high_safety)
-            if o is not None:
-                others[m] = o
+    others = {m: o for m, o in readings.items() if not m.startswith("DNG")}
     if not others:
         return "no baseline's grid points bracket it"
     m_best, o = min(others.items(), key=lambda kv: kv[1]["value"])
     gap = o["value"] - d["value"]
     se, kind = None, ""
-    if d["se"] is not None and o["se"] is not None:
-        da, db = _at_safety_draws(per_sample, [(d["a"], d["b"]), (o["a"], o["b"])], key, high_safety, 200, 1)
-        se, kind = float(np.std(db - da, ddof=1)), " paired"
+    if d["draws"] is not None and o["draws"] is not None:
+        se, kind = float(np.std(o["draws"] - d["draws"], ddof=1)), " paired"
     elif d["se"] is not None or o["se"] is not None:
-        # one reading lacks per-sample data: its error from the points' own bootstrap errors, combined
+        # a reading without per-sample data: its error from its points' own bootstrap errors, combined
         # unpaired with the other's (conservative)
         own = lambda r: (r["se"] if r["se"] is not None else
                          np.hypot(r["a"].get(key + "_std", np.nan), r["b"].get(key + "_std", np.nan)))
@@ -372,15 +361,16 @@ def markdown(runs: List[str], high_safety: float = 1.0) -> str:
             fd = "--" if b["fd"] is None else f"{b['fd']['fd']:.2f}{pm(b['fd'], 'fd', '.2f')} ({b['fd']['scale']:g}, n {b['fd']['n']})"
             summary.append(f"| {r0.get('removed_classes', r0['removed_class'])} | {r0['steps']} | {base_str} | {m} | {kl} | {fd} |")
         removed = r0.get('removed_classes', r0['removed_class'])
+        readings = {key: at_safety(per_sample, key, high_safety) for key in ("kl", "fd")}
         for m in best:
             if m.startswith("DNG"):
                 claims.append(f"| {removed} | {m} | "
                               f"{verdict(best, m, 'kl', per_sample)} | {verdict(best, m, 'fd', per_sample)} |")
-                claims_exact.append(f"| {removed} | {m} | {verdict_at_safety(per_sample, m, 'kl', high_safety)} | "
-                                    f"{verdict_at_safety(per_sample, m, 'fd', high_safety)} |")
+                claims_exact.append(f"| {removed} | {m} | {verdict_at_safety(readings['kl'], m, 'kl', high_safety)} | "
+                                    f"{verdict_at_safety(readings['fd'], m, 'fd', high_safety)} |")
             cells = []
             for key, f in (("kl", ".4f"), ("fd", ".2f")):
-                d = at_safety(per_sample, m, key, high_safety)
+                d = readings[key].get(m)
                 cells.append("--" if d is None else f"{d['value']:{f}}" + ("" if d["se"] is None else f" ± {d['se']:{f}}"))
             pair = crossing(rows, m, high_safety)
             between = "--" if pair is None else (f"{pair[0]['scale']:g} ({pair[0]['safety_pct']:.2f}%) and "
@@ -414,6 +404,7 @@ def plot_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
     for i, group in enumerate(groups):
         per_sample = PerSample(group)
         rows = per_sample.rows
+        readings = {key: at_safety(per_sample, key, high_safety, num=0) for key in ("kl", "fd")}
         for j, key in enumerate(("kl", "fd")):
             ax = axes[i, j]
             for m in dict.fromkeys(r["method"] for r in rows):
@@ -423,7 +414,7 @@ def plot_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
                     ax.scatter(xs, ys, marker="*", s=140, color="black", zorder=5, label="unguided")
                 else:
                     ax.plot(xs, ys, marker=plots.MARKERS.get(m, "o"), color=plots.COLORS.get(m), label=m)
-                    d = at_safety(per_sample, m, key, high_safety, num=0)
+                    d = readings[key].get(m)
                     if d is not None:                  # the reading at exactly high_safety (hollow)
                         ax.scatter([high_safety], [d["value"]], marker=plots.MARKERS.get(m, "o"), s=70,
                                    facecolors="none", edgecolors=plots.COLORS.get(m), zorder=6)

@@ -635,22 +635,26 @@ def test_report_reads_every_curve_at_exactly_one_percent(tmp_path):
     assert report.crossing(per.rows, "NP") == (row[("NP", 0.5)], row[("NP", 1.0)])
     assert report.crossing(per.rows, "SLD") is None                        # never gets there
     assert report.crossing(per.rows, "DNG", high_safety=2.5) is None       # there at its lowest scale
-    np_kl = report.at_safety(per, "NP", "kl")
+    kl, fd = report.at_safety(per, "kl", num=50), report.at_safety(per, "fd", num=50)
+    assert set(kl) == set(fd) == {"NP", "DNG"}                             # SLD never gets there
     w = (3.0 - 1.0) / (3.0 - 0.5)                                          # 1 % lies 80 % of the way
-    assert np_kl["value"] == pytest.approx((1 - w) * row[("NP", 0.5)]["kl"] + w * row[("NP", 1.0)]["kl"])
-    dng_fd = report.at_safety(per, "DNG", "fd")
-    assert dng_fd["value"] == pytest.approx(0.5 * row[("DNG", 1.0)]["fd"] + 0.5 * row[("DNG", 2.0)]["fd"])
-    assert np.isfinite(np_kl["se"]) and np_kl["se"] > 0
-    assert report.at_safety(per, "NP", "kl", num=0)["se"] is None
-    # jointly resampled draws of one pair against itself differ by nothing (the gap is paired)
-    pair = report.crossing(per.rows, "DNG")
-    d1, d2 = report._at_safety_draws(per, [pair, pair], "kl", 1.0, 20, 0)
-    assert np.array_equal(d1, d2) and np.std(d1) > 0
+    assert kl["NP"]["value"] == pytest.approx((1 - w) * row[("NP", 0.5)]["kl"] + w * row[("NP", 1.0)]["kl"])
+    assert fd["DNG"]["value"] == pytest.approx(0.5 * row[("DNG", 1.0)]["fd"] + 0.5 * row[("DNG", 2.0)]["fd"])
+    assert np.isfinite(kl["NP"]["se"]) and kl["NP"]["se"] > 0 and kl["NP"]["draws"].shape == (50,)
+    assert report.at_safety(per, "kl", num=0)["NP"]["se"] is None
+    # the draws resample every method on the same seeds: a second call with the same seed repeats them
+    assert np.array_equal(report.at_safety(per, "kl", num=50)["DNG"]["draws"], kl["DNG"]["draws"])
     # DNG's classes are flat, NP's skewed: DNG has the lower KL at 1 %, by far more than the noise
     assert row[("DNG", 2.0)]["kl"] < row[("NP", 1.0)]["kl"]
-    v = report.verdict_at_safety(per, "DNG", "kl")
+    v = report.verdict_at_safety(kl, "DNG", "kl")
     assert v.startswith("yes: ") and "vs NP" in v and "paired" in v
-    assert report.verdict_at_safety(per, "DNG", "kl", high_safety=2.5).startswith("DNG: no grid points")
+    assert report.verdict_at_safety(report.at_safety(per, "kl", high_safety=2.5), "DNG", "kl",
+                                    high_safety=2.5).startswith("DNG: no grid points")
+    # without per-sample data for one reading: its points' own errors, combined unpaired
+    nodraw = dict(kl, NP=dict(kl["NP"], draws=None, se=None))
+    nodraw["NP"]["a"] = dict(nodraw["NP"]["a"], kl_std=0.01)
+    nodraw["NP"]["b"] = dict(nodraw["NP"]["b"], kl_std=0.01)
+    assert "unpaired" in report.verdict_at_safety(nodraw, "DNG", "kl")
     report.write_report([str(tmp_path / "run")], str(tmp_path / "report"))
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| 1 | SLD | -- | -- | -- |" in md and "| 1 | NP | " in md and "0.5 (3.00%) and 1 (0.50%)" in md
