@@ -390,8 +390,8 @@ def markdown(runs: List[str], high_safety: float = 1.0) -> str:
                         "over the seeds the two points share, the crossing recomputed on every resample; "
                         "-- : no two grid points bracket it (the method never gets there, or already is at "
                         "its lowest scale).\n"]
-                     + exact + ["", "The paper's claim at exactly that safety (paired gaps: all four "
-                                "bracketing points resampled jointly on their shared seeds):\n"]
+                     + exact + ["", "The paper's claim at exactly that safety (paired gaps: every method's "
+                                "bracketing points resampled jointly on the seeds they all share):\n"]
                      + claims_exact + [""] + lines)
 
 
