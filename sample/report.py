@@ -387,7 +387,7 @@ def markdown(runs: List[str], high_safety: float = 1.0) -> str:
                      + ["", f"The same read at exactly {high_safety:g}% of the removed class, so that every method "
                         "is compared at equal safety: each curve interpolated linearly in safety between the two "
                         f"neighbouring grid points (in scale) where it first falls to {high_safety:g}%; ±: bootstrap "
-                        "over the seeds the two points share, the crossing recomputed on every resample; "
+                        "over the seeds that every bracketing point has, the crossing recomputed on every resample; "
                         "-- : no two grid points bracket it (the method never gets there, or already is at "
                         "its lowest scale).\n"]
                      + exact + ["", "The paper's claim at exactly that safety (paired gaps: every method's "
