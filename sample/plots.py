@@ -149,19 +149,33 @@ def pick_rows_for_histogram(rows: Sequence[Mapping], high_safety: float = 1.0) -
 def plot_histograms(rows: Sequence[Mapping], path: str, class_names: Optional[Sequence[str]] = None,
                     high_safety: float = 1.0) -> str:
     """Class frequencies (%) of the samples, grouped bars per class, against the ideal (fig. 13)."""
+    k = len(rows[0]["histogram"])
+    fig, ax = plt.subplots(figsize=(max(8, k * 0.9), 4))
+    draw_histograms(ax, rows, class_names, high_safety)
+    ax.set_title(f"class histograms; per method the lowest scale with <= {high_safety:g}% removed class "
+                 "(else its safest point)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def draw_histograms(ax, rows: Sequence[Mapping], class_names: Optional[Sequence[str]] = None,
+                    high_safety: float = 1.0) -> None:
+    """:func:`plot_histograms`' bars and ideal on the axes ``ax`` (the unguided point and, per method,
+    its lowest scale with <= ``high_safety`` % removed class, else its safest point)."""
     chosen = pick_rows_for_histogram(rows, high_safety)
     k = len(chosen[0]["histogram"])
     from dngjax.metrics import ideal_distribution
     tag = str(chosen[0].get("removed_classes", chosen[0]["removed_class"]))
     ideal = 100.0 * ideal_distribution(k, [int(c) for c in tag.split("+")])
     width = 0.8 / max(len(chosen), 1)
-    fig, ax = plt.subplots(figsize=(max(8, k * 0.9), 4))
     xs = np.arange(k)
     for i, r in enumerate(chosen):
         h = np.asarray(r["histogram"], np.float64)
         freq = 100.0 * h / max(h.sum(), 1)
         label = ("unguided" if r["method"] == "none" else f"{r['method']} scale {r['scale']:g}") + \
-            f" (safety {r['safety_pct']:.1f}%, KL {r['kl']:.3f})"
+            f" (safety {r['safety_pct']:.1f}%, KL {r['kl']:.3f}, n {r.get('n', h.sum()):.0f})"
         ax.bar(xs - 0.4 + width * (i + 0.5), freq, width, color=_color(r["method"]),
                alpha=0.85 if r["method"] != "none" else 0.4, label=label)
     ax.step(np.r_[xs - 0.5, k - 0.5], np.r_[ideal, ideal[-1]], where="post", color="red", lw=1.2,
@@ -170,13 +184,7 @@ def plot_histograms(rows: Sequence[Mapping], path: str, class_names: Optional[Se
     ax.set_xticklabels(list(class_names) if class_names else [str(i) for i in range(k)])
     ax.set_ylabel("% of samples")
     ax.set_xlabel("class assigned by the classifier")
-    ax.set_title(f"class histograms; per method the lowest scale with <= {high_safety:g}% removed class "
-                 "(else its safest point)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def reduce_trace(trace, scales, removed_mask: Optional[np.ndarray] = None) -> Dict[str, Any]:

@@ -6,8 +6,9 @@
 Writes ``report.md`` (per class: the full table, and the paper's comparison --
 among the points with <= 1% removed class, each method's lowest KL and lowest FD; and every curve
 read at exactly 1%, interpolated between the grid points that bracket it, so that the methods are
-compared at equal safety) and ``tradeoff_all.png`` (KL and FD against safety, one row per removed
-class; hollow markers: the readings at exactly 1%).
+compared at equal safety), ``tradeoff_all.png`` (KL and FD against safety, one row per removed
+class; hollow markers: the readings at exactly 1%) and ``histograms_all.png`` (class histograms at
+each method's first point at <= 1%, one panel per removed class).
 Runs of the same points on other seeds (``--job=extend``'s top-ups) are merged: a point sampled in
 several runs pools their seeds, and its statistics are recomputed on the union.
 """
@@ -420,10 +421,32 @@ def plot_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
                                    facecolors="none", edgecolors=plots.COLORS.get(m), zorder=6)
             ax.axvline(high_safety, color="gray", ls="--", lw=0.8)
             ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
+            ax.set_yscale("log")                       # the large scales' KL / FD would flatten the rest
             ax.set_xlabel("% of samples in the removed class")
             ax.set_ylabel(("KL(ideal || generated)" if key == "kl" else "FD") + f", class {rows[0].get('removed_classes', rows[0]['removed_class'])} removed")
             ax.grid(alpha=0.3)
+        axes[i, 0].scatter([], [], marker="o", facecolors="none", edgecolors="gray",
+                           label=f"read at exactly {high_safety:g}%")
         axes[i, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_histograms_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
+    """Class histograms, one panel per group of runs (removed class): the unguided point and, per
+    method, its lowest scale with <= ``high_safety`` % of the removed class (the points merged)."""
+    from sample import plots
+    import matplotlib.pyplot as plt
+
+    groups = group_runs(runs)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 3.6 * len(groups)), squeeze=False)
+    for ax, group in zip(axes[:, 0], groups):
+        rows = PerSample(group).rows
+        plots.draw_histograms(ax, rows, high_safety=high_safety)
+        ax.set_title(f"class {rows[0].get('removed_classes', rows[0]['removed_class'])} removed: per method "
+                     f"the lowest scale with <= {high_safety:g}% of it (else its safest point)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -440,6 +463,7 @@ def write_report(runs: List[str], out: Optional[str] = None, high_safety: float 
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(md + "\n")
     plot_all(runs, os.path.join(out, "tradeoff_all.png"), high_safety)
+    plot_histograms_all(runs, os.path.join(out, "histograms_all.png"), high_safety)
     print(md)
-    print(f"\nwrote {os.path.join(out, 'report.md')} and {os.path.join(out, 'tradeoff_all.png')}")
+    print(f"\nwrote {os.path.join(out, 'report.md')}, tradeoff_all.png and histograms_all.png in {out}")
     return out

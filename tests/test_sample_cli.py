@@ -110,7 +110,8 @@ def test_cli_end_to_end_writes_every_file(tiny_checkpoints, tmp_path):
     report.write_report(report.find_runs([str(out)]), str(tmp_path / "report"))
     md = (tmp_path / "report" / "report.md").read_text()
     assert "removed class 1" in md and "| DNG | 5 |" in md
-    assert (tmp_path / "report" / "tradeoff_all.png").stat().st_size > 0
+    for f in ("tradeoff_all.png", "histograms_all.png"):
+        assert (tmp_path / "report" / f).stat().st_size > 0, f
     # the per-sample files give back every point's KL and FD, and paired errors of differences
     per = report.PerSample(str(out))
     rows = per.rows
