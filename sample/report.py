@@ -257,6 +257,8 @@ def at_safety(per_sample: PerSample, key: str, high_safety: float = 1.0, num: in
         points = [out[m][p] for m in boot for p in ("a", "b")]
         idx = per_sample.shared(points)
         n = len(idx[0])
+        if n < 2:                                      # no seeds in common: no joint draws
+            return out
         rng = np.random.default_rng(seed)
         draws = np.zeros((len(boot), num))
         for t in range(num):
