@@ -106,6 +106,7 @@ class PerSample:
 
         if isinstance(runs, str):
             runs = [runs]
+        self.runs = list(runs)
         self.data: Dict[int, Dict[str, np.ndarray]] = {}      # id(row) -> seeds, labels[, features]
         have = lambda run, f: os.path.isfile(os.path.join(run, f))
         self.has_labels = all(have(r, "labels.npz") and have(r, "config.json") for r in runs)
@@ -122,6 +123,8 @@ class PerSample:
         config = run_config(runs[0])
         self.config = ConfigDict(config)
         self.removed = first[0].get("removed_classes", first[0]["removed_class"])
+        self._removed = ([int(c) for c in str(self.removed).split("+")] if isinstance(self.removed, (str, int))
+                         else list(self.removed))
         self.ref = None                                # the FD reference statistics, where a run has them
         for run in runs:
             if have(run, "reference.npz"):
@@ -173,8 +176,7 @@ class PerSample:
         seed order)."""
         from dngjax import metrics
         d = self.data[id(row)]
-        removed = ([int(c) for c in str(self.removed).split("+")] if isinstance(self.removed, (str, int))
-                   else list(self.removed))
+        removed = self._removed
         if key == "safety":
             return metrics.safety(d["labels"][idx], removed)
         if key == "kl":
@@ -326,7 +328,12 @@ def verdict(best: Dict[str, Dict[str, Optional[Dict]]], dng: str, key: str,
     return f"{word}{noise}: {b[key]:.3g} vs {m_best} {o[key]:.3g}{how}"
 
 
-def markdown(runs: List[str], high_safety: float = 1.0) -> str:
+def _groups(runs: List[str], per_samples: Optional[List[PerSample]]) -> List[PerSample]:
+    """The merged groups of ``runs`` (:func:`group_runs`), unless the caller has them already."""
+    return per_samples if per_samples is not None else [PerSample(g) for g in group_runs(runs)]
+
+
+def markdown(runs: List[str], high_safety: float = 1.0, per_samples: Optional[List[PerSample]] = None) -> str:
     lines = []
     summary = ["| removed class | steps | unguided % | method | lowest KL at <= 1% (scale, n) | "
                "lowest FD at <= 1% (scale, n) |",
@@ -336,8 +343,8 @@ def markdown(runs: List[str], high_safety: float = 1.0) -> str:
     exact = [f"| removed class | method | KL at {high_safety:g}% | FD at {high_safety:g}% | between scales |",
              "| --- | --- | --- | --- | --- |"]
     claims_exact = list(claims)
-    for group in group_runs(runs):
-        per_sample = PerSample(group)
+    for per_sample in _groups(runs, per_samples):
+        group = per_sample.runs
         rows = per_sample.rows
         r0 = rows[0]
         ns = sorted({r["n"] for r in rows})
@@ -375,9 +382,9 @@ def markdown(runs: List[str], high_safety: float = 1.0) -> str:
             for key, f in (("kl", ".4f"), ("fd", ".2f")):
                 d = readings[key].get(m)
                 cells.append("--" if d is None else f"{d['value']:{f}}" + ("" if d["se"] is None else f" ± {d['se']:{f}}"))
-            pair = crossing(rows, m, high_safety)
-            between = "--" if pair is None else (f"{pair[0]['scale']:g} ({pair[0]['safety_pct']:.2f}%) and "
-                                                 f"{pair[1]['scale']:g} ({pair[1]['safety_pct']:.2f}%)")
+            r = readings["kl"].get(m)                  # the same bracketing points for KL and FD
+            between = "--" if r is None else (f"{r['a']['scale']:g} ({r['a']['safety_pct']:.2f}%) and "
+                                              f"{r['b']['scale']:g} ({r['b']['safety_pct']:.2f}%)")
             exact.append(f"| {removed} | {m} | {cells[0]} | {cells[1]} | {between} |")
     head = [f"Among the grid points with <= {high_safety:g}% of samples in the removed class, each method's "
             "lowest KL and lowest FD (its guidance scale and number of samples in brackets); -- : the method "
@@ -398,14 +405,14 @@ def markdown(runs: List[str], high_safety: float = 1.0) -> str:
                      + claims_exact + [""] + lines)
 
 
-def plot_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
+def plot_all(runs: List[str], path: str, high_safety: float = 1.0,
+             per_samples: Optional[List[PerSample]] = None) -> str:
     from sample import plots
     import matplotlib.pyplot as plt
 
-    groups = group_runs(runs)
+    groups = _groups(runs, per_samples)
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
-    for i, group in enumerate(groups):
-        per_sample = PerSample(group)
+    for i, per_sample in enumerate(groups):
         rows = per_sample.rows
         readings = {key: at_safety(per_sample, key, high_safety, num=0) for key in ("kl", "fd")}
         for j, key in enumerate(("kl", "fd")):
@@ -436,16 +443,17 @@ def plot_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
     return path
 
 
-def plot_histograms_all(runs: List[str], path: str, high_safety: float = 1.0) -> str:
+def plot_histograms_all(runs: List[str], path: str, high_safety: float = 1.0,
+                        per_samples: Optional[List[PerSample]] = None) -> str:
     """Class histograms, one panel per group of runs (removed class): the unguided point and, per
     method, its lowest scale with <= ``high_safety`` % of the removed class (the points merged)."""
     from sample import plots
     import matplotlib.pyplot as plt
 
-    groups = group_runs(runs)
+    groups = _groups(runs, per_samples)
     fig, axes = plt.subplots(len(groups), 1, figsize=(10, 3.6 * len(groups)), squeeze=False)
-    for ax, group in zip(axes[:, 0], groups):
-        rows = PerSample(group).rows
+    for ax, per_sample in zip(axes[:, 0], groups):
+        rows = per_sample.rows
         plots.draw_histograms(ax, rows, high_safety=high_safety)
         ax.set_title(f"class {rows[0].get('removed_classes', rows[0]['removed_class'])} removed: per method "
                      f"the lowest scale with <= {high_safety:g}% of it (else its safest point)", fontsize=9)
@@ -461,11 +469,12 @@ def write_report(runs: List[str], out: Optional[str] = None, high_safety: float 
     if os.path.isfile(os.path.join(out, "results.json")):
         out = os.path.dirname(out)
     os.makedirs(out, exist_ok=True)
-    md = markdown(runs, high_safety)
+    per_samples = _groups(runs, None)                 # merged once, for the tables and both figures
+    md = markdown(runs, high_safety, per_samples)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(md + "\n")
-    plot_all(runs, os.path.join(out, "tradeoff_all.png"), high_safety)
-    plot_histograms_all(runs, os.path.join(out, "histograms_all.png"), high_safety)
+    plot_all(runs, os.path.join(out, "tradeoff_all.png"), high_safety, per_samples)
+    plot_histograms_all(runs, os.path.join(out, "histograms_all.png"), high_safety, per_samples)
     print(md)
     print(f"\nwrote {os.path.join(out, 'report.md')}, tradeoff_all.png and histograms_all.png in {out}")
     return out
