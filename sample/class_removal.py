@@ -349,18 +349,39 @@ def validate_config(config) -> None:
 
 
 def build_methods(config) -> List[Tuple[str, Any, Dict[str, Any], List[float]]]:
-    """Every method's rule, hyperparameters and grid of scales, validated (illegal values raise)."""
+    """Every method's rule, hyperparameters and grid of scales, validated (illegal values raise).
+
+    A method's grid is its own entry in ``config.method_grids`` ((method string, scales) pairs) if it
+    has one, else its base's ``config.grid`` entry (``config.grid.DNG`` for every DNG variant)."""
+    own = method_grids(config)
     out = []
     for m in config.methods:
         base, _, _ = parse_method(m)
-        scales = [float(s) for s in config.grid[base]]
+        scales = [float(s) for s in own.get(m, config.grid[base])]
         if not scales:
-            raise ValueError(f"config.grid.{base} is empty")
+            raise ValueError(f"config.method_grids of {m!r} is empty" if m in own else f"config.grid.{base} is empty")
         rule, hyper = build_rule(m, config)
         for s in scales:
             rule.replace(scale=s)                     # validates each grid value
         out.append((m, rule, hyper, scales))
     return out
+
+
+def method_grids(config) -> Dict[str, Tuple[float, ...]]:
+    """``config.method_grids`` as {method string: scales}, checked against ``config.methods`` (configs
+    written before the field existed have none)."""
+    pairs = config.get("method_grids", None) or ()
+    own: Dict[str, Tuple[float, ...]] = {}
+    for pair in pairs:
+        if len(pair) != 2 or isinstance(pair[0], (int, float)):
+            raise ValueError(f"config.method_grids: write (method string, scales) pairs, got {pair!r}")
+        m, scales = pair
+        if m not in config.methods:
+            raise ValueError(f"config.method_grids names {m!r}, which is not in config.methods {tuple(config.methods)}")
+        if m in own:
+            raise ValueError(f"config.method_grids gives {m!r} two grids")
+        own[m] = tuple(float(s) for s in (scales if isinstance(scales, (tuple, list)) else (scales,)))
+    return own
 
 
 def choose_outdir(config) -> str:
@@ -409,7 +430,7 @@ def _config_json(config) -> Dict[str, Any]:
 
 
 # config fields that choose which grid points a run has, not how any one point is sampled or scored
-_GRID_FIELDS = ("methods", "grid", "baseline", "grid_images", "outdir")
+_GRID_FIELDS = ("methods", "grid", "method_grids", "baseline", "grid_images", "outdir")
 
 
 def _sampling_identity(config) -> Dict[str, Any]:

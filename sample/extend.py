@@ -48,8 +48,6 @@ def extension_config(run: str, n_total: int, high_safety: Optional[float] = None
     earlier top-ups, merged), so a second call adds only points that became deciding. ``high_safety``:
     the run's own (its config.json) unless given."""
     from ml_collections import ConfigDict
-    from sample.class_removal import parse_method
-
     config = report.run_config(run)
     if config is None or not os.path.isfile(os.path.join(run, "labels.npz")):
         raise ValueError(f"{run}: not a class-removal run with config.json and labels.npz")
@@ -70,8 +68,6 @@ def extension_config(run: str, n_total: int, high_safety: Optional[float] = None
     have = {(r["method"], float(r["scale"])) for r in rows if r["method"] != "none" and r["n"] >= n_total}
     points = todo | have
     methods = [m for m in config["methods"] if any(pm == m for pm, _ in points)]
-    grid = dict(config["grid"])
-    for base in {parse_method(m)[0] for m in methods}:   # methods of one base share its grid
-        grid[base] = sorted({s for pm, s in points if parse_method(pm)[0] == base})
-    return ConfigDict(dict(config, seed=seed, n=n, methods=methods, grid=grid, baseline=True,
+    grids = tuple((m, tuple(sorted(s for pm, s in points if pm == m))) for m in methods)   # each method its own
+    return ConfigDict(dict(config, seed=seed, n=n, methods=methods, method_grids=grids, baseline=True,
                            outdir=outdir, progress=progress))

@@ -235,6 +235,12 @@ def _interpolate(sa: float, sb: float, va: float, vb: float, h: float) -> float:
     return (1.0 - w) * va + w * vb
 
 
+def read_at(a: Dict, b: Dict, key: str, high_safety: float = 1.0) -> float:
+    """``key`` ("kl", "fd", ...) of the curve through the grid points a and b (a :func:`crossing`) read at
+    exactly ``high_safety`` % of the removed class, from the points' own statistics."""
+    return _interpolate(a["safety_pct"], b["safety_pct"], a[key], b[key], high_safety)
+
+
 def at_safety(per_sample: PerSample, key: str, high_safety: float = 1.0, num: int = 200,
               seed: int = 0) -> Dict[str, Dict]:
     """Every method's ``key`` ("kl" or "fd") read at exactly ``high_safety`` % of the removed class:
@@ -252,7 +258,7 @@ def at_safety(per_sample: PerSample, key: str, high_safety: float = 1.0, num: in
         pair = crossing(per_sample.rows, m, high_safety)
         if pair is not None:
             a, b = pair
-            out[m] = {"value": _interpolate(a["safety_pct"], b["safety_pct"], a[key], b[key], high_safety),
+            out[m] = {"value": read_at(a, b, key, high_safety),
                       "se": None, "draws": None, "a": a, "b": b}
     boot = [m for m, d in out.items() if per_sample.has(d["a"], key) and per_sample.has(d["b"], key)]
     if num >= 2 and boot:

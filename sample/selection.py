@@ -3,17 +3,23 @@
   python sample/main.py --config=sample/configs/mnist.py:select --config.removed_class=C   # per class C
   python sample/main.py --job=select --runs=outputs/select                                # then choose
 
-The selection runs sample DNG settings (methods ``DNG[prior=..,temperature=..]``, each over a grid of
-scales) on seeds that the report never uses (``select`` config: seeds from 1,000,000). The rule,
-stated before any report seed is sampled:
+The selection runs sample DNG settings (methods ``DNG[prior=..,temperature=..]``, each over its own grid
+of scales, ``config.method_grids``) on seeds that the report never uses (``select`` config: seeds from
+1,000,000). The rule, stated before any selection or report seed of these settings was sampled (the
+report's reading (ii): every curve compared at equal safety):
 
-1. For a setting s and a removed class c, KL*(s, c) is the lowest KL among s's grid points with at
-   most ``high_safety`` % (1 %) of samples in class c, and FD*(s, c) the FD at that point.
-2. A setting qualifies if it has such a point for every class of the runs.
-3. The chosen setting is the qualifying one with the lowest mean KL* over the classes; ties (mean
-   KL* within 0.001) go to the lower mean FD*.
-4. If none qualifies, the setting with the lowest mean (over classes) of its smallest removed-class
-   share is reported instead, flagged as not reaching the target.
+1. For a setting s and a removed class c, KL(s, c) and FD(s, c) are s's curve read at exactly
+   ``high_safety`` % (1 %) of class c: interpolated linearly in safety between the two neighbouring
+   grid points (in scale) where the curve first falls to 1 % (:func:`sample.report.crossing`,
+   :func:`sample.report.read_at`).
+2. A setting qualifies if its grid brackets 1 % in every class of the runs.
+3. The chosen setting is the qualifying one with the lowest mean KL over the classes; ties (mean KL
+   within 0.001) go to the lower mean FD.
+4. The choice is complete only when every setting qualifies: a setting whose grid does not bracket 1 %
+   in some class is listed with the scale to add (below its lowest scale when that one is already at
+   <= 1 %, above its highest when it never gets there); add it to ``config.method_grids`` and rerun
+   (finished points are reused), so that no setting is left out for where its grid happened to lie.
+   If none qualifies, nothing is chosen.
 
 Writes ``selection.md`` and ``selection.json`` next to the runs (or into --out).
 """
@@ -26,6 +32,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from sample import report
 from sample.class_removal import parse_method
 
 KL_TIE = 1e-3
@@ -36,10 +43,19 @@ def _load(run: str) -> List[Dict]:
         return json.load(f)
 
 
+def _missing_bracket(pts: List[Dict], high_safety: float) -> str:
+    """Why a curve's grid does not bracket ``high_safety`` %, as the scale to add."""
+    pts = sorted(pts, key=lambda r: r["scale"])
+    if pts[0]["safety_pct"] <= high_safety:
+        return f"below {pts[0]['scale']:g} (already {pts[0]['safety_pct']:.2f}% there)"
+    return f"above {pts[-1]['scale']:g} (still {min(r['safety_pct'] for r in pts):.2f}%)"
+
+
 def choose(per_class_rows: Dict[int, List[Dict]], high_safety: float = 1.0) -> Dict:
     """Apply the rule of the module docstring. ``per_class_rows``: {removed class: results rows}.
 
-    Returns {"settings": [per-setting summary], "chosen": method string or None, "qualified": bool}.
+    Returns {"classes", "high_safety", "settings": [per-setting summary], "chosen": method string or
+    None, "complete": whether every setting qualifies}.
     """
     classes = sorted(per_class_rows)
     methods = list(dict.fromkeys(r["method"] for rows in per_class_rows.values() for r in rows
@@ -48,36 +64,38 @@ def choose(per_class_rows: Dict[int, List[Dict]], high_safety: float = 1.0) -> D
         raise ValueError("the runs hold no guided points (only 'none'): nothing to choose from")
     settings = []
     for m in methods:
-        best, min_share = {}, {}
+        per_class, missing = {}, {}
         for c in classes:
             pts = [r for r in per_class_rows[c] if r["method"] == m]
             if not pts:
                 raise ValueError(f"method {m!r} is missing from the run of class {c}: every run needs the same methods")
-            min_share[c] = min(r["safety_pct"] for r in pts)
-            ok = [r for r in pts if r["safety_pct"] <= high_safety]
-            best[c] = min(ok, key=lambda r: r["kl"]) if ok else None
-        qualified = all(best[c] is not None for c in classes)
+            pair = report.crossing(pts, m, high_safety)
+            if pair is None:
+                missing[str(c)] = _missing_bracket(pts, high_safety)
+                continue
+            a, b = pair
+            per_class[str(c)] = {"kl": report.read_at(a, b, "kl", high_safety),
+                                 "fd": report.read_at(a, b, "fd", high_safety),
+                                 "between": [a["scale"], b["scale"]],
+                                 "safety_pct": [a["safety_pct"], b["safety_pct"]]}
+        qualified = not missing
         settings.append({
             "method": m, "overrides": parse_method(m)[2], "qualified": qualified,
-            "mean_kl": float(np.mean([best[c]["kl"] for c in classes])) if qualified else None,
-            "mean_fd": float(np.mean([best[c]["fd"] for c in classes])) if qualified else None,
-            "mean_min_share": float(np.mean([min_share[c] for c in classes])),
-            "per_class": {str(c): (None if best[c] is None else
-                                   {"scale": best[c]["scale"], "kl": best[c]["kl"], "fd": best[c]["fd"],
-                                    "safety_pct": best[c]["safety_pct"]}) for c in classes},
+            "mean_kl": float(np.mean([v["kl"] for v in per_class.values()])) if qualified else None,
+            "mean_fd": float(np.mean([v["fd"] for v in per_class.values()])) if qualified else None,
+            "per_class": per_class, "add_scale": missing,
         })
     ok = [s for s in settings if s["qualified"]]
+    chosen = None
     if ok:
         low = min(s["mean_kl"] for s in ok)
         tied = [s for s in ok if s["mean_kl"] <= low + KL_TIE]
         chosen = min(tied, key=lambda s: s["mean_fd"])["method"]
-    else:
-        chosen = min(settings, key=lambda s: s["mean_min_share"])["method"]
     return {"classes": classes, "high_safety": high_safety, "settings": settings, "chosen": chosen,
-            "qualified": bool(ok)}
+            "complete": len(ok) == len(settings)}
 
 
-def write_selection(runs: List[str], out: Optional[str], high_safety: float) -> str:
+def write_selection(runs: List[str], out: Optional[str], high_safety: float) -> Optional[str]:
     per_class: Dict[int, List[Dict]] = {}
     seeds = set()
     for run in runs:
@@ -93,20 +111,31 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float) -> 
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "selection.json"), "w") as f:
         json.dump(dict(result, runs=[os.path.abspath(r) for r in runs], seeds=sorted(map(str, seeds))), f, indent=1)
-    lines = [f"# DNG hyperparameter selection ({len(runs)} run(s), classes {result['classes']})", "",
-             f"Rule (sample/selection.py): lowest mean KL over classes at <= {high_safety:g} % removed class; "
-             f"ties within {KL_TIE} by FD. Seeds (first, n): {sorted(map(str, seeds))}.", "",
-             "| setting | reaches target in every class | mean KL* | mean FD* | mean min. share (%) | chosen |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"
-    for s in sorted(result["settings"], key=lambda s: (not s["qualified"], s["mean_kl"] or 0, s["mean_min_share"])):
-        lines.append(f"| {s['method']} | {'yes' if s['qualified'] else 'no'} | {fmt(s['mean_kl'])} | "
-                     f"{fmt(s['mean_fd'])} | {s['mean_min_share']:.2f} | {'**yes**' if s['method'] == result['chosen'] else ''} |")
-    if not result["qualified"]:
-        lines += ["", f"No setting reaches <= {high_safety:g} % in every class; the safest is listed as chosen."]
+    classes = result["classes"]
+    lines = [f"# DNG hyperparameter selection ({len(runs)} run(s), classes {classes})", "",
+             f"Rule (sample/selection.py): every curve read at exactly {high_safety:g} % of the removed class "
+             f"(interpolated between the two grid points that bracket it); lowest mean KL over the classes, "
+             f"ties within {KL_TIE} by mean FD. Seeds (first, n): {sorted(map(str, seeds))}.", "",
+             "| setting | mean KL | mean FD | " + " | ".join(f"class {c}: KL, FD (scales)" for c in classes)
+             + " | chosen |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in classes) + " | --- |"]
+    fmt = lambda v, d: "--" if v is None else f"{v:.{d}f}"
+    for s in sorted(result["settings"], key=lambda s: (not s["qualified"], s["mean_kl"] or 0)):
+        cells = []
+        for c in map(str, classes):
+            v = s["per_class"].get(c)
+            cells.append(f"{v['kl']:.4f}, {v['fd']:.1f} ({v['between'][0]:g}-{v['between'][1]:g})" if v else
+                         f"not bracketed: add a scale {s['add_scale'][c]}")
+        lines.append(f"| {s['method']} | {fmt(s['mean_kl'], 4)} | {fmt(s['mean_fd'], 2)} | " + " | ".join(cells)
+                     + f" | {'**yes**' if s['method'] == result['chosen'] else ''} |")
+    if not result["complete"]:
+        lines += ["", f"{sum(s['qualified'] for s in result['settings'])} of {len(result['settings'])} settings "
+                  f"bracket {high_safety:g} % in every class: add the scales listed to config.method_grids and "
+                  "rerun the selection runs (finished points are reused) before taking the choice."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "selection.md"), "w") as f:
         f.write(text)
     print(text)
-    print(f"chosen: {result['chosen']}  ({os.path.join(out, 'selection.md')})", flush=True)
+    state = "" if result["complete"] else " (incomplete: some settings need more scales)"
+    print(f"chosen: {result['chosen']}{state}  ({os.path.join(out, 'selection.md')})", flush=True)
     return result["chosen"]

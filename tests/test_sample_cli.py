@@ -215,29 +215,77 @@ def _row(method, scale, safety, kl, fd, c=0):
             "seed": 1_000_000, "n": 256}
 
 
-def test_selection_rule_on_hand_made_results():
-    """sample/selection.py's rule: lowest mean KL at <= 1 % in every class, ties by FD, else the safest."""
+def test_selection_rule_on_hand_made_results(tmp_path):
+    """sample/selection.py's rule: every curve read at exactly 1 % (interpolated between the grid points that
+    bracket it), lowest mean KL over the classes, ties by mean FD; unbracketed settings named with the scale to add."""
     from sample import selection as select
 
     a, b, d = "DNG[prior=0.1]", "DNG[prior=0.25]", "DNG[prior=0.5]"
-    rows = {0: [_row("none", 0, 10, 0.0, 5), _row(a, 2, 3.0, 0.01, 5), _row(a, 5, 0.5, 0.05, 6),
-                _row(b, 2, 0.9, 0.03, 7), _row(b, 5, 0.0, 0.2, 9), _row(d, 2, 2.0, 0.01, 5)],
-            1: [_row(a, 2, 0.8, 0.02, 5), _row(a, 5, 0.1, 0.04, 6),
-                _row(b, 2, 1.0, 0.06, 4), _row(b, 5, 0.2, 0.1, 9), _row(d, 2, 0.1, 0.001, 1)]}
+    rows = {0: [_row("none", 0, 10, 0.0, 5),
+                _row(a, 1, 3.0, 0.01, 5), _row(a, 2, 0.5, 0.05, 6),        # 1 % at w = 0.8: KL 0.042, FD 5.8
+                _row(b, 1, 2.0, 0.03, 4), _row(b, 2, 0.0, 0.05, 8),        # w = 0.5: KL 0.04, FD 6
+                _row(d, 1, 0.8, 0.01, 5), _row(d, 2, 0.1, 0.02, 6)],       # already below 1 % at its lowest scale
+            1: [_row(a, 1, 1.5, 0.02, 5), _row(a, 2, 0.5, 0.06, 7),        # w = 0.5: KL 0.04, FD 6
+                _row(b, 2, 0.2, 0.07, 9), _row(b, 1, 1.2, 0.05, 4),        # w = 0.2: KL 0.054, FD 5 (rows unordered)
+                _row(d, 1, 2.0, 0.01, 3), _row(d, 2, 1.5, 0.01, 3)]}       # never gets to 1 %
     out = select.choose(rows)
     by = {s["method"]: s for s in out["settings"]}
-    assert by[a]["qualified"] and by[b]["qualified"] and not by[d]["qualified"]   # d misses 1 % in class 0
-    assert by[a]["mean_kl"] == pytest.approx((0.05 + 0.02) / 2) and by[b]["mean_kl"] == pytest.approx(0.045)
-    assert out["chosen"] == a and out["qualified"]
-    # a tie within 0.001 of mean KL goes to the lower mean FD (b: (7 + 1) / 2 against a's (6 + 5) / 2)
-    rows[1][2] = _row(b, 2, 1.0, 0.0405, 1)
+    assert by[a]["qualified"] and by[b]["qualified"] and not by[d]["qualified"] and not out["complete"]
+    assert by[a]["per_class"]["0"]["kl"] == pytest.approx(0.042) and by[a]["per_class"]["0"]["fd"] == pytest.approx(5.8)
+    assert by[a]["per_class"]["0"]["between"] == [1, 2]
+    assert by[a]["mean_kl"] == pytest.approx(0.041) and by[a]["mean_fd"] == pytest.approx(5.9)
+    assert by[b]["mean_kl"] == pytest.approx(0.047) and by[b]["mean_fd"] == pytest.approx(5.5)
+    assert by[d]["add_scale"] == {"0": "below 1 (already 0.80% there)", "1": "above 2 (still 1.50%)"}
+    assert out["chosen"] == a
+    # a tie within 0.001 of mean KL goes to the lower mean FD: b's class-1 KL 0.042 -> mean 0.041
+    rows[1][3] = _row(b, 1, 1.2, 0.04, 4)
+    rows[1][2] = _row(b, 2, 0.2, 0.05, 9)
     assert select.choose(rows)["chosen"] == b
-    # nobody reaches the target: the safest setting, flagged
-    none_ok = {0: [_row(a, 2, 3.0, 0.01, 5), _row(b, 2, 2.0, 0.01, 5)]}
-    out = select.choose(none_ok)
-    assert out["chosen"] == b and not out["qualified"]
+    # every setting brackets 1 % in every class: the choice is complete
+    full = {c: [r for r in rows[c] if r["method"] != d] for c in rows}
+    assert select.choose(full)["complete"] and select.choose(full)["chosen"] == b
+    # the written table: readings per class with their bracketing scales, the unbracketed setting's advice
+    for cls, r in rows.items():
+        (tmp_path / f"class_{cls}").mkdir()
+        (tmp_path / f"class_{cls}" / "results.json").write_text(json.dumps([dict(x, removed_class=cls) for x in r]))
+    assert select.write_selection([str(tmp_path / "class_0"), str(tmp_path / "class_1")], None, 1.0) == b
+    md = (tmp_path / "selection.md").read_text()
+    assert f"| {b} | 0.0410 | 5.50 | 0.0400, 6.0 (1-2) | 0.0420, 5.0 (1-2) | **yes** |" in md
+    assert f"| {d} | -- | -- | not bracketed: add a scale below 1 (already 0.80% there) | " in md
+    assert "2 of 3 settings bracket 1 % in every class" in md
+    # nobody brackets it: nothing is chosen
+    out = select.choose({0: [_row(d, 1, 0.8, 0.01, 5), _row(d, 2, 0.1, 0.02, 6)]})
+    assert out["chosen"] is None and not out["complete"]
     with pytest.raises(ValueError, match="missing from the run of class 1"):
         select.choose({0: [_row(a, 2, 0.5, 0.01, 5)], 1: [_row(b, 2, 0.5, 0.01, 5)]})
+
+
+def test_method_grids_give_a_method_its_own_scales():
+    """config.method_grids overrides the base's grid for the methods it names; bad entries fail before any work."""
+    from sample import class_removal as sm
+    from sample.configs import mnist
+
+    c = mnist.get_config("tiny")
+    c.methods = ("NP", "DNG", "DNG[prior=0.5]")
+    c.method_grids = (("DNG[prior=0.5]", (0.5, 1.5)),)
+    grids = {m: scales for m, _, _, scales in sm.build_methods(c)}
+    assert grids == {"NP": [0.5, 2.0], "DNG": [5.0], "DNG[prior=0.5]": [0.5, 1.5]}
+    cases = [([("DNG[prior=0.1]", (1.0,))], "not in config.methods"),
+             ([("DNG", (1.0,)), ("DNG", (2.0,))], "two grids"),
+             ([("DNG", ())], "method_grids of 'DNG' is empty"),
+             ([(1.0, 2.0)], "pairs")]
+    for bad, match in cases:
+        c.method_grids = tuple(bad)
+        with pytest.raises(ValueError, match=match):
+            sm.build_methods(c)
+    # the select config: every setting starts with the same guidance lambda_T = scale * odds(prior)
+    s = mnist.get_config("select")
+    grids = {m: scales for m, _, hyper, scales in sm.build_methods(s)}
+    by_temp = {}
+    for m, _, hyper, scales in sm.build_methods(s):
+        odds = hyper["prior"] / (1 - hyper["prior"])
+        by_temp.setdefault(hyper["temperature"], set()).add(tuple(round(x * odds * 3, 2) for x in scales))
+    assert all(len(v) == 1 for v in by_temp.values()) and len(grids) == 6
 
 
 def test_select_job_end_to_end_on_tiny_runs(tiny_checkpoints, tmp_path):
@@ -254,19 +302,22 @@ def test_select_job_end_to_end_on_tiny_runs(tiny_checkpoints, tmp_path):
         c.conditional = "{root}/cond"
         c.outdir = str(tmp_path / "select" / "class_{c}")
         c.methods = ("DNG[prior=0.1]", "DNG[prior=0.5,temperature=0.5]")
-        c.grid.DNG = (5.0, 50.0)
+        c.method_grids = (("DNG[prior=0.1]", (0.0, 50.0)), ("DNG[prior=0.5,temperature=0.5]", (0.0, 5.0, 50.0)))
         c.baseline = False
         c.bootstrap = 0
         class_removal.execute(class_removal.prepare(c))
         runs.append(str(tmp_path / "select" / f"class_{cls}"))
         assert os.path.isfile(os.path.join(runs[-1], "samples", "DNG-prior0.5-temperature0.5_scale50.png"))
-    chosen = select.write_selection(runs, None, high_safety=100.0)   # every point qualifies at 100 %
+    # at 100 % every curve already starts below the line: nothing brackets it, each setting is told to
+    # add a scale below its lowest (the bracketed case: test_selection_rule_on_hand_made_results)
+    chosen = select.write_selection(runs, None, high_safety=100.0)
     out = json.loads((tmp_path / "select" / "selection.json").read_text())
-    assert out["chosen"] == chosen and out["classes"] == [1] and len(out["settings"]) == 2
-    assert chosen in ("DNG[prior=0.1]", "DNG[prior=0.5,temperature=0.5]")
-    best = min(out["settings"], key=lambda s: s["mean_kl"])
-    assert abs(best["mean_kl"] - next(s for s in out["settings"] if s["method"] == chosen)["mean_kl"]) <= select.KL_TIE
-    assert "chosen" in (tmp_path / "select" / "selection.md").read_text()
+    assert chosen is None and out["chosen"] is None and not out["complete"] and out["classes"] == [1]
+    assert [s["method"] for s in out["settings"]] == list(c.methods)
+    assert all(list(s["add_scale"]) == ["1"] and s["add_scale"]["1"].startswith("below 0 (already ")
+               for s in out["settings"])
+    md = (tmp_path / "select" / "selection.md").read_text()
+    assert md.count("not bracketed: add a scale below 0") == 2 and "0 of 2 settings bracket 100 %" in md
 
 
 def test_calibrate_job_on_tiny_models(tiny_checkpoints, tmp_path):
@@ -511,7 +562,7 @@ def test_extend_tops_up_the_deciding_points_and_the_report_merges_them_like_one_
         extend.extension_config(str(base), 8)
     cfg = extend.extension_config(str(base), 12, high_safety=100.0, progress=False)
     assert (cfg.seed, cfg.n, cfg.baseline) == (8, 4, True) and cfg.outdir == f"{base}_seeds8-11"
-    assert tuple(cfg.grid.NP) == tuple(decide["NP"]) and tuple(cfg.methods) == ("NP", "DNG")
+    assert dict(cfg.method_grids) == {"NP": tuple(decide["NP"]), "DNG": (5.0,)} and tuple(cfg.methods) == ("NP", "DNG")
 
     real, calls = dj.sample_chunks, []
     monkeypatch.setattr(dj, "sample_chunks", lambda *a, **k: (calls.append(list(k["grid"]["scale"])), real(*a, **k))[1])
@@ -519,7 +570,8 @@ def test_extend_tops_up_the_deciding_points_and_the_report_merges_them_like_one_
     assert calls == [decide["NP"], [5.0]]                     # only the deciding points
     # asked again: the merged statistics may move another NP point to the top; it alone would be added
     again = extend.extension_config(str(base), 12, high_safety=100.0)
-    assert again is None or (set(again.grid.NP) > set(decide["NP"]) and tuple(again.grid.DNG) == (5.0,))
+    assert again is None or (set(dict(again.method_grids)["NP"]) > set(decide["NP"])
+                             and dict(again.method_grids)["DNG"] == (5.0,))
 
     # the report merges the two runs; the merged points equal one run on seeds 0..11
     groups = report.group_runs(report.find_runs([str(tmp_path / "runs")]))

@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.grid.NP = (0.5, 1.0, 2.0)
     c.grid.SLD = (0.5, 1.0, 2.0)
     c.grid.DNG = (2.0, 5.0, 10.0)
+    # (method string, scales) pairs: a method's own grid in place of its base's (a hyperparameter study
+    # whose settings reach the same safety at different scales, e.g. mnist.py:select)
+    c.method_grids = ()
     c.sld = ml_collections.ConfigDict(rule_defaults(SafeLatentDiffusion))
     # DNG's posterior update divides by sigma_t^2: "posterior" = beta_tilde_t (the authors' code, the
     # library default) or "beta" = beta_t (paper Alg. 2, and the variance of the noise the ancestral
