@@ -128,6 +128,14 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float) -> 
                          f"not bracketed: add a scale {s['add_scale'][c]}")
         lines.append(f"| {s['method']} | {fmt(s['mean_kl'], 4)} | {fmt(s['mean_fd'], 2)} | " + " | ".join(cells)
                      + f" | {'**yes**' if s['method'] == result['chosen'] else ''} |")
+    if result["chosen"] is not None:
+        m = result["chosen"]
+        scales = sorted({float(r["scale"]) for rows in per_class.values() for r in rows if r["method"] == m})
+        grid = "(" + ",".join(f"{x:g}" for x in scales) + ",)"
+        lines += ["", f"The chosen setting on the report seeds, beside the methods already there (its grid as here; finished "
+                  "points are reused): `bash sample/run_protocol.sh` with CONFIG, OUT, CLASSES and SETUPS as the report's "
+                  f"runs and the flags `--config.methods='(\"NP\",\"SLD\",\"DNG\",\"{m}\")' "
+                  f"--config.method_grids='((\"{m}\",{grid}),)'`."]
     if not result["complete"]:
         lines += ["", f"{sum(s['qualified'] for s in result['settings'])} of {len(result['settings'])} settings "
                   f"bracket {high_safety:g} % in every class: add the scales listed to config.method_grids and "
