@@ -4,7 +4,8 @@
 * :func:`plot_histograms`: class histograms of the samples against the ideal (fig. 13);
 * :func:`plot_lambda`: lambda_t (and DNG's posterior p_t) over diffusion time, averaged over
   samples (figs. 5b/12);
-* :func:`save_grid` / :func:`plot_overview`: sample grids.
+* :func:`save_grid` / :func:`plot_overview`: sample grids;
+* :func:`plot_selection`: DNG settings read at equal safety (``--job=select``).
 """
 
 from __future__ import annotations
@@ -247,5 +248,41 @@ def plot_lambda(traces: Mapping[str, Dict], path: str) -> str:
     fig.suptitle(note, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_selection(result: Mapping[str, Any], path: str) -> str:
+    """KL and FD of every DNG setting read at exactly ``high_safety`` % of the removed class
+    (:func:`sample.selection.choose`'s ``result``): one column per setting, a small marker per class,
+    a bar for the mean over classes (the rule's criterion); the chosen setting's bar outlined.
+    Settings whose grid does not bracket the line in some class show only the classes that it does."""
+    settings = result["settings"]
+    classes = [str(c) for c in result["classes"]]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.1 * len(settings) + 2.5), 3.6), dpi=110)
+    x = np.arange(len(settings))
+    for ax, key, name in ((axes[0], "kl", "KL(train || samples)"), (axes[1], "fd", "FD")):
+        for i, st in enumerate(settings):
+            vals = [st["per_class"][c][key] for c in classes if c in st["per_class"]]
+            if st["qualified"]:
+                chosen = st["method"] == result["chosen"]
+                ax.bar(i, float(np.mean(vals)), width=0.6, color="tab:green", alpha=0.35,
+                       edgecolor="black" if chosen else "none", linewidth=1.5)
+            for j, c in enumerate(classes):
+                if c in st["per_class"]:
+                    ax.plot(i + 0.08 * (j - (len(classes) - 1) / 2), st["per_class"][c][key], marker="o",
+                            ms=4, ls="none", color=f"C{j}", label=f"removed {c}" if i == 0 else None)
+        ax.set_xticks(x)
+        short = {"temperature": "temp."}
+        ax.set_xticklabels([("\n".join(f"{short.get(k, k)} {v:g}" for k, v in st["overrides"].items()) or st["method"])
+                            + ("" if st["qualified"] else "\n(not bracketed)") for st in settings], fontsize=7)
+        ax.set_ylabel(f"{name} at {result['high_safety']:g}% removed")
+        ax.grid(alpha=0.3, axis="y")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(fontsize=7)
+    fig.suptitle("DNG settings at equal safety (bars: mean over classes; outlined: chosen)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
     plt.close(fig)
     return path

@@ -21,7 +21,7 @@ report's reading (ii): every curve compared at equal safety):
    (finished points are reused), so that no setting is left out for where its grid happened to lie.
    If none qualifies, nothing is chosen.
 
-Writes ``selection.md`` and ``selection.json`` next to the runs (or into --out).
+Writes ``selection.md``, ``selection.json`` and ``selection.png`` next to the runs (or into --out).
 """
 
 from __future__ import annotations
@@ -140,6 +140,9 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float) -> 
         lines += ["", f"{sum(s['qualified'] for s in result['settings'])} of {len(result['settings'])} settings "
                   f"bracket {high_safety:g} % in every class: add the scales listed to config.method_grids and "
                   "rerun the selection runs (finished points are reused) before taking the choice."]
+    from sample import plots
+    plots.plot_selection(result, os.path.join(out, "selection.png"))
+    lines += ["", "![KL and FD of each setting at equal safety](selection.png)"]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "selection.md"), "w") as f:
         f.write(text)

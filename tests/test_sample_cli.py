@@ -252,7 +252,9 @@ def test_selection_rule_on_hand_made_results(tmp_path):
     md = (tmp_path / "selection.md").read_text()
     assert f"| {b} | 0.0410 | 5.50 | 0.0400, 6.0 (1-2) | 0.0420, 5.0 (1-2) | **yes** |" in md
     assert f"| {d} | -- | -- | not bracketed: add a scale below 1 (already 0.80% there) | " in md
-    assert "2 of 3 settings bracket 1 % in every class" in md
+    assert "2 of 3 settings bracket 1 % in every class" in md and "(selection.png)" in md
+    from PIL import Image
+    assert Image.open(tmp_path / "selection.png").size[0] > 400
     assert f"""--config.methods='("NP","SLD","DNG","{b}")' --config.method_grids='(("{b}",(1,2,)),)'""" in md
     # nobody brackets it: nothing is chosen
     out = select.choose({0: [_row(d, 1, 0.8, 0.01, 5), _row(d, 2, 0.1, 0.02, 6)]})
