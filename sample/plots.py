@@ -151,7 +151,7 @@ def plot_histograms(rows: Sequence[Mapping], path: str, class_names: Optional[Se
                     high_safety: float = 1.0) -> str:
     """Class frequencies (%) of the samples, grouped bars per class, against the ideal (fig. 13)."""
     k = len(rows[0]["histogram"])
-    fig, ax = plt.subplots(figsize=(max(8, k * 0.9), 4))
+    fig, ax = plt.subplots(figsize=(max(8, k * 0.9) + 3.5, 4))
     draw_histograms(ax, rows, class_names, high_safety)
     ax.set_title(f"class histograms; per method the lowest scale with <= {high_safety:g}% removed class "
                  "(else its safest point)", fontsize=9)
@@ -185,7 +185,7 @@ def draw_histograms(ax, rows: Sequence[Mapping], class_names: Optional[Sequence[
     ax.set_xticklabels(list(class_names) if class_names else [str(i) for i in range(k)])
     ax.set_ylabel("% of samples")
     ax.set_xlabel("class assigned by the classifier")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))      # outside: never over the bars
 
 
 def reduce_trace(trace, scales, removed_mask: Optional[np.ndarray] = None) -> Dict[str, Any]:

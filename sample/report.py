@@ -457,7 +457,7 @@ def plot_histograms_all(runs: List[str], path: str, high_safety: float = 1.0,
     import matplotlib.pyplot as plt
 
     groups = _groups(runs, per_samples)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 3.6 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(13, 3.6 * len(groups)), squeeze=False)
     for ax, per_sample in zip(axes[:, 0], groups):
         rows = per_sample.rows
         plots.draw_histograms(ax, rows, high_safety=high_safety)
