@@ -15,6 +15,9 @@
 #                                                     # two lanes, one pinned single-threaded process per
 #                                                     # core: 1.6x the throughput of one process on both;
 #                                                     # the deciding points are topped up to n = 1024
+#   export CONFIG=sample/configs/mnist.py:select OUT=outputs/select
+#   CORE=0 CLASSES="0 1" bash sample/run_protocol.sh & CORE=1 CLASSES="2 3" bash sample/run_protocol.sh &
+#   python sample/main.py --job=select --runs=outputs/select      # DNG's settings on selection seeds, then the rule
 #
 # Environment: CLASSES (default "0 1 2 3"), CONFIG (default sample/configs/mnist.py:full),
 # SETUPS (default "forget": the unconditional + forget-class models; "cond": one class-conditional
