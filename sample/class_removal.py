@@ -373,14 +373,14 @@ def method_grids(config) -> Dict[str, Tuple[float, ...]]:
     pairs = config.get("method_grids", None) or ()
     own: Dict[str, Tuple[float, ...]] = {}
     for pair in pairs:
-        if len(pair) != 2 or isinstance(pair[0], (int, float)):
+        if len(pair) != 2 or not isinstance(pair[0], str) or not isinstance(pair[1], (tuple, list)):
             raise ValueError(f"config.method_grids: write (method string, scales) pairs, got {pair!r}")
         m, scales = pair
         if m not in config.methods:
             raise ValueError(f"config.method_grids names {m!r}, which is not in config.methods {tuple(config.methods)}")
         if m in own:
             raise ValueError(f"config.method_grids gives {m!r} two grids")
-        own[m] = tuple(float(s) for s in (scales if isinstance(scales, (tuple, list)) else (scales,)))
+        own[m] = tuple(float(s) for s in scales)
     return own
 
 

@@ -263,10 +263,9 @@ def plot_selection(result: Mapping[str, Any], path: str) -> str:
     x = np.arange(len(settings))
     for ax, key, name in ((axes[0], "kl", "KL(train || samples)"), (axes[1], "fd", "FD")):
         for i, st in enumerate(settings):
-            vals = [st["per_class"][c][key] for c in classes if c in st["per_class"]]
-            if st["qualified"]:
+            if st["qualified"]:                       # every class read: the rule's mean
                 chosen = st["method"] == result["chosen"]
-                ax.bar(i, float(np.mean(vals)), width=0.6, color="tab:green", alpha=0.35,
+                ax.bar(i, st["mean_" + key], width=0.6, color="tab:green", alpha=0.35,
                        edgecolor="black" if chosen else "none", linewidth=1.5)
             for j, c in enumerate(classes):
                 if c in st["per_class"]:
@@ -278,8 +277,7 @@ def plot_selection(result: Mapping[str, Any], path: str) -> str:
                             + ("" if st["qualified"] else "\n(not bracketed)") for st in settings], fontsize=7)
         ax.set_ylabel(f"{name} at {result['high_safety']:g}% removed")
         ax.grid(alpha=0.3, axis="y")
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
+    if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=7)
     fig.suptitle("DNG settings at equal safety (bars: mean over classes; outlined: chosen)", fontsize=9)
     fig.tight_layout()
