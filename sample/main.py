@@ -9,6 +9,7 @@
   python sample/main.py --config=sample/configs/cifar10.py:full --config.fid_weights=pt_inception-....pth
   python sample/main.py --job=posterior_check --classes=0,1,2,3    # does DNG's p_t flag the class?
   python sample/main.py --job=report --runs=outputs/report_cpu     # one report over several runs
+  python sample/main.py --job=summary --runs=OUT_A,OUT_B          # the verdicts of several reports side by side
   python sample/main.py --job=select --runs=outputs/select          # DNG hyperparameters from selection runs
   python sample/main.py --job=extend --runs=OUT/class_0 --n=1024     # the points that decide the verdict, on more seeds
   python sample/main.py --job=calibrate --target=1 --config.seed=5000  # smallest scale with <= 1 % (95 % bound)
@@ -19,6 +20,7 @@
 Jobs: ``class_removal`` (default; :mod:`sample.class_removal`), ``posterior_check``
 (:mod:`sample.posterior_check`: the config's DNG hyperparameters, chain and models, unguided) and
 ``report`` (:mod:`sample.report`: report.md and one trade-off figure over class-removal runs) and
+``summary`` (:mod:`sample.summary`: the verdict tables and claims.png over several reports' report.json) and
 ``select`` (:mod:`sample.selection`: DNG's hyperparameters from runs on selection seeds, by a fixed rule) and
 ``extend`` (:mod:`sample.extend`: a run's deciding points topped up to --n samples, merged by the report) and
 ``calibrate`` (:mod:`sample.calibrate`: per method, the smallest scale of its grid that meets --target) and
@@ -44,18 +46,19 @@ def define_flags():
         "Config file, path[:name] (default: sample/configs/mnist.py, the 'quick' main job; "
         "text_to_image: sample/configs/sd.py).",
         lock_config=True)
-    flags.DEFINE_enum("job", "class_removal", ["class_removal", "posterior_check", "report", "select", "extend",
-                                               "calibrate", "text_to_image"],
+    flags.DEFINE_enum("job", "class_removal", ["class_removal", "posterior_check", "report", "summary", "select",
+                                               "extend", "calibrate", "text_to_image"],
                       "What to run.")
     flags.DEFINE_list("classes", None, "posterior_check: removed classes to check (default: the config's).")
-    flags.DEFINE_list("runs", None, "report, select, extend: class-removal output folders, or folders of them.")
+    flags.DEFINE_list("runs", None, "report, select, extend: class-removal output folders, or folders of them; "
+                                    "summary: folders holding a report.json.")
     flags.DEFINE_integer("n", 1024, "extend: samples per deciding point after the top-up.")
     flags.DEFINE_float("target", 1.0, "calibrate: the highest acceptable share of the removed class, in %.")
     flags.DEFINE_float("confidence", 0.95, "calibrate: one-sided confidence of the bound on that share.")
     flags.DEFINE_string("out", None, "posterior_check, calibrate: output folder (default outputs/posterior_check, "
                                      "outputs/calibration); "
-                                     "report, select: where report.md / selection.md go (default: the runs' "
-                                     "common parent).")
+                                     "report, select, summary: where report.md / selection.md / summary.md go "
+                                     "(default: the runs' common parent).")
 
 
 def main(argv):
@@ -98,6 +101,13 @@ def main(argv):
                 cfg = extend.extension_config(run, FLAGS.n, progress=config.progress)
                 job = None if cfg is None else class_removal.prepare(cfg)
             print(f"{run}: its deciding points have n >= {FLAGS.n}", flush=True)
+    elif FLAGS.job == "summary":
+        from sample import summary
+        with cli.user_errors():
+            if not FLAGS.runs:
+                raise ValueError("--job=summary needs --runs=FOLDER[,FOLDER...] (folders holding a report.json)")
+            summary.load(FLAGS.runs)               # every report.json there and alike, before writing
+        summary.write_summary(FLAGS.runs, FLAGS.out)
     else:
         from sample import report, selection
         with cli.user_errors():

@@ -25,7 +25,7 @@ COLORS = {"none": "black", "NP": "tab:blue", "SLD": "tab:orange", "DNG": "tab:gr
 MARKERS = {"none": "*", "NP": "o", "SLD": "s", "DNG": "^", "DNG:beta": "^", "DNG:posterior": "v"}
 
 
-def _color(method: str) -> str:
+def color_of(method: str) -> str:
     """The method's colour; other method strings (e.g. DNG[prior=0.1]) get a stable tab10 colour."""
     import zlib
     return COLORS.get(method) or f"C{zlib.crc32(method.encode()) % 10}"
@@ -106,11 +106,11 @@ def plot_tradeoff(rows: Sequence[Mapping], path: str, high_safety: float = 1.0,
             if m == "none":
                 ax.scatter(xs, ys, marker="*", s=160, color="black", zorder=5, label="unguided")
                 continue
-            ax.plot(xs, ys, marker=MARKERS.get(m, "o"), color=_color(m), label=m,
+            ax.plot(xs, ys, marker=MARKERS.get(m, "o"), color=color_of(m), label=m,
                     ls="--" if m == "DNG:posterior" else "-")
             for r in pts:
                 ax.annotate(f"{r['scale']:g}", (r["safety_pct"], r[key]), textcoords="offset points",
-                            xytext=(4, 3), fontsize=7, color=_color(m))
+                            xytext=(4, 3), fontsize=7, color=color_of(m))
         ax.axvline(high_safety, color="gray", ls="--", lw=0.8)
         ax.set_xlabel("safety: % of samples classified as the removed class (lower is safer)")
         ax.set_ylabel(ylabel)
@@ -177,7 +177,7 @@ def draw_histograms(ax, rows: Sequence[Mapping], class_names: Optional[Sequence[
         freq = 100.0 * h / max(h.sum(), 1)
         label = ("unguided" if r["method"] == "none" else f"{r['method']} scale {r['scale']:g}") + \
             f" (safety {r['safety_pct']:.1f}%, KL {r['kl']:.3f}, n {r.get('n', h.sum()):.0f})"
-        ax.bar(xs - 0.4 + width * (i + 0.5), freq, width, color=_color(r["method"]),
+        ax.bar(xs - 0.4 + width * (i + 0.5), freq, width, color=color_of(r["method"]),
                alpha=0.85 if r["method"] != "none" else 0.4, label=label)
     ax.step(np.r_[xs - 0.5, k - 0.5], np.r_[ideal, ideal[-1]], where="post", color="red", lw=1.2,
             label="ideal (0 on removed class, uniform elsewhere)")

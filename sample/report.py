@@ -3,7 +3,7 @@
   python sample/main.py --job=report --runs=OUT/class_0,OUT/class_1 [--out=OUT]
   python sample/main.py --job=report --runs=OUT      # every sub-folder of OUT holding a results.json
 
-Writes ``report.md`` (per class: the full table, and the paper's comparison --
+Writes ``report.md`` and ``report.json`` (the verdicts, read by ``--job=summary``; per class: the full table, and the paper's comparison --
 among the points with <= 1% removed class, each method's lowest KL and lowest FD; and every curve
 read at exactly 1%, interpolated between the grid points that bracket it, so that the methods are
 compared at equal safety), ``tradeoff_all.png`` (KL and FD against safety, one row per removed
@@ -281,57 +281,88 @@ def at_safety(per_sample: PerSample, key: str, high_safety: float = 1.0, num: in
     return out
 
 
-def verdict_at_safety(readings: Dict[str, Dict], dng: str, key: str, high_safety: float = 1.0) -> str:
+def _claim(d_value: float, baselines: Dict[str, float], gap_se) -> Dict:
+    """DNG's ``d_value`` against the better (lower) of ``baselines`` ({method: value}): "yes" when DNG is
+    lower, "within noise" when the gap is under two standard errors; ``gap_se(method)`` gives
+    (se, "paired" / "unpaired") of the gap to that baseline, or (None, None)."""
+    m_best, o = min(baselines.items(), key=lambda kv: kv[1])
+    gap = o - d_value
+    se, kind = gap_se(m_best)
+    return {"dng": float(d_value), "baseline": m_best, "baseline_value": float(o), "gap": float(gap),
+            "se": se, "kind": kind, "yes": bool(gap > 0),
+            "within_noise": bool(se is not None and se > 0 and abs(gap) < 2 * se)}
+
+
+def claim_text(c: Dict) -> str:
+    """One cell of the claim tables: "yes (within noise): 0.075 vs SLD 0.0897, gap 0.0145 +- 0.013 paired"."""
+    if "missing" in c:
+        return c["missing"]
+    how = f", gap {c['gap']:.3g} +- {c['se']:.2g} {c['kind']}" if c["se"] else ""
+    return (f"{'yes' if c['yes'] else 'no'}{' (within noise)' if c['within_noise'] else ''}: "
+            f"{c['dng']:.3g} vs {c['baseline']} {c['baseline_value']:.3g}{how}")
+
+
+def claim_at_safety(readings: Dict[str, Dict], dng: str, key: str, high_safety: float = 1.0) -> Dict:
     """The paper's claim read at exactly ``high_safety`` %, from :func:`at_safety`'s ``readings`` of
-    ``key``: is DNG variant ``dng``'s reading below NP's and SLD's? "(within noise)" when the gap to the
-    better of the two is under two standard errors of the gap (paired: differences of the joint draws;
-    unpaired, the errors combined, where a point lacks per-sample data)."""
+    ``key``: is DNG variant ``dng``'s reading below NP's and SLD's? (:func:`_claim`; the gap's error
+    paired: differences of the joint draws; unpaired, the errors combined, where a reading lacks
+    per-sample data.) ``{"missing": why}`` when there is nothing to compare."""
     d = readings.get(dng)
     if d is None:
-        return f"{dng}: no grid points bracket {high_safety:g}%"
+        return {"missing": f"{dng}: no grid points bracket {high_safety:g}%"}
     others = {m: o for m, o in readings.items() if not m.startswith("DNG")}
     if not others:
-        return "no baseline's grid points bracket it"
-    m_best, o = min(others.items(), key=lambda kv: kv[1]["value"])
-    gap = o["value"] - d["value"]
-    se, kind = None, ""
-    if d["draws"] is not None and o["draws"] is not None:
-        se, kind = float(np.std(o["draws"] - d["draws"], ddof=1)), " paired"
-    elif d["se"] is not None or o["se"] is not None:
+        return {"missing": "no baseline's grid points bracket it"}
+
+    def gap_se(m):
+        o = others[m]
+        if d["draws"] is not None and o["draws"] is not None:
+            return float(np.std(o["draws"] - d["draws"], ddof=1)), "paired"
+        if d["se"] is None and o["se"] is None:
+            return None, None
         # a reading without per-sample data: its error from its points' own bootstrap errors, combined
         # unpaired with the other's (conservative)
         own = lambda r: (r["se"] if r["se"] is not None else
                          np.hypot(r["a"].get(key + "_std", np.nan), r["b"].get(key + "_std", np.nan)))
-        se, kind = float(np.hypot(own(d), own(o))), " unpaired"
-        se = None if not np.isfinite(se) else se
-    word = "yes" if gap > 0 else "no"
-    noise = " (within noise)" if se and abs(gap) < 2 * se else ""
-    how = f", gap {gap:.3g} +- {se:.2g}{kind}" if se else ""
-    return f"{word}{noise}: {d['value']:.3g} vs {m_best} {o['value']:.3g}{how}"
+        se = float(np.hypot(own(d), own(o)))
+        return (se, "unpaired") if np.isfinite(se) else (None, None)
+
+    return _claim(d["value"], {m: o["value"] for m, o in others.items()}, gap_se)
+
+
+def claim_at_grid(best: Dict[str, Dict[str, Optional[Dict]]], dng: str, key: str,
+                  per_sample: Optional[PerSample] = None) -> Dict:
+    """The paper's claim read on the grid: is DNG variant ``dng``'s lowest ``key`` at high safety
+    (:func:`best_at_high_safety`) below that of NP and SLD? (:func:`_claim`; the gap's error paired,
+    the seeds resampled jointly, when the run has its per-sample files, else the two points' bootstrap
+    errors combined, conservative.) ``{"missing": why}`` when there is nothing to compare."""
+    b = best.get(dng, {}).get(key)
+    if b is None:
+        return {"missing": f"{dng} never reaches high safety"}
+    others = {m: v[key] for m, v in best.items() if not m.startswith("DNG") and v[key] is not None}
+    if not others:
+        return {"missing": "only DNG reaches high safety"}
+
+    def gap_se(m):
+        o = others[m]
+        paired = per_sample.gap_se(b, o, key) if per_sample is not None else None
+        if paired is not None:
+            return paired, "paired"
+        se = float(np.hypot(b.get(key + "_std", 0.0), o.get(key + "_std", 0.0)))
+        return (se, "unpaired") if se > 0 else (None, None)
+
+    return _claim(b[key], {m: o[key] for m, o in others.items()}, gap_se)
+
+
+def verdict_at_safety(readings: Dict[str, Dict], dng: str, key: str, high_safety: float = 1.0) -> str:
+    """:func:`claim_at_safety` as a table cell (:func:`claim_text`)."""
+    return claim_text(claim_at_safety(readings, dng, key, high_safety))
 
 
 def verdict(best: Dict[str, Dict[str, Optional[Dict]]], dng: str, key: str,
             per_sample: Optional[PerSample] = None) -> str:
-    """Is DNG variant ``dng``'s lowest ``key`` at high safety below that of NP and SLD?
-
-    "yes" / "no" by the point estimates; "(within noise)" when the gap to the best of NP and SLD is
-    under two standard errors of the gap: paired (the seeds resampled jointly, ``per_sample``) when
-    the run has its per-sample files, else the two points' bootstrap errors combined (conservative).
-    """
-    b = best.get(dng, {}).get(key)
-    if b is None:
-        return f"{dng} never reaches high safety"
-    others = {m: v[key] for m, v in best.items() if not m.startswith("DNG") and v[key] is not None}
-    if not others:
-        return "only DNG reaches high safety"
-    m_best, o = min(others.items(), key=lambda kv: kv[1][key])
-    gap = o[key] - b[key]
-    paired = per_sample.gap_se(b, o, key) if per_sample is not None else None
-    se = paired if paired is not None else np.hypot(b.get(key + "_std", 0.0), o.get(key + "_std", 0.0))
-    word = "yes" if gap > 0 else "no"
-    noise = " (within noise)" if se > 0 and abs(gap) < 2 * se else ""
-    how = f", gap {gap:.3g} +- {se:.2g}" + (" paired" if paired is not None else "") if se > 0 else ""
-    return f"{word}{noise}: {b[key]:.3g} vs {m_best} {o[key]:.3g}{how}"
+    """:func:`claim_at_grid` as a table cell (:func:`claim_text`)."""
+    return claim_text(claim_at_grid(best, dng, key, per_sample))
 
 
 def _groups(runs: List[str], per_samples: Optional[List[PerSample]]) -> List[PerSample]:
@@ -339,8 +370,46 @@ def _groups(runs: List[str], per_samples: Optional[List[PerSample]]) -> List[Per
     return per_samples if per_samples is not None else [PerSample(g) for g in group_runs(runs)]
 
 
-def markdown(runs: List[str], high_safety: float = 1.0, per_samples: Optional[List[PerSample]] = None) -> str:
-    lines = []
+def setup_of(config: Optional[Dict]) -> str:
+    """How a run gets its two predictions: "class-conditional" (one model, eps(x | null) and eps(x | c-))
+    or "forget model" (an unconditional model and one trained on the removed class only)."""
+    return "class-conditional" if config and config.get("conditional") else "forget model"
+
+
+def summarise(per_sample: PerSample, high_safety: float = 1.0) -> Dict:
+    """The verdict of one group of runs (one removed class), JSON-able: the unguided share of the class;
+    per method its lowest KL and FD at <= ``high_safety`` % (``grid``, reading (i)) and its curve read
+    at exactly ``high_safety`` % (``at_safety``, reading (ii)); per DNG variant the paper's claim under
+    both readings (:func:`claim_at_grid`, :func:`claim_at_safety`)."""
+    rows = per_sample.rows
+    r0 = rows[0]
+    best = best_at_high_safety(rows, high_safety)
+    readings = {key: at_safety(per_sample, key, high_safety) for key in ("kl", "fd")}
+    base = next((r for r in rows if r["method"] == "none"), None)
+    point = lambda r, key: None if r is None else {"value": r[key], "se": r.get(key + "_std"),
+                                                   "scale": r["scale"], "n": r["n"]}
+    reading = lambda d: None if d is None else {"value": d["value"], "se": d["se"]}
+    out = {"dataset": r0["dataset"], "removed": r0.get("removed_classes", r0["removed_class"]),
+           "setup": setup_of(run_config(per_sample.runs[0])), "steps": r0["steps"], "T": r0["T"],
+           "runs": [os.path.basename(os.path.normpath(g)) for g in per_sample.runs],
+           "unguided_pct": None if base is None else base["safety_pct"],
+           "grid": {}, "at_safety": {}, "claims": {}}
+    for m, b in best.items():
+        out["grid"][m] = {key: point(b[key], key) for key in ("kl", "fd")}
+        d = readings["kl"].get(m)                      # the same bracketing points for KL and FD
+        out["at_safety"][m] = None if d is None else {
+            "kl": reading(d), "fd": reading(readings["fd"].get(m)),
+            "between": [{"scale": p["scale"], "safety_pct": p["safety_pct"]} for p in (d["a"], d["b"])]}
+        if m.startswith("DNG"):
+            out["claims"][m] = {
+                "grid": {key: claim_at_grid(best, m, key, per_sample) for key in ("kl", "fd")},
+                "at_safety": {key: claim_at_safety(readings[key], m, key, high_safety) for key in ("kl", "fd")}}
+    return out
+
+
+def markdown(per_samples: List[PerSample], summaries: List[Dict], high_safety: float = 1.0) -> str:
+    """report.md: the verdict tables over every group (from :func:`summarise`), then each group's points."""
+    pm = lambda v, f: "" if v is None else f" ± {v:{f}}"
     summary = ["| removed class | steps | unguided % | method | lowest KL at <= 1% (scale, n) | "
                "lowest FD at <= 1% (scale, n) |",
                "| --- | --- | --- | --- | --- | --- |"]
@@ -349,49 +418,40 @@ def markdown(runs: List[str], high_safety: float = 1.0, per_samples: Optional[Li
     exact = [f"| removed class | method | KL at {high_safety:g}% | FD at {high_safety:g}% | between scales |",
              "| --- | --- | --- | --- | --- |"]
     claims_exact = list(claims)
-    for per_sample in _groups(runs, per_samples):
-        group = per_sample.runs
+    lines = []
+    for per_sample, g in zip(per_samples, summaries):
+        removed = g["removed"]
+        base_str = "--" if g["unguided_pct"] is None else f"{g['unguided_pct']:.2f}"
+        for m, b in g["grid"].items():
+            cell = lambda p, f: "--" if p is None else f"{p['value']:{f}}{pm(p['se'], f)} ({p['scale']:g}, n {p['n']})"
+            summary.append(f"| {removed} | {g['steps']} | {base_str} | {m} | {cell(b['kl'], '.4f')} | {cell(b['fd'], '.2f')} |")
+            a = g["at_safety"][m]
+            cells = ["--" if a is None or a[key] is None else f"{a[key]['value']:{f}}{pm(a[key]['se'], f)}"
+                     for key, f in (("kl", ".4f"), ("fd", ".2f"))]
+            between = "--" if a is None else " and ".join(f"{p['scale']:g} ({p['safety_pct']:.2f}%)" for p in a["between"])
+            exact.append(f"| {removed} | {m} | {cells[0]} | {cells[1]} | {between} |")
+        for m, c in g["claims"].items():
+            claims.append(f"| {removed} | {m} | {claim_text(c['grid']['kl'])} | {claim_text(c['grid']['fd'])} |")
+            claims_exact.append(f"| {removed} | {m} | {claim_text(c['at_safety']['kl'])} | "
+                                f"{claim_text(c['at_safety']['fd'])} |")
+
         rows = per_sample.rows
         r0 = rows[0]
         ns = sorted({r["n"] for r in rows})
         n_str = f"n = {ns[0]} per point" + (f", {'/'.join(map(str, ns[1:]))} where the n column says so"
                                             if len(ns) > 1 else "")
-        lines.append(f"### {r0['dataset']}, removed class {r0.get('removed_classes', r0['removed_class'])} "
+        lines.append(f"### {r0['dataset']}, removed class {removed} "
                      f"({n_str}, {r0['steps']}-step chain, T = {r0['T']}, seeds from {r0['seed']})\n")
-        if len(group) > 1:
+        if len(per_sample.runs) > 1:
             lines.append("Merged runs (the points they share pool their seeds): "
-                         + ", ".join(f"`{os.path.basename(os.path.normpath(g))}`" for g in group) + "\n")
+                         + ", ".join(f"`{r}`" for r in g["runs"]) + "\n")
         lines.append("| method | scale | n | safety % | KL | FD | empty classes | mean lambda |")
         lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        pm = lambda r, k, f: f" ± {r[k + '_std']:{f}}" if k + "_std" in r else ""
         for r in rows:
-            lines.append(f"| {r['method']} | {r['scale']:g} | {r['n']} | {r['safety_pct']:.2f}{pm(r, 'safety', '.2f')} | "
-                         f"{r['kl']:.4f}{pm(r, 'kl', '.4f')} | {r['fd']:.2f}{pm(r, 'fd', '.2f')} | "
+            lines.append(f"| {r['method']} | {r['scale']:g} | {r['n']} | {r['safety_pct']:.2f}{pm(r.get('safety_std'), '.2f')} | "
+                         f"{r['kl']:.4f}{pm(r.get('kl_std'), '.4f')} | {r['fd']:.2f}{pm(r.get('fd_std'), '.2f')} | "
                          f"{r['n_empty_classes']} | {r['mean_lambda']:.3g} |")
         lines.append("")
-        best = best_at_high_safety(rows, high_safety)
-        base = next((r for r in rows if r["method"] == "none"), None)
-        base_str = "--" if base is None else f"{base['safety_pct']:.2f}"
-        for m, b in best.items():
-            kl = "--" if b["kl"] is None else f"{b['kl']['kl']:.4f}{pm(b['kl'], 'kl', '.4f')} ({b['kl']['scale']:g}, n {b['kl']['n']})"
-            fd = "--" if b["fd"] is None else f"{b['fd']['fd']:.2f}{pm(b['fd'], 'fd', '.2f')} ({b['fd']['scale']:g}, n {b['fd']['n']})"
-            summary.append(f"| {r0.get('removed_classes', r0['removed_class'])} | {r0['steps']} | {base_str} | {m} | {kl} | {fd} |")
-        removed = r0.get('removed_classes', r0['removed_class'])
-        readings = {key: at_safety(per_sample, key, high_safety) for key in ("kl", "fd")}
-        for m in best:
-            if m.startswith("DNG"):
-                claims.append(f"| {removed} | {m} | "
-                              f"{verdict(best, m, 'kl', per_sample)} | {verdict(best, m, 'fd', per_sample)} |")
-                claims_exact.append(f"| {removed} | {m} | {verdict_at_safety(readings['kl'], m, 'kl', high_safety)} | "
-                                    f"{verdict_at_safety(readings['fd'], m, 'fd', high_safety)} |")
-            cells = []
-            for key, f in (("kl", ".4f"), ("fd", ".2f")):
-                d = readings[key].get(m)
-                cells.append("--" if d is None else f"{d['value']:{f}}" + ("" if d["se"] is None else f" ± {d['se']:{f}}"))
-            r = readings["kl"].get(m)                  # the same bracketing points for KL and FD
-            between = "--" if r is None else (f"{r['a']['scale']:g} ({r['a']['safety_pct']:.2f}%) and "
-                                              f"{r['b']['scale']:g} ({r['b']['safety_pct']:.2f}%)")
-            exact.append(f"| {removed} | {m} | {cells[0]} | {cells[1]} | {between} |")
     head = [f"Among the grid points with <= {high_safety:g}% of samples in the removed class, each method's "
             "lowest KL and lowest FD (its guidance scale and number of samples in brackets); -- : the method "
             "never reaches that safety on its grid. ±: bootstrap standard errors (resampling the n samples of "
@@ -470,17 +530,22 @@ def plot_histograms_all(runs: List[str], path: str, high_safety: float = 1.0,
 
 
 def write_report(runs: List[str], out: Optional[str] = None, high_safety: float = 1.0) -> str:
-    """Write report.md and tradeoff_all.png for the run folders ``runs``; returns the output folder."""
+    """Write report.md, report.json (the verdicts, :func:`summarise`, for ``--job=summary``),
+    tradeoff_all.png and histograms_all.png for the run folders ``runs``; returns the output folder."""
     out = out or os.path.commonpath([os.path.abspath(r) for r in runs])
     if os.path.isfile(os.path.join(out, "results.json")):
         out = os.path.dirname(out)
     os.makedirs(out, exist_ok=True)
     per_samples = _groups(runs, None)                 # merged once, for the tables and both figures
-    md = markdown(runs, high_safety, per_samples)
+    summaries = [summarise(p, high_safety) for p in per_samples]
+    md = markdown(per_samples, summaries, high_safety)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(md + "\n")
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump({"high_safety": high_safety, "groups": summaries}, f, indent=1,
+                  default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
     plot_all(runs, os.path.join(out, "tradeoff_all.png"), high_safety, per_samples)
     plot_histograms_all(runs, os.path.join(out, "histograms_all.png"), high_safety, per_samples)
     print(md)
-    print(f"\nwrote {os.path.join(out, 'report.md')}, tradeoff_all.png and histograms_all.png in {out}")
+    print(f"\nwrote {os.path.join(out, 'report.md')}, report.json, tradeoff_all.png and histograms_all.png in {out}")
     return out

@@ -361,6 +361,8 @@ def _cli(args, cwd, timeout=300):
     (["--config.conditional={root}/ddpm"], "is not a class-conditional model"),
     (["--job=report"], "--job=report needs --runs"),
     (["--job=extend"], "--job=extend needs --runs"),
+    (["--job=summary"], "--job=summary needs --runs"),
+    (["--job=summary", "--runs=nowhere"], "report.json not found: run --job=report --runs=nowhere first"),
     (["stray"], "unexpected arguments ['stray']"),
 ])
 def test_user_errors_exit_2_with_one_message_before_any_sampling(tiny_checkpoints, tmp_path, args, message):
@@ -602,12 +604,13 @@ def test_extend_tops_up_the_deciding_points_and_the_report_merges_them_like_one_
     assert "Merged runs" in md and "| NP | 0.5 | " in md and "n = 8 per point, 12 where the n column says so" in md
 
 
-def _fake_run(folder, seeds, points, features=True):
+def _fake_run(folder, seeds, points, features=True, conditional=""):
     """A class-removal output folder with the files the report reads: ``points`` = {(method, scale): labels}."""
     from sample import report
     from sample.configs import mnist
     os.makedirs(folder)
     c = mnist.get_config("tiny")
+    c.conditional = conditional
     c.removed_class, c.n, c.seed, c.bootstrap, c.outdir = 1, len(seeds), int(seeds[0]), 0, str(folder)
     from dngjax import metrics
     rng = np.random.default_rng(len(seeds))
@@ -714,6 +717,64 @@ def test_report_reads_every_curve_at_exactly_one_percent(tmp_path):
     report.write_report([str(tmp_path / "run")], str(tmp_path / "report"))
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| 1 | SLD | -- | -- | -- |" in md and "| 1 | NP | " in md and "0.5 (3.00%) and 1 (0.50%)" in md
+
+
+def test_summary_puts_the_verdicts_of_two_setups_side_by_side(tmp_path):
+    """--job=summary: the reports' report.json (the claim under both readings, per class and setup) in
+    one table per reading, the claim table with its count, and claims.png; nothing recomputed."""
+    import json as _json
+    from sample import report, summary
+    flat, skewed = [1] * 9, [9, 1, 1, 1, 1, 1, 1, 1, 1]
+    base = {("none", 0.0): _labels(200, 20, flat), ("SLD", 1.0): _labels(200, 4, flat),   # SLD never <= 1 %
+            ("NP", 0.5): _labels(200, 6, skewed), ("NP", 1.0): _labels(200, 1, skewed)}
+    # setup (a): DNG's classes flat, NP's skewed -> DNG lower KL; setup (b): the other way round
+    _fake_run(tmp_path / "a" / "class_1", np.arange(200), {
+        **base, ("DNG", 1.0): _labels(200, 4, flat), ("DNG", 2.0): _labels(200, 0, flat)})
+    _fake_run(tmp_path / "b" / "class_1", np.arange(200), {
+        **base, ("NP", 0.5): _labels(200, 6, flat), ("NP", 1.0): _labels(200, 1, flat),
+        ("DNG", 1.0): _labels(200, 4, skewed), ("DNG", 2.0): _labels(200, 0, skewed)},
+        conditional="{root}/cond")
+    for s in ("a", "b"):
+        report.write_report([str(tmp_path / s / "class_1")], str(tmp_path / s))
+    ja = _json.loads((tmp_path / "a" / "report.json").read_text())
+    g = ja["groups"][0]
+    assert ja["high_safety"] == 1.0 and g["setup"] == "forget model" and g["removed"] == 1
+    assert g["unguided_pct"] == pytest.approx(10.0) and g["grid"]["SLD"] == {"kl": None, "fd": None}
+    assert g["at_safety"]["SLD"] is None
+    assert [p["scale"] for p in g["at_safety"]["NP"]["between"]] == [0.5, 1.0]
+    per = report.PerSample(str(tmp_path / "a" / "class_1"))           # the json holds the report's own claims
+    kl = report.at_safety(per, "kl")
+    assert g["claims"]["DNG"]["at_safety"]["kl"] == pytest.approx(report.claim_at_safety(kl, "DNG", "kl"))
+    assert g["at_safety"]["NP"]["kl"]["value"] == pytest.approx(kl["NP"]["value"])
+    c = g["claims"]["DNG"]["at_safety"]["kl"]
+    assert c["yes"] and not c["within_noise"] and c["baseline"] == "NP" and c["kind"] == "paired"
+    assert c["gap"] == pytest.approx(kl["NP"]["value"] - kl["DNG"]["value"])
+    gb = _json.loads((tmp_path / "b" / "report.json").read_text())["groups"][0]
+    assert gb["setup"] == "class-conditional" and not gb["claims"]["DNG"]["at_safety"]["kl"]["yes"]
+
+    out = summary.write_summary([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "summary"))
+    md = (tmp_path / "summary" / "summary.md").read_text()
+    assert (tmp_path / "summary" / "claims.png").stat().st_size > 0 and out == str(tmp_path / "summary")
+    lines = md.splitlines()
+    for i, l in enumerate(lines):                       # every table's separator matches its header
+        if l.startswith("| ---"):
+            assert l.count("|") == lines[i - 1].count("|") == lines[i + 1].count("|"), (lines[i - 1], l)
+    row = lambda label, after: next(l for l in lines[lines.index(after):] if l.startswith(f"| {label} |"))
+    head_ii = next(l for l in lines if l.startswith("| class, setup | KL at 1 %"))
+    ii_a = row("1, (a) forget model", head_ii)
+    assert ii_a.startswith(f"| 1, (a) forget model | {kl['NP']['value']:.3f} +- {kl['NP']['se']:.3f} / -- / "
+                           f"{kl['DNG']['value']:.3f}"), ii_a
+    assert ii_a.endswith("| 1 (2.00 %) and 2 (0.00 %) |"), ii_a
+    head_i = next(l for l in lines if l.startswith("| class, setup | unguided %"))
+    assert row("1, (b) class-conditional", head_i).startswith("| 1, (b) class-conditional | 10.00 | ")
+    head_c = next(l for l in lines if l.startswith("| class, setup | (i) lower KL?"))
+    claim_a, claim_b = row("1, (a) forget model", head_c), row("1, (b) class-conditional", head_c)
+    assert claim_a.split(" | ")[3].startswith("**yes** (gap ") and claim_a.split(" | ")[3].endswith(" to NP)")
+    assert claim_b.split(" | ")[3].startswith("**no** (gap -")
+    # the count: one yes and one no on KL under each reading (the two setups)
+    assert "| (ii) KL | 1 | 0 | 0 | 1 | 0 |" in md and "| (i) KL | 1 | 0 | 0 | 1 | 0 |" in md
+    with pytest.raises(FileNotFoundError, match="report.json not found"):
+        summary.load([str(tmp_path / "a" / "class_1")])
 
 
 def test_selection_seeds_and_chain_match_the_protocol():
