@@ -128,7 +128,12 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float) -> 
                          f"not bracketed: add a scale {s['add_scale'][c]}")
         lines.append(f"| {s['method']} | {fmt(s['mean_kl'], 4)} | {fmt(s['mean_fd'], 2)} | " + " | ".join(cells)
                      + f" | {'**yes**' if s['method'] == result['chosen'] else ''} |")
-    if result["chosen"] is not None:
+    base = (report.run_config(runs[0]) or {}).get("dng")      # the runs' own DNG hyperparameters
+    overrides = parse_method(result["chosen"])[2] if result["chosen"] is not None else {}
+    if result["chosen"] is not None and base and all(abs(float(base[k]) - v) < 1e-12 for k, v in overrides.items()):
+        lines += ["", f"The chosen setting is the runs' own DNG ({', '.join(f'{k} {base[k]:g}' for k in sorted(overrides))}; "
+                  "the report's `DNG` samples it on the report seeds already): nothing more to run."]
+    elif result["chosen"] is not None:
         m = result["chosen"]
         scales = sorted({float(r["scale"]) for rows in per_class.values() for r in rows if r["method"] == m})
         grid = "(" + ",".join(f"{x:g}" for x in scales) + ",)"

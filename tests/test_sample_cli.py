@@ -256,6 +256,12 @@ def test_selection_rule_on_hand_made_results(tmp_path):
     from PIL import Image
     assert Image.open(tmp_path / "selection.png").size[0] > 400
     assert f"""--config.methods='("NP","SLD","DNG","{b}")' --config.method_grids='(("{b}",(1,2,)),)'""" in md
+    # the chosen setting is the runs' own DNG (config.dng.prior 0.25): nothing more to run, no command
+    from sample.configs import mnist
+    (tmp_path / "class_0" / "config.json").write_text(mnist.get_config("select").to_json())
+    assert select.write_selection([str(tmp_path / "class_0"), str(tmp_path / "class_1")], None, 1.0) == b
+    md = (tmp_path / "selection.md").read_text()
+    assert "is the runs' own DNG (prior 0.25; " in md and "nothing more to run" in md and "--config.methods" not in md
     # nobody brackets it: nothing is chosen
     out = select.choose({0: [_row(d, 1, 0.8, 0.01, 5), _row(d, 2, 0.1, 0.02, 6)]})
     assert out["chosen"] is None and not out["complete"]
