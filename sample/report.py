@@ -354,17 +354,6 @@ def claim_at_grid(best: Dict[str, Dict[str, Optional[Dict]]], dng: str, key: str
     return _claim(b[key], {m: o[key] for m, o in others.items()}, gap_se)
 
 
-def verdict_at_safety(readings: Dict[str, Dict], dng: str, key: str, high_safety: float = 1.0) -> str:
-    """:func:`claim_at_safety` as a table cell (:func:`claim_text`)."""
-    return claim_text(claim_at_safety(readings, dng, key, high_safety))
-
-
-def verdict(best: Dict[str, Dict[str, Optional[Dict]]], dng: str, key: str,
-            per_sample: Optional[PerSample] = None) -> str:
-    """:func:`claim_at_grid` as a table cell (:func:`claim_text`)."""
-    return claim_text(claim_at_grid(best, dng, key, per_sample))
-
-
 def _groups(runs: List[str], per_samples: Optional[List[PerSample]]) -> List[PerSample]:
     """The merged groups of ``runs`` (:func:`group_runs`), unless the caller has them already."""
     return per_samples if per_samples is not None else [PerSample(g) for g in group_runs(runs)]

@@ -123,7 +123,7 @@ def test_cli_end_to_end_writes_every_file(tiny_checkpoints, tmp_path):
     se = per.gap_se(rows[1], rows[2], "fd", num=20)
     assert np.isfinite(se) and se > 0
     assert per.gap_se(rows[1], rows[1], "kl", num=20) == 0.0          # a point against itself
-    assert "paired" in report.verdict({"DNG": {"fd": rows[4]}, "NP": {"fd": rows[1]}}, "DNG", "fd", per)
+    assert "paired" in report.claim_text(report.claim_at_grid({"DNG": {"fd": rows[4]}, "NP": {"fd": rows[1]}}, "DNG", "fd", per))
 
 
 def test_resolve_path_and_bad_method(tmp_path):
@@ -711,15 +711,15 @@ def test_report_reads_every_curve_at_exactly_one_percent(tmp_path):
     assert np.array_equal(report.at_safety(per, "kl", num=50)["DNG"]["draws"], kl["DNG"]["draws"])
     # DNG's classes are flat, NP's skewed: DNG has the lower KL at 1 %, by far more than the noise
     assert row[("DNG", 2.0)]["kl"] < row[("NP", 1.0)]["kl"]
-    v = report.verdict_at_safety(kl, "DNG", "kl")
+    v = report.claim_text(report.claim_at_safety(kl, "DNG", "kl"))
     assert v.startswith("yes: ") and "vs NP" in v and "paired" in v
-    assert report.verdict_at_safety(report.at_safety(per, "kl", high_safety=2.5), "DNG", "kl",
-                                    high_safety=2.5).startswith("DNG: no grid points")
+    assert report.claim_at_safety(report.at_safety(per, "kl", high_safety=2.5), "DNG", "kl",
+                                  high_safety=2.5) == {"missing": "DNG: no grid points bracket 2.5%"}
     # without per-sample data for one reading: its points' own errors, combined unpaired
     nodraw = dict(kl, NP=dict(kl["NP"], draws=None, se=None))
     nodraw["NP"]["a"] = dict(nodraw["NP"]["a"], kl_std=0.01)
     nodraw["NP"]["b"] = dict(nodraw["NP"]["b"], kl_std=0.01)
-    assert "unpaired" in report.verdict_at_safety(nodraw, "DNG", "kl")
+    assert report.claim_at_safety(nodraw, "DNG", "kl")["kind"] == "unpaired"
     report.write_report([str(tmp_path / "run")], str(tmp_path / "report"))
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| 1 | SLD | -- | -- | -- |" in md and "| 1 | NP | " in md and "0.5 (3.00%) and 1 (0.50%)" in md
