@@ -106,8 +106,8 @@ def main(argv):
         with cli.user_errors():
             if not FLAGS.runs:
                 raise ValueError("--job=summary needs --runs=FOLDER[,FOLDER...] (folders holding a report.json)")
-            summary.load(FLAGS.runs)               # every report.json there and alike, before writing
-        summary.write_summary(FLAGS.runs, FLAGS.out)
+            groups, high_safety = summary.load(FLAGS.runs)     # every report.json there and alike
+        summary.write_summary(groups, high_safety, FLAGS.runs, FLAGS.out)
     else:
         from sample import report, selection
         with cli.user_errors():

@@ -60,9 +60,8 @@ def claim_cell(c: Dict) -> str:
     "**yes, within noise** (gap 0.015 +- 0.013 to SLD)"."""
     if "missing" in c:
         return c["missing"]
-    word = ("yes" if c["yes"] else "no") + (", within noise" if c["within_noise"] else "")
     gap = f"gap {c['gap']:.3g}" + (f" +- {c['se']:.2g}" if c["se"] else "")
-    return f"**{word}** ({gap} to {c['baseline']})"
+    return f"**{verdict_word(c)}** ({gap} to {c['baseline']})"
 
 
 def verdict_word(c: Dict) -> str:
@@ -166,16 +165,15 @@ def plot_claims(groups: List[Dict], path: str, high_safety: float = 1.0) -> str:
     return path
 
 
-def write_summary(folders: List[str], out: Optional[str] = None) -> str:
-    """summary.md and claims.png over the reports in ``folders`` (default ``out``: their common parent);
-    returns the output folder."""
-    groups, high = load(folders)
+def write_summary(groups: List[Dict], high_safety: float, folders: List[str], out: Optional[str] = None) -> str:
+    """summary.md and claims.png for the groups :func:`load` read from the reports in ``folders``
+    (default ``out``: their common parent); returns the output folder."""
     out = out or os.path.commonpath([os.path.abspath(os.path.dirname(_report_json(f))) for f in folders])
     os.makedirs(out, exist_ok=True)
-    md = markdown(groups, high)
+    md = markdown(groups, high_safety)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(md)
-    plot_claims(groups, os.path.join(out, "claims.png"), high)
+    plot_claims(groups, os.path.join(out, "claims.png"), high_safety)
     print(md)
     print(f"wrote {os.path.join(out, 'summary.md')} and claims.png in {out}")
     return out

@@ -758,7 +758,8 @@ def test_summary_puts_the_verdicts_of_two_setups_side_by_side(tmp_path):
     gb = _json.loads((tmp_path / "b" / "report.json").read_text())["groups"][0]
     assert gb["setup"] == "class-conditional" and not gb["claims"]["DNG"]["at_safety"]["kl"]["yes"]
 
-    out = summary.write_summary([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "summary"))
+    folders = [str(tmp_path / "a"), str(tmp_path / "b")]
+    out = summary.write_summary(*summary.load(folders), folders, str(tmp_path / "summary"))
     md = (tmp_path / "summary" / "summary.md").read_text()
     assert (tmp_path / "summary" / "claims.png").stat().st_size > 0 and out == str(tmp_path / "summary")
     lines = md.splitlines()
