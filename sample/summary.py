@@ -7,7 +7,7 @@
 Reads the ``report.json`` that ``--job=report`` writes beside report.md (:func:`sample.report.summarise`:
 nothing is resampled here) and writes ``summary.md`` -- (i) per method its lowest KL and FD among its grid
 points at <= 1 % of the removed class (the paper's reading); (ii) every curve read at exactly 1 %; the
-paper's claim under both readings, with a count -- and ``claims.png``: per class and setup, DNG's gap to
+paper's claim under both readings, with a count, first -- and ``claims.png``: per class and setup, DNG's gap to
 the better of NP and SLD with two standard errors (positive: DNG lower, i.e. better).
 """
 
@@ -72,9 +72,18 @@ def verdict_word(c: Dict) -> str:
 
 
 def markdown(groups: List[Dict], high_safety: float = 1.0) -> str:
+    """summary.md: the verdict first (the claim under both readings, and its count), then the evidence:
+    (ii) every curve read at exactly ``high_safety`` %, (i) the paper's reading on the grid."""
+    return "\n\n".join([_claims_table(groups, high_safety), _at_safety_table(groups, high_safety),
+                        _grid_table(groups, high_safety)]) + "\n"
+
+
+_pm = lambda v, f: "" if v is None else f" +- {v:{f}}"
+
+
+def _grid_table(groups: List[Dict], high_safety: float) -> str:
     h = f"{high_safety:g} %"
     methods = _methods(groups)
-    pm = lambda v, f: "" if v is None else f" +- {v:{f}}"
     out = [f"(i) The paper's reading: per method the lowest KL and the lowest FD among its grid points at <= {h} "
            "(+-: bootstrap standard errors of the point):\n",
            "| class, setup | unguided % | " + " | ".join(f"{m}: lowest KL at <= {h} (scale, n)" for m in methods)
@@ -82,34 +91,46 @@ def markdown(groups: List[Dict], high_safety: float = 1.0) -> str:
            "| --- | --- | " + " | ".join("---" for _ in methods) + " | --- |"]
     for g in groups:
         kl = [("--" if (p := g["grid"].get(m, {}).get("kl")) is None
-               else f"{p['value']:.3f}{pm(p['se'], '.3f')} ({p['scale']:g}, {p['n']})") for m in methods]
+               else f"{p['value']:.3f}{_pm(p['se'], '.3f')} ({p['scale']:g}, {p['n']})") for m in methods]
         fd = [("--" if (p := g["grid"].get(m, {}).get("fd")) is None else f"{p['value']:.1f} ({p['scale']:g})")
               for m in methods]
         unguided = "--" if g["unguided_pct"] is None else f"{g['unguided_pct']:.2f}"
         out.append(f"| {g['label']} | {unguided} | " + " | ".join(kl) + " | " + " / ".join(fd) + " |")
+    return "\n".join(out)
 
-    out += ["", f"(ii) At equal safety: each curve read at exactly {h} of the removed class, interpolated between "
-            f"the two grid points where it falls to {h} (+-: bootstrap, the crossing recomputed on every draw):\n",
-            f"| class, setup | KL at {h}: " + " / ".join(methods) + f" | FD at {h}: " + " / ".join(methods)
-            + " | " + " | ".join(f"{m}'s bracketing scales" for m in methods if m.startswith("DNG")) + " |",
-            "| --- | --- | --- | " + " | ".join("---" for m in methods if m.startswith("DNG")) + " |"]
+
+def _at_safety_table(groups: List[Dict], high_safety: float) -> str:
+    h = f"{high_safety:g} %"
+    methods = _methods(groups)
+    dng = [m for m in methods if m.startswith("DNG")]
+    out = [f"(ii) At equal safety: each curve read at exactly {h} of the removed class, interpolated between "
+           f"the two grid points where it falls to {h} (+-: bootstrap, the crossing recomputed on every draw):\n",
+           f"| class, setup | KL at {h}: " + " / ".join(methods) + f" | FD at {h}: " + " / ".join(methods)
+           + " | " + " | ".join(f"{m}'s bracketing scales" for m in dng) + " |",
+           "| --- | --- | --- | " + " | ".join("---" for _ in dng) + " |"]
     for g in groups:
         cell = lambda m, key, f: ("--" if (a := g["at_safety"].get(m)) is None or a[key] is None
-                                  else f"{a[key]['value']:{f}}{pm(a[key]['se'], f)}")
+                                  else f"{a[key]['value']:{f}}{_pm(a[key]['se'], f)}")
         between = lambda m: ("--" if (a := g["at_safety"].get(m)) is None else
                              " and ".join(f"{p['scale']:g} ({p['safety_pct']:.2f} %)" for p in a["between"]))
         out.append(f"| {g['label']} | " + " / ".join(cell(m, "kl", ".3f") for m in methods) + " | "
                    + " / ".join(cell(m, "fd", ".1f") for m in methods) + " | "
-                   + " | ".join(between(m) for m in methods if m.startswith("DNG")) + " |")
+                   + " | ".join(between(m) for m in dng) + " |")
+    return "\n".join(out)
 
+
+def _claims_table(groups: List[Dict], high_safety: float) -> str:
+    h = f"{high_safety:g} %"
     variants = list(dict.fromkeys(v for g in groups for v in g["claims"]))
     several = len(variants) > 1
-    out += ["", f"The paper's claim, \"at <= {h} removed class DNG has lower KL and lower FD than NP and SLD\" "
-            "(the gap to the better of NP and SLD, positive when DNG is lower; +-: its bootstrap standard error, "
-            "paired where the points share seeds; \"within noise\": under two standard errors):\n",
-            "| class, setup" + (" | DNG variant" if several else "") + " | (i) lower KL? | (i) lower FD? | "
-            f"(ii) lower KL at {h}? | (ii) lower FD at {h}? |",
-            "| --- " + ("| --- " if several else "") + "| --- | --- | --- | --- |"]
+    out = [f"The paper's claim, \"at <= {h} removed class DNG has lower KL and lower FD than NP and SLD\" "
+           "(the gap to the better of NP and SLD, positive when DNG is lower; +-: its bootstrap standard error, "
+           "paired where the points share seeds; \"within noise\": under two standard errors), under reading "
+           f"(i), the paper's (per method its best grid point at <= {h}), and (ii), at equal safety (every curve "
+           f"read at exactly {h}); the tables after it give the values:\n",
+           "| class, setup" + (" | DNG variant" if several else "") + " | (i) lower KL? | (i) lower FD? | "
+           f"(ii) lower KL at {h}? | (ii) lower FD at {h}? |",
+           "| --- " + ("| --- " if several else "") + "| --- | --- | --- | --- |"]
     counts: Dict[str, Dict[str, int]] = {}
     for g in groups:
         for v, c in g["claims"].items():
@@ -124,7 +145,7 @@ def markdown(groups: List[Dict], high_safety: float = 1.0) -> str:
             "| --- | " + " | ".join("---" for _ in words) + " |"]
     for name, c in counts.items():
         out.append(f"| {name} | " + " | ".join(str(c.get(w, 0)) for w in words) + " |")
-    return "\n".join(out) + "\n"
+    return "\n".join(out)
 
 
 def plot_claims(groups: List[Dict], path: str, high_safety: float = 1.0) -> str:
