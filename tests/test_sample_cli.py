@@ -778,6 +778,7 @@ def test_summary_puts_the_verdicts_of_two_setups_side_by_side(tmp_path):
     claim_a, claim_b = row("1, (a) forget model", head_c), row("1, (b) class-conditional", head_c)
     assert claim_a.split(" | ")[3].startswith("**yes** (gap ") and claim_a.split(" | ")[3].endswith(" to NP)")
     assert claim_b.split(" | ")[3].startswith("**no** (gap -")
+    assert lines.index(head_c) < lines.index(head_ii) < lines.index(head_i)   # the verdict first, then (ii), (i)
     # the count: one yes and one no on KL under each reading (the two setups)
     assert "| (ii) KL | 1 | 0 | 0 | 1 | 0 |" in md and "| (i) KL | 1 | 0 | 0 | 1 | 0 |" in md
     with pytest.raises(FileNotFoundError, match="report.json not found"):
