@@ -5,10 +5,11 @@
   python sample/main.py --job=summary --runs=outputs/protocol_cpu,outputs/protocol_cpu/conditional
 
 Reads the ``report.json`` that ``--job=report`` writes beside report.md (:func:`sample.report.summarise`:
-nothing is resampled here) and writes ``summary.md`` -- (i) per method its lowest KL and FD among its grid
-points at <= 1 % of the removed class (the paper's reading); (ii) every curve read at exactly 1 %; the
-paper's claim under both readings, with a count, first -- and ``claims.png``: per class and setup, DNG's gap to
-the better of NP and SLD with two standard errors (positive: DNG lower, i.e. better).
+nothing is resampled here) and writes ``summary.md`` -- the paper's claim under both readings with a count
+of the verdicts, then the values behind it: (ii) every curve read at exactly 1 % of the removed class,
+(i) per method its lowest KL and FD among its grid points at <= 1 % (the paper's reading) -- and
+``claims.png``: per class and setup, DNG's gap to the better of NP and SLD with two standard errors
+(positive: DNG lower, i.e. better).
 """
 
 from __future__ import annotations
