@@ -12,6 +12,7 @@
   python sample/main.py --job=summary --runs=OUT_A,OUT_B          # the verdicts of several reports side by side
   python sample/main.py --job=select --runs=outputs/select          # DNG hyperparameters from selection runs
   python sample/main.py --job=extend --runs=OUT/class_0 --n=1024     # the points that decide the verdict, on more seeds
+  python sample/main.py --job=archive --runs=outputs/protocol_cpu --out=docs/runs/protocol_cpu   # keep the small record
   python sample/main.py --job=calibrate --target=1 --config.seed=5000  # smallest scale with <= 1 % (95 % bound)
   python sample/main.py --job=text_to_image --config=sample/configs/sd.py:paper \\
       --config.folder=PATH/stable-diffusion-2-base --config.clip=PATH/clip-vit-large-patch14   # SD + Q metric
@@ -23,6 +24,7 @@ Jobs: ``class_removal`` (default; :mod:`sample.class_removal`), ``posterior_chec
 ``summary`` (:mod:`sample.summary`: the verdict tables and claims.png over several reports' report.json) and
 ``select`` (:mod:`sample.selection`: DNG's hyperparameters from runs on selection seeds, by a fixed rule) and
 ``extend`` (:mod:`sample.extend`: a run's deciding points topped up to --n samples, merged by the report) and
+``archive`` (:mod:`sample.archive`: the small files of finished runs and reports, into the repository) and
 ``calibrate`` (:mod:`sample.calibrate`: per method, the smallest scale of its grid that meets --target) and
 ``text_to_image`` (:mod:`sample.text_to_image`: Stable Diffusion with NP / DNG away from negative prompts,
 the paper's Q metric; config sample/configs/sd.py).
@@ -47,18 +49,18 @@ def define_flags():
         "text_to_image: sample/configs/sd.py).",
         lock_config=True)
     flags.DEFINE_enum("job", "class_removal", ["class_removal", "posterior_check", "report", "summary", "select",
-                                               "extend", "calibrate", "text_to_image"],
+                                               "extend", "archive", "calibrate", "text_to_image"],
                       "What to run.")
     flags.DEFINE_list("classes", None, "posterior_check: removed classes to check (default: the config's).")
     flags.DEFINE_list("runs", None, "report, select, extend: class-removal output folders, or folders of them; "
-                                    "summary: folders holding a report.json.")
+                                    "summary: folders holding a report.json; archive: one folder to archive.")
     flags.DEFINE_integer("n", 1024, "extend: samples per deciding point after the top-up.")
     flags.DEFINE_float("target", 1.0, "calibrate: the highest acceptable share of the removed class, in %.")
     flags.DEFINE_float("confidence", 0.95, "calibrate: one-sided confidence of the bound on that share.")
     flags.DEFINE_string("out", None, "posterior_check, calibrate: output folder (default outputs/posterior_check, "
                                      "outputs/calibration); "
                                      "report, select, summary: where report.md / selection.md / summary.md go "
-                                     "(default: the runs' common parent).")
+                                     "(default: the runs' common parent); archive: the copy (required).")
 
 
 def main(argv):
@@ -101,6 +103,15 @@ def main(argv):
                 cfg = extend.extension_config(run, FLAGS.n, progress=config.progress)
                 job = None if cfg is None else class_removal.prepare(cfg)
             print(f"{run}: its deciding points have n >= {FLAGS.n}", flush=True)
+    elif FLAGS.job == "archive":
+        from sample import archive
+        with cli.user_errors():
+            if not FLAGS.runs or len(FLAGS.runs) != 1 or not FLAGS.out:
+                raise ValueError("--job=archive needs one --runs=FOLDER and --out=COPY (e.g. docs/runs/NAME)")
+            copied = archive.archive(FLAGS.runs[0], FLAGS.out)
+        for path, size in copied:
+            print(f"{size:>9,d} B  {os.path.join(FLAGS.out, path)}")
+        print(f"archived {len(copied)} file(s), {sum(s for _, s in copied):,d} B, from {FLAGS.runs[0]} into {FLAGS.out}")
     elif FLAGS.job == "summary":
         from sample import summary
         with cli.user_errors():

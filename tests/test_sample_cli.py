@@ -369,6 +369,8 @@ def _cli(args, cwd, timeout=300):
     (["--job=extend"], "--job=extend needs --runs"),
     (["--job=summary"], "--job=summary needs --runs"),
     (["--job=summary", "--runs=nowhere"], "report.json not found: run --job=report --runs=nowhere first"),
+    (["--job=archive", "--runs=nowhere"], "--job=archive needs one --runs=FOLDER and --out=COPY"),
+    (["--job=archive", "--runs=nowhere", "--out=copy"], "nowhere: no such folder"),
     (["stray"], "unexpected arguments ['stray']"),
 ])
 def test_user_errors_exit_2_with_one_message_before_any_sampling(tiny_checkpoints, tmp_path, args, message):
@@ -783,6 +785,44 @@ def test_summary_puts_the_verdicts_of_two_setups_side_by_side(tmp_path):
     assert "| (ii) KL | 1 | 0 | 0 | 1 | 0 |" in md and "| (i) KL | 1 | 0 | 0 | 1 | 0 |" in md
     with pytest.raises(FileNotFoundError, match="report.json not found"):
         summary.load([str(tmp_path / "a" / "class_1")])
+
+
+def test_archive_keeps_what_summary_and_select_read_and_nothing_bulky(tmp_path):
+    """--job=archive: a protocol folder's small files (runs' results, labels, config; reports) copied
+    with their paths; the summary of the copy is the summary of the original, word for word; bulky
+    folders, features and unfinished runs stay behind."""
+    from sample import report, selection, summary
+    flat, skewed = [1] * 9, [9, 1, 1, 1, 1, 1, 1, 1, 1]
+    points = {("none", 0.0): _labels(200, 20, flat), ("NP", 0.5): _labels(200, 6, skewed),
+              ("NP", 1.0): _labels(200, 1, skewed), ("DNG", 1.0): _labels(200, 4, flat),
+              ("DNG", 2.0): _labels(200, 0, flat)}
+    root = tmp_path / "protocol"
+    _fake_run(root / "class_1", np.arange(200), points)
+    report.write_report([str(root / "class_1")], str(root))
+    (root / "class_1" / "points").mkdir()
+    (root / "class_1" / "points" / "DNG_s1.npz").write_bytes(b"x" * 100)
+    (root / "class_2.partial").mkdir()
+    (root / "class_2.partial" / "config.json").write_text("{}")
+    (root / "timings.txt").write_text("forget class 1: 10 s\n")
+    out = tmp_path / "docs_runs"
+    res = _cli(["--job=archive", f"--runs={root}", f"--out={out}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    kept = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert kept == ["class_1/config.json", "class_1/labels.npz", "class_1/results.json",
+                    "report.json", "report.md", "timings.txt"], kept
+    assert "archived 6 file(s)" in res.stdout
+    assert (out / "class_1" / "results.json").read_text() == (root / "class_1" / "results.json").read_text()
+    a = summary.write_summary(*summary.load([str(root)]), [str(root)], str(tmp_path / "s_orig"))
+    b = summary.write_summary(*summary.load([str(out)]), [str(out)], str(tmp_path / "s_copy"))
+    assert (tmp_path / "s_orig" / "summary.md").read_text() == (tmp_path / "s_copy" / "summary.md").read_text()
+    assert selection._load(str(out / "class_1")) == selection._load(str(root / "class_1"))
+    with pytest.raises(ValueError, match="is the folder being archived"):
+        from sample import archive
+        archive.archive(str(root), str(root))
+    (root / "class_1" / "results.json").write_bytes(b" " * (2 ** 20 + 1))
+    with pytest.raises(ValueError, match="over 1 MiB"):
+        archive.archive(str(root), str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
 
 
 def test_selection_seeds_and_chain_match_the_protocol():
