@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 KEPT = ("config.json", "results.json", "labels.npz", "report.json", "report.md", "selection.json",
         "selection.md", "summary.md", "timings.txt")
@@ -38,16 +38,22 @@ def files_to_keep(root: str) -> List[str]:
     return sorted(kept)
 
 
-def archive(root: str, out: str) -> List[Tuple[str, int]]:
-    """Copy :func:`files_to_keep` of ``root`` into ``out`` (same relative paths; existing copies are
-    replaced). Returns (relative path, bytes) of every copied file."""
+def plan(root: str, out: str) -> List[str]:
+    """:func:`files_to_keep` of ``root``, after checking that none is over ``MAX_BYTES`` and that ``out``
+    is another folder (raises ValueError / FileNotFoundError before anything is copied)."""
     paths = files_to_keep(root)
-    big = [(p, os.path.getsize(os.path.join(root, p))) for p in paths]
-    big = [(p, b) for p, b in big if b > MAX_BYTES]
+    big = [(p, b) for p in paths if (b := os.path.getsize(os.path.join(root, p))) > MAX_BYTES]
     if big:
         raise ValueError(f"files over {MAX_BYTES // 2 ** 20} MiB, not archived: {big}")
     if os.path.abspath(out) == os.path.abspath(root):
         raise ValueError(f"--out={out} is the folder being archived")
+    return paths
+
+
+def archive(root: str, out: str, paths: Optional[List[str]] = None) -> List[Tuple[str, int]]:
+    """Copy ``paths`` (default: :func:`plan` of ``root``) into ``out`` (same relative paths; existing
+    copies are replaced). Returns (relative path, bytes) of every copied file."""
+    paths = plan(root, out) if paths is None else paths
     copied = []
     for p in paths:
         dst = os.path.join(out, p)

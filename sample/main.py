@@ -108,7 +108,8 @@ def main(argv):
         with cli.user_errors():
             if not FLAGS.runs or len(FLAGS.runs) != 1 or not FLAGS.out:
                 raise ValueError("--job=archive needs one --runs=FOLDER and --out=COPY (e.g. docs/runs/NAME)")
-            copied = archive.archive(FLAGS.runs[0], FLAGS.out)
+            paths = archive.plan(FLAGS.runs[0], FLAGS.out)
+        copied = archive.archive(FLAGS.runs[0], FLAGS.out, paths)
         for path, size in copied:
             print(f"{size:>9,d} B  {os.path.join(FLAGS.out, path)}")
         print(f"archived {len(copied)} file(s), {sum(s for _, s in copied):,d} B, from {FLAGS.runs[0]} into {FLAGS.out}")

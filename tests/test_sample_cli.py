@@ -791,7 +791,7 @@ def test_archive_keeps_what_summary_and_select_read_and_nothing_bulky(tmp_path):
     """--job=archive: a protocol folder's small files (runs' results, labels, config; reports) copied
     with their paths; the summary of the copy is the summary of the original, word for word; bulky
     folders, features and unfinished runs stay behind."""
-    from sample import report, selection, summary
+    from sample import archive, report, selection, summary
     flat, skewed = [1] * 9, [9, 1, 1, 1, 1, 1, 1, 1, 1]
     points = {("none", 0.0): _labels(200, 20, flat), ("NP", 0.5): _labels(200, 6, skewed),
               ("NP", 1.0): _labels(200, 1, skewed), ("DNG", 1.0): _labels(200, 4, flat),
@@ -817,7 +817,6 @@ def test_archive_keeps_what_summary_and_select_read_and_nothing_bulky(tmp_path):
     assert (tmp_path / "s_orig" / "summary.md").read_text() == (tmp_path / "s_copy" / "summary.md").read_text()
     assert selection._load(str(out / "class_1")) == selection._load(str(root / "class_1"))
     with pytest.raises(ValueError, match="is the folder being archived"):
-        from sample import archive
         archive.archive(str(root), str(root))
     (root / "class_1" / "results.json").write_bytes(b" " * (2 ** 20 + 1))
     with pytest.raises(ValueError, match="over 1 MiB"):
