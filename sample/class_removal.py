@@ -430,7 +430,8 @@ def _config_json(config) -> Dict[str, Any]:
 
 
 # config fields that choose which grid points a run has, not how any one point is sampled or scored
-_GRID_FIELDS = ("methods", "grid", "method_grids", "baseline", "grid_images", "outdir")
+# (select_ceiling: read by --job=select only)
+_GRID_FIELDS = ("methods", "grid", "method_grids", "baseline", "grid_images", "outdir", "select_ceiling")
 
 
 def _sampling_identity(config) -> Dict[str, Any]:

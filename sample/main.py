@@ -127,7 +127,7 @@ def main(argv):
                 raise ValueError(f"--job={FLAGS.job} needs --runs=FOLDER[,FOLDER...]")
             runs = report.find_runs(FLAGS.runs)
             if FLAGS.job == "select":
-                selection.write_selection(runs, FLAGS.out, config.high_safety)
+                selection.write_selection(runs, FLAGS.out, config.high_safety, config.select_ceiling)
         if FLAGS.job == "report":
             report.write_report(runs, FLAGS.out, config.high_safety)
 

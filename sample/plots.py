@@ -274,7 +274,8 @@ def plot_selection(result: Mapping[str, Any], path: str) -> str:
         ax.set_xticks(x)
         short = {"temperature": "temp."}
         ax.set_xticklabels([("\n".join(f"{short.get(k, k)} {v:g}" for k, v in st["overrides"].items()) or st["method"])
-                            + ("" if st["qualified"] else "\n(not bracketed)") for st in settings], fontsize=7)
+                            + ("" if st["qualified"] else "\n(never reaches)" if not st["add_scale"] else "\n(not bracketed)")
+                            for st in settings], fontsize=7)
         ax.set_ylabel(f"{name} at {result['high_safety']:g}% removed")
         ax.grid(alpha=0.3, axis="y")
     if axes[0].get_legend_handles_labels()[0]:

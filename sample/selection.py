@@ -19,7 +19,11 @@ report's reading (ii): every curve compared at equal safety):
    in some class is listed with the scale to add (below its lowest scale when that one is already at
    <= 1 %, above its highest when it never gets there); add it to ``config.method_grids`` and rerun
    (finished points are reused), so that no setting is left out for where its grid happened to lie.
-   If none qualifies, nothing is chosen.
+   A curve still above 1 % at a grid point whose guidance at the chain's start, lambda_T = scale *
+   prior / (1 - prior), is at least ``ceiling`` (config.select_ceiling; 20, five times NP's largest
+   protocol scale) does not reach 1 % in that class: the setting does not qualify and needs no more
+   scales (such curves flatten: the samples that end in the removed class are the ones whose tracked
+   posterior never rises). If none qualifies, nothing is chosen.
 
 Writes ``selection.md``, ``selection.json`` and ``selection.png`` next to the runs (or into --out).
 """
@@ -51,11 +55,19 @@ def _missing_bracket(pts: List[Dict], high_safety: float) -> str:
     return f"above {pts[-1]['scale']:g} (still {min(r['safety_pct'] for r in pts):.2f}%)"
 
 
-def choose(per_class_rows: Dict[int, List[Dict]], high_safety: float = 1.0) -> Dict:
-    """Apply the rule of the module docstring. ``per_class_rows``: {removed class: results rows}.
+def _start_guidance(row: Dict) -> float:
+    """lambda_T = scale * prior / (1 - prior): the guidance of a DNG point at the chain's start."""
+    return float(row["scale"]) * float(row["prior"]) / (1.0 - float(row["prior"]))
 
-    Returns {"classes", "high_safety", "settings": [per-setting summary], "chosen": method string or
-    None, "complete": whether every setting qualifies}.
+
+def choose(per_class_rows: Dict[int, List[Dict]], high_safety: float = 1.0,
+           ceiling: Optional[float] = None) -> Dict:
+    """Apply the rule of the module docstring. ``per_class_rows``: {removed class: results rows};
+    ``ceiling``: the lambda_T at which a curve still above ``high_safety`` % counts as never reaching
+    it (None: no ceiling, every unbracketed curve asks for a scale).
+
+    Returns {"classes", "high_safety", "ceiling", "settings": [per-setting summary], "chosen": method
+    string or None, "complete": whether every setting qualifies or is out by the ceiling}.
     """
     classes = sorted(per_class_rows)
     methods = list(dict.fromkeys(r["method"] for rows in per_class_rows.values() for r in rows
@@ -64,26 +76,32 @@ def choose(per_class_rows: Dict[int, List[Dict]], high_safety: float = 1.0) -> D
         raise ValueError("the runs hold no guided points (only 'none'): nothing to choose from")
     settings = []
     for m in methods:
-        per_class, missing = {}, {}
+        per_class, missing, unreachable = {}, {}, {}
         for c in classes:
             pts = [r for r in per_class_rows[c] if r["method"] == m]
             if not pts:
                 raise ValueError(f"method {m!r} is missing from the run of class {c}: every run needs the same methods")
             pair = report.crossing(pts, m, high_safety)
             if pair is None:
-                missing[str(c)] = _missing_bracket(pts, high_safety)
+                top = max(pts, key=lambda r: r["scale"])
+                if (ceiling is not None and min(r["safety_pct"] for r in pts) > high_safety
+                        and _start_guidance(top) >= ceiling):
+                    unreachable[str(c)] = (f"still {min(r['safety_pct'] for r in pts):.2f}% at scale {top['scale']:g} "
+                                           f"(lambda_T {_start_guidance(top):.3g} >= {ceiling:g})")
+                else:
+                    missing[str(c)] = _missing_bracket(pts, high_safety)
                 continue
             a, b = pair
             per_class[str(c)] = {"kl": report.read_at(a, b, "kl", high_safety),
                                  "fd": report.read_at(a, b, "fd", high_safety),
                                  "between": [a["scale"], b["scale"]],
                                  "safety_pct": [a["safety_pct"], b["safety_pct"]]}
-        qualified = not missing
+        qualified = not missing and not unreachable
         settings.append({
             "method": m, "overrides": parse_method(m)[2], "qualified": qualified,
             "mean_kl": float(np.mean([v["kl"] for v in per_class.values()])) if qualified else None,
             "mean_fd": float(np.mean([v["fd"] for v in per_class.values()])) if qualified else None,
-            "per_class": per_class, "add_scale": missing,
+            "per_class": per_class, "add_scale": missing, "never_reaches": unreachable,
         })
     ok = [s for s in settings if s["qualified"]]
     chosen = None
@@ -91,11 +109,12 @@ def choose(per_class_rows: Dict[int, List[Dict]], high_safety: float = 1.0) -> D
         low = min(s["mean_kl"] for s in ok)
         tied = [s for s in ok if s["mean_kl"] <= low + KL_TIE]
         chosen = min(tied, key=lambda s: s["mean_fd"])["method"]
-    return {"classes": classes, "high_safety": high_safety, "settings": settings, "chosen": chosen,
-            "complete": len(ok) == len(settings)}
+    return {"classes": classes, "high_safety": high_safety, "ceiling": ceiling, "settings": settings,
+            "chosen": chosen, "complete": all(s["qualified"] or not s["add_scale"] for s in settings)}
 
 
-def write_selection(runs: List[str], out: Optional[str], high_safety: float) -> Optional[str]:
+def write_selection(runs: List[str], out: Optional[str], high_safety: float,
+                    ceiling: Optional[float] = None) -> Optional[str]:
     per_class: Dict[int, List[Dict]] = {}
     seeds = set()
     for run in runs:
@@ -105,7 +124,7 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float) -> 
             raise ValueError(f"two runs remove class {c}: {runs}")
         per_class[c] = rows
         seeds.add((rows[0]["seed"], rows[0]["n"]))
-    result = choose(per_class, high_safety)
+    result = choose(per_class, high_safety, ceiling)
     common = os.path.commonpath([os.path.abspath(r) for r in runs])
     out = out or (os.path.dirname(common) if len(runs) == 1 else common)      # next to the run folders
     os.makedirs(out, exist_ok=True)
@@ -115,7 +134,10 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float) -> 
     lines = [f"# DNG hyperparameter selection ({len(runs)} run(s), classes {classes})", "",
              f"Rule (sample/selection.py): every curve read at exactly {high_safety:g} % of the removed class "
              f"(interpolated between the two grid points that bracket it); lowest mean KL over the classes, "
-             f"ties within {KL_TIE} by mean FD. Seeds (first, n): {sorted(map(str, seeds))}.", "",
+             f"ties within {KL_TIE} by mean FD"
+             + (f"; a curve still above {high_safety:g} % at lambda_T = scale * prior / (1 - prior) >= {ceiling:g} "
+                "never reaches it" if ceiling is not None else "")
+             + f". Seeds (first, n): {sorted(map(str, seeds))}.", "",
              "| setting | mean KL | mean FD | " + " | ".join(f"class {c}: KL, FD (scales)" for c in classes)
              + " | chosen |",
              "| --- | --- | --- | " + " | ".join("---" for _ in classes) + " | --- |"]
@@ -125,6 +147,7 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float) -> 
         for c in map(str, classes):
             v = s["per_class"].get(c)
             cells.append(f"{v['kl']:.4f}, {v['fd']:.1f} ({v['between'][0]:g}-{v['between'][1]:g})" if v else
+                         f"never reaches it: {s['never_reaches'][c]}" if c in s["never_reaches"] else
                          f"not bracketed: add a scale {s['add_scale'][c]}")
         lines.append(f"| {s['method']} | {fmt(s['mean_kl'], 4)} | {fmt(s['mean_fd'], 2)} | " + " | ".join(cells)
                      + f" | {'**yes**' if s['method'] == result['chosen'] else ''} |")
@@ -141,6 +164,10 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float) -> 
                   "points are reused): `bash sample/run_protocol.sh` with CONFIG, OUT, CLASSES and SETUPS as the report's "
                   f"runs and the flags `--config.methods='(\"NP\",\"SLD\",\"DNG\",\"{m}\")' "
                   f"--config.method_grids='((\"{m}\",{grid}),)'`."]
+    out_by_ceiling = [s["method"] for s in result["settings"] if s["never_reaches"] and not s["add_scale"]]
+    if out_by_ceiling:
+        lines += ["", f"Out by the ceiling (no grid reaches {high_safety:g} % of the removed class in some class): "
+                  + ", ".join(out_by_ceiling) + "."]
     if not result["complete"]:
         lines += ["", f"{sum(s['qualified'] for s in result['settings'])} of {len(result['settings'])} settings "
                   f"bracket {high_safety:g} % in every class: add the scales listed to config.method_grids and "

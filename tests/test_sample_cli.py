@@ -269,6 +269,44 @@ def test_selection_rule_on_hand_made_results(tmp_path):
         select.choose({0: [_row(a, 2, 0.5, 0.01, 5)], 1: [_row(b, 2, 0.5, 0.01, 5)]})
 
 
+def test_selection_ceiling_rules_out_curves_that_never_reach_one_percent(tmp_path):
+    """Rule 4's ceiling: a curve still above 1 % at lambda_T = scale * odds(prior) >= ceiling never reaches it
+    (the setting is out, no scale to add, the choice complete); below the ceiling it still asks for a scale."""
+    from sample import selection as select
+
+    a, t = "DNG[prior=0.25]", "DNG[prior=0.25,temperature=1.0]"
+    row = lambda m, s, safety, kl, c: dict(_row(m, s, safety, kl, 5.0, c), prior=0.25)
+    rows = {c: [row(a, 1, 3.0, 0.01, c), row(a, 2, 0.5, 0.05, c),
+                row(t, 10, 2.0, 0.001, c), row(t, 60, 1.5, 0.001, c)] for c in (0, 1)}
+    rows[1][3] = row(t, 60, 0.5, 0.002, 1)          # class 1 crosses between 10 and 60
+    out = select.choose(rows, 1.0, ceiling=20.0)    # lambda_T at scale 60: 60 / 3 = 20
+    by = {s["method"]: s for s in out["settings"]}
+    assert not by[t]["qualified"] and by[t]["add_scale"] == {} and "1" in by[t]["per_class"]
+    assert by[t]["never_reaches"] == {"0": "still 1.50% at scale 60 (lambda_T 20 >= 20)"}
+    assert out["complete"] and out["chosen"] == a and out["ceiling"] == 20.0
+    # just under the ceiling (lambda_T 19.7) it is an unbracketed curve again: add a scale, choice incomplete
+    out = select.choose({c: [dict(r, scale=59) if r["scale"] == 60 else r for r in v] for c, v in rows.items()},
+                        1.0, ceiling=20.0)
+    s = {s["method"]: s for s in out["settings"]}[t]
+    assert s["add_scale"] == {"0": "above 59 (still 1.50%)"} and s["never_reaches"] == {} and not out["complete"]
+    # without a ceiling the old rule: every unbracketed curve asks for a scale
+    assert not select.choose(rows, 1.0)["complete"]
+    for cls, r in rows.items():
+        (tmp_path / f"class_{cls}").mkdir()
+        (tmp_path / f"class_{cls}" / "results.json").write_text(json.dumps(r))
+    assert select.write_selection([str(tmp_path / f"class_{c}") for c in (0, 1)], None, 1.0, 20.0) == a
+    md = (tmp_path / "selection.md").read_text()
+    assert "never reaches it: still 1.50% at scale 60 (lambda_T 20 >= 20)" in md
+    assert f"Out by the ceiling (no grid reaches 1 % of the removed class in some class): {t}." in md
+    assert "add the scales listed" not in md
+    # the ceiling is read by --job=select only: changing it keeps every finished point reusable
+    from sample import class_removal as sm
+    from sample.configs import mnist
+    c1, c2 = mnist.get_config("select"), mnist.get_config("select")
+    c2.select_ceiling = 50.0
+    assert sm._sampling_identity(c1) == sm._sampling_identity(c2)
+
+
 def test_method_grids_give_a_method_its_own_scales():
     """config.method_grids overrides the base's grid for the methods it names; bad entries fail before any work."""
     from sample import class_removal as sm
