@@ -61,9 +61,10 @@ def get_config(name: str = "quick"):
         # docs/results.md's second pass (issue 12) on a 2-core CPU: a 100-step chain with the posterior
         # noise (beta_tilde: no residual grain on a respaced chain), DNG's update with the same variance
         # (the exact likelihood ratio of the step taken), n = 512 per point, grids that give every
-        # method points at and below 1 % of the removed class. About 2.8 M network passes per class
-        # and setup (~2 h in one pinned single-threaded lane; two lanes side by side): run classes
-        # and setups across sessions (bash sample/run_protocol.sh resumes finished points).
+        # method points at and below 1 % of the removed class. 35 points: about 3.5 M network passes
+        # per class and setup, plus ~0.5-0.7 M for the top-up to n = 1024 (~2 h at ~1.5-1.9 ms per pass
+        # in one pinned single-threaded lane, two lanes side by side; class 0: 6958 s and 7274 s): run
+        # classes and setups across sessions (bash sample/run_protocol.sh resumes finished points).
         c.n = 512
         c.steps = 100
         c.chunk_size = 128
