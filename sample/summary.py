@@ -139,11 +139,15 @@ def _claims_table(groups: List[Dict], high_safety: float) -> str:
             out.append(f"| {g['label']} | " + (f"{v} | " if several else "")
                        + " | ".join(claim_cell(x) for x in cells) + " |")
             for name, x in zip(("(i) KL", "(i) FD", "(ii) KL", "(ii) FD"), cells):
+                name = f"{v}: {name}" if several else name      # one count per DNG variant
                 counts.setdefault(name, {}).setdefault(verdict_word(x), 0)
                 counts[name][verdict_word(x)] += 1
     words = ["yes", "yes, within noise", "no, within noise", "no", "missing"]
-    out += ["", "Count over the rows above:\n", "| | " + " | ".join(words) + " |",
-            "| --- | " + " | ".join("---" for _ in words) + " |"]
+    out += ["", "Count over the rows above" + (", per DNG variant" if several else "") + ":\n",
+            "| | " + " | ".join(words) + " |", "| --- | " + " | ".join("---" for _ in words) + " |"]
+    if several:                                                  # variant by variant, not row by row
+        counts = {f"{v}: {n}": counts[f"{v}: {n}"] for v in variants
+                  for n in ("(i) KL", "(i) FD", "(ii) KL", "(ii) FD") if f"{v}: {n}" in counts}
     for name, c in counts.items():
         out.append(f"| {name} | " + " | ".join(str(c.get(w, 0)) for w in words) + " |")
     return "\n".join(out)

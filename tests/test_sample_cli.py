@@ -825,6 +825,26 @@ def test_summary_puts_the_verdicts_of_two_setups_side_by_side(tmp_path):
         summary.load([str(tmp_path / "a" / "class_1")])
 
 
+def test_summary_counts_the_verdicts_per_dng_variant():
+    """With two DNG variants the claim table has a variant column and the count is per variant (a
+    variant's "no" is not hidden by the other's "yes")."""
+    from sample import summary
+    claim = lambda yes, noise: {"yes": yes, "within_noise": noise, "gap": 0.1 if yes else -0.1, "se": 0.02,
+                                "baseline": "SLD"}
+    both = lambda c: {"grid": {"kl": c, "fd": c}, "at_safety": {"kl": c, "fd": c}}
+    groups = [{"label": f"{k}, (a) forget model",
+               "claims": {"DNG": both(claim(False, k == 1)), "DNG[temperature=0.5]": both(claim(True, False))}}
+              for k in (0, 1)]
+    lines = summary._claims_table(groups, 1.0).splitlines()
+    assert "| 0, (a) forget model | DNG | **no** (gap -0.1 +- 0.02 to SLD) |" in "\n".join(lines)
+    assert lines[lines.index("Count over the rows above, per DNG variant:") + 3].startswith("| --- |")
+    for reading in ("(i) KL", "(i) FD", "(ii) KL", "(ii) FD"):
+        assert f"| DNG: {reading} | 0 | 0 | 1 | 1 | 0 |" in lines
+        assert f"| DNG[temperature=0.5]: {reading} | 2 | 0 | 0 | 0 | 0 |" in lines
+    one = summary._claims_table([{"label": "0, (a) forget model", "claims": {"DNG": both(claim(True, True))}}], 1.0)
+    assert "| (ii) FD | 0 | 1 | 0 | 0 | 0 |" in one and "DNG variant" not in one
+
+
 def test_archive_keeps_what_summary_and_select_read_and_nothing_bulky(tmp_path):
     """--job=archive: a protocol folder's small files (runs' results, labels, config; reports) copied
     with their paths; the summary of the copy is the summary of the original, word for word; bulky
