@@ -161,8 +161,13 @@ def plot_claims(groups: List[Dict], path: str, high_safety: float = 1.0) -> str:
 
     rows = [(g, v, c) for g in groups for v, c in g["claims"].items()]
     several = len({v for _, v, _ in rows}) > 1
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), squeeze=False, sharey=True)
+    labels = [g["label"] + (f" {v}" if several else "") for g, v, _ in rows]
     for ax, key, name in zip(axes[0], ("kl", "fd"), ("KL", "FD")):
+        for k, g in enumerate(dict.fromkeys(g["label"] for g, _, _ in rows)):   # a band per class and setup
+            if k % 2:
+                idx = [i for i, (h, _, _) in enumerate(rows) if h["label"] == g]
+                ax.axhspan(min(idx) - 0.5, max(idx) + 0.5, color="0.93", zorder=0)
         for i, (g, v, c) in enumerate(rows):
             for reading, dy, filled in (("grid", -0.12, True), ("at_safety", 0.12, False)):
                 x = c[reading][key]
@@ -172,10 +177,12 @@ def plot_claims(groups: List[Dict], path: str, high_safety: float = 1.0) -> str:
                 ax.errorbar([x["gap"]], [i + dy], xerr=None if not x["se"] else [[2 * x["se"]], [2 * x["se"]]],
                             fmt="o" if filled else "s", color=color, mfc=color if filled else "white", capsize=3)
         ax.axvline(0.0, color="black", lw=0.8)
-        ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels([g["label"] + (f" {v}" if several else "") for g, v, _ in rows], fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel(f"{name}: better baseline minus DNG (> 0: DNG lower)")
+    axes[0, 0].set_yticks(range(len(rows)))
+    axes[0, 0].set_yticklabels(labels, fontsize=8)       # shared by both panels
+    axes[0, 0].set_ylim(len(rows) - 0.5, -0.5)           # the first row on top
+    for ax, name in zip(axes[0], ("KL", "FD")):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("better baseline minus DNG (> 0: DNG lower)", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     h = f"{high_safety:g} %"
     handles = [plt.Line2D([], [], marker="o", ls="", color="gray", label=f"(i) lowest at <= {h} on the grid"),
@@ -183,6 +190,7 @@ def plot_claims(groups: List[Dict], path: str, high_safety: float = 1.0) -> str:
     handles += [plt.Line2D([], [], marker="o", ls="", color=plots.color_of(m), label=f"gap to {m}")
                 for m in dict.fromkeys(c[r][k]["baseline"] for _, _, c in rows for r in ("grid", "at_safety")
                                        for k in ("kl", "fd") if "missing" not in c[r][k])]
+    axes[0, 1].tick_params(labelleft=False)
     axes[0, 1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("DNG against the better of NP and SLD (error bars: 2 standard errors)", fontsize=10)
     fig.tight_layout()
