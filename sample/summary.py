@@ -163,11 +163,13 @@ def plot_claims(groups: List[Dict], path: str, high_safety: float = 1.0) -> str:
     several = len({v for _, v, _ in rows}) > 1
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), squeeze=False, sharey=True)
     labels = [g["label"] + (f" {v}" if several else "") for g, v, _ in rows]
-    for ax, key, name in zip(axes[0], ("kl", "fd"), ("KL", "FD")):
-        for k, g in enumerate(dict.fromkeys(g["label"] for g, _, _ in rows)):   # a band per class and setup
-            if k % 2:
-                idx = [i for i, (h, _, _) in enumerate(rows) if h["label"] == g]
-                ax.axhspan(min(idx) - 0.5, max(idx) + 0.5, color="0.93", zorder=0)
+    spans: Dict[str, List[int]] = {}                     # rows of each class and setup, shaded every other one
+    for i, (g, _, _) in enumerate(rows):
+        spans.setdefault(g["label"], []).append(i)
+    shaded = [(idx[0] - 0.5, idx[-1] + 0.5) for idx in list(spans.values())[1::2]]
+    for ax, key in zip(axes[0], ("kl", "fd")):
+        for lo, hi in shaded:
+            ax.axhspan(lo, hi, color="0.93", zorder=0)
         for i, (g, v, c) in enumerate(rows):
             for reading, dy, filled in (("grid", -0.12, True), ("at_safety", 0.12, False)):
                 x = c[reading][key]
