@@ -382,6 +382,7 @@ def summarise(per_sample: PerSample, high_safety: float = 1.0) -> Dict:
            "setup": setup_of(run_config(per_sample.runs[0])), "steps": r0["steps"], "T": r0["T"],
            "runs": [os.path.basename(os.path.normpath(g)) for g in per_sample.runs],
            "unguided_pct": None if base is None else base["safety_pct"],
+           "sample_hours": sum(r.get("sample_seconds", 0.0) for r in rows) / 3600,
            "grid": {}, "at_safety": {}, "claims": {}}
     for m, b in best.items():
         out["grid"][m] = {key: point(b[key], key) for key in ("kl", "fd")}
@@ -434,6 +435,8 @@ def markdown(per_samples: List[PerSample], summaries: List[Dict], high_safety: f
         if len(per_sample.runs) > 1:
             lines.append("Merged runs (the points they share pool their seeds): "
                          + ", ".join(f"`{r}`" for r in g["runs"]) + "\n")
+        lines.append(f"Sampling time: {g['sample_hours']:.2f} h (wall clock, the points' sampling summed, "
+                     "top-up included; compilation and scoring not counted).\n")
         lines.append("| method | scale | n | safety % | KL | FD | empty classes | mean lambda |")
         lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:

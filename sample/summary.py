@@ -75,8 +75,15 @@ def verdict_word(c: Dict) -> str:
 def markdown(groups: List[Dict], high_safety: float = 1.0) -> str:
     """summary.md: the verdict first (the claim under both readings, and its count), then the evidence:
     (ii) every curve read at exactly ``high_safety`` %, (i) the paper's reading on the grid."""
-    return "\n\n".join([_claims_table(groups, high_safety), _at_safety_table(groups, high_safety),
-                        _grid_table(groups, high_safety)]) + "\n"
+    parts = [_claims_table(groups, high_safety), _at_safety_table(groups, high_safety),
+             _grid_table(groups, high_safety)]
+    timed = [g for g in groups if g.get("sample_hours") is not None]   # reports from before it lack it
+    if timed:
+        parts.append(f"Sampling time: {sum(g['sample_hours'] for g in timed):.1f} h over {len(timed)} class-setups "
+                     "(wall clock, each report's points' sampling summed, top-ups included; compilation and "
+                     "scoring not counted): " + ", ".join(f"{g['label']} {g['sample_hours']:.2f} h" for g in timed)
+                     + ".")
+    return "\n\n".join(parts) + "\n"
 
 
 _pm = lambda v, f: "" if v is None else f" +- {v:{f}}"

@@ -665,7 +665,8 @@ def _fake_run(folder, seeds, points, features=True, conditional=""):
                  removed_class=1, safety_pct=float(np.mean(np.asarray(lab) == 1) * 100),
                  kl=metrics.kl_to_ideal(metrics.class_histogram(np.asarray(lab), 10), [1], c.kl_pseudo_count),
                  fd=metrics.frechet_distance_features(f, np.zeros(8), np.eye(8)) if features else 0.0,
-                 histogram=np.bincount(lab, minlength=10).tolist(), n_empty_classes=0, mean_lambda=s)
+                 histogram=np.bincount(lab, minlength=10).tolist(), n_empty_classes=0, mean_lambda=s,
+                 sample_seconds=36.0)
             for ((m, s), lab), f in zip(points.items(), feats)]
     (folder / "results.json").write_text(json.dumps(rows))
     (folder / "config.json").write_text(c.to_json())
@@ -786,6 +787,8 @@ def test_summary_puts_the_verdicts_of_two_setups_side_by_side(tmp_path):
     g = ja["groups"][0]
     assert ja["high_safety"] == 1.0 and g["setup"] == "forget model" and g["removed"] == 1
     assert g["unguided_pct"] == pytest.approx(10.0) and g["grid"]["SLD"] == {"kl": None, "fd": None}
+    assert g["sample_hours"] == pytest.approx(6 * 36 / 3600)         # 6 points of 36 s each
+    assert "Sampling time: 0.06 h (wall clock" in (tmp_path / "a" / "report.md").read_text()
     assert g["at_safety"]["SLD"] is None
     assert [p["scale"] for p in g["at_safety"]["NP"]["between"]] == [0.5, 1.0]
     per = report.PerSample(str(tmp_path / "a" / "class_1"))           # the json holds the report's own claims
@@ -821,6 +824,8 @@ def test_summary_puts_the_verdicts_of_two_setups_side_by_side(tmp_path):
     assert lines.index(head_c) < lines.index(head_ii) < lines.index(head_i)   # the verdict first, then (ii), (i)
     # the count: one yes and one no on KL under each reading (the two setups)
     assert "| (ii) KL | 1 | 0 | 0 | 1 | 0 |" in md and "| (i) KL | 1 | 0 | 0 | 1 | 0 |" in md
+    assert lines[-1].startswith("Sampling time: 0.1 h over 2 class-setups") and lines[-1].endswith(
+        ": 1, (a) forget model 0.06 h, 1, (b) class-conditional 0.06 h."), lines[-1]
     with pytest.raises(FileNotFoundError, match="report.json not found"):
         summary.load([str(tmp_path / "a" / "class_1")])
 
