@@ -22,13 +22,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"none": "black", "NP": "tab:blue", "SLD": "tab:orange", "DNG": "tab:green",
           "DNG:beta": "tab:green", "DNG:posterior": "tab:olive"}
-MARKERS = {"none": "*", "NP": "o", "SLD": "s", "DNG": "^", "DNG:beta": "^", "DNG:posterior": "v"}
+MARKERS = {"none": "*", "NP": "o", "SLD": "s", "DNG": "^", "DNG:beta": "<", "DNG:posterior": "v"}
+# for the other method strings (e.g. DNG[prior=0.1]), in order of appearance; no red (the ideal's colour)
+SPARE_STYLES = tuple(zip(("tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:gray", "navy", "goldenrod",
+                          "teal"), "DPXhp>d<"))
 
 
 def color_of(method: str) -> str:
-    """The method's colour; other method strings (e.g. DNG[prior=0.1]) get a stable tab10 colour."""
+    """The colour of a named method (:data:`COLORS`); other method strings get a stable tab10 colour
+    (figures with several of those use :func:`styles`, which keeps them apart)."""
     import zlib
     return COLORS.get(method) or f"C{zlib.crc32(method.encode()) % 10}"
+
+
+def styles(methods: Sequence[str]) -> Dict[str, tuple]:
+    """(colour, marker) per method of one figure: the named methods keep theirs (:data:`COLORS`,
+    :data:`MARKERS`), the others (e.g. DNG[prior=0.25,temperature=0.5]) take :data:`SPARE_STYLES` in
+    order of first appearance, so that no two methods of a figure look alike."""
+    out, spare = {}, 0
+    for m in dict.fromkeys(methods):
+        if m in COLORS:
+            out[m] = (COLORS[m], MARKERS[m])
+        else:
+            out[m] = SPARE_STYLES[spare % len(SPARE_STYLES)]
+            spare += 1
+    return out
 
 
 def to_image(x: np.ndarray) -> np.ndarray:
@@ -97,6 +115,7 @@ def plot_tradeoff(rows: Sequence[Mapping], path: str, high_safety: float = 1.0,
     for r in rows:
         if r["method"] not in methods:
             methods.append(r["method"])
+    style = styles(methods)
     for ax, key, ylabel in ((axes[0], "kl", "KL(ideal || generated) [nats]"),
                             (axes[1], "fd", f"{fd_label} to the data without the removed class")):
         for m in methods:
@@ -106,11 +125,11 @@ def plot_tradeoff(rows: Sequence[Mapping], path: str, high_safety: float = 1.0,
             if m == "none":
                 ax.scatter(xs, ys, marker="*", s=160, color="black", zorder=5, label="unguided")
                 continue
-            ax.plot(xs, ys, marker=MARKERS.get(m, "o"), color=color_of(m), label=m,
+            ax.plot(xs, ys, marker=style[m][1], color=style[m][0], label=m,
                     ls="--" if m == "DNG:posterior" else "-")
             for r in pts:
                 ax.annotate(f"{r['scale']:g}", (r["safety_pct"], r[key]), textcoords="offset points",
-                            xytext=(4, 3), fontsize=7, color=color_of(m))
+                            xytext=(4, 3), fontsize=7, color=style[m][0])
         ax.axvline(high_safety, color="gray", ls="--", lw=0.8)
         ax.set_xlabel("safety: % of samples classified as the removed class (lower is safer)")
         ax.set_ylabel(ylabel)
@@ -172,12 +191,13 @@ def draw_histograms(ax, rows: Sequence[Mapping], class_names: Optional[Sequence[
     ideal = 100.0 * ideal_distribution(k, [int(c) for c in tag.split("+")])
     width = 0.8 / max(len(chosen), 1)
     xs = np.arange(k)
+    style = styles([r["method"] for r in chosen])
     for i, r in enumerate(chosen):
         h = np.asarray(r["histogram"], np.float64)
         freq = 100.0 * h / max(h.sum(), 1)
         label = ("unguided" if r["method"] == "none" else f"{r['method']} scale {r['scale']:g}") + \
             f" (safety {r['safety_pct']:.1f}%, KL {r['kl']:.3f}, n {r.get('n', h.sum()):.0f})"
-        ax.bar(xs - 0.4 + width * (i + 0.5), freq, width, color=color_of(r["method"]),
+        ax.bar(xs - 0.4 + width * (i + 0.5), freq, width, color=style[r["method"]][0],
                alpha=0.85 if r["method"] != "none" else 0.4, label=label)
     ax.step(np.r_[xs - 0.5, k - 0.5], np.r_[ideal, ideal[-1]], where="post", color="red", lw=1.2,
             label="ideal (0 on removed class, uniform elsewhere)")

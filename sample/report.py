@@ -473,6 +473,7 @@ def plot_all(runs: List[str], path: str, high_safety: float = 1.0,
     for i, per_sample in enumerate(groups):
         rows = per_sample.rows
         readings = {key: at_safety(per_sample, key, high_safety, num=0) for key in ("kl", "fd")}
+        style = plots.styles([r["method"] for r in rows])
         for j, key in enumerate(("kl", "fd")):
             ax = axes[i, j]
             for m in dict.fromkeys(r["method"] for r in rows):
@@ -481,11 +482,11 @@ def plot_all(runs: List[str], path: str, high_safety: float = 1.0,
                 if m == "none":
                     ax.scatter(xs, ys, marker="*", s=140, color="black", zorder=5, label="unguided")
                 else:
-                    ax.plot(xs, ys, marker=plots.MARKERS.get(m, "o"), color=plots.COLORS.get(m), label=m)
+                    ax.plot(xs, ys, marker=style[m][1], color=style[m][0], label=m)
                     d = readings[key].get(m)
                     if d is not None:                  # the reading at exactly high_safety (hollow)
-                        ax.scatter([high_safety], [d["value"]], marker=plots.MARKERS.get(m, "o"), s=70,
-                                   facecolors="none", edgecolors=plots.COLORS.get(m), zorder=6)
+                        ax.scatter([high_safety], [d["value"]], marker=style[m][1], s=70,
+                                   facecolors="none", edgecolors=style[m][0], zorder=6)
             ax.axvline(high_safety, color="gray", ls="--", lw=0.8)
             ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
             ax.set_yscale("log")                       # the large scales' KL / FD would flatten the rest

@@ -895,3 +895,18 @@ def test_selection_seeds_and_chain_match_the_protocol():
         assert s[k] == p[k], k
     assert dict(s.dng) == dict(p.dng)
     assert s.seed >= p.seed + 10240                          # disjoint from any report's seeds (up to n = 10,240)
+
+
+def test_every_method_of_the_protocol_has_its_own_colour_and_marker():
+    """The curves of NP, SLD and every DNG setting stay apart in the plots (a DNG setting without an
+    entry once took the colour cycle's blue, NP's, and NP's circle)."""
+    from sample import plots
+    from sample.configs import mnist
+    for name in ("protocol", "select", "full", "report", "quick"):
+        methods = ("none",) + tuple(mnist.get_config(name).methods)
+        st = plots.styles(methods)
+        assert len(set(st.values())) == len(methods), (name, st)
+        assert all(c != "red" and c != "tab:red" for c, _ in st.values())   # the histograms' ideal is red
+    st = plots.styles(["NP", "DNG[prior=0.1]", "DNG"])
+    assert st["NP"] == ("tab:blue", "o") and st["DNG"] == ("tab:green", "^")
+    assert st["DNG[prior=0.1]"] == plots.SPARE_STYLES[0]
