@@ -28,13 +28,6 @@ SPARE_STYLES = tuple(zip(("tab:purple", "tab:brown", "tab:pink", "tab:cyan", "ta
                           "teal"), "DPXhp>d<"))
 
 
-def color_of(method: str) -> str:
-    """The colour of a named method (:data:`COLORS`); other method strings get a stable tab10 colour
-    (figures with several of those use :func:`styles`, which keeps them apart)."""
-    import zlib
-    return COLORS.get(method) or f"C{zlib.crc32(method.encode()) % 10}"
-
-
 def styles(methods: Sequence[str]) -> Dict[str, tuple]:
     """(colour, marker) per method of one figure: the named methods keep theirs (:data:`COLORS`,
     :data:`MARKERS`), the others (e.g. DNG[prior=0.25,temperature=0.5]) take :data:`SPARE_STYLES` in

@@ -470,10 +470,10 @@ def plot_all(runs: List[str], path: str, high_safety: float = 1.0,
 
     groups = _groups(runs, per_samples)
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
+    style = plots.styles([r["method"] for g in groups for r in g.rows])   # the same in every panel
     for i, per_sample in enumerate(groups):
         rows = per_sample.rows
         readings = {key: at_safety(per_sample, key, high_safety, num=0) for key in ("kl", "fd")}
-        style = plots.styles([r["method"] for r in rows])
         for j, key in enumerate(("kl", "fd")):
             ax = axes[i, j]
             for m in dict.fromkeys(r["method"] for r in rows):

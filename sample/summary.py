@@ -174,6 +174,9 @@ def plot_claims(groups: List[Dict], path: str, high_safety: float = 1.0) -> str:
     for i, (g, _, _) in enumerate(rows):
         spans.setdefault(g["label"], []).append(i)
     shaded = [(idx[0] - 0.5, idx[-1] + 0.5) for idx in list(spans.values())[1::2]]
+    baselines = list(dict.fromkeys(c[r][k]["baseline"] for _, _, c in rows for r in ("grid", "at_safety")
+                                   for k in ("kl", "fd") if "missing" not in c[r][k]))
+    colour = {m: st[0] for m, st in plots.styles(baselines).items()}
     for ax, key in zip(axes[0], ("kl", "fd")):
         for lo, hi in shaded:
             ax.axhspan(lo, hi, color="0.93", zorder=0)
@@ -182,7 +185,7 @@ def plot_claims(groups: List[Dict], path: str, high_safety: float = 1.0) -> str:
                 x = c[reading][key]
                 if "missing" in x:
                     continue
-                color = plots.color_of(x["baseline"])
+                color = colour[x["baseline"]]
                 ax.errorbar([x["gap"]], [i + dy], xerr=None if not x["se"] else [[2 * x["se"]], [2 * x["se"]]],
                             fmt="o" if filled else "s", color=color, mfc=color if filled else "white", capsize=3)
         ax.axvline(0.0, color="black", lw=0.8)
@@ -196,9 +199,7 @@ def plot_claims(groups: List[Dict], path: str, high_safety: float = 1.0) -> str:
     h = f"{high_safety:g} %"
     handles = [plt.Line2D([], [], marker="o", ls="", color="gray", label=f"(i) lowest at <= {h} on the grid"),
                plt.Line2D([], [], marker="s", ls="", color="gray", mfc="white", label=f"(ii) read at exactly {h}")]
-    handles += [plt.Line2D([], [], marker="o", ls="", color=plots.color_of(m), label=f"gap to {m}")
-                for m in dict.fromkeys(c[r][k]["baseline"] for _, _, c in rows for r in ("grid", "at_safety")
-                                       for k in ("kl", "fd") if "missing" not in c[r][k])]
+    handles += [plt.Line2D([], [], marker="o", ls="", color=colour[m], label=f"gap to {m}") for m in baselines]
     axes[0, 1].tick_params(labelleft=False)
     axes[0, 1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("DNG against the better of NP and SLD (error bars: 2 standard errors)", fontsize=10)
