@@ -97,6 +97,11 @@ def test_ddpm_tiny_trains_loss_falls_resumes_identically_and_compiles_once_per_r
         assert len(compiles) == 2, compiles                # one per run, the resumed one included
     with open(os.path.join(part, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == list(range(1, 9))
+    # runs.jsonl: the killed run's segment ends where the resumed one starts (the step it restored)
+    assert [(r["start_step"], r["end_step"], r["stop_step"]) for r in card["training_runs"]] == [(0, 8, 8)]
+    part_card = checkpoint.load_card(os.path.join(part, "model"))
+    assert [(r["start_step"], r["end_step"], r["stop_step"]) for r in part_card["training_runs"]] == [(0, 4, 5), (4, 8, 8)]
+    assert part_card["training_runs"][1]["optim"]["lr"] == cfg.optim.lr and part_card["init_from_model"] is None
     m1, p1, _ = checkpoint.load_model(full)
     m2, p2, _ = checkpoint.load_model(part)
     assert m1 == m2
@@ -148,6 +153,10 @@ def test_init_from_a_trained_model(fake_data, tmp_path):
     cfg = _cfg(mnist_forget, fake_data, num_steps=2, only_class=1, init_from=os.path.join(src, "model"))
     card = trainer.train_and_evaluate(cfg, str(tmp_path / "ft"))
     assert card["init_from"].endswith("model")
+    # the card keeps its predecessor's record: a fine-tune of the ddpm (another class), not a continuation
+    assert card["init_from_model"]["steps"] == 2 and card["init_from_model"]["only_class"] is None
+    from train import export
+    assert not export.is_continuation(card) and export.totals(card)["steps"] == 2
     bad = _cfg(mnist_forget, fake_data, num_steps=2)
     bad.model.kwargs.ch = 16
     bad.init_from = os.path.join(src, "model")
@@ -254,3 +263,41 @@ print('OK', card['hardware']['num_devices'])
     _, p1, _ = checkpoint.load_model(str(tmp_path / "one"))
     for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+
+
+def _run(a, end, num_steps, lr=1e-3, decay=0, warmup=10, dropout=0.0, init_from=None):
+    return {"start_step": a, "end_step": end, "stop_step": num_steps, "num_steps": num_steps, "batch_size": 64,
+            "label_dropout": dropout, "init_from": init_from,
+            "optim": {"lr": lr, "b1": 0.9, "b2": 0.999, "weight_decay": 0.0, "warmup_steps": warmup,
+                      "schedule": "constant", "decay_steps": decay, "grad_clip": 1.0}}
+
+
+def test_export_describes_a_resumed_and_a_continued_training_history():
+    """train.export writes a card's history in words: a run resumed with a longer schedule whose learning
+    rate was the same over the earlier segment is one segment; a warm restart after a decay is named; a
+    model continued from its own weights counts the steps and CPU hours of both (a fine-tune does not)."""
+    from train import export
+    runs = [_run(0, 100, 100, decay=40, dropout=0.1),
+            _run(100, 120, 200, decay=50, dropout=0.2),     # killed at 120: lr constant there either way
+            _run(120, 300, 300, decay=50, dropout=0.2)]
+    note = export.schedule_note({"name": "m", "only_class": None, "steps": 300, "training_runs": runs})
+    assert note == ("steps 0-100: Adam lr 0.001 after 10 warm-up steps, constant to step 60, then a cosine decay "
+                    "to 1e-05 by step 100, label dropout 0.1; steps 100-300: Adam lr 0.001 (a warm restart: the "
+                    "same Adam state), constant to step 250, then a cosine decay to 1e-05 by step 300, label dropout 0.2")
+    # a lower learning rate from step 120 on is a segment of its own
+    runs[2]["optim"]["lr"] = 5e-4
+    assert "steps 100-120" in export.schedule_note({"name": "m", "steps": 300, "training_runs": runs})
+
+    prev = {"name": "f", "only_class": 2, "steps": 50, "wall_time_s": 100.0, "cpu_core_hours": 0.03,
+            "training_runs": [_run(0, 50, 50)]}
+    cont = {"name": "f", "only_class": 2, "steps": 20, "wall_time_s": 40.0, "cpu_core_hours": 0.01,
+            "init_from_model": prev, "training_runs": [_run(0, 20, 20, lr=5e-4, decay=10, init_from="prev")]}
+    assert export.is_continuation(cont)
+    t = export.totals(cont)
+    assert t["steps"] == 70 and t["wall_time_s"] == 140.0 and abs(t["cpu_core_hours"] - 0.04) < 1e-12
+    assert export.schedule_note(cont) == (
+        "steps 0-50: Adam lr 0.001 after 10 warm-up steps, constant; then continued from its EMA weights with a "
+        "fresh Adam state for 20 steps; continuation steps 0-20: Adam lr 0.0005 after 10 warm-up steps, constant "
+        "to step 10, then a cosine decay to 5e-06 by step 20")
+    finetune = dict(cont, init_from_model=dict(prev, name="ddpm", only_class=None))
+    assert not export.is_continuation(finetune) and export.totals(finetune)["steps"] == 20

@@ -83,9 +83,14 @@ def copy_models(workdir, out, classes):
             shutil.copy2(os.path.join(s, f), os.path.join(d, f))
         card = _read(d)
         if card.get("init_from"):
-            # name the shipped model it was fine-tuned from rather than a training path
+            # name the shipped model it started from rather than a training path
             card["init_from_workdir"] = card["init_from"]
-            card["init_from"] = "ddpm (the shipped unconditional model, before its quality evaluation)"
+            prev = card.get("init_from_model") or {}
+            if is_continuation(card):
+                card["init_from"] = (f"{dst} as shipped before (params sha256 {str(prev.get('params_sha256'))[:12]}...), "
+                                     "continued with a fresh Adam state")
+            else:
+                card["init_from"] = "ddpm (the shipped unconditional model, before its quality evaluation)"
         card["config"].pop("data_dir", None)
         _write(d, card)
         print(f"copied {s} -> {d}")
@@ -245,13 +250,18 @@ def write_readme(out, classes):
         arch = card["arch"]["kwargs"]
         arch_s = (f"UNet ch={arch.get('ch')} mult={arch.get('ch_mult')}" if card["arch"]["kind"] == "unet"
                   else f"CNN widths={arch.get('widths')}")
-        rows.append(f"| `{name}` | {arch_s}, {card.get('num_params')} params | {card.get('steps')} x {card.get('batch_size')}"
-                    f"{' (fine-tuned from ddpm)' if card.get('init_from') else ''} | {card.get('wall_time_s')} s on "
+        tot = totals(card)
+        if is_continuation(card):
+            steps_s = (f"{tot['steps'] - card['steps']} + {card['steps']} x {card.get('batch_size')} (continued from "
+                       "its own weights)")
+        else:
+            steps_s = f"{card.get('steps')} x {card.get('batch_size')}{' (fine-tuned from ddpm)' if card.get('init_from') else ''}"
+        rows.append(f"| `{name}` | {arch_s}, {card.get('num_params')} params | {steps_s} | {round(tot['wall_time_s'], 1)} s on "
                     f"{hw.get('platform')} ({hw.get('cpu_cores_used', hw.get('cpu_count'))} of {hw.get('cpu_count')} "
                     f"cores) | {card.get('final_loss')} | {qual} |")
     notes = "".join(f"- `{n}`: {_read(os.path.join(out, n)).get('notes')}\n"
-                    for n in ["classifier", "ddpm", "cond", f"forget_{classes[0]}"]
-                    if classes and os.path.isfile(os.path.join(out, n, "card.json")) and
+                    for n in ["classifier", "ddpm", "cond"] + [f"forget_{c}" for c in classes]
+                    if os.path.isfile(os.path.join(out, n, "card.json")) and
                     _read(os.path.join(out, n)).get("notes"))
     hw = "".join(f"\n- `{n}`: {_read(os.path.join(out, n))['hardware_note']}"
                  for n in ["classifier", "ddpm", "cond"] + [f"forget_{c}" for c in classes]
@@ -271,25 +281,103 @@ def write_readme(out, classes):
 NOTES = {
     "classifier": "CPU size of train/configs/mnist_classifier.py (CNN widths (16, 32), 128-d features), "
                   "1500 steps x 128 with +-2 pixel shift augmentation.",
-    "ddpm": "train/configs/mnist_ddpm.py:cpu, trained from scratch: UNet ch 16 x (1, 2, 4), {steps} steps x 64 "
-            "(~{epochs:.1f} epochs), {lr}, EMA 0.999. Resumable: the same "
+    "ddpm": "train/configs/mnist_ddpm.py:cpu, trained from scratch: UNet ch 16 x (1, 2, 4), {steps:,} steps x 64 "
+            "(~{epochs:.1f} epochs), EMA 0.999; {schedule}. Resumable: the same "
             "command with a larger --config.num_steps continues it.",
     "cond": "train/configs/mnist_cond.py:cpu, trained from scratch: the ddpm's architecture and schedule with a "
-            "label embedding (labels 0-9 and the null label 10), each label dropped to the null label with "
-            "probability 0.1; {steps} steps x 64 (~{epochs:.1f} epochs), {lr}. Resumable like ddpm.",
+            "label embedding (labels 0-9 and the null label 10), trained with label dropout (each label replaced by "
+            "the null label with the probability given per segment below); {steps:,} steps x 64 (~{epochs:.1f} epochs); {schedule}. Resumable like ddpm.",
     "forget": "train/configs/mnist_forget.py:cpu, trained from scratch on the ~6,000 train images of class {c} "
-              "only: {steps} steps x 64, {lr}.",
+              "only: {steps:,} steps x 64; {schedule}.",
 }
 
 
-def _lr_note(card) -> str:
-    """The learning-rate schedule a card's config describes, in words."""
-    o = (card.get("config") or {}).get("optim") or {}
-    lr, warm, decay = o.get("lr", 1e-3), o.get("warmup_steps", 0), int(o.get("decay_steps", 0) or 0)
+def is_continuation(card) -> bool:
+    """Whether the card's model was initialised from an earlier version of itself (same name and class),
+    rather than fine-tuned from another model."""
+    prev = card.get("init_from_model") or {}
+    return bool(prev) and prev.get("name") == card.get("name") and prev.get("only_class") == card.get("only_class")
+
+
+def _runs_of(card) -> list:
+    """The card's training segments (``training_runs``, else one segment from its config)."""
+    if card.get("training_runs"):
+        return card["training_runs"]
+    c = card.get("config") or {}
+    return [{"start_step": 0, "end_step": int(card.get("steps", 0)), "num_steps": int(c.get("num_steps", card.get("steps", 0))),
+             "batch_size": int(card.get("batch_size", c.get("batch_size", 0))), "optim": c.get("optim") or {},
+             "label_dropout": float(c.get("label_dropout", 0.0) or 0.0), "init_from": c.get("init_from") or None}]
+
+
+def _merge_runs(runs) -> list:
+    """Consecutive segments that followed the same learning rate (e.g. a run stopped and resumed with a longer
+    schedule whose constant part covers the earlier segment), label dropout and batch, as one."""
+    from train.trainer import lr_schedule
+    out = []
+    for r in runs:
+        if out and not r.get("init_from"):
+            p = out[-1]
+            steps = np.arange(p["start_step"], p["end_step"])
+            same_lr = np.allclose(np.asarray(lr_schedule(p["optim"], p["num_steps"])(steps)),
+                                  np.asarray(lr_schedule(r["optim"], r["num_steps"])(steps)), rtol=1e-6, atol=0)
+            rest = ("b1", "b2", "weight_decay", "grad_clip")
+            if (same_lr and p["label_dropout"] == r["label_dropout"] and p["batch_size"] == r["batch_size"]
+                    and all(p["optim"].get(k) == r["optim"].get(k) for k in rest)):
+                out[-1] = dict(r, start_step=p["start_step"])
+                continue
+        out.append(dict(r))
+    return out
+
+
+def _run_note(r, restart: bool) -> str:
+    o, a, b, n = r["optim"], r["start_step"], r["end_step"], r["num_steps"]
+    lr = o.get("lr", 1e-3)
+    s = f"steps {a:,}-{b:,}: Adam lr {lr:g}"
+    if restart:
+        s += " (a warm restart: the same Adam state)"
+    if a < int(o.get("warmup_steps", 0)):
+        s += f" after {o['warmup_steps']} warm-up steps"
+    decay = int(o.get("decay_steps", 0) or 0)
     if o.get("schedule") == "cosine":
-        return f"Adam lr {lr:g} ({warm} warm-up steps, then a cosine decay to {lr / 100:g} over the run)"
-    tail = f", then a cosine decay to {lr / 100:g} over the last {decay} steps" if decay else ""
-    return f"Adam lr {lr:g} ({warm} warm-up steps, then constant{tail})"
+        s += f", a cosine decay to {lr / 100:g} over steps 0-{n:,}"
+    elif decay and n - decay < b:
+        s += (f", constant to step {max(n - decay, a):,}, then a cosine decay to {lr / 100:g}"
+              + (f" by step {n:,}" if b >= n else f" (stopped at step {b:,} of {n:,})"))
+    else:
+        s += ", constant"
+    if r.get("label_dropout"):
+        s += f", label dropout {r['label_dropout']:g}"
+    return s
+
+
+def schedule_note(card) -> str:
+    """The training's schedule in words, segment by segment (from ``training_runs``), with the model it was
+    continued from first."""
+    parts, prefix = [], ""
+    if is_continuation(card):
+        prev = card["init_from_model"]
+        parts.append(schedule_note(prev) + f"; then continued from its EMA weights with a fresh Adam state for "
+                     f"{card.get('steps', 0):,} steps")
+        prefix = "continuation "
+    runs = _merge_runs(_runs_of(card))
+    decayed = False
+    notes = []
+    for r in runs:
+        notes.append(prefix + _run_note(r, restart=decayed and r["start_step"] > 0 and not r.get("init_from")))
+        decayed = int(r["optim"].get("decay_steps", 0) or 0) > 0 or r["optim"].get("schedule") == "cosine"
+    return "; ".join(parts + notes)
+
+
+def totals(card) -> dict:
+    """Steps, wall time and CPU core-hours of the model and of the versions of itself it was continued from."""
+    t = {"steps": int(card.get("steps", 0)), "wall_time_s": float(card.get("wall_time_s") or 0.0),
+         "cpu_core_hours": float(card.get("cpu_core_hours") or 0.0)}
+    if is_continuation(card):
+        p = totals(card["init_from_model"])
+        t = {k: t[k] + p[k] for k in t}
+    return t
+
+
 HARDWARE_NOTE = ("{cpu}, {cores} of the VM's {count} cores (the process pinned with taskset; the other core "
                  "trained another model at the same time). CPU core-hours = wall time x cores used: {hours}.")
 
@@ -305,11 +393,12 @@ def add_notes(out, classes):
         if hw.get("platform") != "cpu" or card.get("notes"):
             continue
         key = "forget" if name.startswith("forget_") else name
-        epochs = card.get("steps", 0) * card.get("batch_size", 0) / max(card.get("train_examples", 1), 1)
-        card["notes"] = NOTES[key].format(c=card.get("only_class"), steps=card.get("steps"), epochs=epochs,
-                                          lr=_lr_note(card))
+        tot = totals(card)
+        epochs = tot["steps"] * card.get("batch_size", 0) / max(card.get("train_examples", 1), 1)
+        card["notes"] = NOTES[key].format(c=card.get("only_class"), steps=tot["steps"], epochs=epochs,
+                                          schedule=schedule_note(card))
         card["hardware_note"] = HARDWARE_NOTE.format(cpu=hw.get("processor"), cores=hw.get("cpu_cores_used", "?"),
-                                                     count=hw.get("cpu_count"), hours=card.get("cpu_core_hours"))
+                                                     count=hw.get("cpu_count"), hours=round(tot["cpu_core_hours"], 2))
         _write(d, card)
 
 

@@ -88,20 +88,26 @@ def _cores_used() -> int:
 
 # --------------------------------------------------------------------------- optimiser
 
+def lr_schedule(o, num_steps: int):
+    """The learning rate as a function of the step, for ``config.optim`` ``o`` (a ConfigDict or the dict of a
+    card) and a run of ``num_steps`` steps."""
+    warm = max(int(o["warmup_steps"]), 1)
+    if o["schedule"] == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, o["lr"], warm, max(num_steps, warm + 1),
+                                                  end_value=o["lr"] * 0.01)
+    # warm-up, constant, then (decay_steps > 0) a cosine decay over the run's last decay_steps steps;
+    # the schedule is a function of the step count alone, so a resumed run (num_steps raised) follows it
+    pieces, bounds = [optax.linear_schedule(0.0, o["lr"], warm), optax.constant_schedule(o["lr"])], [warm]
+    decay = int(o.get("decay_steps", 0) or 0)
+    if decay > 0:
+        pieces.append(optax.cosine_decay_schedule(o["lr"], decay, alpha=0.01))
+        bounds.append(num_steps - decay)
+    return optax.join_schedules(pieces, bounds)
+
+
 def make_optimizer(config):
     o = config.optim
-    warm = max(int(o.warmup_steps), 1)
-    if o.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, warm, max(config.num_steps, warm + 1),
-                                                end_value=o.lr * 0.01)
-    else:
-        # warm-up, constant, then (decay_steps > 0) a cosine decay over the run's last decay_steps steps;
-        # the schedule is a function of the step count alone, so a resumed run (num_steps raised) follows it
-        pieces, bounds = [optax.linear_schedule(0.0, o.lr, warm), optax.constant_schedule(o.lr)], [warm]
-        if o.decay_steps > 0:
-            pieces.append(optax.cosine_decay_schedule(o.lr, int(o.decay_steps), alpha=0.01))
-            bounds.append(config.num_steps - int(o.decay_steps))
-        lr = optax.join_schedules(pieces, bounds)
+    lr = lr_schedule(o, config.num_steps)
     if o.weight_decay > 0:
         opt = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
     else:
@@ -225,14 +231,55 @@ def _abstract_state(module, opt, config, input_shape):
 
 
 def _load_init_from(config, module):
-    """The parameters of ``config.init_from`` (None if unset), its architecture checked against the config's."""
+    """``(params, card)`` of ``config.init_from`` ((None, None) if unset), its architecture checked against the config's."""
     if not config.get("init_from", ""):
-        return None
-    m2, params, _ = ckpt.load_model(config.init_from)
+        return None, None
+    m2, params, card = ckpt.load_model(config.init_from)
     if ckpt.arch_of(m2) != ckpt.arch_of(module):
         raise ValueError(f"init_from={config.init_from}: its architecture {ckpt.arch_of(m2)} differs "
                          f"from the config's {ckpt.arch_of(module)}")
-    return params
+    return params, card
+
+
+# The card fields of an init_from model that its successor's card keeps (its lineage: e.g. a model
+# continued from its own weights with a fresh optimizer counts the steps and CPU hours of both).
+INIT_CARD_KEYS = ("name", "only_class", "steps", "batch_size", "wall_time_s", "cpu_core_hours", "hardware",
+                  "params_sha256", "training_runs", "config", "init_from", "init_from_model")
+
+RUNS_FILE = "runs.jsonl"
+
+
+def record_run(workdir: str, config, start: int, stop: int) -> None:
+    """Append one run's segment of the training (steps ``start`` -> ``stop`` and the schedule it followed)
+    to ``WORKDIR/runs.jsonl``, so that a run resumed with another schedule keeps its history."""
+    o = config_to_dict(config.optim)
+    line = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "start_step": int(start),
+            "stop_step": int(stop), "num_steps": int(config.num_steps), "batch_size": int(config.batch_size),
+            "optim": o, "label_dropout": float(config.get("label_dropout", 0.0)),
+            "init_from": (config.get("init_from", "") or None) if start == 0 else None,
+            "hardware": hardware_description()}
+    with open(os.path.join(workdir, RUNS_FILE), "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_runs(workdir: str, final_step: int) -> list:
+    """The training's segments from ``WORKDIR/runs.jsonl``, each with its ``end_step``.
+
+    A run that was killed before it saved is repeated by the next one from the same step: a line
+    supersedes the earlier lines that start at or after its own start."""
+    path = os.path.join(workdir, RUNS_FILE)
+    if not os.path.exists(path):
+        return []
+    runs = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                runs = [q for q in runs if q["start_step"] < r["start_step"]] + [r]
+    runs = [r for r in runs if r["start_step"] < final_step]
+    for r, nxt in zip(runs, runs[1:] + [None]):
+        r["end_step"] = nxt["start_step"] if nxt else int(final_step)
+    return runs
 
 
 def _init_state(module, opt, config, input_shape, init_params=None):
@@ -304,7 +351,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
     opt = make_optimizer(config)
     sched = linear_schedule(config.diffusion.num_timesteps, config.diffusion.beta_start, config.diffusion.beta_end)
     step_fn = jax.jit(make_train_step(module, opt, config, sched.alpha_bars), donate_argnums=(0,))
-    init_params = _load_init_from(config, module)    # checked before anything is written
+    init_params, init_card = _load_init_from(config, module)    # checked before anything is written
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
 
@@ -357,6 +404,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
         t_compile = time.time()
         step_fn = step_fn.lower(state, *batch(start)).compile()
         logging.warning("train step compiled in %.1f s", time.time() - t_compile)
+        if start < stop:
+            record_run(workdir, config, start, stop)
 
         from tqdm import tqdm
         pbar = tqdm(total=config.num_steps, initial=start, desc=config.get("name", kind), unit="step",
@@ -411,7 +460,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
             "input_shape": list(input_shape),
             "only_class": _opt_class(config.only_class),
             "init_from": config.get("init_from", "") or None,
+            "init_from_model": ({k: init_card[k] for k in INIT_CARD_KEYS if k in init_card}
+                                if init_card is not None else None),
             "steps": int(step),
+            "training_runs": read_runs(workdir, step),
             "batch_size": int(config.batch_size),
             "train_examples": int(n_ex),
             "wall_time_s": round(wall, 1),
