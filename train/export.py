@@ -364,7 +364,8 @@ def schedule_note(card) -> str:
     notes = []
     for r in runs:
         notes.append(prefix + _run_note(r, restart=decayed and r["start_step"] > 0 and not r.get("init_from")))
-        decayed = int(r["optim"].get("decay_steps", 0) or 0) > 0 or r["optim"].get("schedule") == "cosine"
+        decay = int(r["optim"].get("decay_steps", 0) or 0)
+        decayed = r["optim"].get("schedule") == "cosine" or (decay > 0 and r["end_step"] > r["num_steps"] - decay)
     return "; ".join(parts + notes)
 
 

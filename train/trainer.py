@@ -12,6 +12,10 @@ varies between runs is in the ``ml_collections`` config (see ``train/configs``).
   so a kill -9 leaves no corrupt checkpoint behind);
 * the batch at step s and every random draw at step s are functions of
   (seed, s) only, so a resumed run reproduces an uninterrupted one;
+* ``WORKDIR/runs.jsonl``: one line per run (the step it started from, the schedule and label
+  dropout it followed, the hardware), so that a run resumed with another schedule keeps its
+  history; the card copies it (``training_runs``), and ``init_from_model`` keeps the card of the
+  model a run started from;
 * tqdm progress (loss, steps/s), a PNG grid of samples at intervals, and at the
   end ``WORKDIR/model`` (``params.msgpack`` + ``card.json``, see
   :mod:`dngjax.checkpoint`).
