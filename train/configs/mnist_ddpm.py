@@ -37,6 +37,7 @@ def get_config(size: str = "gpu"):
         c.num_steps = 30_000
         c.optim.lr = 1e-3
         c.optim.warmup_steps = 200
+        c.optim.decay_steps = 5000   # the shipped ddpm and cond: a cosine decay over each run's last 5000 steps
         c.checkpoint_every = 250
         c.sample_every = 0
         c.log_every = 25

@@ -20,4 +20,5 @@ def get_config(size: str = "gpu"):
         c.sample_every = 0
     elif size == "cpu":
         c.num_steps = 8000
+        c.optim.decay_steps = 0   # the shipped forget models: constant lr after the warm-up
     return c
