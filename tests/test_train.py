@@ -301,3 +301,21 @@ def test_export_describes_a_resumed_and_a_continued_training_history():
         "to step 10, then a cosine decay to 5e-06 by step 20")
     finetune = dict(cont, init_from_model=dict(prev, name="ddpm", only_class=None))
     assert not export.is_continuation(finetune) and export.totals(finetune)["steps"] == 20
+
+
+def test_export_only_restricts_the_copy(tmp_path, capsys):
+    """``python -m train.export --only=NAMES`` copies (and measures) only the named models: a staging
+    folder for one model must not receive the other finished runs of the workdir."""
+    from train import export
+    for run, sha in (("mnist_ddpm", "a"), ("mnist_cond", "b"), ("mnist_forget_2", "c")):
+        d = tmp_path / "work" / run / "model"
+        d.mkdir(parents=True)
+        (d / "params.msgpack").write_bytes(sha.encode())
+        (d / "card.json").write_text(json.dumps({"name": run, "config": {}, "params_sha256": sha}))
+    out = tmp_path / "out"
+    export.copy_models(str(tmp_path / "work"), str(out), [2], only=("cond",))
+    assert sorted(p.name for p in out.iterdir()) == ["cond"]
+    assert (out / "cond" / "params.msgpack").read_bytes() == b"b"
+    export.copy_models(str(tmp_path / "work"), str(out), [2])
+    assert sorted(p.name for p in out.iterdir()) == ["cond", "ddpm", "forget_2"]
+    assert "unchanged" in capsys.readouterr().out   # cond's parameters were already there

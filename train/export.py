@@ -23,6 +23,7 @@ Steps (each can be skipped with --noX flags):
    plus a sample grid ``samples.png`` (``cond``: one row per label). Models whose cards already carry
    their quality are skipped (a newly copied model has none; ``--reeval`` or ``--only`` measures
    again), and a model in ``--workdir`` with the parameters of the shipped one is not copied.
+   ``--only`` restricts both the copy and the measurement to the models it names.
    Writes ``OUT/README.md``.
 """
 
@@ -58,7 +59,8 @@ def define_flags():
                       "Noise of the reverse step (dngjax.sample's noise=): sigma_t^2 = beta_t or beta_tilde_t.")
     flags.DEFINE_integer("chunk", 250, "Samples per compiled sampler call.", lower_bound=1)
     flags.DEFINE_integer("seed", 12345, "Seed of the quality samples.", lower_bound=0)
-    flags.DEFINE_string("only", "", "Restrict eval to these model names (space separated), e.g. 'ddpm forget_0'.")
+    flags.DEFINE_string("only", "", "Restrict the copy and the eval to these model names (space separated), "
+                        "e.g. 'ddpm forget_0'.")
     flags.DEFINE_bool("reeval", False, "Measure the quality of models whose cards already have it.")
 
 
@@ -67,8 +69,11 @@ def _names(classes):
             **{f"mnist_forget_{c}": f"forget_{c}" for c in classes}}
 
 
-def copy_models(workdir, out, classes):
+def copy_models(workdir, out, classes, only=()):
+    """Copy each finished model of ``workdir`` (``NAME/model``) into ``out`` (all, or the names in ``only``)."""
     for src, dst in _names(classes).items():
+        if only and dst not in only:
+            continue
         s = os.path.join(workdir, src, "model")
         d = os.path.join(out, dst)
         if not os.path.isfile(os.path.join(s, "card.json")):
@@ -408,12 +413,12 @@ def main(argv):
         classes = [int(c) for c in FLAGS.classes.split()]
         if FLAGS.copy and not os.path.isdir(FLAGS.workdir):
             raise FileNotFoundError(f"--workdir={FLAGS.workdir} does not exist (or pass --nocopy)")
-        unknown = set(FLAGS.only.split()) - {"ddpm", "cond", *(f"forget_{c}" for c in classes)}
+        unknown = set(FLAGS.only.split()) - set(_names(classes).values())
         if unknown:
             raise ValueError(f"--only names unknown models {sorted(unknown)}")
     os.makedirs(FLAGS.out, exist_ok=True)
     if FLAGS.copy:
-        copy_models(FLAGS.workdir, FLAGS.out, classes)
+        copy_models(FLAGS.workdir, FLAGS.out, classes, tuple(FLAGS.only.split()))
     if FLAGS.stats:
         reference_stats(FLAGS.out, classes, FLAGS.data_dir)
     if FLAGS.eval:
