@@ -19,7 +19,8 @@ Sections:
   images/s, for each shipped architecture and batch. Target: >= 0.8x PyTorch.
 * ``levers``: the library's UNet forward+backward against variants: the previous formulations
   (flax's ``nn.GroupNorm``, a 1x1 ``nn.Conv`` shortcut, ``jax.image.resize`` upsampling; all three
-  = the UNet before this benchmark), XLA:CPU's YNNPACK fusions off, bfloat16 compute; and for the
+  = the UNet before this benchmark), XLA:CPU's YNNPACK fusions off or extended to
+  elementwise ops and reductions, ResBlocks rematerialised (``nn.remat``), bfloat16 compute; and for the
   whole step: 4 steps per jitted call (``lax.scan``) vs 4 calls, state donation off.
 * ``profile``: forward vs forward+backward vs the whole step, and the step's XLA ops grouped by
   kind (convolutions split into forward/input-gradient and kernel-gradient, dots, reductions,
@@ -303,6 +304,11 @@ def unet_variant(name, **overrides):
     return mod
 
 
+# XLA:CPU's YNNPACK library fusions extended from their default (dots and convolutions) to elementwise
+# ops and reductions: a compiler option (values are DebugOptions.LibraryFusionType names).
+YNN_ALL = ",".join(f"LIBRARY_FUSION_TYPE_{k}" for k in ("INDIVIDUAL_DOT", "INDIVIDUAL_CONVOLUTION", "ELTWISE", "REDUCE"))
+
+
 def _flax_gn(num_groups, epsilon=1e-6, dtype=None, name=None):
     return nn.GroupNorm(num_groups, epsilon=epsilon, dtype=dtype, name=name)
 
@@ -337,8 +343,11 @@ def section_levers(tab, ctx):
                                              upsample_nearest_2x=_resize_up)),
     }
     fns = {"library": grad_fn(base), **{k: grad_fn(m) for k, m in variants.items()}}
+    variants["remat"] = _unet(arch, unet_variant("remat", ResBlock=nn.remat(dj_unet.ResBlock, static_argnums=(3,))))
+    fns["remat"] = grad_fn(variants["remat"])
     if jax.default_backend() == "cpu":
         fns["no_ynn"] = grad_fn(base, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
+        fns["ynn_all"] = grad_fn(base, compiler_options={"xla_cpu_experimental_ynn_fusion_type": YNN_ALL})
     fns["bf16"] = grad_fn(_unet(arch).clone(dtype=jnp.bfloat16))
     r = measure(fns, ctx["repeats"])
     lib = r["library"].wall
@@ -347,6 +356,8 @@ def section_levers(tab, ctx):
             "resize": "jax.image.resize upsampling instead of broadcast+reshape",
             "previous": "all three: the UNet before this benchmark",
             "no_ynn": "XLA:CPU YNNPACK fusions off (compiler option)",
+            "ynn_all": "YNNPACK fusions also for elementwise ops and reductions (default: dots, convolutions)",
+            "remat": "ResBlocks rematerialised in the backward pass (nn.remat)",
             "bf16": "bfloat16 compute (params float32)"}
     for k in fns:
         if k != "library":
