@@ -334,6 +334,13 @@ def _merge_runs(runs) -> list:
     return out
 
 
+def _reaches_decay(r) -> bool:
+    """Whether the segment ``r`` ran into the decay of its learning rate (a cosine over the whole run, or a
+    cosine over the run's last ``decay_steps`` steps that starts before the segment's end)."""
+    decay = int(r["optim"].get("decay_steps", 0) or 0)
+    return r["optim"].get("schedule") == "cosine" or (decay > 0 and r["num_steps"] - decay < r["end_step"])
+
+
 def _run_note(r, restart: bool) -> str:
     o, a, b, n = r["optim"], r["start_step"], r["end_step"], r["num_steps"]
     lr = o.get("lr", 1e-3)
@@ -345,7 +352,7 @@ def _run_note(r, restart: bool) -> str:
     decay = int(o.get("decay_steps", 0) or 0)
     if o.get("schedule") == "cosine":
         s += f", a cosine decay to {lr / 100:g} over steps 0-{n:,}"
-    elif decay and n - decay < b:
+    elif _reaches_decay(r):
         s += (f", constant to step {max(n - decay, a):,}, then a cosine decay to {lr / 100:g}"
               + (f" by step {n:,}" if b >= n else f" (stopped at step {b:,} of {n:,})"))
     else:
@@ -369,8 +376,7 @@ def schedule_note(card) -> str:
     notes = []
     for r in runs:
         notes.append(prefix + _run_note(r, restart=decayed and r["start_step"] > 0 and not r.get("init_from")))
-        decay = int(r["optim"].get("decay_steps", 0) or 0)
-        decayed = r["optim"].get("schedule") == "cosine" or (decay > 0 and r["end_step"] > r["num_steps"] - decay)
+        decayed = _reaches_decay(r)
     return "; ".join(parts + notes)
 
 
