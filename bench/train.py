@@ -102,11 +102,16 @@ from train.configs import mnist_ddpm  # noqa: E402
 
 SHAPE = (28, 28, 1)
 # The architectures that train/configs ships: "cpu" (mnist_ddpm.py:cpu, the shipped models), "cpu_v1"
-# (the previous shipped models, ch 16 x (1, 2, 2)), "gpu" (mnist_ddpm.py:gpu = mnist_unet(), ch 32).
+# (the previous shipped models, ch 16 x (1, 2, 2)), "gpu" (mnist_ddpm.py:gpu = mnist_unet(), ch 32),
+# and two larger CPU candidates.
 ARCHS = {
     "cpu": dict(mnist_ddpm.get_config("cpu").model.kwargs),
     "cpu_v1": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0, groups=8),
     "gpu": dict(mnist_ddpm.get_config("gpu").model.kwargs, dropout=0.0),
+    # Capacity candidates (docs/benchmarks.md, "Capacity candidates"): more channels at 14 and 7 pixels,
+    # or two ResBlocks per level, at about the same cost per step.
+    "cpu_136": dict(mnist_ddpm.get_config("cpu").model.kwargs, ch_mult=(1, 3, 6)),
+    "cpu_r2": dict(mnist_ddpm.get_config("cpu").model.kwargs, num_res_blocks=2),
 }
 
 
