@@ -108,7 +108,7 @@ ARCHS = {
     "cpu": dict(mnist_ddpm.get_config("cpu").model.kwargs),
     "cpu_v1": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0, groups=8),
     "gpu": dict(mnist_ddpm.get_config("gpu").model.kwargs, dropout=0.0),
-    # Capacity candidates (docs/benchmarks.md, "Capacity candidates"): more channels at 14 and 7 pixels,
+    # Capacity candidates (checkpoints/train_state/README.md, the pilot): more channels at 14 and 7 pixels,
     # or two ResBlocks per level, at about the same cost per step.
     "cpu_136": dict(mnist_ddpm.get_config("cpu").model.kwargs, ch_mult=(1, 3, 6)),
     "cpu_r2": dict(mnist_ddpm.get_config("cpu").model.kwargs, num_res_blocks=2),
