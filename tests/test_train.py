@@ -319,3 +319,16 @@ def test_export_only_restricts_the_copy(tmp_path, capsys):
     export.copy_models(str(tmp_path / "work"), str(out), [2])
     assert sorted(p.name for p in out.iterdir()) == ["cond", "ddpm", "forget_2"]
     assert "unchanged" in capsys.readouterr().out   # cond's parameters were already there
+
+
+def test_export_names_the_architecture_including_its_depth():
+    """The checkpoints README and the model notes name the network from its card, so a deeper UNet
+    (``num_res_blocks=2``) is not described as the default one."""
+    from train import export
+    unet = {"kind": "unet", "kwargs": {"ch": 16, "ch_mult": [1, 2, 4], "num_res_blocks": 1}}
+    assert export.arch_summary({"arch": unet}) == "UNet ch 16 x (1, 2, 4)"
+    deep = {"kind": "unet", "kwargs": dict(unet["kwargs"], num_res_blocks=2)}
+    assert export.arch_summary({"arch": deep}) == "UNet ch 16 x (1, 2, 4), 2 res blocks per level"
+    assert export.arch_summary({"arch": {"kind": "cnn", "kwargs": {"widths": [16, 32]}}}) == "CNN widths (16, 32)"
+    note = export.NOTES["forget"].format(c=2, steps=9000, schedule="s", arch=export.arch_summary({"arch": deep}))
+    assert "2 res blocks per level, 9,000 steps x 64" in note

@@ -252,9 +252,7 @@ def write_readme(out, classes):
             qual = f"{100 * q['fraction_classified_as_class']:.1f}% classified as {card.get('only_class')} (n={q['num_samples']})"
         else:
             qual = "not measured"
-        arch = card["arch"]["kwargs"]
-        arch_s = (f"UNet ch={arch.get('ch')} mult={arch.get('ch_mult')}" if card["arch"]["kind"] == "unet"
-                  else f"CNN widths={arch.get('widths')}")
+        arch_s = arch_summary(card)
         tot = totals(card)
         if is_continuation(card):
             steps_s = (f"{tot['steps'] - card['steps']} + {card['steps']} x {card.get('batch_size')} (continued from "
@@ -286,15 +284,25 @@ def write_readme(out, classes):
 NOTES = {
     "classifier": "CPU size of train/configs/mnist_classifier.py (CNN widths (16, 32), 128-d features), "
                   "1500 steps x 128 with +-2 pixel shift augmentation.",
-    "ddpm": "train/configs/mnist_ddpm.py:cpu, trained from scratch: UNet ch 16 x (1, 2, 4), {steps:,} steps x 64 "
+    "ddpm": "train/configs/mnist_ddpm.py:cpu, trained from scratch: {arch}, {steps:,} steps x 64 "
             "(~{epochs:.1f} epochs), EMA 0.999; {schedule}. Resumable: the same "
             "command with a larger --config.num_steps continues it.",
     "cond": "train/configs/mnist_cond.py:cpu, trained from scratch: the ddpm's architecture and schedule with a "
             "label embedding (labels 0-9 and the null label 10), trained with label dropout (each label replaced by "
             "the null label with the probability given per segment below); {steps:,} steps x 64 (~{epochs:.1f} epochs); {schedule}. Resumable like ddpm.",
     "forget": "train/configs/mnist_forget.py:cpu, trained from scratch on the ~6,000 train images of class {c} "
-              "only: {steps:,} steps x 64; {schedule}.",
+              "only: {arch}, {steps:,} steps x 64; {schedule}.",
 }
+
+
+def arch_summary(card) -> str:
+    """The card's network in words, e.g. ``UNet ch 16 x (1, 2, 4), 2 res blocks per level``."""
+    kw, kind = card["arch"]["kwargs"], card["arch"]["kind"]
+    if kind != "unet":
+        return f"CNN widths {tuple(kw.get('widths') or ())}"
+    s = f"UNet ch {kw.get('ch')} x {tuple(kw.get('ch_mult') or ())}"
+    nrb = kw.get("num_res_blocks", 1)
+    return s + (f", {nrb} res blocks per level" if nrb != 1 else "")
 
 
 def is_continuation(card) -> bool:
@@ -408,7 +416,7 @@ def add_notes(out, classes):
         tot = totals(card)
         epochs = tot["steps"] * card.get("batch_size", 0) / max(card.get("train_examples", 1), 1)
         card["notes"] = NOTES[key].format(c=card.get("only_class"), steps=tot["steps"], epochs=epochs,
-                                          schedule=schedule_note(card))
+                                          schedule=schedule_note(card), arch=arch_summary(card))
         card["hardware_note"] = HARDWARE_NOTE.format(cpu=hw.get("processor"), cores=hw.get("cpu_cores_used", "?"),
                                                      count=hw.get("cpu_count"), hours=round(tot["cpu_core_hours"], 2))
         _write(d, card)
