@@ -17,6 +17,9 @@ of ``--repeats``; compile time is excluded from throughput by a warm-up call):
   10-step chain (target <= 1.5).
 * dngjax vs an equivalent PyTorch Python-loop sampler (``bench/torch_reference.py``,
   authors' style, same weights) in images/s at each batch (target >= 1.0).
+* Architectures (no target): the DNG sampler's time per image with each MNIST UNet of
+  ``bench/archs.py`` (random parameters) relative to the shipped one (``cpu``, ch 16 x (1, 2, 4)),
+  at each batch >= 16: what a larger network would cost every experiment.
 * Variants (no target; what helps and what does not): flax's ``nn.GroupNorm`` in
   place of the library's (faster) GroupNorm, micro-batching the network, fusing the two network calls with
   ``vmap`` over stacked params, bfloat16 compute, XLA's YNNPACK off, NCHW
@@ -35,6 +38,11 @@ import argparse
 import os
 import sys
 
+# ``python bench/sampler.py`` puts bench/ first on sys.path, where bench/train.py would shadow the
+# project's ``train`` package: drop it (``python -m bench.sampler`` needs nothing of the kind).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
 
 def _parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -51,7 +59,7 @@ def _parse_args(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--no-variants", action="store_true", help="skip the variant measurements")
     ap.add_argument("--only", default=None,
-                    help="comma-separated subset of: dng_np,sweep,compile,torch,variants")
+                    help="comma-separated subset of: dng_np,sweep,compile,torch,archs,variants")
     args = ap.parse_args(argv)
     q = args.quick
     args.batches = [int(b) for b in (args.batches or ("1,16" if q else "1,16,128")).split(",")]
@@ -60,7 +68,7 @@ def _parse_args(argv=None):
     args.sweep_n = args.sweep_n or (4 if q else 16)
     if q and args.only is None:
         args.no_variants = True
-    sections = {"dng_np", "sweep", "compile", "torch", "variants"}
+    sections = {"dng_np", "sweep", "compile", "torch", "archs", "variants"}
     args.sections = set(args.only.split(",")) if args.only else sections
     if args.no_torch:
         args.sections.discard("torch")
@@ -361,6 +369,29 @@ def section_torch(tab, ctx):
                     None, ">=", f"jax (denoiser wrapped in MicroBatched) {ips('jax_ubatch'):.2f} img/s", invert=True)
 
 
+def section_archs(tab, ctx, names=("cpu", "cpu_r2", "cpu_136")):
+    """DNG sampling time per image of each architecture, relative to the shipped one (``cpu``)."""
+    from bench import archs
+
+    sched = ctx["sched"]
+    rule = dj.DynamicNegativeGuidance(scale=2.0)
+    nets = {}
+    for name in names:
+        module = archs.unet(name)
+        pu, pn = perturbed_params(module, 0), perturbed_params(module, 1)
+        nets[name] = (dj.denoiser(module, pu), dj.denoiser(module, pn),
+                      sum(a.size for a in jax.tree_util.tree_leaves(pu)))
+    m = tab.metric
+    for b in sorted({max(16, b) for b in ctx["batches"]}):
+        reps = ctx["repeats"] if b < 64 else max(2, ctx["repeats"] // 2)
+        t = measure({name: jax_sampler(eu, ec, rule, sched, b) for name, (eu, ec, _) in nets.items()}, reps)
+        for name in names[1:]:
+            tab.add(f"{name} / cpu (shipped) DNG time per image, B={b}", t[name], t[names[0]],
+                    detail=f"{nets[name][2] / 1e3:.0f}k vs {nets[names[0]][2] / 1e3:.0f}k params; "
+                           f"{per_img(t[name], b, m) * 1e3:.1f} vs {per_img(t[names[0]], b, m) * 1e3:.1f} ms/img "
+                           f"({sched.num_steps} steps, {m})")
+
+
 def section_variants(tab, ctx):
     """Network-level (one forward pass) comparisons of what might speed up CPU sampling."""
     import torch
@@ -491,6 +522,7 @@ def main(args):
                 ("sweep", "sweeps", section_sweep),
                 ("compile", "compilation", section_compile),
                 ("torch", "dngjax vs PyTorch loop sampler (ratio = speedup of dngjax)", section_torch),
+                ("archs", "network size: the capacity candidates' sampling cost (no target)", section_archs),
                 ("variants", "variants (no target; < 1 = the variant is faster, except torch / jax rows)",
                  section_variants))
     for key, title, run_section in sections:

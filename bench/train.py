@@ -48,7 +48,7 @@ def _parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="batch 64, arch cpu only, 3 repeats")
     ap.add_argument("--cores", type=int, default=1, help="CPU cores to pin this process to (default 1)")
     ap.add_argument("--batches", default=None, help="train batches for the torch section (default 64,128)")
-    ap.add_argument("--archs", default=None, help=f"architectures (default cpu,cpu_v1,gpu; known: see ARCHS)")
+    ap.add_argument("--archs", default=None, help="architectures (default cpu,cpu_v1,gpu; known: see bench/archs.py)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5)")
     ap.add_argument("--only", default=None, help="comma-separated subset of: torch,levers,profile,cores")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: "jax:ARCH:B:N" or "torch:..."
@@ -99,25 +99,13 @@ from dngjax.models import unet as dj_unet  # noqa: E402
 from dngjax.schedules import linear_schedule  # noqa: E402
 from train import trainer as train_lib  # noqa: E402
 from train.configs import mnist_ddpm  # noqa: E402
+from bench import archs  # noqa: E402
 
 SHAPE = (28, 28, 1)
-# The architectures that train/configs ships: "cpu" (mnist_ddpm.py:cpu, the shipped models), "cpu_v1"
-# (the previous shipped models, ch 16 x (1, 2, 2)), "gpu" (mnist_ddpm.py:gpu = mnist_unet(), ch 32),
-# and two larger CPU candidates.
-ARCHS = {
-    "cpu": dict(mnist_ddpm.get_config("cpu").model.kwargs),
-    "cpu_v1": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0, groups=8),
-    "gpu": dict(mnist_ddpm.get_config("gpu").model.kwargs, dropout=0.0),
-    # Capacity candidates (checkpoints/train_state/README.md, the pilot): more channels at 14 and 7 pixels,
-    # or two ResBlocks per level, at about the same cost per step.
-    "cpu_136": dict(mnist_ddpm.get_config("cpu").model.kwargs, ch_mult=(1, 3, 6)),
-    "cpu_r2": dict(mnist_ddpm.get_config("cpu").model.kwargs, num_res_blocks=2),
-}
 
 
 def _unet(arch, module=dj_unet):
-    kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in ARCHS[arch].items()}
-    return module.UNet(**kw)
+    return archs.unet(arch, module)
 
 
 # --------------------------------------------------------------------------- timing
