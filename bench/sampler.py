@@ -386,7 +386,7 @@ def section_archs(tab, ctx, names=("cpu", "cpu_r2", "cpu_136")):
         reps = ctx["repeats"] if b < 64 else max(2, ctx["repeats"] // 2)
         t = measure({name: jax_sampler(eu, ec, rule, sched, b) for name, (eu, ec, _) in nets.items()}, reps)
         for name in names[1:]:
-            tab.add(f"{name} / cpu (shipped) DNG time per image, B={b}", t[name], t[names[0]],
+            tab.add(f"{name} / {names[0]} (shipped) DNG time per image, B={b}", t[name], t[names[0]],
                     detail=f"{nets[name][2] / 1e3:.0f}k vs {nets[names[0]][2] / 1e3:.0f}k params; "
                            f"{per_img(t[name], b, m) * 1e3:.1f} vs {per_img(t[names[0]], b, m) * 1e3:.1f} ms/img "
                            f"({sched.num_steps} steps, {m})")

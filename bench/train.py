@@ -104,10 +104,6 @@ from bench import archs  # noqa: E402
 SHAPE = (28, 28, 1)
 
 
-def _unet(arch, module=dj_unet):
-    return archs.unet(arch, module)
-
-
 # --------------------------------------------------------------------------- timing
 
 @dataclasses.dataclass
@@ -274,7 +270,7 @@ def check_twin(module, params):
 
 def section_torch(tab, ctx):
     for arch in ctx["archs"]:
-        module = _unet(arch)
+        module = archs.unet(arch)
         params = perturbed_params(module)
         rel = check_twin(module, params)
         n_params = sum(a.size for a in jax.tree.leaves(params))
@@ -318,7 +314,7 @@ def _resize_up(h):
 def section_levers(tab, ctx):
     arch = ctx["archs"][0]
     b = ctx["batches"][0]
-    base = _unet(arch)
+    base = archs.unet(arch)
     params = perturbed_params(base)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(b, *SHAPE)), jnp.float32)
@@ -329,19 +325,19 @@ def section_levers(tab, ctx):
         return lambda: jax.block_until_ready(g(params))
 
     variants = {
-        "flax_gn": _unet(arch, unet_variant("flax_gn", GroupNorm=_flax_gn)),
-        "conv_1x1": _unet(arch, unet_variant("conv1x1", Conv1x1=_conv_1x1)),
-        "resize": _unet(arch, unet_variant("resize", upsample_nearest_2x=_resize_up)),
-        "previous": _unet(arch, unet_variant("previous", GroupNorm=_flax_gn, Conv1x1=_conv_1x1,
+        "flax_gn": archs.unet(arch, unet_variant("flax_gn", GroupNorm=_flax_gn)),
+        "conv_1x1": archs.unet(arch, unet_variant("conv1x1", Conv1x1=_conv_1x1)),
+        "resize": archs.unet(arch, unet_variant("resize", upsample_nearest_2x=_resize_up)),
+        "previous": archs.unet(arch, unet_variant("previous", GroupNorm=_flax_gn, Conv1x1=_conv_1x1,
                                              upsample_nearest_2x=_resize_up)),
     }
     fns = {"library": grad_fn(base), **{k: grad_fn(m) for k, m in variants.items()}}
-    variants["remat"] = _unet(arch, unet_variant("remat", ResBlock=nn.remat(dj_unet.ResBlock, static_argnums=(3,))))
+    variants["remat"] = archs.unet(arch, unet_variant("remat", ResBlock=nn.remat(dj_unet.ResBlock, static_argnums=(3,))))
     fns["remat"] = grad_fn(variants["remat"])
     if jax.default_backend() == "cpu":
         fns["no_ynn"] = grad_fn(base, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
         fns["ynn_all"] = grad_fn(base, compiler_options={"xla_cpu_experimental_ynn_fusion_type": YNN_ALL})
-    fns["bf16"] = grad_fn(_unet(arch).clone(dtype=jnp.bfloat16))
+    fns["bf16"] = grad_fn(archs.unet(arch).clone(dtype=jnp.bfloat16))
     r = measure(fns, ctx["repeats"])
     lib = r["library"].wall
     what = {"flax_gn": "flax nn.GroupNorm instead of the library's GroupNorm",
@@ -440,7 +436,7 @@ def _op_kinds(hlo_text):
 def section_profile(tab, ctx):
     arch = ctx["archs"][0]
     b = ctx["batches"][0]
-    module = _unet(arch)
+    module = archs.unet(arch)
     params = perturbed_params(module)
     js = JaxStep(module, params, b, donate=False)
     x, t = js.x, jnp.asarray(np.random.default_rng(0).integers(0, 1000, b), jnp.int32)
@@ -470,7 +466,7 @@ def _worker(spec):
     """Subprocess body for ``cores``: run N steps of one framework, print images/s as JSON."""
     fw, arch, b, n = spec.split(":")
     b, n = int(b), int(n)
-    module = _unet(arch)
+    module = archs.unet(arch)
     params = perturbed_params(module)
     step = JaxStep(module, params, b) if fw == "jax" else TorchStep(module, params, b)
     if fw == "torch":
