@@ -21,6 +21,12 @@ ARCHS = {
 }
 
 
+def describe(arch: str) -> str:
+    """The architecture in words, e.g. ``UNet ch 16 x (1, 2, 4)`` (as the model cards write it)."""
+    from train.export import arch_summary
+    return arch_summary({"arch": {"kind": "unet", "kwargs": ARCHS[arch]}})
+
+
 def unet(arch: str, module=dj_unet) -> dj_unet.UNet:
     """The UNet named ``arch`` (a key of ``ARCHS``), built from ``module`` (a variant of the library's)."""
     if arch not in ARCHS:

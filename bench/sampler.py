@@ -3,7 +3,8 @@
 
     PYTHONPATH=. python bench/sampler.py [--quick] [--batches 1,16,128] [--steps N] [--threads T]
 
-Model: the small MNIST UNet (``mnist_unet()``, ~1.1 M parameters, NHWC) with
+Model: an MNIST UNet of ``bench/archs.py`` (``--arch``; default ``cpu``, the shipped models' ch 16 x
+(1, 2, 4), 687k parameters; ``gpu`` = ``mnist_unet()``, ch 32, 1.1 M), NHWC, with
 random but non-degenerate parameters (the zero-initialised layers are filled in,
 every leaf is perturbed), two different parameter sets for eps_u and eps_neg.
 
@@ -39,9 +40,10 @@ import os
 import sys
 
 # ``python bench/sampler.py`` puts bench/ first on sys.path, where bench/train.py would shadow the
-# project's ``train`` package: drop it (``python -m bench.sampler`` needs nothing of the kind).
+# project's ``train`` package: put the repository root there instead (``python -m bench.sampler``
+# needs nothing of the kind).
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 
 def _parse_args(argv=None):
@@ -56,6 +58,8 @@ def _parse_args(argv=None):
                     help="CPU threads for JAX (XLA intra-op) and torch alike; 0 = all cores "
                          "(default 1: see docs/benchmarks.md for why on a shared host)")
     ap.add_argument("--sweep-n", type=int, default=None, help="seeds per grid point in the sweep test (default 16)")
+    ap.add_argument("--arch", default="cpu",
+                    help="a name in bench/archs.py: the UNet of every section but archs (default cpu: the shipped models' network)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--no-variants", action="store_true", help="skip the variant measurements")
     ap.add_argument("--only", default=None,
@@ -108,7 +112,10 @@ import flax.linen as nn  # noqa: E402
 import dngjax as dj  # noqa: E402
 from dngjax import sampler as dj_sampler  # noqa: E402
 from dngjax.models import unet as dj_unet  # noqa: E402
-from dngjax.models.configs import mnist_unet  # noqa: E402
+from bench import archs  # noqa: E402
+
+if ARGS is not None and ARGS.arch not in archs.ARCHS:  # checked here: parsing ran before jax was imported
+    sys.exit(f"bench/sampler.py: --arch {ARGS.arch!r} is unknown; known: {', '.join(archs.ARCHS)}")
 
 SHAPE = (28, 28, 1)
 K_SCALES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0)
@@ -214,11 +221,10 @@ def unet_variant(name, **overrides):
     return mod
 
 
-def flax_gn_unet(**overrides):
-    """The UNet with flax's ``nn.GroupNorm`` (the library's formulation before issue 11)."""
+def flax_gn_unet(base):
+    """The UNet ``base`` with flax's ``nn.GroupNorm`` (the library's formulation before issue 11)."""
     mod = unet_variant("flaxgn", GroupNorm=lambda num_groups, epsilon=1e-6, dtype=None, name=None:
                        nn.GroupNorm(num_groups, epsilon=epsilon, dtype=dtype, name=name))
-    base = mnist_unet(**overrides)
     kw = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name not in ("parent", "name")}
     return mod.UNet(**kw)
 
@@ -371,8 +377,6 @@ def section_torch(tab, ctx):
 
 def section_archs(tab, ctx, names=("cpu", "cpu_r2", "cpu_136")):
     """DNG sampling time per image of each architecture, relative to the shipped one (``cpu``)."""
-    from bench import archs
-
     sched = ctx["sched"]
     rule = dj.DynamicNegativeGuidance(scale=2.0)
     nets = {}
@@ -416,11 +420,11 @@ def section_variants(tab, ctx):
         ref = np.asarray(base(pu, x, t))
         fns = {"base": loop(base, pu, x, t)}
         errs = {}
-        flaxm = flax_gn_unet()
+        flaxm = flax_gn_unet(module)
         f_flax = jax.jit(flaxm.apply)
         fns["flaxgn"] = loop(f_flax, pu, x, t)
         errs["flaxgn"] = np.abs(np.asarray(f_flax(pu, x, t)) - ref).max() / np.abs(ref).max()
-        bf = mnist_unet(dtype=jnp.bfloat16)
+        bf = module.clone(dtype=jnp.bfloat16)
         f_bf = jax.jit(bf.apply)
         fns["bf16"] = loop(f_bf, pu, x, t)
         errs["bf16"] = np.abs(np.asarray(f_bf(pu, x, t)) - ref).max() / np.abs(ref).max()
@@ -492,7 +496,7 @@ def main(args):
         torch.set_num_threads(N_CORES)
     backend = jax.default_backend()
     metric = "cpu" if (backend == "cpu" and args.threads == 1) else "wall"
-    module = mnist_unet()
+    module = archs.unet(args.arch)
     pu, pn = perturbed_params(module, 0), perturbed_params(module, 1)
     n_params = sum(a.size for a in jax.tree_util.tree_leaves(pu))
     sched = dj.respace(dj.linear_schedule(), args.steps)
@@ -512,7 +516,7 @@ def main(args):
                f"torch {torch.__version__}, numpy {np.__version__}, python {platform.python_version()}\n"
                f"threads: {threads} for JAX (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}) and torch "
                f"(torch.get_num_threads()={torch.get_num_threads()})\n"
-               f"model: mnist_unet, {n_params / 1e6:.2f} M params, NHWC f32; chain: {args.steps} respaced steps; "
+               f"model (all sections but archs): {args.arch} ({archs.describe(args.arch)}), {n_params / 1e3:.0f}k params, NHWC f32; chain: {args.steps} respaced steps; "
                f"repeats {args.repeats} (medians); pass/fail metric: {metric} time")
     print(context, flush=True)
 

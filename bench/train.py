@@ -37,9 +37,10 @@ import os
 import sys
 
 # Run as a script, this file's folder comes first on sys.path, and its own name would shadow the
-# project's ``train`` package: drop it (``python -m bench.train`` needs nothing of the kind).
+# project's ``train`` package: put the repository root there instead (``python -m bench.train`` needs
+# nothing of the kind).
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 
 def _parse_args(argv=None):
@@ -100,6 +101,10 @@ from dngjax.schedules import linear_schedule  # noqa: E402
 from train import trainer as train_lib  # noqa: E402
 from train.configs import mnist_ddpm  # noqa: E402
 from bench import archs  # noqa: E402
+
+if ARGS is not None and set(ARGS.archs) - set(archs.ARCHS):  # checked here: parsing ran before jax was imported
+    sys.exit(f"bench/train.py: --archs {','.join(a for a in ARGS.archs if a not in archs.ARCHS)} unknown; "
+             f"known: {', '.join(archs.ARCHS)}")
 
 SHAPE = (28, 28, 1)
 
