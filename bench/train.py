@@ -14,14 +14,17 @@ Sections:
 
 * ``torch``: the library's train step (``train.trainer.make_train_step``: eps-prediction loss at
   a random t, Adam, global-norm clipping, EMA; jitted with the state donated, as ``train/main.py``
-  runs it) against the same step in PyTorch (``bench/torch_reference.py``'s UNet built from the
-  same weights, ``torch.optim.Adam``, ``clip_grad_norm_``, EMA with ``torch._foreach_lerp_``), in
-  images/s, for each shipped architecture and batch. Target: >= 0.8x PyTorch.
+  runs it, with the cpu config's ``micro_batch`` where it divides the batch) against the same step in
+  PyTorch (``bench/torch_reference.py``'s UNet built from the same weights, ``torch.optim.Adam``,
+  ``clip_grad_norm_``, EMA with ``torch._foreach_lerp_``; the whole batch, the authors' style), in
+  images/s, for each shipped architecture and batch. Target: >= 0.8x PyTorch. Also PyTorch with the
+  same micro-batches (gradient accumulation) against its whole batch.
 * ``levers``: the library's UNet forward+backward against variants: the previous formulations
   (flax's ``nn.GroupNorm``, a 1x1 ``nn.Conv`` shortcut, ``jax.image.resize`` upsampling; all three
   = the UNet before this benchmark), XLA:CPU's YNNPACK fusions off or extended to
   elementwise ops and reductions, ResBlocks rematerialised (``nn.remat``), bfloat16 compute; and for the
-  whole step: 4 steps per jitted call (``lax.scan``) vs 4 calls, state donation off.
+  whole step: 4 steps per jitted call (``lax.scan``) vs 4 calls, state donation off, the whole
+  batch in one pass vs the cpu config's micro-batches.
 * ``profile``: forward vs forward+backward vs the whole step, and the step's XLA ops grouped by
   kind (convolutions split into forward/input-gradient and kernel-gradient, dots, reductions,
   transposes, elementwise fusions), from a ``jax.profiler`` trace.
@@ -167,17 +170,23 @@ def perturbed_params(module, seed=0):
     return jax.tree_util.tree_unflatten(tdef, out)
 
 
-def _train_config(batch):
+def _train_config(batch, micro=None):
+    """The cpu config at batch ``batch``; ``micro``: its micro_batch (None: the config's, where it divides)."""
     c = mnist_ddpm.get_config("cpu")
     c.batch_size = batch
+    if micro is not None:
+        c.micro_batch = micro
+    if c.micro_batch and batch % c.micro_batch:
+        c.micro_batch = 0
     return c
 
 
 class JaxStep:
     """The library's train step, jitted with the state donated (as train/train.py runs it)."""
 
-    def __init__(self, module, params, batch, donate=True, compiler_options=None):
-        cfg = _train_config(batch)
+    def __init__(self, module, params, batch, donate=True, compiler_options=None, micro=None):
+        cfg = _train_config(batch, micro)
+        self.micro = int(cfg.micro_batch)
         opt = train_lib.make_optimizer(cfg)
         sched = linear_schedule()
         self.fn = jax.jit(train_lib.make_train_step(module, opt, cfg, sched.alpha_bars),
@@ -223,10 +232,11 @@ class ScanStep(JaxStep):
 class TorchStep:
     """The same step in PyTorch: eps loss at a random t, Adam, global-norm clipping, EMA."""
 
-    def __init__(self, module, params, batch):
+    def __init__(self, module, params, batch, micro=0):
         import torch
         from bench.torch_reference import TorchUNet
         cfg = _train_config(batch)
+        self.micro = micro or batch  # > 0: gradient accumulation over micro-batches of this size
         self.torch = torch
         self.net = TorchUNet(module, params).train()
         self.ema = [p.detach().clone() for p in self.net.parameters()]
@@ -246,8 +256,10 @@ class TorchStep:
             ab = self.ab[t][:, None, None, None]
             xt = ab.sqrt() * self.x + (1 - ab).sqrt() * noise
             self.opt.zero_grad(set_to_none=True)
-            loss = ((self.net(xt, t) - noise) ** 2).mean()
-            loss.backward()
+            for i in range(0, b, self.micro):
+                s = slice(i, i + self.micro)
+                loss = ((self.net(xt[s], t[s]) - noise[s]) ** 2).mean() * (self.micro / b)
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip)
             self.opt.step()
             with torch.no_grad():
@@ -281,11 +293,18 @@ def section_torch(tab, ctx):
         n_params = sum(a.size for a in jax.tree.leaves(params))
         for b in ctx["batches"]:
             js, ts = JaxStep(module, params, b), TorchStep(module, params, b)
-            r = measure({"jax": js, "torch": ts}, ctx["repeats"])
+            fns = {"jax": js, "torch": ts}
+            if js.micro:  # the same micro-batches in torch: does PyTorch gain from them too?
+                fns["torch_mb"] = TorchStep(module, params, b, micro=js.micro)
+            r = measure(fns, ctx["repeats"])
             ips = {k: b / v.wall for k, v in r.items()}
+            mb = f"micro-batches of {js.micro}" if js.micro else "whole batch"
             tab.add(f"dngjax / torch train step, {arch}, B={b}", ips["jax"] / ips["torch"], 0.8, ">=",
-                    f"{n_params / 1e3:.0f}k params; jax {ips['jax']:.0f} img/s ({r['jax'].wall * 1e3:.0f} ms/step), "
-                    f"torch {ips['torch']:.0f} img/s ({r['torch'].wall * 1e3:.0f} ms/step); twin rel err {rel:.1e}")
+                    f"{n_params / 1e3:.0f}k params; jax ({mb}) {ips['jax']:.0f} img/s ({r['jax'].wall * 1e3:.0f} "
+                    f"ms/step), torch {ips['torch']:.0f} img/s ({r['torch'].wall * 1e3:.0f} ms/step); twin rel err {rel:.1e}")
+            if "torch_mb" in r:
+                tab.add(f"torch {mb} / torch whole batch, {arch}, B={b}", r["torch_mb"].wall / r["torch"].wall,
+                        None, "", f"< 1: PyTorch gains from them too; {ips['torch_mb']:.0f} img/s")
 
 
 def unet_variant(name, **overrides):
@@ -357,10 +376,17 @@ def section_levers(tab, ctx):
         if k != "library":
             tab.add(f"{k} / library, fwd+bwd, {arch}, B={b}", r[k].wall / lib, None, "",
                     f"{what[k]}; library {lib * 1e3:.0f} ms")
-    # whole steps: 4 per jitted call vs 4 calls; donation off vs on
+    # whole steps: 4 per jitted call vs 4 calls; donation off vs on; the whole batch vs the config's micro-batches
     k = 4
     one, scan, nodonate = JaxStep(base, params, b), ScanStep(base, params, b, k), JaxStep(base, params, b, donate=False)
-    r = measure({"one": lambda: one(k), "scan": scan, "nodonate": lambda: nodonate(k)}, ctx["repeats"])
+    whole = JaxStep(base, params, b, micro=0)
+    fns = {"one": lambda: one(k), "scan": scan, "nodonate": lambda: nodonate(k)}
+    if one.micro:
+        fns["whole"] = lambda: whole(k)
+    r = measure(fns, ctx["repeats"])
+    if one.micro:
+        tab.add(f"whole batch / micro-batches of {one.micro} (the cpu config), train step, {arch}, B={b}",
+                r["whole"].wall / r["one"].wall, None, "", "config.micro_batch = 0 vs the cpu config's")
     tab.add(f"{k} steps in one scan call / {k} calls, {arch}, B={b}", r["scan"].wall / r["one"].wall, None, "",
             f"{r['one'].wall / k * 1e3:.0f} ms/step in single calls")
     tab.add(f"no state donation / donation, {arch}, B={b}", r["nodonate"].wall / r["one"].wall, None, "", "")

@@ -173,6 +173,47 @@ def test_cifar10_configs_run_a_couple_of_steps(mod, fake_data, tmp_path):
     assert card["input_shape"] == [32, 32, 3]
 
 
+@pytest.mark.parametrize("mod", [mnist_ddpm, mnist_cond, mnist_classifier])
+def test_micro_batched_step_computes_the_whole_batch_step(mod):
+    # the same random draws, loss and gradient (the mean of equal-sized micro-batch means); only the
+    # summation order differs. Adam's first update is ~lr * sign(g), so compare the metrics and the
+    # gradient through the optimizer's first moment, m = (1 - b1) g.
+    import jax.numpy as jnp
+    from dngjax.schedules import linear_schedule
+
+    def config(micro):
+        c = mod.get_config("tiny")
+        c.model.kwargs.dropout = 0.0  # dropout masks are drawn per micro-batch: the one difference
+        c.micro_batch = micro
+        return c
+
+    cfg = config(0)
+    shape = (1, 28, 28, 1)
+    module = trainer.build_model(cfg)
+    params = module.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, *(
+        (jnp.zeros(shape), jnp.zeros((1,), jnp.int32)) if cfg.model.kind == "unet" else (jnp.zeros(shape),)))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(-1, 1, (cfg.batch_size, 28, 28, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, cfg.batch_size), jnp.int32)
+    out = {}
+    for micro in (0, 2):
+        c = config(micro)
+        opt = trainer.make_optimizer(c)
+        step = jax.jit(trainer.make_train_step(module, opt, c, linear_schedule().alpha_bars))
+        state = {"step": jnp.asarray(0, jnp.int32), "params": params, "ema_params": params,
+                 "opt_state": opt.init(params)}
+        out[micro] = step(state, x, y, jax.random.key(3))
+    (s0, m0), (s2, m2) = out[0], out[2]
+    for k in m0:
+        np.testing.assert_allclose(np.asarray(m2[k]), np.asarray(m0[k]), rtol=2e-5, err_msg=k)
+    mu = lambda s: [a for a in jax.tree.leaves(s["opt_state"]) if a.ndim > 0]
+    la, lb = mu(s0), mu(s2)
+    assert len(la) == len(lb) and len(la) >= 2 * len(jax.tree.leaves(params))
+    scale = max(float(jnp.abs(a).max()) for a in la)
+    for a, b in zip(la, lb):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-5 * scale)
+
+
 def test_gpu_and_cpu_sizes_build():
     for mod in (mnist_ddpm, mnist_forget, mnist_classifier, mnist_cond):
         for size in ("gpu", "cpu", "tiny"):
@@ -209,6 +250,7 @@ def test_main_reports_missing_data_clearly(tmp_path):
     ("mnist_ddpm", ["--config.only_class=12"], "config.only_class=12: mnist has classes 0..9"),
     ("mnist_cond", ["--config.label_dropout=0.0"], "needs 0 < label_dropout < 1"),
     ("mnist_ddpm", ["--config.batch_siz=3"], "unknown config field 'batch_siz'"),
+    ("mnist_ddpm", ["--config.micro_batch=3"], "config.micro_batch must be 0 (the whole batch at once) or divide"),
     ("mnist_ddpm", ["--workdir="], "--workdir must name a folder"),
 ])
 def test_main_user_errors_exit_2_before_training(fake_data, tmp_path, config, args, message):
