@@ -17,7 +17,8 @@ of ``--repeats``; compile time is excluded from throughput by a warm-up call):
 * compile time (trace + lower + XLA compile) of the sampler for a 1000-step vs a
   10-step chain (target <= 1.5).
 * dngjax vs an equivalent PyTorch Python-loop sampler (``bench/torch_reference.py``,
-  authors' style, same weights) in images/s at each batch (target >= 1.0).
+  authors' style, same weights) in images/s at each batch (target >= 1.0); dngjax as
+  ``dj.denoiser`` makes it by default (on CPU: micro-batches of 16), and also with the whole batch.
 * Architectures (no target): the DNG sampler's time per image with each MNIST UNet of
   ``bench/archs.py`` (random parameters) relative to the shipped one (``cpu``, ch 16 x (1, 2, 4)),
   at each batch >= 16: what a larger network would cost every experiment.
@@ -229,23 +230,6 @@ def flax_gn_unet(base):
     return mod.UNet(**kw)
 
 
-@dataclasses.dataclass(frozen=True)
-class MicroBatched:
-    """apply(params, x, t) run over micro-batches of ``size`` with ``lax.map`` (hashable)."""
-
-    apply_fn: object
-    size: int
-
-    def __call__(self, params, x, t):
-        b = x.shape[0]
-        if b <= self.size or b % self.size:
-            return self.apply_fn(params, x, t)
-        xs = x.reshape(b // self.size, self.size, *x.shape[1:])
-        ts = t.reshape(b // self.size, self.size)
-        out = jax.lax.map(lambda xt: self.apply_fn(params, *xt), (xs, ts))
-        return out.reshape(x.shape)
-
-
 # --------------------------------------------------------------------------- sections
 
 def jax_sampler(eu, ec, rule, sched, b, seed0=0):
@@ -355,24 +339,26 @@ def section_torch(tab, ctx):
 
     sched = ctx["sched"]
     rule = dj.DynamicNegativeGuidance(scale=2.0)
-    ubatch = ctx.get("ubatch_eu")
+    whole = ctx.get("whole_eu")
+    mb = ctx["eu"].micro_batch
     for b in ctx["batches"]:
         gen = torch.Generator().manual_seed(0)
         fns = {"jax": jax_sampler(ctx["eu"], ctx["ec"], rule, sched, b),
                "torch": lambda b=b, gen=gen: dng_sample(tu, tn, sched, b, (1, 28, 28), scale=2.0,
                                                         generator=gen)}
-        if ubatch is not None and b > 16:
-            fns["jax_ubatch"] = jax_sampler(ubatch[0], ubatch[1], rule, sched, b)
+        if whole is not None and b > mb:
+            fns["jax_whole"] = jax_sampler(whole[0], whole[1], rule, sched, b)
         reps = ctx["repeats"] if b < 64 else max(2, ctx["repeats"] // 2)
         tt = measure(fns, reps)
         m = tab.metric
         ips = lambda k: b / (tt[k].cpu if m == "cpu" else tt[k].wall)
+        how = f"micro-batches of {mb}" if mb and b > mb else "whole batch"
         tab.add(f"dngjax / torch images/s, B={b}", tt["jax"], tt["torch"], 1.0, ">=",
-                f"{sched.num_steps} steps DNG; jax {ips('jax'):.2f} img/s, torch {ips('torch'):.2f} img/s ({m})",
+                f"{sched.num_steps} steps DNG; jax ({how}) {ips('jax'):.2f} img/s, torch {ips('torch'):.2f} img/s ({m})",
                 invert=True)
-        if "jax_ubatch" in tt:
-            tab.add(f"dngjax + micro-batches of 16 / torch, B={b}", tt["jax_ubatch"], tt["torch"],
-                    None, ">=", f"jax (denoiser wrapped in MicroBatched) {ips('jax_ubatch'):.2f} img/s", invert=True)
+        if "jax_whole" in tt:
+            tab.add(f"dngjax, whole batch (micro_batch=None) / torch, B={b}", tt["jax_whole"], tt["torch"],
+                    None, ">=", f"jax {ips('jax_whole'):.2f} img/s", invert=True)
 
 
 def section_archs(tab, ctx, names=("cpu", "cpu_r2", "cpu_136")):
@@ -432,7 +418,7 @@ def section_variants(tab, ctx):
             f_eigen = jax.jit(module.apply, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
             fns["no_ynn"] = loop(f_eigen, pu, x, t)
         if b > 16:
-            mb = jax.jit(MicroBatched(module.apply, 16))
+            mb = jax.jit(lambda p, x, t: dj.denoiser(module, p, micro_batch=16)(x, t))
             fns["ubatch16"] = loop(mb, pu, x, t)
             errs["ubatch16"] = np.abs(np.asarray(mb(pu, x, t)) - ref).max() / np.abs(ref).max()
         # two network calls (eps_u, eps_neg) as two calls vs one vmap over stacked params
@@ -502,9 +488,8 @@ def main(args):
     sched = dj.respace(dj.linear_schedule(), args.steps)
     ctx = dict(module=module, pu=pu, pn=pn, eu=dj.denoiser(module, pu), ec=dj.denoiser(module, pn),
                sched=sched, repeats=args.repeats, batches=args.batches, sweep_n=args.sweep_n)
-    if "torch" in args.sections and not args.quick:
-        fn = MicroBatched(dj.denoiser(module, pu).apply_fn, 16)
-        ctx["ubatch_eu"] = (dj.Denoiser(apply_fn=fn, params=pu), dj.Denoiser(apply_fn=fn, params=pn))
+    if "torch" in args.sections and ctx["eu"].micro_batch:  # the library's default on CPU; also without it
+        ctx["whole_eu"] = (dj.denoiser(module, pu, micro_batch=None), dj.denoiser(module, pn, micro_batch=None))
 
     dev = jax.devices()[0]
     from train.trainer import cpu_model_name

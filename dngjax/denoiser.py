@@ -16,8 +16,9 @@ rules always combine eps predictions.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
+import jax
 import jax.numpy as jnp
 from flax import struct
 
@@ -25,6 +26,10 @@ Array = jnp.ndarray
 
 #: What a network predicts: the noise eps, the clean sample x_0, or v = sqrt(ab) eps - sqrt(1 - ab) x_0.
 PREDICTIONS = ("eps", "x0", "v")
+
+#: ``denoiser(..., micro_batch="auto")`` on a CPU backend: XLA:CPU's convolutions cost more per image
+#: in batches larger than this (their working set outgrows the caches; bench/sampler.py, docs/benchmarks.md).
+CPU_MICRO_BATCH = 16
 
 
 def to_eps(output: Array, x: Array, prediction: str, alpha_bar: Array, one_minus_alpha_bar: Array) -> Array:
@@ -64,33 +69,60 @@ class Denoiser:
       label: optional int class label(s), () or (B,); passed as ``label=``.
       prediction: static, what the network predicts: ``"eps"``, ``"x0"`` or ``"v"`` (the sampler
         converts to eps with :func:`to_eps`; calling the Denoiser returns the raw output).
+      micro_batch: static; a batch larger than this is run through the network this many images at a
+        time (``lax.map``; the last part padded), the same function per image: faster on a CPU for
+        convolutional networks. None: the whole batch in one call.
     """
 
     apply_fn: Callable = struct.field(pytree_node=False)
     params: Any = None
     label: Optional[Array] = None
     prediction: str = struct.field(pytree_node=False, default="eps")
+    micro_batch: Optional[int] = struct.field(pytree_node=False, default=None)
 
     def __call__(self, x: Array, t: Array) -> Array:
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
-        if self.params is None and self.label is None:
+        b = x.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (b,))
+        m = self.micro_batch
+        if not m or b <= m:
+            return self._apply(x, t, self.label)
+        # (B, ...) -> (ceil(B / m), m, ...): pad the last part with copies of the last image
+        n = -(-b // m)
+        split = lambda a: jnp.pad(a, [(0, n * m - b)] + [(0, 0)] * (a.ndim - 1), mode="edge").reshape(
+            (n, m) + a.shape[1:])
+        per_image_label = self.label is not None and jnp.ndim(self.label) == 1
+        parts = (split(x), split(t), split(self.label) if per_image_label else None)
+        out = jax.lax.map(lambda p: self._apply(p[0], p[1], p[2] if per_image_label else self.label), parts)
+        return out.reshape((n * m,) + out.shape[2:])[:b]
+
+    def _apply(self, x: Array, t: Array, label: Optional[Array]) -> Array:
+        if self.params is None and label is None:
             return self.apply_fn(x, t)
-        if self.label is None:
+        if label is None:
             return self.apply_fn(self.params, x, t)
-        return self.apply_fn(self.params, x, t, label=self.label)
+        return self.apply_fn(self.params, x, t, label=label)
 
 
 def denoiser(module_or_fn: Any, params: Any = None, label: Optional[int] = None,
-             prediction: str = "eps") -> Denoiser:
+             prediction: str = "eps", micro_batch: Union[int, str, None] = "auto") -> Denoiser:
     """Turn a Flax module + params (or a pure ``fn(x, t)``) into a :class:`Denoiser`.
 
     ``denoiser(unet, params)`` -> eps(x, t) = unet.apply(params, x, t);
     ``denoiser(unet, params, label=3)`` -> the class-conditional eps(x, t | 3);
     ``denoiser(fn)`` -> fn itself, wrapped (fn must be hashable: a function, not a lambda made per call);
     ``denoiser(fn, prediction="v")`` -> a v-predicting network (the sampler converts to eps).
+
+    ``micro_batch``: run larger batches through the network this many images at a time (see
+    :class:`Denoiser`); ``"auto"`` (default): ``CPU_MICRO_BATCH`` (16) when JAX's default backend is the
+    CPU, else None (the whole batch; accelerators want large batches).
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if micro_batch == "auto":
+        micro_batch = CPU_MICRO_BATCH if jax.default_backend() == "cpu" else None
+    elif micro_batch is not None and (isinstance(micro_batch, (str, bool)) or int(micro_batch) != micro_batch
+                                      or micro_batch < 1):
+        raise ValueError(f"micro_batch must be a positive int, None or 'auto', got {micro_batch!r}")
     if hasattr(module_or_fn, "apply") and hasattr(module_or_fn, "init"):
         if params is None:
             raise ValueError("a Flax module needs its params: denoiser(module, params)")
@@ -100,7 +132,8 @@ def denoiser(module_or_fn: Any, params: Any = None, label: Optional[int] = None,
     else:
         raise TypeError(f"expected a Flax module or a callable, got {type(module_or_fn).__name__}")
     lab = None if label is None else jnp.asarray(label, jnp.int32)
-    return Denoiser(apply_fn=apply_fn, params=params, label=lab, prediction=prediction)
+    return Denoiser(apply_fn=apply_fn, params=params, label=lab, prediction=prediction,
+                    micro_batch=None if micro_batch is None else int(micro_batch))
 
 
 def as_denoiser(fn: Any) -> Denoiser:

@@ -82,6 +82,38 @@ def test_denoiser_runs_in_sampler_without_recompiling_for_new_params():
     assert a.shape == (2, 28, 28, 1) and not np.allclose(a, b)
 
 
+@pytest.mark.parametrize("b,label", [(37, None), (37, "per_image"), (37, 3), (16, None), (5, "per_image")])
+def test_micro_batched_denoiser_computes_the_whole_batch(b, label):
+    # 37 = 2 x 16 + 5: the last micro-batch is padded; 16 and 5: no split at all
+    m = mnist_unet(ch=8, groups=4, num_classes=10)
+    p = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
+    p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape), p)  # no zero layers
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b, 28, 28, 1)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 1000, b), jnp.int32)
+    lab = jnp.asarray(rng.integers(0, 11, b)) if label == "per_image" else label
+    whole = dj.denoiser(m, p, label=lab, micro_batch=None)
+    micro = dj.denoiser(m, p, label=lab, micro_batch=16)
+    assert whole.micro_batch is None and micro.micro_batch == 16
+    ref = np.asarray(jax.jit(lambda d, x, t: d(x, t))(whole, x, t))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda d, x, t: d(x, t))(micro, x, t)), ref, rtol=1e-5,
+                               atol=1e-5 * np.abs(ref).max())
+    # the label really reaches every image: another label changes the output
+    if label is not None:
+        other = dj.denoiser(m, p, label=(lab + 1) % 11, micro_batch=16)
+        assert not np.allclose(np.asarray(other(x, t)), ref, atol=1e-3)
+
+
+def test_denoiser_micro_batch_auto_and_bad_values():
+    m = mnist_unet(ch=8, groups=4)
+    auto = dj.denoiser(m, {}).micro_batch
+    from dngjax.denoiser import CPU_MICRO_BATCH
+    assert auto == (CPU_MICRO_BATCH if jax.default_backend() == "cpu" else None)
+    for bad in (0, -3, 2.5, "16", True):
+        with pytest.raises(ValueError, match="micro_batch must be a positive int"):
+            dj.denoiser(m, {}, micro_batch=bad)
+
+
 def test_rejects_non_nhwc():
     m = mnist_unet(ch=8, groups=4)
     with pytest.raises(ValueError, match="NHWC"):
