@@ -178,8 +178,8 @@ def make_train_step(module, opt, config, alpha_bars):
         """((loss, aux), grads) of the batch mean. With ``config.micro_batch`` = m, the mean over
         batch_size / m micro-batches of m images, each differentiated on its own (the same quantity:
         equal sizes), in a Python loop: unrolled in the compiled step, since XLA:CPU runs a backward
-        pass inside ``lax.scan`` ~13x slower (bench/train.py), while m = 16 of the CPU UNet's images
-        at a time cost ~20 % less per image than 64 (its convolutions' working set fits the caches)."""
+        pass inside ``lax.scan`` ~13x slower (bench/train.py), while the CPU UNet's step with m = 16
+        takes ~15 % less time than with the whole batch of 64 (docs/benchmarks.md)."""
         batch, k_d = draw(x, y, key)
         if n_micro == 1:
             return grad_fn(params, batch, k_d)
