@@ -113,17 +113,20 @@ def denoiser(module_or_fn: Any, params: Any = None, label: Optional[int] = None,
     ``denoiser(fn, prediction="v")`` -> a v-predicting network (the sampler converts to eps).
 
     ``micro_batch``: run larger batches through the network this many images at a time (see
-    :class:`Denoiser`); ``"auto"`` (default): ``CPU_MICRO_BATCH`` (16) when JAX's default backend is the
-    CPU, else None (the whole batch; accelerators want large batches).
+    :class:`Denoiser`; the function must treat the images of a batch independently, as a network in
+    inference mode does); ``"auto"`` (default): ``CPU_MICRO_BATCH`` (16) for a Flax module when JAX's
+    default backend is the CPU, else None (the whole batch: accelerators want large batches, and a
+    plain function is taken as it is).
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    if micro_batch == "auto":
-        micro_batch = CPU_MICRO_BATCH if jax.default_backend() == "cpu" else None
+    is_module = hasattr(module_or_fn, "apply") and hasattr(module_or_fn, "init")
+    if isinstance(micro_batch, str) and micro_batch == "auto":
+        micro_batch = CPU_MICRO_BATCH if is_module and jax.default_backend() == "cpu" else None
     elif micro_batch is not None and (isinstance(micro_batch, (str, bool)) or int(micro_batch) != micro_batch
                                       or micro_batch < 1):
         raise ValueError(f"micro_batch must be a positive int, None or 'auto', got {micro_batch!r}")
-    if hasattr(module_or_fn, "apply") and hasattr(module_or_fn, "init"):
+    if is_module:
         if params is None:
             raise ValueError("a Flax module needs its params: denoiser(module, params)")
         apply_fn = ModuleApply(module_or_fn)
