@@ -81,19 +81,10 @@ class Denoiser:
     micro_batch: Optional[int] = struct.field(pytree_node=False, default=None)
 
     def __call__(self, x: Array, t: Array) -> Array:
-        b = x.shape[0]
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (b,))
-        m = self.micro_batch
-        if not m or b <= m:
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
+        if not self.micro_batch:
             return self._apply(x, t, self.label)
-        # (B, ...) -> (ceil(B / m), m, ...): pad the last part with copies of the last image
-        n = -(-b // m)
-        split = lambda a: jnp.pad(a, [(0, n * m - b)] + [(0, 0)] * (a.ndim - 1), mode="edge").reshape(
-            (n, m) + a.shape[1:])
-        per_image_label = self.label is not None and jnp.ndim(self.label) == 1
-        parts = (split(x), split(t), split(self.label) if per_image_label else None)
-        out = jax.lax.map(lambda p: self._apply(p[0], p[1], p[2] if per_image_label else self.label), parts)
-        return out.reshape((n * m,) + out.shape[2:])[:b]
+        return _micro_batched(self, x, t, self.label)
 
     def _apply(self, x: Array, t: Array, label: Optional[Array]) -> Array:
         if self.params is None and label is None:
@@ -102,6 +93,45 @@ class Denoiser:
             return self.apply_fn(self.params, x, t)
         return self.apply_fn(self.params, x, t, label=label)
 
+
+
+def _split_apply(d: "Denoiser", x: Array, t: Array, label: Optional[Array]) -> Array:
+    """d's network over (B, ...) in parts of d.micro_batch (``lax.map``; the last part padded with copies)."""
+    b, m = x.shape[0], d.micro_batch
+    if b <= m:
+        return d._apply(x, t, label)
+    n = -(-b // m)
+    split = lambda a: jnp.pad(a, [(0, n * m - b)] + [(0, 0)] * (a.ndim - 1), mode="edge").reshape((n, m) + a.shape[1:])
+    per_image = label is not None and jnp.ndim(label) == 1
+    parts = (split(x), split(t), split(label) if per_image else None)
+    out = jax.lax.map(lambda p: d._apply(p[0], p[1], p[2] if per_image else label), parts)
+    return out.reshape((n * m,) + out.shape[2:])[:b]
+
+
+@jax.custom_batching.custom_vmap
+def _micro_batched(d, x, t, label):
+    return _split_apply(d, x, t, label)
+
+
+@_micro_batched.def_vmap
+def _micro_batched_vmap(axis_size, in_batched, d, x, t, label):
+    # Under vmap (a sweep over guidance scales) the network would see axis_size x B images at once:
+    # fold the vmapped axis into the batch, so the micro-batches cover all of them.
+    d_b, x_b, t_b, l_b = in_batched
+    if any(jax.tree.leaves(d_b)):  # batched parameters: no folding, the plain vmap
+        axes = jax.tree.map(lambda batched: 0 if batched else None, d_b)
+        return jax.vmap(_split_apply, in_axes=(axes, 0 if x_b else None, 0 if t_b else None,
+                                               0 if (label is not None and l_b) else None))(d, x, t, label), True
+    b = x.shape[1] if x_b else x.shape[0]
+    x = x if x_b else jnp.broadcast_to(x, (axis_size,) + x.shape)
+    t = t if t_b else jnp.broadcast_to(t, (axis_size,) + t.shape)
+    if label is not None and (l_b or jnp.ndim(label) == 1):
+        lab = label if l_b else jnp.broadcast_to(label, (axis_size,) + label.shape)
+        lab = jnp.broadcast_to(lab.reshape((axis_size, -1)), (axis_size, b)).reshape(axis_size * b)
+    else:
+        lab = label
+    out = _micro_batched(d, x.reshape((axis_size * b,) + x.shape[2:]), t.reshape(axis_size * b), lab)
+    return out.reshape((axis_size, b) + out.shape[1:]), True
 
 def denoiser(module_or_fn: Any, params: Any = None, label: Optional[int] = None,
              prediction: str = "eps", micro_batch: Union[int, str, None] = "auto") -> Denoiser:

@@ -104,6 +104,29 @@ def test_micro_batched_denoiser_computes_the_whole_batch(b, label):
         assert not np.allclose(np.asarray(other(x, t)), ref, atol=1e-3)
 
 
+def test_micro_batched_denoiser_folds_a_vmapped_grid_into_its_micro_batches():
+    # a sweep vmaps the chain over guidance scales: the network must still see parts of micro_batch
+    # images (3 x 12 = 36 -> 3 parts of 16), and compute what the whole batch does
+    m = mnist_unet(ch=8, groups=4, num_classes=10)
+    p = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
+    p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape), p)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 12, 28, 28, 1)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 1000, 12), jnp.int32)
+    lab = jnp.asarray(rng.integers(0, 11, 12))
+    for label in (None, lab):
+        run = lambda d: jax.vmap(lambda x: d(x, t))(x)
+        ref = np.asarray(jax.jit(run)(dj.denoiser(m, p, label=label, micro_batch=None)))
+        micro = dj.denoiser(m, p, label=label, micro_batch=16)
+        np.testing.assert_allclose(np.asarray(jax.jit(run)(micro)), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        assert "f32[3,16,28,28,1] = scan[" in str(jax.make_jaxpr(run)(micro))
+    # vmapped parameters (one network per grid point) fall back to the plain vmap
+    p2 = jax.tree.map(lambda a: jnp.stack([a, 1.1 * a, 0.9 * a]), p)
+    f = lambda pp, mb: jax.vmap(lambda q, x: dj.denoiser(m, q, micro_batch=mb)(x, t))(pp, x)
+    np.testing.assert_allclose(np.asarray(jax.jit(f, static_argnums=1)(p2, 16)),
+                               np.asarray(jax.jit(f, static_argnums=1)(p2, None)), rtol=1e-5, atol=1e-4)
+
+
 def test_denoiser_micro_batch_auto_and_bad_values():
     m = mnist_unet(ch=8, groups=4)
     auto = dj.denoiser(m, {}).micro_batch
