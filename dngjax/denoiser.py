@@ -71,7 +71,9 @@ class Denoiser:
         converts to eps with :func:`to_eps`; calling the Denoiser returns the raw output).
       micro_batch: static; a batch larger than this is run through the network this many images at a
         time (``lax.map``; the last part padded), the same function per image: faster on a CPU for
-        convolutional networks. None: the whole batch in one call.
+        convolutional networks; also under ``vmap`` (a sweep), whose axis is folded into the batch.
+        Not differentiable (``jax.grad`` through it fails): use None to differentiate the network.
+        None: the whole batch in one call.
     """
 
     apply_fn: Callable = struct.field(pytree_node=False)
