@@ -86,7 +86,8 @@ class Denoiser:
         t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
         if not self.micro_batch:
             return self._apply(x, t, self.label)
-        return _micro_batched(self, x, t, self.label)
+        # the label travels as its own argument (folded by the vmap rule), not inside the denoiser
+        return _micro_batched(self.replace(label=None), x, t, self.label)
 
     def _apply(self, x: Array, t: Array, label: Optional[Array]) -> Array:
         if self.params is None and label is None:
@@ -94,7 +95,6 @@ class Denoiser:
         if label is None:
             return self.apply_fn(self.params, x, t)
         return self.apply_fn(self.params, x, t, label=label)
-
 
 
 def _split_apply(d: "Denoiser", x: Array, t: Array, label: Optional[Array]) -> Array:
@@ -134,6 +134,7 @@ def _micro_batched_vmap(axis_size, in_batched, d, x, t, label):
         lab = label
     out = _micro_batched(d, x.reshape((axis_size * b,) + x.shape[2:]), t.reshape(axis_size * b), lab)
     return out.reshape((axis_size, b) + out.shape[1:]), True
+
 
 def denoiser(module_or_fn: Any, params: Any = None, label: Optional[int] = None,
              prediction: str = "eps", micro_batch: Union[int, str, None] = "auto") -> Denoiser:
