@@ -329,6 +329,12 @@ def test_export_describes_a_resumed_and_a_continued_training_history():
     # a lower learning rate from step 120 on is a segment of its own
     runs[2]["optim"]["lr"] = 5e-4
     assert "steps 100-120" in export.schedule_note({"name": "m", "steps": 300, "training_runs": runs})
+    # so is a segment with another EMA decay (recorded since session 23), and the note names it
+    runs[2]["optim"]["lr"] = 1e-3
+    runs[1]["ema_decay"], runs[2]["ema_decay"] = 0.999, 0.9995
+    note = export.schedule_note({"name": "m", "steps": 300, "training_runs": runs})
+    assert "steps 100-120: Adam lr 0.001" in note and note.endswith("label dropout 0.2, EMA decay 0.9995")
+    assert "label dropout 0.2, EMA decay 0.999;" in note
 
     prev = {"name": "f", "only_class": 2, "steps": 50, "wall_time_s": 100.0, "cpu_core_hours": 0.03,
             "training_runs": [_run(0, 50, 50)]}

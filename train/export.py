@@ -335,7 +335,7 @@ def _merge_runs(runs) -> list:
                                   np.asarray(lr_schedule(r["optim"], r["num_steps"])(steps)), rtol=1e-6, atol=0)
             rest = ("b1", "b2", "weight_decay", "grad_clip")
             if (same_lr and p["label_dropout"] == r["label_dropout"] and p["batch_size"] == r["batch_size"]
-                    and all(p["optim"].get(k) == r["optim"].get(k) for k in rest)):
+                    and p.get("ema_decay") == r.get("ema_decay") and all(p["optim"].get(k) == r["optim"].get(k) for k in rest)):
                 out[-1] = dict(r, start_step=p["start_step"])
                 continue
         out.append(dict(r))
@@ -367,6 +367,8 @@ def _run_note(r, restart: bool) -> str:
         s += ", constant"
     if r.get("label_dropout"):
         s += f", label dropout {r['label_dropout']:g}"
+    if r.get("ema_decay") is not None:   # recorded since session 23 (0.999 in the cpu configs before)
+        s += f", EMA decay {r['ema_decay']:g}"
     return s
 
 

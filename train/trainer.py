@@ -284,7 +284,8 @@ def record_run(workdir: str, config, start: int, stop: int) -> None:
     o = config_to_dict(config.optim)
     line = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "start_step": int(start),
             "stop_step": int(stop), "num_steps": int(config.num_steps), "batch_size": int(config.batch_size),
-            "micro_batch": int(config.get("micro_batch", 0) or 0), "optim": o, "label_dropout": float(config.get("label_dropout", 0.0)),
+            "micro_batch": int(config.get("micro_batch", 0) or 0), "optim": o, "ema_decay": float(config.ema_decay),
+            "label_dropout": float(config.get("label_dropout", 0.0)),
             "init_from": (config.get("init_from", "") or None) if start == 0 else None,
             "hardware": hardware_description()}
     with open(os.path.join(workdir, RUNS_FILE), "a") as f:
