@@ -285,7 +285,7 @@ NOTES = {
     "classifier": "CPU size of train/configs/mnist_classifier.py (CNN widths (16, 32), 128-d features), "
                   "1500 steps x 128 with +-2 pixel shift augmentation.",
     "ddpm": "train/configs/mnist_ddpm.py:cpu, trained from scratch: {arch}, {steps:,} steps x 64 "
-            "(~{epochs:.1f} epochs), EMA 0.999; {schedule}. Resumable: the same "
+            "(~{epochs:.1f} epochs), EMA decay 0.999 (unless a segment names another); {schedule}. Resumable: the same "
             "command with a larger --config.num_steps continues it.",
     "cond": "train/configs/mnist_cond.py:cpu, trained from scratch: the ddpm's architecture and schedule with a "
             "label embedding (labels 0-9 and the null label 10), trained with label dropout (each label replaced by "
@@ -361,7 +361,7 @@ def _run_note(r, restart: bool) -> str:
     if o.get("schedule") == "cosine":
         s += f", a cosine decay to {lr / 100:g} over steps 0-{n:,}"
     elif _reaches_decay(r):
-        s += (f", constant to step {max(n - decay, a):,}, then a cosine decay to {lr / 100:g}"
+        s += ((f", constant to step {n - decay:,}, then" if n - decay > a else ",") + f" a cosine decay to {lr / 100:g}"
               + (f" by step {n:,}" if b >= n else f" (stopped at step {b:,} of {n:,})"))
     else:
         s += ", constant"
