@@ -166,7 +166,7 @@ def test_denoiser_micro_batch_auto_and_bad_values():
     from dngjax.denoiser import CPU_MICRO_BATCH
     assert auto == (CPU_MICRO_BATCH if jax.default_backend() == "cpu" else None)
     assert dj.denoiser(lambda x, t: x).micro_batch is None  # a plain function is taken as it is
-    for bad in (0, -3, 2.5, "16", True):
+    for bad in (0, -3, 2.5, "16", True, [16]):
         with pytest.raises(ValueError, match="micro_batch must be a positive int"):
             dj.denoiser(m, {}, micro_batch=bad)
 
