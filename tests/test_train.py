@@ -335,6 +335,10 @@ def test_export_describes_a_resumed_and_a_continued_training_history():
     note = export.schedule_note({"name": "m", "steps": 300, "training_runs": runs})
     assert "steps 100-120: Adam lr 0.001" in note and note.endswith("label dropout 0.2, EMA decay 0.9995")
     assert "label dropout 0.2, EMA decay 0.999;" in note
+    # a segment written before the EMA decay was recorded does not split one that records it
+    del runs[1]["ema_decay"]
+    runs[2]["ema_decay"] = 0.999
+    assert "steps 100-300: Adam lr 0.001" in export.schedule_note({"name": "m", "steps": 300, "training_runs": runs})
 
     prev = {"name": "f", "only_class": 2, "steps": 50, "wall_time_s": 100.0, "cpu_core_hours": 0.03,
             "training_runs": [_run(0, 50, 50)]}

@@ -322,6 +322,13 @@ def _runs_of(card) -> list:
              "label_dropout": float(c.get("label_dropout", 0.0) or 0.0), "init_from": c.get("init_from") or None}]
 
 
+def _same_ema(p, r) -> bool:
+    """Whether two segments' EMA decays agree; a segment that did not record one (written before session 23)
+    agrees with any, so it does not split a run that followed one schedule."""
+    a, b = p.get("ema_decay"), r.get("ema_decay")
+    return a is None or b is None or a == b
+
+
 def _merge_runs(runs) -> list:
     """Consecutive segments that followed the same learning rate (e.g. a run stopped and resumed with a longer
     schedule whose constant part covers the earlier segment), label dropout and batch, as one."""
@@ -335,7 +342,7 @@ def _merge_runs(runs) -> list:
                                   np.asarray(lr_schedule(r["optim"], r["num_steps"])(steps)), rtol=1e-6, atol=0)
             rest = ("b1", "b2", "weight_decay", "grad_clip")
             if (same_lr and p["label_dropout"] == r["label_dropout"] and p["batch_size"] == r["batch_size"]
-                    and p.get("ema_decay") == r.get("ema_decay") and all(p["optim"].get(k) == r["optim"].get(k) for k in rest)):
+                    and _same_ema(p, r) and all(p["optim"].get(k) == r["optim"].get(k) for k in rest)):
                 out[-1] = dict(r, start_step=p["start_step"])
                 continue
         out.append(dict(r))
