@@ -169,7 +169,7 @@ def denoiser(module_or_fn: Any, params: Any = None, label: Optional[int] = None,
     is_module = hasattr(module_or_fn, "apply") and hasattr(module_or_fn, "init")
     if isinstance(micro_batch, str) and micro_batch == "auto":
         micro_batch = CPU_MICRO_BATCH if is_module and jax.default_backend() == "cpu" else None
-    elif micro_batch is not None and (isinstance(micro_batch, (str, bool)) or not isinstance(micro_batch, numbers.Real)
+    elif micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, numbers.Real)
                                       or int(micro_batch) != micro_batch or micro_batch < 1):
         raise ValueError(f"micro_batch must be a positive int, None or 'auto', got {micro_batch!r}")
     if is_module:
