@@ -98,6 +98,7 @@ import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import flax.linen as nn  # noqa: E402
+import optax  # noqa: E402
 
 from dngjax.models import unet as dj_unet  # noqa: E402
 from dngjax.schedules import linear_schedule  # noqa: E402
@@ -227,6 +228,53 @@ class ScanStep(JaxStep):
         for _ in range(n):
             self.state, m = self.fn(self.state, self.x, self.y, self.key)
         jax.block_until_ready(m["loss"])
+
+
+class SplitStep(JaxStep):
+    """The same train step with each micro-batch's gradient a separate jitted call, dispatched from Python.
+
+    Three compiled functions instead of one: the batch's random draws (t, noise), the loss and
+    gradient of one micro-batch of ``micro`` images added to the running sum (the sum donated), and
+    the update (the mean gradient, Adam with the cpu config's clipping, EMA). The gradient is the
+    library step's (eps loss at a random t, micro-batch means averaged); a lever, not the library's
+    step.
+    """
+
+    def __init__(self, module, params, batch, micro):
+        super().__init__(module, params, batch, micro=0)
+        opt = train_lib.make_optimizer(_train_config(batch))
+        alpha_bars = linear_schedule().alpha_bars
+        self.micro, n = micro, batch // micro
+
+        def draw(x, key):
+            k_t, k_n = jax.random.split(key)
+            t = jax.random.randint(k_t, (x.shape[0],), 0, alpha_bars.shape[0])
+            noise = jax.random.normal(k_n, x.shape, x.dtype)
+            ab = alpha_bars[t][:, None, None, None]
+            return jnp.sqrt(ab) * x + jnp.sqrt(1.0 - ab) * noise, t, noise
+
+        grad = jax.value_and_grad(lambda p, xt, t, noise: jnp.mean((module.apply(p, xt, t, train=True) - noise) ** 2))
+
+        def update(state, total):
+            loss, grads = jax.tree.map(lambda a: a / n, total)
+            updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+            p = optax.apply_updates(state["params"], updates)
+            ema = jax.tree.map(lambda e, q: 0.999 * e + 0.001 * q, state["ema_params"], p)
+            return dict(state, step=state["step"] + 1, params=p, ema_params=ema, opt_state=opt_state), loss
+
+        self.draw, self.first = jax.jit(draw), jax.jit(grad)
+        self.add = jax.jit(lambda total, *a: jax.tree.map(jnp.add, total, grad(*a)), donate_argnums=(0,))
+        self.update = jax.jit(update, donate_argnums=(0,))
+
+    def __call__(self, n=1):
+        for _ in range(n):
+            xt, t, noise = self.draw(self.x, self.key)
+            total = None
+            for i in range(0, xt.shape[0], self.micro):
+                part = (self.state["params"], xt[i:i + self.micro], t[i:i + self.micro], noise[i:i + self.micro])
+                total = self.first(*part) if total is None else self.add(total, *part)
+            self.state, loss = self.update(self.state, total)
+        jax.block_until_ready(loss)
 
 
 class TorchStep:
@@ -383,7 +431,13 @@ def section_levers(tab, ctx):
     fns = {"one": lambda: one(k), "scan": scan, "nodonate": lambda: nodonate(k)}
     if one.micro:
         fns["whole"] = lambda: whole(k)
+    splits = {m: SplitStep(base, params, b, m) for m in (16, 8) if b % m == 0}
+    fns.update({f"split{m}": (lambda s=s: s(k)) for m, s in splits.items()})
     r = measure(fns, ctx["repeats"])
+    for m in splits:
+        tab.add(f"micro-batch gradients of {m} as separate jitted calls / the library's step, {arch}, B={b}",
+                r[f"split{m}"].wall / r["one"].wall, None, "",
+                "SplitStep: draws, one call per micro-batch, update (3 compiled functions)")
     if one.micro:
         tab.add(f"whole batch / micro-batches of {one.micro} (the cpu config), train step, {arch}, B={b}",
                 r["whole"].wall / r["one"].wall, None, "", "config.micro_batch = 0 vs the cpu config's")
