@@ -24,7 +24,8 @@ Sections:
   = the UNet before this benchmark), XLA:CPU's YNNPACK fusions off or extended to
   elementwise ops and reductions, ResBlocks rematerialised (``nn.remat``), bfloat16 compute; and for the
   whole step: 4 steps per jitted call (``lax.scan``) vs 4 calls, state donation off, the whole
-  batch in one pass vs the cpu config's micro-batches.
+  batch in one pass vs the cpu config's micro-batches, and each micro-batch's gradient as a separate
+  jitted call dispatched from Python (``SplitStep``, micro-batches of 16 and 8) vs the one compiled step.
 * ``profile``: forward vs forward+backward vs the whole step, and the step's XLA ops grouped by
   kind (convolutions split into forward/input-gradient and kernel-gradient, dots, reductions,
   transposes, elementwise fusions), from a ``jax.profiler`` trace.
