@@ -232,13 +232,15 @@ class ScanStep(JaxStep):
 
 
 class SplitStep(JaxStep):
-    """The same train step with each micro-batch's gradient a separate jitted call, dispatched from Python.
+    """The train step's work with each micro-batch's gradient a separate jitted call, dispatched from Python.
 
     Three compiled functions instead of one: the batch's random draws (t, noise), the loss and
     gradient of one micro-batch of ``micro`` images added to the running sum (the sum donated), and
     the update (the mean gradient, Adam with the cpu config's clipping, EMA). The gradient is the
-    library step's (eps loss at a random t, micro-batch means averaged); a lever, not the library's
-    step.
+    library step's (eps loss at a random t, micro-batch means averaged). A timing lever, not a second
+    trainer: the library's step lives in closures of ``train.trainer.make_train_step``, so the
+    draws and update are written out here, without what costs nothing measurable (the EMA decay's
+    warm-up, the grad-norm metric, the unconditional UNet only).
     """
 
     def __init__(self, module, params, batch, micro):
