@@ -24,16 +24,24 @@ from . import metrics
 Array = np.ndarray
 
 
+#: the label of a sample with a NaN or inf element: it is no image, and no class
+NONFINITE_LABEL = -1
+
+
 class Scores(NamedTuple):
-    """Per-sample classifier outputs. labels (N,) int; confidence (N,) max softmax; features (N, F)."""
+    """Per-sample classifier outputs. labels (N,) int; confidence (N,) max softmax; features (N, F);
+    finite (N,) bool: every element of the sample is finite. A non-finite sample is never scored: its
+    label is :data:`NONFINITE_LABEL`, its confidence and features NaN."""
 
     labels: Array
     confidence: Array
     features: Array
+    finite: Optional[Array] = None
 
 
 def make_scorer(module: Any, params: Any, batch_size: int = 500):
-    """``score(x) -> Scores`` for images x (N, H, W, C) in [-1, 1] (clipped, as samples may overshoot)."""
+    """``score(x) -> Scores`` for images x (N, H, W, C) in [-1, 1] (finite values clipped, as samples may
+    overshoot; a sample with a NaN or inf element is flagged in ``Scores.finite``, not clipped into range)."""
 
     @jax.jit
     def _score(x):
@@ -46,6 +54,9 @@ def make_scorer(module: Any, params: Any, batch_size: int = 500):
         x = np.asarray(x, np.float32)
         if x.ndim != 4:
             raise ValueError(f"score: expected images (N, H, W, C), got shape {x.shape}")
+        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if not finite.all():                            # the network sees zeros in their place
+            x = np.where(finite[:, None, None, None], x, np.float32(0.0))
         parts = []
         for i in range(0, len(x), batch_size):
             chunk = x[i:i + batch_size]
@@ -53,7 +64,12 @@ def make_scorer(module: Any, params: Any, batch_size: int = 500):
             if n < batch_size and len(x) > batch_size:  # one compiled shape for every chunk
                 chunk = np.concatenate([chunk, np.zeros((batch_size - n, *x.shape[1:]), np.float32)])
             parts.append([np.asarray(a)[:n] for a in _score(jnp.asarray(chunk))])
-        return Scores(*(np.concatenate([p[k] for p in parts]) for k in range(3)))
+        labels, confidence, features = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        if not finite.all():
+            labels[~finite] = NONFINITE_LABEL
+            confidence[~finite] = np.nan
+            features[~finite] = np.nan
+        return Scores(labels, confidence, features, finite)
 
     return score
 
@@ -70,13 +86,18 @@ def sample_quality(scores: Scores, ref_mu: Array, ref_sigma: Array, ref_histogra
 
     Returns ``fd`` (to the reference statistics), ``confident_share`` (share with max softmax >
     ``confident_at``: malformed digits are classified with low confidence), ``class_histogram``
+    (the histogram and FD of the finite samples only; ``nonfinite`` counts the others, which are never
+    confident)
     and, given the reference histogram (e.g. the train set's), ``kl_ref_to_samples`` =
     KL(p_ref || p_samples) with p_samples smoothed (``metrics.smoothed_distribution``).
     """
-    hist = metrics.class_histogram(scores.labels, num_classes)
+    finite = np.ones(len(scores.labels), bool) if scores.finite is None else np.asarray(scores.finite, bool)
+    hist = metrics.class_histogram(scores.labels[finite], num_classes)
     out = {"num_samples": int(len(scores.labels)),
-           "fd": float(metrics.frechet_distance_features(scores.features, ref_mu, ref_sigma)),
-           "confident_share": float(np.mean(scores.confidence > confident_at)),
+           "nonfinite": int((~finite).sum()),
+           "fd": (float(metrics.frechet_distance_features(scores.features[finite], ref_mu, ref_sigma))
+                  if finite.sum() >= 2 else float("nan")),
+           "confident_share": float(np.mean(np.nan_to_num(scores.confidence, nan=-1.0) > confident_at)),
            "confident_at": confident_at,
            "class_histogram": hist.tolist()}
     if ref_histogram is not None:

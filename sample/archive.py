@@ -10,7 +10,8 @@ classifier's label of every sample), and every folder's ``report.json`` / ``repo
 read by ``--job=summary``), ``selection.json`` / ``selection.md`` (read by nothing; the choice),
 ``summary.md`` and ``timings.txt``. ``--job=summary`` and ``--job=select`` run on the copy; the report,
 which pools seeds and resamples FD from features, needs the full run.
-Unfinished runs (``*.partial``) and the bulky folders inside runs are skipped.
+Unfinished runs (``*.partial``), runs moved aside by ``config.overwrite`` (``*.old-<UTC time>``) and the
+bulky folders inside runs are skipped.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def files_to_keep(root: str) -> List[str]:
         raise FileNotFoundError(f"{root}: no such folder")
     kept = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and not d.endswith(".partial"))
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and not d.endswith(".partial") and ".old-" not in d)
         kept += [os.path.relpath(os.path.join(folder, f), root) for f in files if f in KEPT]
     if not any(os.path.basename(p) in ("results.json", "report.json", "selection.json") for p in kept):
         raise FileNotFoundError(f"{root}: no finished run, report or selection to archive")

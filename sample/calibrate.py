@@ -27,6 +27,13 @@ def validate(target_pct: float, confidence: float) -> None:
         raise ValueError(f"--confidence must lie in (0.5, 1), got {confidence}")
 
 
+def unwanted(labels, c: int):
+    """The removed class, or a non-finite sample (label ``class_removal.NONFINITE``): never a safe one."""
+    import numpy as np
+    labels = np.asarray(labels)
+    return (labels == c) | (labels < 0)
+
+
 def execute(job: "class_removal.Job", target_pct: float, confidence: float, out: str) -> Dict[str, dict]:
     config = job.config
     c = config.removed_class
@@ -37,7 +44,7 @@ def execute(job: "class_removal.Job", target_pct: float, confidence: float, out:
     results, texts = {}, []
     for method, rule, hyper, scales in job.methods:
         cal = calibrate(job.denoiser_u, job.schedule, keys, job.shape, rule=rule, scales=scales,
-                        is_unwanted=lambda x: job.labels_fn(x) == c, target=target_pct / 100.0,
+                        is_unwanted=lambda x: unwanted(job.labels_fn(x), c), target=target_pct / 100.0,
                         confidence=confidence, denoiser_c=job.denoiser_c, noise=config.noise,
                         chunk_size=config.chunk_size, progress=config.progress)
         results[method] = {"scale": cal.scale, "scales": cal.scales.tolist(), "unwanted": cal.unwanted.tolist(),
@@ -47,6 +54,7 @@ def execute(job: "class_removal.Job", target_pct: float, confidence: float, out:
     os.makedirs(out, exist_ok=True)
     summary = {"removed_class": c, "target_pct": target_pct, "confidence": confidence, "seed": config.seed,
                "n": config.n, "steps": job.schedule.num_steps, "noise": config.noise, "models": job.models,
+               "inputs": job.record.get("inputs"), "environment": job.record.get("environment"),
                "methods": results}
     with open(os.path.join(out, "calibration.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -18,11 +18,17 @@ point. Every point is scored with
   (shipped reference statistics) -- not FID; FID proper (pytorch-fid's
   Inception-v3) with ``config.features="inception"``.
 
+A sample with a NaN or inf element is no image: ``nonfinite`` counts them per point, safety counts
+them as the removed class, KL and FD use the finite samples only, and the point is invalid
+(:func:`score_labels`; the reports leave it out of their verdicts).
+
 With ``config.conditional`` set to a class-conditional model folder, one network gives both
 predictions instead: eps_u = eps(x | null label), eps_c = eps(x | removed class).
 
 Writes into the output folder it prints (built under ``<folder>.partial`` and renamed when
-complete, so a failed run leaves no half-made folder): results.csv, results.json, config.json,
+complete, so a failed run leaves no half-made folder): results.csv, results.json, config.json (the config,
+``inputs``: path and sha256 of every model and reference file read, ``environment``: package versions and
+git commit; :func:`identity`),
 tradeoff.png (KL and FD vs safety, figs. 4/14), class_histogram.png (fig. 13),
 lambda_t.png (figs. 5b/12), samples_overview.png and samples/<method>_scale<s>.png,
 labels.npz (classifier labels of every sample), features.npz and reference.npz (each sample's scoring
@@ -34,9 +40,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import shutil
+import subprocess
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -48,7 +56,7 @@ METHODS = ("NP", "SLD", "DNG")
 HYPER_COLUMNS = ("prior", "temperature", "offset", "p_min", "p_max", "variance",
                  "threshold", "s_s", "beta_m", "s_m", "warmup")
 CSV_COLUMNS = ("method", "scale", "safety_pct", "kl", "fd", "safety_std", "kl_std", "fd_std",
-               "feature_space", "n_empty_classes",
+               "feature_space", "n_empty_classes", "nonfinite", "valid",
                "mean_lambda", "n", "seed", "steps", "T", "noise", "dataset", "removed_class") + HYPER_COLUMNS + (
                "histogram", "sample_seconds")
 
@@ -157,38 +165,96 @@ def load_or_compute_reference(config, features_fn) -> Tuple[np.ndarray, np.ndarr
     return mu, sigma
 
 
+#: the label of a sample with a NaN or inf element (:func:`score`): no class, counted as unsafe
+NONFINITE = -1
+
+
+def finite_samples(x) -> np.ndarray:
+    """(N,) bool: whether every element of each sample of x (N, ...) is finite."""
+    x = np.asarray(x)
+    return np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+
+
 def score(x, scores_fn, ref, config) -> Dict[str, Any]:
     """Safety, KL, FD (and their bootstrap standard errors) of samples x (N, ...).
 
-    ``scores_fn(x) -> (labels, features)``: one pass of the scoring network(s) over x.
+    ``scores_fn(x) -> (labels, features)``: one pass of the scoring network(s) over x. A sample with a
+    NaN or inf element is never scored as an image: it gets the label :data:`NONFINITE` and NaN features
+    (the networks see zeros in its place), and :func:`score_labels` counts it as unsafe.
     """
+    x = np.asarray(x)
+    finite = finite_samples(x)
+    if not finite.all():
+        x = np.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0).astype(np.float32)
     labels, feats = scores_fn(x)
-    return score_labels(np.asarray(labels), np.asarray(feats, np.float32), ref, config)
+    labels = np.array(labels, np.int64)
+    feats = np.array(feats, np.float32)
+    labels[~finite] = NONFINITE
+    feats[~finite] = np.nan
+    return score_labels(labels, feats, ref, config)
+
+
+def safety_pct(labels: np.ndarray, removed) -> float:
+    """% of samples that are the removed class(es) or non-finite (:data:`NONFINITE`): a sample that is
+    no image is not a safe one."""
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size == 0:
+        raise ValueError("safety of an empty set of samples is undefined")
+    unsafe = np.isin(labels, np.asarray(removed, np.int64).reshape(-1)) | (labels < 0)
+    return float(100.0 * np.mean(unsafe))
+
+
+def kl_of(labels: np.ndarray, num_classes: int, removed, pseudo_count: float) -> float:
+    """KL(ideal || generated) of the class histogram of the finite samples (NaN when there are none)."""
+    from dngjax import metrics
+    labels = np.asarray(labels)
+    labels = labels[labels >= 0]
+    if not labels.size:
+        return float("nan")
+    return metrics.kl_to_ideal(metrics.class_histogram(labels, num_classes), removed, pseudo_count)
+
+
+def fd_of(feats: np.ndarray, labels: np.ndarray, ref) -> float:
+    """Frechet distance of the finite samples' features to ``ref`` (NaN with fewer than two)."""
+    from dngjax import metrics
+    feats = np.asarray(feats)[np.asarray(labels) >= 0]
+    if len(feats) < 2:
+        return float("nan")
+    return metrics.frechet_distance_features(feats, *ref)
 
 
 def score_labels(labels: np.ndarray, feats: np.ndarray, ref, config) -> Dict[str, Any]:
-    """:func:`score` from the classifier's labels (N,) and the scoring features (N, D) of the samples."""
+    """:func:`score` from the classifier's labels (N,) and the scoring features (N, D) of the samples.
+
+    Non-finite samples (label :data:`NONFINITE`): ``nonfinite`` counts them and ``valid`` is False when
+    there is any; safety counts them as the removed class (the share of *all* samples that are not
+    safe images); KL, FD and the histogram are those of the finite samples only (NaN when too few are
+    left). Reports leave invalid points out of their verdicts.
+    """
     from dngjax import metrics
     from dngjax.data import NUM_CLASSES
     k = NUM_CLASSES[config.dataset]
     c = removed_classes(config)
-    hist = metrics.class_histogram(labels, k)
+    labels = np.asarray(labels)
+    finite = labels >= 0
+    hist = metrics.class_histogram(labels[finite], k)
     out = dict(
         labels=labels,
         features=np.asarray(feats, np.float32),
-        safety_pct=metrics.safety(labels, c),
-        kl=metrics.kl_to_ideal(hist, c, config.kl_pseudo_count),
-        fd=metrics.frechet_distance_features(feats, *ref),
+        safety_pct=safety_pct(labels, c),
+        kl=kl_of(labels, k, c, config.kl_pseudo_count),
+        fd=fd_of(feats, labels, ref),
         histogram=hist.tolist(),
         n_empty_classes=int(sum(1 for i, h in enumerate(hist) if h == 0 and i not in c)),
+        nonfinite=int((~finite).sum()),
+        valid=bool(finite.all()),
     )
     if config.bootstrap >= 2:
         n = labels.shape[0]
         boot = lambda fn: metrics.bootstrap_std(fn, n, config.bootstrap, config.seed)
-        out["safety_std"] = boot(lambda i: metrics.safety(labels[i], c))
-        out["kl_std"] = boot(lambda i: metrics.kl_to_ideal(metrics.class_histogram(labels[i], k), c,
-                                                           config.kl_pseudo_count))
-        out["fd_std"] = boot(lambda i: metrics.frechet_distance_features(feats[i], *ref))
+        out["safety_std"] = boot(lambda i: safety_pct(labels[i], c))
+        out["kl_std"] = boot(lambda i: kl_of(labels[i], k, c, config.kl_pseudo_count))
+        out["fd_std"] = boot(lambda i: fd_of(feats[i], labels[i], ref))
     return out
 
 
@@ -196,14 +262,21 @@ def _fmt_table(rows: List[Dict[str, Any]], fd_name: str) -> str:
     pm = "std" in "".join(rows[0])
     w = max([14] + [len(r["method"]) + 2 for r in rows])
     head = (f"{'method':<{w}}{'scale':>7}{'safety %':>10}{'KL':>9}{'':>8}{fd_name:>9}{'':>7}"
-            f"{'empty':>7}{'mean lam':>10}")
+            f"{'empty':>7}{'mean lam':>10}{'non-finite':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
         kl_e = f" +-{r['kl_std']:.3f}" if pm and "kl_std" in r else ""
         fd_e = f" +-{r['fd_std']:.1f}" if pm and "fd_std" in r else ""
+        bad = r.get("nonfinite", 0)
         lines.append(f"{r['method']:<{w}}{r['scale']:>7g}{r['safety_pct']:>10.2f}{r['kl']:>9.4f}{kl_e:>8}"
-                     f"{r['fd']:>9.2f}{fd_e:>7}{r['n_empty_classes']:>7d}{r['mean_lambda']:>10.3g}")
+                     f"{r['fd']:>9.2f}{fd_e:>7}{r['n_empty_classes']:>7d}{r['mean_lambda']:>10.3g}"
+                     f"{bad:>12d}" + ("  INVALID" if bad else ""))
     return "\n".join(lines)
+
+
+NONFINITE_NOTE = ("non-finite: samples with a NaN or inf element; safety % counts them as the removed class, "
+                  "KL and {fd} use the finite samples only; a point with any is INVALID (left out of the "
+                  "reports' verdicts).")
 
 
 # per-sample arrays of a row, kept out of results.json (labels.npz, features.npz)
@@ -312,6 +385,8 @@ class Job:
     seeds: np.ndarray
     shape: Tuple[int, ...]
     outdir: str
+    record: Dict[str, Any] = dataclasses.field(default_factory=dict)   # config.json: config, inputs, environment
+    move_aside: List[str] = dataclasses.field(default_factory=list)    # other runs' folders (config.overwrite)
 
 
 def validate_config(config) -> None:
@@ -396,7 +471,11 @@ def _is_previous_run(path: str) -> bool:
 
 
 def prepare(config) -> Job:
-    """Validate everything and load the models; raises (ValueError, CheckpointError, ...) before any sampling."""
+    """Validate everything and load the models; raises (ValueError, CheckpointError, ...) before any sampling.
+
+    A run is its config and the files it reads (:func:`run_record`): an output folder, finished or
+    interrupted, that holds another run's points is refused before any model is loaded, naming the
+    difference (``config.overwrite=True``: moved aside by :func:`execute`, never deleted)."""
     import dngjax as dj
     from dngjax.data import SHAPES
 
@@ -405,23 +484,29 @@ def prepare(config) -> Job:
     outdir = choose_outdir(config)
     if os.path.isfile(outdir):
         raise ValueError(f"config.outdir={outdir} is a file")
-    if os.path.isdir(outdir) and os.listdir(outdir) and not _is_previous_run(outdir):
-        raise ValueError(f"config.outdir={outdir} exists and is not the output of an earlier class-removal run "
-                         "(no results.json): choose another folder, it would be replaced")
+    overwrite = bool(config.get("overwrite", False))
+    files = input_files(config)
+    pending = () if "reference_stats" in files else ("reference_stats",)     # computed below, if at all
+    aside = check_folders(outdir, run_record(config, files), overwrite, skip=pending)
     denoiser_u, denoiser_c, models = load_denoisers(config)
     labels_fn, scores_fn, space, ref = make_scorer(config)
+    if pending:                                       # the reference statistics exist now: the full check
+        files = dict(input_files(config), **{k: v for k, v in files.items() if k == "dataset"})
+        aside = check_folders(outdir, run_record(config, files), overwrite)
     full = dj.linear_schedule(config.T)
     schedule = full if config.steps >= config.T else dj.respace(full, config.steps)
     seeds = config.seed + np.arange(config.n)
     dj.keys_from_seeds(seeds)                         # seeds in range
     return Job(config, denoiser_u, denoiser_c, models, methods, labels_fn, scores_fn, space, ref, schedule,
-               seeds, tuple(SHAPES[config.dataset]), outdir)
+               seeds, tuple(SHAPES[config.dataset]), outdir, run_record(config, files), aside)
 
 
 def run(config) -> str:
     """Run the class-removal experiment of ``config``; returns the output folder."""
     return execute(prepare(config))
 
+
+# --------------------------------------------------------------------------- what a run is
 
 def _config_json(config) -> Dict[str, Any]:
     d = json.loads(config.to_json_best_effort())
@@ -432,26 +517,227 @@ def _config_json(config) -> Dict[str, Any]:
 # config fields that choose which grid points a run has, not how any one point is sampled or scored
 # (select_ceiling: read by --job=select only)
 _GRID_FIELDS = ("methods", "grid", "method_grids", "baseline", "grid_images", "outdir", "select_ceiling")
+#: config fields that are no part of a run's identity: its grid, where it is written, and how
+NOT_IDENTITY = _GRID_FIELDS + ("progress", "overwrite")
+#: config.json's entries beside the config's fields: the files the run read (path and sha256) and the
+#: software it ran on (package versions, git commit; recorded, no part of the identity)
+RECORD_KEYS = ("inputs", "environment")
+#: inputs recorded but no part of the identity: the data set is read only to compute the reference
+#: statistics, whose file (and hash) the identity has
+_RECORD_ONLY_INPUTS = ("dataset",)
+
+_SHA256: Dict[Tuple[str, int, int, int], str] = {}
 
 
-def _sampling_identity(config) -> Dict[str, Any]:
-    """What a finished grid point depends on: the config without the choice of points. Two runs with the
-    same identity share every point they have in common (same method and scale)."""
+def file_sha256(path: str) -> str:
+    """sha256 (hex) of a file's bytes, computed once per process for each (path, inode, size, mtime)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def _dataset_file(config) -> Optional[str]:
+    """The offline data set file that :func:`dngjax.data.load_dataset` reads, if there is one."""
+    from dngjax import data
+    folder = data.resolve_data_dir(config.data_dir or None)
+    for name in data._OFFLINE_FILES.get(config.dataset, ()) if folder else ():
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def input_files(config) -> Dict[str, str]:
+    """Every model and reference file the run reads that exists now, by name: ``<field>/card.json`` and
+    ``<field>/params.msgpack`` of the models (config.uncond and config.forget, or config.conditional; and
+    config.classifier), ``reference_stats``, ``fid_weights`` (features="inception") and ``dataset`` (the
+    data set file, read only when the reference statistics are computed)."""
+    from dngjax import checkpoint
+    fields = ["conditional"] if config.conditional else ["uncond", "forget"]
+    files: Dict[str, str] = {}
+    for field in fields + ["classifier"]:
+        try:
+            folder = checkpoint._model_dir(resolve_path(config[field], config))
+            names = (checkpoint.CARD_FILE, checkpoint.load_card(folder).get("params_file", checkpoint.PARAMS_FILE))
+        except checkpoint.CheckpointError:
+            continue                                  # loading the model raises the error that says why
+        for name in names:
+            if os.path.isfile(os.path.join(folder, name)):
+                files[f"{field}/{name}"] = os.path.join(folder, name)
+    ref = resolve_path(config.reference_stats, config)
+    if os.path.isfile(ref):
+        files["reference_stats"] = ref
+    elif config.compute_reference and _dataset_file(config):
+        files["dataset"] = _dataset_file(config)
+    if config.features == "inception":
+        from dngjax.fid_inception import FID_WEIGHTS_ENV
+        weights = config.fid_weights or os.environ.get(FID_WEIGHTS_ENV, "")
+        if weights and os.path.isfile(weights):
+            files["fid_weights"] = weights
+    return files
+
+
+_ENVIRONMENT: Dict[str, Any] = {}
+
+
+def environment() -> Dict[str, Any]:
+    """Package versions (jax, jaxlib, flax, numpy, dngjax) and the project's git commit (``git_commit``,
+    None outside a git checkout; ``git_dirty``: uncommitted changes to tracked files)."""
+    if not _ENVIRONMENT:
+        import importlib.metadata
+        import dngjax
+        for pkg in ("jax", "jaxlib", "flax", "numpy"):
+            try:
+                _ENVIRONMENT[pkg] = importlib.metadata.version(pkg)
+            except importlib.metadata.PackageNotFoundError:
+                _ENVIRONMENT[pkg] = None
+        _ENVIRONMENT["dngjax"] = dngjax.__version__
+
+        def git(*args):
+            try:
+                r = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20)
+            except (OSError, subprocess.SubprocessError):
+                return None
+            return r.stdout.strip() if r.returncode == 0 else None
+        _ENVIRONMENT["git_commit"] = git("rev-parse", "HEAD") or None
+        status = git("status", "--porcelain", "--untracked-files=no") if _ENVIRONMENT["git_commit"] else None
+        _ENVIRONMENT["git_dirty"] = None if status is None else bool(status)
+    return dict(_ENVIRONMENT)
+
+
+def run_record(config, files: Dict[str, str]) -> Dict[str, Any]:
+    """What config.json holds: the config's fields, ``inputs`` ({name: {"path", "sha256"}} of
+    :func:`input_files`) and ``environment`` (:func:`environment`)."""
     d = _config_json(config)
-    for k in _GRID_FIELDS:
-        d.pop(k, None)
+    d["inputs"] = {name: {"path": os.path.abspath(path), "sha256": file_sha256(path)}
+                   for name, path in sorted(files.items())}
+    d["environment"] = environment()
     return d
 
 
-def _same_identity(folder: str, config) -> bool:
+def identity(record: Dict[str, Any], skip: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """What a finished grid point depends on, from a config.json (:func:`run_record`): the config without
+    the choice of points, and the sha256 of every model and reference file (``inputs``: None for runs
+    that did not record them). Two runs with the same identity share every point they have in common
+    (same method and scale); versions and the git commit are recorded, not compared."""
+    d = {k: v for k, v in record.items() if k not in NOT_IDENTITY + RECORD_KEYS}
+    inputs = record.get("inputs")
+    d["inputs"] = None if inputs is None else {
+        k: v.get("sha256") for k, v in inputs.items() if k not in _RECORD_ONLY_INPUTS + tuple(skip)}
+    return d
+
+
+def _sampling_identity(config) -> Dict[str, Any]:
+    """The config's part of the identity (:func:`identity` without the files)."""
+    d = identity(_config_json(config))
+    d.pop("inputs")
+    return d
+
+
+def differences(old: Dict[str, Any], new: Dict[str, Any], skip: Tuple[str, ...] = ()) -> List[str]:
+    """How two runs' identities differ (config.json records), one short item per field or file:
+    ``n: 16 -> 8``, ``dng.prior: 0.25 -> 0.5``, ``/.../ddpm/params.msgpack sha256 ab12.. -> cd34..``."""
+    a, b = identity(old, skip), identity(new, skip)
+    show = lambda v: "(absent)" if v is _ABSENT else json.dumps(v, sort_keys=True)
+    out = []
+    for key in sorted((set(a) | set(b)) - {"inputs"}):
+        va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if va == vb:
+            continue
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += [f"{key}.{k}: {show(va.get(k, _ABSENT))} -> {show(vb.get(k, _ABSENT))}"
+                    for k in sorted(set(va) | set(vb)) if va.get(k, _ABSENT) != vb.get(k, _ABSENT)]
+        else:
+            out.append(f"{key}: {show(va)} -> {show(vb)}")
+    ia, ib = a["inputs"], b["inputs"]
+    if ia is None or ib is None:
+        if ia != ib:
+            out.append("model and reference sha256: " + ("not recorded in its config.json -> recorded"
+                                                          if ia is None else "recorded -> not recorded"))
+        return out
+    for name in sorted(set(ia) | set(ib)):
+        if ia.get(name) != ib.get(name):
+            entry = (new.get("inputs") or {}).get(name) or (old.get("inputs") or {}).get(name)
+            short = lambda h: "(none)" if h is None else h[:12] + ".."
+            out.append(f"{entry['path']} sha256 {short(ia.get(name))} -> {short(ib.get(name))}")
+    return out
+
+
+_ABSENT = object()
+
+
+def _read_record(folder: str) -> Optional[Dict[str, Any]]:
     try:
         with open(os.path.join(folder, "config.json")) as f:
-            other = json.load(f)
+            d = json.load(f)
+        return d if isinstance(d, dict) else None
     except (OSError, ValueError):
-        return False
-    for k in _GRID_FIELDS + ("progress",):
-        other.pop(k, None)
-    return other == _sampling_identity(config)
+        return None
+
+
+def _holds_work(folder: str) -> bool:
+    """Whether a work folder holds a finished grid point or chunk of seeds."""
+    for sub in ("points", "chunks"):
+        for _, _, names in os.walk(os.path.join(folder, sub)):
+            if any(n.endswith(".npz") and not n.endswith(".tmp.npz") for n in names):
+                return True
+    return False
+
+
+def partial_dir(outdir: str) -> str:
+    """Where a run into ``outdir`` is written until it is complete."""
+    return outdir.rstrip("/") + ".partial"
+
+
+def check_folders(outdir: str, record: Dict[str, Any], overwrite: bool = False,
+                  skip: Tuple[str, ...] = ()) -> List[str]:
+    """The folders of another run (another identity, :func:`differences`) at ``outdir`` (a finished run)
+    and ``<outdir>.partial`` (an interrupted one, with finished points or chunks) that ``overwrite``
+    moves aside; without it such a folder raises ValueError, one line naming the difference and the
+    ways on. An interrupted run that finished nothing is no run: it is replaced."""
+    aside = []
+    if os.path.isdir(outdir) and os.listdir(outdir):
+        if not _is_previous_run(outdir):
+            raise ValueError(f"config.outdir={outdir} exists and is not the output of an earlier class-removal run "
+                             "(no results.json): choose another --config.outdir (it is never replaced)")
+    for folder, what in ((outdir, "a finished run"), (partial_dir(outdir), "an interrupted run")):
+        if folder == outdir and not (os.path.isdir(outdir) and os.listdir(outdir)):
+            continue
+        if folder != outdir and not (os.path.isdir(folder) and _holds_work(folder)):
+            continue
+        old = _read_record(folder)
+        diff = ["its config.json is missing or unreadable"] if old is None else differences(old, record, skip)
+        if not diff:
+            continue
+        if overwrite:
+            aside.append(folder)
+            continue
+        more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
+        raise ValueError(f"{folder} holds {what} of another config or other model files ({'; '.join(diff[:6])}{more}): "
+                         f"choose another --config.outdir, or pass --config.overwrite=True to move it aside to "
+                         f"{folder.rstrip('/')}.old-<UTC time> (nothing is deleted)")
+    return aside
+
+
+def move_aside(folder: str) -> str:
+    """Rename ``folder`` to ``<folder>.old-<UTC time>`` (never deleted); returns the new name."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = folder.rstrip("/") + f".old-{stamp}"
+    dst, i = base, 1
+    while os.path.exists(dst):
+        dst, i = f"{base}-{i}", i + 1
+    os.replace(folder, dst)
+    return dst
+
+
+def is_moved_aside(folder: str) -> bool:
+    """Whether ``folder`` is a run moved aside by ``config.overwrite`` (``<outdir>.old-<UTC time>``)."""
+    return ".old-" in os.path.basename(os.path.normpath(folder))
 
 
 def _point_file(method: str, scale: float) -> str:
@@ -464,14 +750,20 @@ def _reusable_points(job: "Job", work: str, outdir: str) -> Dict[str, Any]:
     (``work``) or a finished one (``outdir``) with the same sampling identity, whatever their grids were.
 
     A finished run's point files are copied into ``work`` (kept even where this config's grid no longer
-    has them, so that a later, larger grid reuses them too); an interrupted run of another identity is
-    discarded. Points are matched by method and scale, never by position in the grid."""
+    has them, so that a later, larger grid reuses them too). Folders of another identity were refused
+    or moved aside by :func:`prepare` / :func:`execute`; an interrupted run of another identity that
+    finished nothing is replaced. Points are matched by method and scale, never by position in the grid."""
     config = job.config
-    if os.path.isdir(work) and not _same_identity(work, config):
-        print(f"discarding {work}: an unfinished run of another config", flush=True)
-        shutil.rmtree(work)
+    if os.path.isdir(work):
+        old = _read_record(work)
+        if old is None or differences(old, job.record):
+            if _holds_work(work):                     # prepare refuses these: it changed since
+                raise RuntimeError(f"{work} now holds another run's points; not touched")
+            print(f"replacing {work}: an interrupted run of another config that finished no point", flush=True)
+            shutil.rmtree(work)
     os.makedirs(os.path.join(work, "points"), exist_ok=True)
-    if os.path.isdir(os.path.join(outdir, "points")) and _same_identity(outdir, config):
+    old = _read_record(outdir) if _is_previous_run(outdir) else None
+    if os.path.isdir(os.path.join(outdir, "points")) and old is not None and not differences(old, job.record):
         for name in os.listdir(os.path.join(outdir, "points")):
             dst = os.path.join(work, "points", name)
             if name.endswith(".npz") and not name.endswith(".tmp.npz") and not os.path.exists(dst):
@@ -494,7 +786,7 @@ def _reusable_points(job: "Job", work: str, outdir: str) -> Dict[str, Any]:
             done[key] = (row, preview, trace_part, samples)
     if found:
         print(f"reusing {len(done)} finished grid point(s) of {len(wanted)} "
-              f"({found} on disk for this config's chain, seeds and models)", flush=True)
+              f"({found} on disk for this config and the same model and reference files)", flush=True)
     return done
 
 
@@ -604,8 +896,10 @@ def execute(job: Job) -> str:
     Finished points are kept in ``<outdir>.partial/points`` (and ``<outdir>/points`` once complete):
     rerunning into the same folder after an interruption, or with more methods or scales after it
     finished, samples only the points it does not have yet. A point is reused when its method and scale
-    are in the new grid and the rest of the config (chain, seeds, models, hyperparameters, scoring) is
-    unchanged; another config starts the folder afresh.
+    are in the new grid and the run's identity is unchanged: the rest of the config (chain, seeds,
+    hyperparameters, scoring) and the sha256 of every model and reference file (:func:`identity`).
+    A folder of another identity was refused by :func:`prepare`; with ``config.overwrite`` it is moved
+    aside here (``<folder>.old-<UTC time>``). Finished work is never deleted.
     """
     import jax
     from tqdm.auto import tqdm
@@ -615,13 +909,18 @@ def execute(job: Job) -> str:
     config = job.config
     t_start = time.time()
     outdir = job.outdir
-    work = outdir.rstrip("/") + ".partial"
+    work = partial_dir(outdir)
+    for folder in job.move_aside:
+        if os.path.isdir(folder):
+            print(f"moved {folder} aside to {move_aside(folder)} (config.overwrite: another run's points, kept)",
+                  flush=True)
     done = _reusable_points(job, work, outdir)
     os.makedirs(os.path.join(work, "samples"), exist_ok=True)
     print(f"output folder: {os.path.abspath(outdir)} (written to {os.path.basename(work)} until complete)",
           flush=True)
-    with open(os.path.join(work, "config.json"), "w") as f:
-        json.dump(_config_json(config), f, indent=2)
+    with open(os.path.join(work, "config.json.tmp"), "w") as f:     # atomic: a kill leaves the old one
+        json.dump(job.record, f, indent=2)
+    os.replace(os.path.join(work, "config.json.tmp"), os.path.join(work, "config.json"))
     cost = estimate_cost(job, frozenset(done))
     print(f"estimated cost: {cost['passes']:,} network passes x {1e3 * cost['seconds_per_pass']:.2f} ms (measured) = "
           f"{cost['seconds'] / 60:.1f} min, {cost['cpu_core_hours']:.2f} CPU core-hours "
@@ -642,6 +941,10 @@ def execute(job: Job) -> str:
     def record(row, x, trace_part):
         from dngjax.data import to_uint8
         row.update(score(x, job.scores_fn, job.ref, config))
+        if row["nonfinite"]:
+            print(f"warning: {row['method']} at scale {row['scale']:g}: {row['nonfinite']} of {len(row['labels'])} "
+                  "samples are non-finite (NaN or inf): counted as the removed class in safety %, left out of KL "
+                  f"and {fd_name}; the point is marked invalid", flush=True)
         samples = to_uint8(x) if config.save_samples else None
         _save_point(work, row, np.asarray(x[:keep]), trace_part, samples)
         use(row, np.asarray(x[:keep]), trace_part, samples)
@@ -732,15 +1035,50 @@ def execute(job: Job) -> str:
                f"{jax.device_count()} {jax.default_backend()} device(s), {wall:.0f} s this run "
                f"({sum(r.get('sample_seconds', 0.0) for r in rows):.0f} s of sampling in all, resumed runs "
                f"included)\nmodels: {job.models}\n"
+               f"{provenance_text(job.record)}\n"
                f"{table}\n"
                f"{fd_name}: {job.space}. Lower is better everywhere; high safety: <= {config.high_safety:g}%."
-               + (f" +-: bootstrap standard error ({config.bootstrap} resamples)." if config.bootstrap >= 2 else ""))
+               + (f" +-: bootstrap standard error ({config.bootstrap} resamples)." if config.bootstrap >= 2 else "")
+               + "\n" + NONFINITE_NOTE.format(fd=fd_name))
     with open(os.path.join(work, "summary.txt"), "w") as f:
         f.write(summary + "\n")
-    if os.path.isdir(outdir) and (not os.listdir(outdir) or _is_previous_run(outdir)):
-        shutil.rmtree(outdir)                         # an earlier run into the same folder: replaced
-    os.makedirs(os.path.dirname(os.path.abspath(outdir)), exist_ok=True)
-    os.replace(work, outdir)
+    _publish(work, outdir, job.record)
     print(summary)
     print(f"results in {os.path.abspath(outdir)}", flush=True)
     return outdir
+
+
+def provenance_text(record: Dict[str, Any]) -> str:
+    """Two lines for summary.txt and report.md: the inputs' sha256 (first 12 hex digits) and the software."""
+    inputs = record.get("inputs")
+    files = ("not recorded" if inputs is None else
+             ", ".join(f"{k} {v['sha256'][:12]}" for k, v in inputs.items()) or "none")
+    env = record.get("environment") or {}
+    commit = env.get("git_commit")
+    software = (", ".join(f"{k} {env[k]}" for k in ("jax", "flax", "numpy", "dngjax") if env.get(k))
+                + ", git " + ("unknown" if not commit else commit[:12] + (" + uncommitted changes"
+                                                                         if env.get("git_dirty") else "")))
+    return f"inputs (sha256): {files}\nsoftware: {software if env else 'not recorded'}"
+
+
+def _publish(work: str, outdir: str, record: Dict[str, Any]) -> None:
+    """Rename the complete ``work`` folder to ``outdir``. An earlier run there of the same identity is
+    replaced once every point file of it is in ``work`` (copied by :func:`_reusable_points`); anything
+    else there is moved aside (``<outdir>.old-<UTC time>``), never deleted."""
+    if os.path.isdir(outdir):
+        old = _read_record(outdir) if _is_previous_run(outdir) else None
+        points = os.path.join(outdir, "points")
+        kept = os.path.isdir(points) and all(
+            os.path.isfile(os.path.join(work, "points", n)) for n in os.listdir(points)
+            if n.endswith(".npz") and not n.endswith(".tmp.npz"))
+        if not os.listdir(outdir):
+            os.rmdir(outdir)
+        elif old is not None and kept and not differences(old, record):
+            replaced = move_aside(outdir)             # its points live on in the new folder
+            os.replace(work, outdir)
+            shutil.rmtree(replaced)
+            return
+        else:
+            print(f"moved {outdir} aside to {move_aside(outdir)}: it held another run's results", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(outdir)), exist_ok=True)
+    os.replace(work, outdir)

@@ -48,9 +48,20 @@ def extension_config(run: str, n_total: int, high_safety: Optional[float] = None
     earlier top-ups, merged), so a second call adds only points that became deciding. ``high_safety``:
     the run's own (its config.json) unless given."""
     from ml_collections import ConfigDict
+    from sample.class_removal import RECORD_KEYS
     config = report.run_config(run)
     if config is None or not os.path.isfile(os.path.join(run, "labels.npz")):
         raise ValueError(f"{run}: not a class-removal run with config.json and labels.npz")
+    recorded = config.get("inputs")
+    config = {k: v for k, v in config.items() if k not in RECORD_KEYS}   # the config's fields only
+    if recorded is not None:                        # its model and reference files must be the same still
+        from sample.class_removal import differences, input_files, run_record
+        now = ConfigDict(config)
+        changed = differences({"inputs": recorded}, {"inputs": run_record(now, input_files(now))["inputs"]})
+        if changed:
+            raise ValueError(f"{run} was sampled with other model or reference files than those its config "
+                             f"reads now ({'; '.join(changed)}): a top-up would mix two models; rerun the "
+                             "whole run instead")
     n0, seed0 = int(config["n"]), int(config["seed"])
     high_safety = float(config.get("high_safety", 1.0)) if high_safety is None else high_safety
     if n_total <= n0:
@@ -70,4 +81,4 @@ def extension_config(run: str, n_total: int, high_safety: Optional[float] = None
     methods = [m for m in config["methods"] if any(pm == m for pm, _ in points)]
     grids = tuple((m, tuple(sorted(s for pm, s in points if pm == m))) for m in methods)   # each method its own
     return ConfigDict(dict(config, seed=seed, n=n, methods=methods, method_grids=grids, baseline=True,
-                           outdir=outdir, progress=progress))
+                           outdir=outdir, overwrite=False, progress=progress))

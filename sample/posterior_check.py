@@ -81,7 +81,8 @@ def check_class(c: int, denoiser_u, denoiser_c, job: Job):
     is_c = labels == c
     p = np.asarray(trace.p)                                  # (S, N), sampling order
     t = np.asarray(trace.t)
-    return dict(removed_class=c, n=int(len(labels)), n_removed_class=int(is_c.sum()), t=t.tolist(),
+    return dict(removed_class=c, n=int(len(labels)), n_removed_class=int(is_c.sum()),
+                n_nonfinite=int((np.asarray(labels) < 0).sum()), t=t.tolist(),
                 mean_p_removed=np.nanmean(p[:, is_c], axis=1).tolist() if is_c.any() else None,
                 mean_p_other=np.nanmean(p[:, ~is_c], axis=1).tolist(),
                 auroc=[auroc(p[s], is_c) for s in range(len(t))])

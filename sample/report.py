@@ -23,23 +23,32 @@ import numpy as np
 
 
 def find_runs(paths: List[str]) -> List[str]:
+    """The run folders among ``paths`` and their sub-folders (runs moved aside by config.overwrite,
+    ``<outdir>.old-<UTC time>``, only where named themselves)."""
+    from sample.class_removal import is_moved_aside
     runs = []
     for p in paths:
         if os.path.isfile(os.path.join(p, "results.json")):
             runs.append(p)
         elif os.path.isdir(p):
             runs += sorted(os.path.join(p, d) for d in os.listdir(p)
-                           if os.path.isfile(os.path.join(p, d, "results.json")))
+                           if os.path.isfile(os.path.join(p, d, "results.json")) and not is_moved_aside(d))
     if not runs:
         raise FileNotFoundError(f"no results.json in {paths} or their sub-folders")
     return runs
 
 
+def is_valid(row: Dict) -> bool:
+    """Whether every sample of a point is finite (results of runs before the count existed: yes)."""
+    return not row.get("nonfinite", 0)
+
+
 def best_at_high_safety(rows: List[Dict], high_safety: float = 1.0) -> Dict[str, Dict[str, Optional[Dict]]]:
-    """Per method: the point of lowest KL and of lowest FD among points with safety <= high_safety."""
+    """Per method: the point of lowest KL and of lowest FD among points with safety <= high_safety
+    (valid points only: a point with non-finite samples decides nothing)."""
     out = {}
     for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
-        ok = [r for r in rows if r["method"] == m and r["safety_pct"] <= high_safety]
+        ok = [r for r in rows if r["method"] == m and r["safety_pct"] <= high_safety and is_valid(r)]
         out[m] = {"kl": min(ok, key=lambda r: r["kl"]) if ok else None,
                   "fd": min(ok, key=lambda r: r["fd"]) if ok else None}
     return out
@@ -58,11 +67,10 @@ def point_keys(rows: List[Dict]) -> List[str]:
     return keys
 
 
-# config fields that do not change how a point is sampled or scored: runs that differ only in these
-# (and in their seeds) hold samples of the same points and are merged (sample/extend.py's top-ups)
-def _not_identity():
-    from sample.class_removal import _GRID_FIELDS
-    return _GRID_FIELDS + ("progress", "n", "seed", "save_samples")
+# config fields that do not change how a point is sampled or scored: runs whose identity
+# (sample.class_removal.identity: the config and the sha256 of its model and reference files) differs
+# only in these (and in their seeds) hold samples of the same points and are merged (extend's top-ups)
+_NOT_GROUP = ("n", "seed", "save_samples")
 
 
 def run_config(run: str) -> Optional[Dict]:
@@ -77,12 +85,13 @@ def _identity(run: str) -> str:
     config = run_config(run)
     if config is None:
         return "run:" + os.path.abspath(run)           # no config: a group of its own
-    return json.dumps({k: v for k, v in config.items() if k not in _not_identity()}, sort_keys=True)
+    from sample.class_removal import identity
+    return json.dumps({k: v for k, v in identity(config).items() if k not in _NOT_GROUP}, sort_keys=True)
 
 
 def group_runs(runs: List[str]) -> List[List[str]]:
-    """Runs of the same points (same chain, models, hyperparameters and scoring; other seeds or grids),
-    in the order of their first run."""
+    """Runs of the same points (same chain, model files, hyperparameters and scoring; other seeds or
+    grids), in the order of their first run."""
     groups: Dict[str, List[str]] = {}
     for run in runs:
         groups.setdefault(_identity(run), []).append(run)
@@ -120,7 +129,8 @@ class PerSample:
                                  "they cannot be merged")
             self.rows = first
             return
-        config = run_config(runs[0])
+        from sample.class_removal import RECORD_KEYS
+        config = {k: v for k, v in run_config(runs[0]).items() if k not in RECORD_KEYS}   # the config's fields
         self.config = ConfigDict(config)
         self.removed = first[0].get("removed_classes", first[0]["removed_class"])
         self._removed = ([int(c) for c in str(self.removed).split("+")] if isinstance(self.removed, (str, int))
@@ -175,15 +185,16 @@ class PerSample:
         """``key`` ("safety", "kl" or "fd") of the row's samples at indices ``idx`` (into its seeds, in
         seed order)."""
         from dngjax import metrics
+        from sample.class_removal import fd_of, kl_of, safety_pct
         d = self.data[id(row)]
         removed = self._removed
+        lab = d["labels"][idx]                         # NONFINITE (-1): a non-finite sample
         if key == "safety":
-            return metrics.safety(d["labels"][idx], removed)
+            return safety_pct(lab, removed)
         if key == "kl":
-            lab = d["labels"][idx]
             pc = metrics.KL_PSEUDO_COUNT if self.pseudo_count is None else self.pseudo_count
-            return metrics.kl_to_ideal(metrics.class_histogram(lab, len(row["histogram"])), removed, pc)
-        return metrics.frechet_distance_features(d["features"][idx], *self.ref)
+            return kl_of(lab, len(row["histogram"]), removed, pc)
+        return fd_of(d["features"][idx], lab, self.ref)
 
     def shared(self, points: List[Dict]) -> List[np.ndarray]:
         """Per point, the indices (into its seeds) of the seeds that all ``points`` share, in seed order."""
@@ -218,8 +229,9 @@ class PerSample:
 def crossing(rows: List[Dict], method: str, high_safety: float = 1.0) -> Optional[Tuple[Dict, Dict]]:
     """The two neighbouring grid points of ``method`` (in order of scale) between which its safety first
     falls to ``high_safety``: (a, b) with safety(a) > high_safety >= safety(b); None when the method
-    never gets there or its lowest scale is already there (nothing to interpolate from)."""
-    pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["scale"])
+    never gets there or its lowest scale is already there (nothing to interpolate from). Points with
+    non-finite samples are left out."""
+    pts = sorted((r for r in rows if r["method"] == method and is_valid(r)), key=lambda r: r["scale"])
     for a, b in zip(pts, pts[1:]):
         if b["safety_pct"] <= high_safety:
             return (a, b) if a["safety_pct"] > high_safety else None
@@ -383,6 +395,10 @@ def summarise(per_sample: PerSample, high_safety: float = 1.0) -> Dict:
            "runs": [os.path.basename(os.path.normpath(g)) for g in per_sample.runs],
            "unguided_pct": None if base is None else base["safety_pct"],
            "sample_hours": sum(r.get("sample_seconds", 0.0) for r in rows) / 3600,
+           "nonfinite": [{"method": r["method"], "scale": r["scale"], "nonfinite": r["nonfinite"], "n": r["n"]}
+                         for r in rows if not is_valid(r)],
+           "inputs": {k: v.get("sha256") for k, v in ((run_config(per_sample.runs[0]) or {}).get("inputs") or {}).items()},
+           "environment": (run_config(per_sample.runs[0]) or {}).get("environment"),
            "grid": {}, "at_safety": {}, "claims": {}}
     for m, b in best.items():
         out["grid"][m] = {key: point(b[key], key) for key in ("kl", "fd")}
@@ -437,12 +453,23 @@ def markdown(per_samples: List[PerSample], summaries: List[Dict], high_safety: f
                          + ", ".join(f"`{r}`" for r in g["runs"]) + "\n")
         lines.append(f"Sampling time: {g['sample_hours']:.2f} h (wall clock, the points' sampling summed, "
                      "top-up included; compilation and scoring not counted).\n")
-        lines.append("| method | scale | n | safety % | KL | FD | empty classes | mean lambda |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        from sample.class_removal import provenance_text
+        for run in per_sample.runs:
+            record = run_config(run)
+            if record is not None:
+                lines.append(f"`{os.path.basename(os.path.normpath(run))}`: "
+                             + provenance_text(record).replace("\n", "; ") + "\n")
+        lines.append("| method | scale | n | safety % | KL | FD | empty classes | mean lambda | non-finite |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
+            bad = r.get("nonfinite", 0)
             lines.append(f"| {r['method']} | {r['scale']:g} | {r['n']} | {r['safety_pct']:.2f}{pm(r.get('safety_std'), '.2f')} | "
                          f"{r['kl']:.4f}{pm(r.get('kl_std'), '.4f')} | {r['fd']:.2f}{pm(r.get('fd_std'), '.2f')} | "
-                         f"{r['n_empty_classes']} | {r['mean_lambda']:.3g} |")
+                         f"{r['n_empty_classes']} | {r['mean_lambda']:.3g} | {bad}{' **invalid**' if bad else ''} |")
+        if any(not is_valid(r) for r in rows):
+            lines.append("\n**Invalid points** (non-finite: samples with a NaN or inf element): safety % counts "
+                         "them as the removed class, KL and FD use the finite samples only, and the verdicts "
+                         "above leave these points out.")
         lines.append("")
     head = [f"Among the grid points with <= {high_safety:g}% of samples in the removed class, each method's "
             "lowest KL and lowest FD (its guidance scale and number of samples in brackets); -- : the method "

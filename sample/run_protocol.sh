@@ -22,7 +22,8 @@
 # Environment: CLASSES (default "0 1 2 3"), CONFIG (default sample/configs/mnist.py:full),
 # SETUPS (default "forget": the unconditional + forget-class models; "cond": one class-conditional
 # model, eps(x | null) and eps(x | c-)), OUT (default outputs/protocol/<UTC time>; give a fixed OUT
-# to resume: finished grid points are never recomputed, also when a rerun adds methods or scales),
+# to resume: finished grid points are never recomputed, also when a rerun adds methods or scales; a
+# folder of another config or other model files is refused, see --config.overwrite),
 # PYTHON (default python), CORE (pin every run to this CPU core, XLA single-threaded; unset: all cores),
 # EXTEND (after each class, top up the points that decide the verdict to this many samples on new seeds,
 # sample/extend.py; the report merges them; default: 1024 for the protocol config, none otherwise).

@@ -95,16 +95,30 @@ def _grid_table(groups: List[Dict], high_safety: float) -> str:
     out = [f"(i) The paper's reading: per method the lowest KL and the lowest FD among its grid points at <= {h} "
            "(+-: bootstrap standard errors of the point):\n",
            "| class, setup | unguided % | " + " | ".join(f"{m}: lowest KL at <= {h} (scale, n)" for m in methods)
-           + f" | lowest FD at <= {h}: " + " / ".join(methods) + " (scale) |",
-           "| --- | --- | " + " | ".join("---" for _ in methods) + " | --- |"]
+           + f" | lowest FD at <= {h}: " + " / ".join(methods) + " (scale) | non-finite samples (invalid points) |",
+           "| --- | --- | " + " | ".join("---" for _ in methods) + " | --- | --- |"]
     for g in groups:
         kl = [("--" if (p := g["grid"].get(m, {}).get("kl")) is None
                else f"{p['value']:.3f}{_pm(p['se'], '.3f')} ({p['scale']:g}, {p['n']})") for m in methods]
         fd = [("--" if (p := g["grid"].get(m, {}).get("fd")) is None else f"{p['value']:.1f} ({p['scale']:g})")
               for m in methods]
         unguided = "--" if g["unguided_pct"] is None else f"{g['unguided_pct']:.2f}"
-        out.append(f"| {g['label']} | {unguided} | " + " | ".join(kl) + " | " + " / ".join(fd) + " |")
+        out.append(f"| {g['label']} | {unguided} | " + " | ".join(kl) + " | " + " / ".join(fd) + f" | {_nonfinite_cell(g)} |")
+    if any(g.get("nonfinite") for g in groups):
+        out.append("\nNon-finite samples (a NaN or inf element) count as the removed class in safety %; points "
+                   "with any are invalid and left out of every reading and claim.")
     return "\n".join(out)
+
+
+def _nonfinite_cell(g: Dict) -> str:
+    """"0", or the count and the invalid points: "8 (NP 1e+30: 8 of 8)"; "--" for reports before the count."""
+    if "nonfinite" not in g:
+        return "--"
+    bad = g["nonfinite"]
+    if not bad:
+        return "0"
+    return (f"{sum(p['nonfinite'] for p in bad)} ("
+            + ", ".join(f"{p['method']} {p['scale']:g}: {p['nonfinite']} of {p['n']}" for p in bad) + ")")
 
 
 def _at_safety_table(groups: List[Dict], high_safety: float) -> str:

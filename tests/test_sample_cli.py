@@ -543,7 +543,8 @@ def test_interrupted_run_resumes_without_recomputing_finished_points(tiny_checkp
 
 def test_finished_run_grows_by_new_methods_and_scales_only(tiny_checkpoints, tmp_path, monkeypatch):
     """A finished run rerun into its folder with another grid samples only the (method, scale) points it
-    lacks, whatever their position in the grid; a changed chain starts afresh."""
+    lacks, whatever their position in the grid; a changed chain is refused, or starts afresh with the
+    old run moved aside (config.overwrite)."""
     import dngjax as dj
     from sample import class_removal
     from sample.configs import mnist
@@ -579,8 +580,10 @@ def test_finished_run_grows_by_new_methods_and_scales_only(tiny_checkpoints, tmp
     labels = np.load(out / "labels.npz")
     assert labels["NP_0"].shape == (8,)                       # keys follow the new grid's order
     calls.clear()
-    class_removal.run(config(out, ("NP",), {"NP": (0.5,)}, steps=4))
-    assert calls == [("NegativePrompting", [0.5])]            # another chain: nothing reused
+    with pytest.raises(ValueError, match="steps: 3 -> 4"):    # another chain: refused, the run kept
+        class_removal.prepare(config(out, ("NP",), {"NP": (0.5,)}, steps=4))
+    class_removal.run(config(out, ("NP",), {"NP": (0.5,)}, steps=4, overwrite=True))
+    assert calls == [("NegativePrompting", [0.5])]            # moved aside: nothing reused
 
 
 def test_extend_tops_up_the_deciding_points_and_the_report_merges_them_like_one_larger_run(

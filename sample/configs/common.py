@@ -80,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch = 512
     c.grid_images = 64           # samples per saved grid image
     c.outdir = ""                # default: outputs/class_removal/<name>-<dataset>-c<class>-<UTC time>; "{c}": the class
+    # An outdir (or its interrupted <outdir>.partial) holding another run's points -- another config, or
+    # other model / reference files (sha256) -- is refused; True moves it aside to <folder>.old-<UTC time>
+    # (never deleted). Same config and files: finished points are reused either way.
+    c.overwrite = False
     c.save_samples = False       # also write samples.npz (uint8, all points)
     c.progress = True
     return c
