@@ -8,8 +8,9 @@ from .guidance import (Rule, GuidanceRule, rule_class, NoGuidance, NegativePromp
                        MultiConceptDynamicNegativeGuidance, ExactMultiConceptDynamicNegativeGuidance,
                        PositiveNegativePrompting, PositiveSafeLatentDiffusion, PositiveDynamicNegativeGuidance,
                        PositiveExactDynamicNegativeGuidance,
-                       Step, step_mean)
-from .sampler import sample, sweep, sample_chunks, chain_steps, keys_from_seeds, Trace, Chunk
+                       Step, Tangents, step_mean)
+from .sampler import (sample, sweep, sample_chunks, chain_steps, keys_from_seeds, Trace, Chunk,
+                      NonFiniteSamplesWarning)
 from .calibration import Calibration, calibrate
 
 __version__ = "0.1.0"

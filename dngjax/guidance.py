@@ -30,7 +30,7 @@ with traced values, nothing can be checked.)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Protocol, Tuple, runtime_checkable
+from typing import Any, Callable, ClassVar, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 import jax
@@ -40,6 +40,18 @@ from flax import struct
 Array = jnp.ndarray
 
 VARIANCES = ("posterior", "beta", "step")
+
+#: How tracked DNG estimates log p(c- | x_t) along the chain (``DynamicNegativeGuidance(estimator=...)``):
+#: ``"paper"``: Alg. 2, the log-likelihood ratio of two Gaussian transitions (stochastic steps only);
+#: ``"stratonovich"``: the continuous-time identity for log p_t(x | c-) / p_t(x) along the path, by the
+#: trapezoid rule between the points where the chain evaluates its predictions (any path; the one for
+#: deterministic samplers); ``"ito"``: the same identity by the left-point rule, whose divergence term is
+#: weighted by (1 - the step's injected variance / its d lambda): ~0 on ancestral steps.
+ESTIMATORS = ("paper", "stratonovich", "ito")
+#: How the continuous-time estimators get div(eps_c - eps_u): Hutchinson's estimate v . J v from
+#: ``probes`` Rademacher directions (one jvp per prediction and probe), the exact trace (one jvp per
+#: dimension: small samples only) or not at all (the Ito estimator on ancestral steps, where its weight is ~0).
+DIVERGENCES = ("hutchinson", "exact", "none")
 
 
 @struct.dataclass
@@ -70,14 +82,37 @@ class Step:
     noise_variance: Array
     steps_taken: Array
     is_last: Array
+    mean_x0_prev: Array = 0.0
 
 
-def step_mean(x: Array, eps: Array, step: Step) -> Array:
-    """Mean of the sampler's step x_t -> x_{t-1} for a prediction eps: mean_x x + mean_eps eps.
+def step_mean(x: Array, eps: Array, step: Step, x0_prev: Optional[Array] = None) -> Array:
+    """Mean of the sampler's step x_t -> x_{t-1} for a prediction eps: mean_x x + mean_eps eps
+    (+ mean_x0_prev x0_prev for a multistep solver, x0_prev: the previous step's x_0 prediction).
 
     Ancestral DDPM: (x - beta / sqrt(1 - alpha_bar) eps) / sqrt(1 - beta).
     """
-    return step.mean_x * x + step.mean_eps * eps
+    mean = step.mean_x * x + step.mean_eps * eps
+    return mean if x0_prev is None else mean + step.mean_x0_prev * x0_prev
+
+
+class Tangents(NamedTuple):
+    """Directional derivatives of the predictions at x_t, for rules whose posterior needs a divergence
+    (what the sampler passes as ``tangents=`` to a rule whose :meth:`GuidanceRule.tangent_spec` is not None).
+
+    probes: (K, B, *shape) directions v_k (Rademacher, or the basis vectors for the exact trace).
+    eps_u: (K, B, *shape) J_u v_k, the derivative of eps_u along v_k. eps_c: the same for eps_c (a tuple
+    for rules of several conditions). weight: 1 / K for Hutchinson's estimate, 1 for the exact trace.
+    """
+
+    probes: Array
+    eps_u: Array
+    eps_c: Any
+    weight: float
+
+    def divergence(self, du: Array, dc: Array) -> Array:
+        """div(eps_c - eps_u) per sample (B,) from the tangents du, dc (K, B, *shape): weight sum_k v_k.(dc_k - du_k)."""
+        axes = tuple(range(2, self.probes.ndim))
+        return self.weight * jnp.sum(jnp.sum(self.probes * (dc - du), axis=axes), axis=0)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -176,6 +211,10 @@ class Rule(Protocol):
         """Raise ValueError, before sampling, if the rule cannot run on this sampler step
         (``noise``/``eta`` of :func:`dngjax.sample`); e.g. DNG's update on a deterministic step."""
 
+    def tangent_spec(self) -> Optional[Tuple[str, int]]:
+        """None, or what the rule needs of the predictions' derivatives: ("hutchinson", K) or ("exact", 0).
+        The sampler then also passes ``tangents=`` (a :class:`Tangents`) to ``guide`` and ``update``."""
+
 
 class GuidanceRule:
     """Base class of the shipped rules (implements :class:`Rule`): no state, no update, no posterior."""
@@ -200,6 +239,10 @@ class GuidanceRule:
 
     def check_sampler(self, noise: str, eta: Any) -> None:
         """Every sampler step is fine (rules whose state depends on the step's noise override this)."""
+
+    def tangent_spec(self) -> Optional[Tuple[str, int]]:
+        """No derivatives of the predictions needed."""
+        return None
 
     def replace(self, **changes):
         """A copy with some hyperparameters changed (validated like the constructor)."""
@@ -302,15 +345,15 @@ class SafeLatentDiffusion(GuidanceRule):
 
 @rule_class
 class DynamicNegativeGuidance(GuidanceRule):
-    """Dynamic Negative Guidance (Koulischer et al., ICLR 2025, Alg. 1-2).
+    """Dynamic Negative Guidance (Koulischer et al., ICLR 2025, Alg. 1-2), with a choice of posterior estimator.
 
-    State: log p(c- | x_t) per sample, initialised to log(prior).
-    Guidance: eps = eps_u - lambda_t (eps_neg - eps_u), lambda_t = scale p / (1 - p).
-    Update after x_t -> x_{t-1}, with mu_u, mu_neg the DDPM means of eps_u, eps_neg at x_t:
-        log p += (-temperature (|x_{t-1} - mu_neg|^2 - |x_{t-1} - mu_u|^2) + offset) / (2 sigma_t^2),
-    then p is clamped to [p_min, p_max].
+    State: log p(c- | x_t) per sample, initialised to log(prior) at x_T.
+    Guidance: eps = eps_u - lambda_t (eps_neg - eps_u), lambda_t = scale p / (1 - p) (Eq. 10).
+    The tracked log p is clamped to [log p_min, log p_max] after every update.
 
-    mu_u, mu_neg are the means of the sampler's step (ancestral DDPM or DDIM, :func:`step_mean`).
+    ``estimator="paper"`` (default; Alg. 2): after x_t -> x_{t-1}, with mu_u, mu_neg the means of the
+    sampler's step (ancestral DDPM or DDIM, :func:`step_mean`) for eps_u, eps_neg at x_t,
+        log p += (-temperature (|x_{t-1} - mu_neg|^2 - |x_{t-1} - mu_u|^2) + offset) / (2 sigma_t^2).
     ``variance`` chooses sigma_t^2:
       * ``"posterior"`` (default): beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t),
         and beta_t at the final step (where beta_tilde is 0) -- what the authors' code uses
@@ -318,11 +361,35 @@ class DynamicNegativeGuidance(GuidanceRule):
       * ``"beta"``: beta_t, as written in the paper's Alg. 2;
       * ``"step"``: the variance of the step actually sampled (beta_t or beta_tilde_t for the
         ancestral step, eta^2 beta_tilde_t for DDIM; beta_t at the final step): the exact
-        log-likelihood ratio of the two Gaussian transitions. Refused on a deterministic chain
-        (DDIM with eta = 0), where it would divide by zero.
-    All use the transition variances of the chain being sampled (respaced or not).
-    On DDIM with eta = 0 the step adds no noise, so x_{t-1} - mu_u is the guidance's own shift and
-    the update carries no evidence about c- beyond x_t; the sampler refuses DNG there (use eta > 0).
+        log-likelihood ratio of the two Gaussian transitions.
+    It needs a stochastic step: on DDIM with eta = 0 x_{t-1} - mu_u is the guidance's own shift, the
+    update carries no evidence about c-, and the sampler refuses it there.
+
+    ``estimator="stratonovich"`` or ``"ito"`` (continuous time; any sampler, deterministic ones included).
+    With r_t(x) = p_t(x | c-) / p_t(x), lambda = -log alpha_bar and the scores s = -eps / sqrt(1 - alpha_bar),
+    both densities obey the Fokker-Planck equation of the forward process, so along any path x(lambda)
+        d log r = g . dx + h d lambda,  g = s_neg - s_u,  h = 1/2 [g . (x + s_neg + s_u) + div g]
+    (Stratonovich calculus; docs/samplers.md derives it), and log p = log prior + log r, started at x_T from
+    log r_T ~ (|s_u|^2 - |s_c|^2) / 2 (both noised densities ~ Gaussian of covariance I there).
+      * ``"stratonovich"``: the trapezoid rule between consecutive points where the chain evaluates its
+        predictions: at x_k, log p += temperature [1/2 (g_{k-1} + g_k) . (x_k - x_{k-1})
+        + 1/2 (h_{k-1} + h_k) (lambda_k - lambda_{k-1})], so the posterior that guides step k is already
+        the one at x_k. Valid on every path (second order on smooth, deterministic ones).
+      * ``"ito"``: the left-point rule after each step x_t -> x_{t-1}, the injected noise's variance
+        sigma^2 taking part of the divergence: log p += temperature [g_t . (x_{t-1} - x_t)
+        + 1/2 g_t . (x_t + s_neg + s_u) d lambda + 1/2 div g_t (d lambda + sigma^2)], d lambda < 0.
+        On ancestral steps (sigma^2 = beta_t ~ -d lambda) the divergence drops out: the paper's update
+        is this estimator to first order.
+    The divergence div g = -div(eps_neg - eps_u) / sqrt(1 - alpha_bar) comes from the sampler as jvps of the
+    two predictions (``divergence="hutchinson"``: Hutchinson's estimate from ``probes`` Rademacher
+    directions per sample and step, shared by the two predictions; ``"exact"``: one jvp per dimension,
+    small samples only; ``"none"``: dropped, for the Ito estimator on ancestral steps). The cost per step
+    is the predictions' jvps instead of their plain evaluation. ``temperature`` scales the increments
+    (1 = the identity, the default to use); ``offset`` and ``variance`` belong to the paper's update and
+    must keep their defaults. The state also carries the previous point's x, g and h (Stratonovich).
+
+    Degenerate settings: ``temperature=0`` (with offset 0) freezes p at the prior: DNG is then NP with
+    lambda = scale prior / (1 - prior); ``scale=0`` is no guidance (p is still tracked and traced).
     """
 
     scale: Any = 1.0
@@ -332,30 +399,92 @@ class DynamicNegativeGuidance(GuidanceRule):
     p_min: Any = 1e-6
     p_max: Any = 0.99
     variance: str = static("posterior")
+    estimator: str = static("paper")
+    divergence: str = static("hutchinson")
+    probes: int = static(1)
 
     def __post_init__(self):
         _check_dng_leaves(self)
 
     def init(self, x):
-        return jnp.broadcast_to(jnp.log(self.prior), (x.shape[0],)).astype(jnp.float32)
+        log_p = jnp.broadcast_to(jnp.log(self.prior), (x.shape[0],)).astype(jnp.float32)
+        if self.estimator != "stratonovich":
+            return log_p
+        zeros = jnp.zeros((x.shape[0],), jnp.float32)
+        return (log_p, jnp.zeros_like(x), jnp.zeros_like(x), zeros, zeros)    # log p, x_prev, g_prev, h_prev, lambda_prev
 
-    def guide(self, log_p, x_t, eps_u, eps_c, step):
+    def tangent_spec(self):
+        if self.estimator == "paper" or self.divergence == "none":
+            return None
+        return ("exact", 0) if self.divergence == "exact" else ("hutchinson", int(self.probes))
+
+    def guide(self, state, x_t, eps_u, eps_c, step, tangents=None):
+        if self.estimator == "stratonovich":
+            log_p, x_prev, g_prev, h_prev, lam_prev = state
+            g, h, lam_now = _path_terms(self, x_t, eps_u, eps_c, step, tangents)
+            axes = tuple(range(1, x_t.ndim))
+            inc = (0.5 * jnp.sum((g_prev + g) * (x_t - x_prev), axis=axes)
+                   + 0.5 * (h_prev + h) * (lam_now - lam_prev))
+            # at x_T, where p_T(x | c) and p_T(x) are both ~ Gaussian with covariance ~ I (s = m - x):
+            # log r_T(x) ~ -(|x - m_c|^2 - |x - m_u|^2) / 2 = (|s_u|^2 - |s_c|^2) / 2 (0 at alpha_bar_T = 0)
+            first = 0.5 * jnp.sum((eps_u * eps_u - eps_c * eps_c), axis=axes) / step.one_minus_alpha_bar
+            inc = _finite_or_zero(self.temperature * jnp.where(step.steps_taken > 0, inc, first))
+            log_p = jnp.clip(log_p + inc, jnp.log(self.p_min), jnp.log(self.p_max))
+            state = (log_p, x_t, g, h, jnp.broadcast_to(lam_now, log_p.shape).astype(jnp.float32))
+        else:
+            log_p = state
         lam = self.scale * _odds(log_p)
         eps = eps_u - _per_sample(lam, eps_u) * (eps_c - eps_u)
-        return eps, lam.astype(jnp.float32), log_p
+        return eps, lam.astype(jnp.float32), state
 
     def check_sampler(self, noise, eta):
-        if eta is not None and float(eta) == 0.0:
-            raise ValueError(f"{type(self).__name__} needs a stochastic step: DDIM with eta = 0 adds no noise, "
-                             "so its posterior update would see no evidence (a constant drift; with "
-                             "variance='step' a division by zero); use eta > 0 (eta = 1 is the ancestral chain)")
+        if self.estimator == "paper" and eta is not None and float(eta) == 0.0:
+            raise ValueError(f"{type(self).__name__} with the paper's estimator needs a stochastic step: DDIM with "
+                             "eta = 0 adds no noise, so its posterior update would see no evidence; use "
+                             "estimator='stratonovich' (the continuous-time posterior, any sampler) or eta > 0")
 
-    def update(self, log_p, x_t, x_next, eps_u, eps_c, step):
-        increment = _log_likelihood_ratio(self, x_t, x_next, eps_u, eps_c, step)
-        return jnp.clip(log_p + increment, jnp.log(self.p_min), jnp.log(self.p_max))
+    def update(self, state, x_t, x_next, eps_u, eps_c, step, tangents=None):
+        if self.estimator == "stratonovich":
+            return state                                   # updated at the next point, in guide
+        if self.estimator == "ito":
+            g, h, lam_now = _path_terms(self, x_t, eps_u, eps_c, step, tangents, divergence_weight=False)
+            d_lam = -jnp.log(step.alpha_bar_prev) - lam_now
+            axes = tuple(range(1, x_t.ndim))
+            inc = jnp.sum(g * (x_next - x_t), axis=axes) + h * d_lam
+            if tangents is not None:
+                inc = inc + 0.5 * _div_g(x_t, eps_u, eps_c, step, tangents) * (d_lam + step.noise_variance)
+            increment = _finite_or_zero(self.temperature * inc)
+        else:
+            increment = _log_likelihood_ratio(self, x_t, x_next, eps_u, eps_c, step)
+        return jnp.clip(state + increment, jnp.log(self.p_min), jnp.log(self.p_max))
 
-    def posterior(self, log_p, batch):
-        return jnp.exp(log_p)
+    def posterior(self, state, batch):
+        return jnp.exp(state[0] if isinstance(state, tuple) else state)
+
+
+def _finite_or_zero(a: Array) -> Array:
+    """NaN increments (from non-finite predictions) leave log p unchanged; +-inf are absorbed by the clamp."""
+    return jnp.where(jnp.isnan(a), 0.0, a)
+
+
+def _div_g(x_t, eps_u, eps_c, step, tangents: Tangents) -> Array:
+    """div g = div(s_neg - s_u) = -div(eps_neg - eps_u) / sqrt(1 - alpha_bar), per sample (B,)."""
+    return -tangents.divergence(tangents.eps_u, tangents.eps_c) / jnp.sqrt(step.one_minus_alpha_bar)
+
+
+def _path_terms(rule, x_t, eps_u, eps_c, step, tangents, divergence_weight: bool = True):
+    """(g (B, *shape), h (B,), lambda ()) of the continuous-time identity at x_t (see DynamicNegativeGuidance).
+
+    g = s_neg - s_u; h = 1/2 [g . (x + s_neg + s_u) + div g] (without the divergence when
+    ``divergence_weight`` is False or the rule takes none); lambda = -log alpha_bar.
+    """
+    inv_sigma = 1.0 / jnp.sqrt(step.one_minus_alpha_bar)
+    g = -(eps_c - eps_u) * inv_sigma
+    s_sum = -(eps_c + eps_u) * inv_sigma
+    h = 0.5 * jnp.sum(g * (x_t + s_sum), axis=tuple(range(1, x_t.ndim)))
+    if divergence_weight and tangents is not None:
+        h = h + 0.5 * _div_g(x_t, eps_u, eps_c, step, tangents)
+    return g, h, -jnp.log(step.alpha_bar)
 
 
 def _check_dng_leaves(rule) -> None:
@@ -375,6 +504,25 @@ def _check_dng_leaves(rule) -> None:
                              f"the tracked posterior), got prior={rule.prior}")
     if rule.variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {rule.variance!r}")
+    estimator = getattr(rule, "estimator", "paper")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    divergence = getattr(rule, "divergence", "hutchinson")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    probes = getattr(rule, "probes", 1)
+    if not isinstance(probes, (int, np.integer)) or isinstance(probes, bool) or probes < 1:
+        raise ValueError(f"probes must be an integer >= 1 (Hutchinson directions per sample and step), got {probes!r}")
+    if estimator != "paper":
+        if _is_concrete(rule.offset) and np.any(np.asarray(rule.offset) != 0):
+            raise ValueError(f"offset belongs to the paper's update; estimator={estimator!r} takes none (got "
+                             f"offset={rule.offset}): leave it at 0")
+        if rule.variance != "posterior":
+            raise ValueError(f"variance belongs to the paper's update; estimator={estimator!r} takes none (got "
+                             f"variance={rule.variance!r}): leave the default")
+        if estimator == "stratonovich" and divergence == "none":
+            raise ValueError("estimator='stratonovich' needs the divergence at full weight on every path: "
+                             "divergence='hutchinson' or 'exact' (only 'ito' on ancestral steps may drop it)")
     for n in ("scale", "prior", "temperature", "offset", "p_min", "p_max"):
         _as_leaf(rule, n)
 
@@ -440,6 +588,9 @@ class MultiConceptDynamicNegativeGuidance(DynamicNegativeGuidance):
     def __post_init__(self):
         _check_concepts(self.num_concepts)
         _check_dng_leaves(self)
+        if self.estimator != "paper":
+            raise ValueError(f"{type(self).__name__} tracks its posteriors with the paper's update only; "
+                             f"estimator={self.estimator!r} is for one concept (DynamicNegativeGuidance)")
         if _is_concrete(self.prior) and _is_concrete(self.p_max) and np.any(
                 self.num_concepts * np.asarray(self.prior) > np.asarray(self.p_max)):
             raise ValueError(f"num_concepts x prior = {self.num_concepts} x {self.prior} exceeds p_max = {self.p_max}: "
@@ -581,19 +732,25 @@ def _positive_mode(base):
             _check("cfg_scale", self.cfg_scale, lambda a: a >= 0, ">= 0")
             _as_leaf(self, "cfg_scale")
 
-        def guide(self, state, x_t, eps_u, eps_c, step):
+        def guide(self, state, x_t, eps_u, eps_c, step, **tangents):
             eps_pos, eps_neg = eps_c
-            eps, lam, state = base.guide(self, state, x_t, eps_pos, eps_neg, step)
+            eps, lam, state = base.guide(self, state, x_t, eps_pos, eps_neg, step, **_positive_tangents(tangents))
             return eps + _per_sample(self.cfg_scale - 1.0, eps_u) * (eps_pos - eps_u), lam, state
 
-        def update(self, state, x_t, x_next, eps_u, eps_c, step):
-            return base.update(self, state, x_t, x_next, eps_c[0], eps_c[1], step)
+        def update(self, state, x_t, x_next, eps_u, eps_c, step, **tangents):
+            return base.update(self, state, x_t, x_next, eps_c[0], eps_c[1], step, **_positive_tangents(tangents))
 
     Positive.__name__ = Positive.__qualname__ = "Positive" + base.__name__
     Positive.__doc__ = (f"{base.__name__} in the positive-prompt mode (predictions null, c+, c-; "
                         f"``denoiser_c=(denoiser_pos, denoiser_neg)``), with ``cfg_scale`` toward c+."
                         + (_positive_mode.__doc__.split("\n", 1)[1]))
     return rule_class(Positive)
+
+
+def _positive_tangents(kw):
+    """The positive mode's tangents as the base rule sees them: eps_pos in the place of eps_u."""
+    t = kw.get("tangents")
+    return {} if t is None else {"tangents": t._replace(eps_u=t.eps_c[0], eps_c=t.eps_c[1])}
 
 
 PositiveNegativePrompting = _positive_mode(NegativePrompting)

@@ -29,13 +29,15 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .denoiser import Denoiser, as_denoiser, to_eps
-from .guidance import GuidanceRule, NoGuidance, Step, step_mean
+from .guidance import GuidanceRule, NoGuidance, Step, Tangents, step_mean
 from .schedules import Schedule
 
 Array = jnp.ndarray
 
 #: Noise of the reverse step, ``noise=`` of :func:`sample` (see there).
 NOISES = ("beta", "posterior")
+#: Largest sample size (number of values) for which a rule may ask for the exact divergence (one jvp each).
+EXACT_DIVERGENCE_MAX_DIM = 256
 
 
 class Trace(NamedTuple):
@@ -43,12 +45,14 @@ class Trace(NamedTuple):
 
     t: (S,) network timestep index. lam: (S, B) effective guidance scale lambda_t.
     p: (S, B) posterior p(c- | x_t) used at that step (NaN for rules without one).
-    (From :func:`sweep`: lam and p are (K, S, N).)
+    nonfinite: (S,) number of samples holding a non-finite value after that step (None where not recorded).
+    (From :func:`sweep`: lam and p are (K, S, N), nonfinite (K, S).)
     """
 
     t: Array
     lam: Array
     p: Array
+    nonfinite: Optional[Array] = None
 
 
 class Chunk(NamedTuple):
@@ -97,10 +101,12 @@ def _prediction(name: str, fn: Denoiser, x: Array, t: Array, step: Step) -> Arra
     return to_eps(out, x, fn.prediction, step.alpha_bar, step.one_minus_alpha_bar)
 
 
-def chain_steps(schedule: Schedule, noise: str = "beta", eta: Optional[float] = None) -> Step:
+def chain_steps(schedule: Schedule, noise: str = "beta", eta: Optional[float] = None,
+                solver: Optional[str] = None) -> Step:
     """The chain's transitions as a :class:`Step` of (S,) arrays, index 0 = least noisy step.
 
-    The step x_t -> x_{t-1} is Gaussian: mean mean_x x_t + mean_eps eps, variance noise_variance.
+    The step x_t -> x_{t-1} is x_{t-1} = mean_x x_t + mean_eps eps + mean_x0_prev x0_prev + noise of
+    variance noise_variance (x0_prev: the previous step's x_0 prediction; 0 but for DPM-Solver++(2M)).
       * ancestral DDPM (``eta=None``): mean_x = 1 / sqrt(alpha_t), mean_eps = -beta_t / (sqrt(1 - ab_t)
         sqrt(alpha_t)); variance beta_t (``noise="beta"``) or beta_tilde_t (``noise="posterior"``);
       * DDIM (Song et al. 2021, eq. 12) with ``eta`` in [0, 1]: sigma^2 = eta^2 beta_tilde_t,
@@ -108,6 +114,13 @@ def chain_steps(schedule: Schedule, noise: str = "beta", eta: Optional[float] = 
         mean_x = 1 / sqrt(alpha_t), mean_eps = -(sigma^2 + beta_t / alpha_t) / (sqrt(1 - ab_{t-1} - sigma^2)
         + sqrt(1 - ab_t) / sqrt(alpha_t)) (the difference of the two eps terms, written without
         cancellation). eta = 1 is the ancestral step with ``noise="posterior"``; eta = 0 is deterministic.
+        k-diffusion's Euler and Euler ancestral steps are DDIM at eta = 0 and eta = 1 (the same steps,
+        written in sigma = sqrt((1 - ab) / ab) and x / sqrt(ab)).
+      * DPM-Solver++(2M) (``solver="dpmpp_2m"``; Lu et al. 2022, diffusers' DPMSolverMultistepScheduler with
+        its defaults: midpoint, final step to sigma = 0 of first order): with a = sqrt(ab), s = sqrt(1 - ab),
+        l = log(a / s), h = l_{t-1} - l_t, r = h_prev / h,
+        x_{t-1} = (s_{t-1} / s_t) x_t + a_{t-1} (1 - e^-h) [(1 + 1/(2r)) x0_t - 1/(2r) x0_prev];
+        first order (DDIM at eta = 0) at the first step and at the final step (to sigma = 0).
     No noise at the final step (index 0) in every case. Works on traced schedules (inside jit).
     """
     n = schedule.num_steps
@@ -116,7 +129,21 @@ def chain_steps(schedule: Schedule, noise: str = "beta", eta: Optional[float] = 
     post = schedule.posterior_variances
     is_last = jnp.arange(n) == 0
     mean_x = 1.0 / jnp.sqrt(alpha)
-    if eta is None:
+    x0_prev = jnp.zeros((n,), jnp.float32)
+    if solver == "dpmpp_2m":
+        a, s, a_next, s_next = (jnp.sqrt(schedule.alpha_bars), jnp.sqrt(om), jnp.sqrt(schedule.alpha_bars_prev),
+                                jnp.sqrt(om_prev))
+        l_now = jnp.log(a) - jnp.log(s)
+        h = jnp.log(a_next) - jnp.log(s_next) - l_now                 # +inf at the final step
+        h_prev = jnp.concatenate([h[1:], jnp.full((1,), jnp.inf)])      # the previous step's h (noisier neighbour)
+        first_order = (jnp.arange(n) == n - 1) | is_last
+        c = jnp.where(first_order, 0.0, 0.5 * h / jnp.where(first_order, 1.0, h_prev))   # 1 / (2 r)
+        k = a_next * -jnp.expm1(-h)                                    # a_{t-1} (1 - e^-h)
+        mean_x = s_next / s + k * (1.0 + c) / a
+        mean_eps = -k * (1.0 + c) * s / a
+        x0_prev = -k * c
+        var = jnp.zeros((n,), jnp.float32)
+    elif eta is None:
         mean_eps = -beta / (jnp.sqrt(om) * jnp.sqrt(alpha))
         var = beta if noise == "beta" else post
     else:
@@ -126,12 +153,13 @@ def chain_steps(schedule: Schedule, noise: str = "beta", eta: Optional[float] = 
     return Step(index=jnp.arange(n), t=schedule.timesteps, beta=beta, alpha_bar=schedule.alpha_bars,
                 alpha_bar_prev=schedule.alpha_bars_prev, one_minus_alpha_bar=om, one_minus_alpha_bar_prev=om_prev,
                 posterior_variance=post, mean_x=mean_x, mean_eps=mean_eps,
-                noise_variance=jnp.where(is_last, 0.0, var), steps_taken=n - 1 - jnp.arange(n), is_last=is_last)
+                noise_variance=jnp.where(is_last, 0.0, var), steps_taken=n - 1 - jnp.arange(n), is_last=is_last,
+                mean_x0_prev=x0_prev)
 
 
 def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: GuidanceRule,
                  schedule: Schedule, keys: Array, shape: Tuple[int, ...], return_trace: bool, noise: str,
-                 eta: Optional[float], x_T: Optional[Array] = None):
+                 eta: Optional[float], x_T: Optional[Array] = None, solver: Optional[str] = None):
     batch = keys.shape[0]
     split = jax.vmap(jax.random.split)                       # (B,) -> (B, 2)
     normal = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))
@@ -141,55 +169,105 @@ def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Gui
     x = normal(keys[:, 0]) if x_T is None else x_T.astype(jnp.float32)
     keys = keys[:, 1]
     state = rule.init(x)
-    steps = jax.tree.map(lambda a: a[::-1], chain_steps(schedule, noise, eta))   # noisiest step first
+    steps = jax.tree.map(lambda a: a[::-1], chain_steps(schedule, noise, eta, solver))   # noisiest step first
 
-    def body(carry, step: Step):
-        x, state, keys = carry
-        t = jnp.broadcast_to(step.t, (batch,))
-        # 1. the predictions the rule combines (the second network call only if it needs one)
+    spec = rule.tangent_spec()
+
+    def predictions(x, t, step):
+        """(eps_u, eps_c): the predictions the rule combines (the second network call only if it needs one)."""
         eps_u = _prediction("denoiser_u", denoiser_u, x, t, step)
         if not rule.needs_second_prediction:
-            eps_c = eps_u
-        elif rule.num_conditions is None:
-            eps_c = _prediction("denoiser_c", denoiser_c, x, t, step)
-        else:                                                  # one prediction per condition
-            eps_c = tuple(_prediction(f"denoiser_c[{k}]", d, x, t, step) for k, d in enumerate(denoiser_c))
-        # 2. the guided prediction, and the posterior the rule used for it (traces)
-        eps, lam, state = rule.guide(state, x, eps_u, eps_c, step)
-        p = rule.posterior(state, batch)
-        # 3. the Gaussian step x_t -> x_{t-1} (ancestral DDPM or DDIM): its mean plus noise (none at the end)
+            return eps_u, eps_u
+        if rule.num_conditions is None:
+            return eps_u, _prediction("denoiser_c", denoiser_c, x, t, step)
+        return eps_u, tuple(_prediction(f"denoiser_c[{k}]", d, x, t, step) for k, d in enumerate(denoiser_c))
+
+    def body(carry, step: Step):
+        x, state, keys, x0_prev = carry
+        t = jnp.broadcast_to(step.t, (batch,))
         keys = split(keys)
+        # 1. the predictions at x_t; for a rule that needs div(eps_c - eps_u) (the continuous-time DNG
+        #    posterior), their jvps along probe directions v_k too, one jvp per prediction and probe
+        if spec is None:
+            eps_u, eps_c = predictions(x, t, step)
+            extra = {}
+        else:
+            probes, weight = _probes(spec, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys[:, 1]), x)
+            f = lambda y: predictions(y, t, step)
+            (eps_u, eps_c), (du, dc) = jax.vmap(lambda v: jax.jvp(f, (x,), (v,)), out_axes=(None, 0))(probes)
+            extra = {"tangents": Tangents(probes, du, dc, weight)}
+        # 2. the guided prediction, and the posterior the rule used for it (traces)
+        eps, lam, state = rule.guide(state, x, eps_u, eps_c, step, **extra)
+        p = rule.posterior(state, batch)
+        # 3. the step x_t -> x_{t-1} (ancestral DDPM, DDIM or DPM-Solver++(2M)): its mean plus noise (none at the end)
         z = normal(keys[:, 1])
-        x_next = step_mean(x, eps, step) + jnp.sqrt(step.noise_variance) * z
+        x_next = step_mean(x, eps, step, x0_prev) + jnp.sqrt(step.noise_variance) * z
         # 4. the rule sees the transition it caused (DNG's posterior update)
-        state = rule.update(state, x, x_next, eps_u, eps_c, step)
-        return (x_next, state, keys[:, 0]), ((lam, p) if return_trace else None)
+        state = rule.update(state, x, x_next, eps_u, eps_c, step, **extra)
+        # the x_0 prediction of this step, for a multistep solver's next step
+        x0 = (x - jnp.sqrt(step.one_minus_alpha_bar) * eps) / jnp.sqrt(step.alpha_bar)
+        # samples with a non-finite value after this step (reported, never hidden)
+        bad = ~jnp.all(jnp.isfinite(x_next.reshape(batch, -1)), axis=-1)
+        return (x_next, state, keys[:, 0], x0), ((lam, p, bad) if return_trace else bad)
 
-    (x, _, _), out = jax.lax.scan(body, (x, state, keys), steps)
+    (x, _, _, _), out = jax.lax.scan(body, (x, state, keys, jnp.zeros_like(x)), steps)
     if return_trace:
-        return x, Trace(t=steps.t, lam=out[0], p=out[1])
-    return x
+        return x, Trace(t=steps.t, lam=out[0], p=out[1], nonfinite=out[2])   # nonfinite: (S, B) flags here
+    return x, out                                                          # out: (S, B) non-finite flags
 
 
-def _grid_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, grid_names, x_T=None):
+def _probes(spec, keys: Array, x: Array):
+    """(K, B, *shape) probe directions and the weight of their sum, for a rule's ``tangent_spec``."""
+    kind, k = spec
+    if kind == "exact":                                       # the basis vectors: the exact trace
+        d = int(np.prod(x.shape[1:]))
+        eye = jnp.eye(d, dtype=x.dtype).reshape((d, 1) + x.shape[1:])
+        return jnp.broadcast_to(eye, (d,) + x.shape), 1.0
+    draw = lambda key: jax.random.rademacher(key, (k,) + x.shape[1:], jnp.float32)
+    return jnp.swapaxes(jax.vmap(draw)(keys), 0, 1), 1.0 / k
+
+
+def _grid_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, grid_names, x_T=None,
+               solver=None):
     """``_sample_impl`` vmapped over the rule leaves named in grid_names (none: no vmap)."""
     if not grid_names:
-        return _sample_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, x_T)
+        return _sample_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, x_T, solver)
     axes = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(rule),
                                         [0 if name in grid_names else None for name in rule.leaf_names])
-    run = lambda r: _sample_impl(denoiser_u, denoiser_c, r, schedule, keys, shape, return_trace, noise, eta, x_T)
+    run = lambda r: _sample_impl(denoiser_u, denoiser_c, r, schedule, keys, shape, return_trace, noise, eta, x_T,
+                                 solver)
     return jax.vmap(run, in_axes=(axes,))(rule)
 
 
-_grid_jit = jax.jit(_grid_impl, static_argnames=("shape", "return_trace", "noise", "eta", "grid_names"))
+_grid_jit = jax.jit(_grid_impl, static_argnames=("shape", "return_trace", "noise", "eta", "grid_names", "solver"))
+
+#: ``solver=`` of :func:`sample`: the chain's step (see :func:`chain_steps`). None: ancestral DDPM, or DDIM
+#: when ``eta`` is given. "euler" and "euler_ancestral" are DDIM at eta = 0 and 1 (the same steps).
+SOLVERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral")
 
 
-def _check_eta(eta, noise):
-    """eta as a float (None: ancestral step); DDIM takes its noise from eta, not from ``noise``."""
+def _check_eta(eta, noise, solver=None):
+    """(eta, solver) normalised: eta a float or None (ancestral step), solver None or "dpmpp_2m".
+
+    DDIM takes its noise from eta, not from ``noise``; "ddim" without eta is eta = 0; "euler" is DDIM at
+    eta = 0, "euler_ancestral" at eta = 1; "ddpm" is the ancestral step (no eta)."""
     if noise not in NOISES:
         raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+    if solver is not None:
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS} (or None), got {solver!r}")
+        fixed = {"euler": 0.0, "euler_ancestral": 1.0, "dpmpp_2m": None, "ddpm": None}
+        if solver in fixed and eta is not None:
+            raise ValueError(f"solver={solver!r} has no eta (got eta={eta!r}): "
+                             + ("it is DDIM at eta = %g" % fixed[solver] if fixed[solver] is not None
+                                else "it is deterministic" if solver == "dpmpp_2m" else "it is the ancestral step"))
+        if solver in ("dpmpp_2m", "ddpm"):
+            if solver == "dpmpp_2m" and noise != "beta":
+                raise ValueError(f"noise={noise!r} sets the ancestral step's variance; solver='dpmpp_2m' is deterministic")
+            return None, (None if solver == "ddpm" else solver)
+        eta = fixed.get(solver, 0.0 if eta is None else eta)
     if eta is None:
-        return None
+        return None, None
     try:
         eta = float(eta)
     except (TypeError, ValueError):
@@ -199,15 +277,15 @@ def _check_eta(eta, noise):
     if noise != "beta":
         raise ValueError(f"noise={noise!r} sets the ancestral step's variance; DDIM's is eta^2 beta_tilde "
                          "(eta = 1 is noise='posterior'): pass one of them")
-    return eta
+    return eta, None
 
 
-def _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta):
-    eta = _check_eta(eta, noise)
+def _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta, solver=None):
+    eta, solver = _check_eta(eta, noise, solver)
     denoiser_u = as_denoiser(denoiser_u)
     if not isinstance(rule, GuidanceRule):
         raise TypeError(f"rule must be a guidance rule from dngjax.guidance, got {type(rule).__name__}")
-    rule.check_sampler(noise, eta)
+    rule.check_sampler(noise, 0.0 if solver == "dpmpp_2m" else eta)   # (DPM-Solver++ is deterministic)
     if rule.needs_second_prediction:
         if denoiser_c is None:
             raise ValueError(f"{type(rule).__name__} combines two predictions: pass denoiser_c "
@@ -235,7 +313,11 @@ def _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta):
         raise ValueError(f"shape must be the per-sample shape, a sequence of ints, got {shape!r}") from None
     if not shape or min(shape) < 1:
         raise ValueError(f"shape must be a non-empty per-sample shape of positive sizes, got {shape}")
-    return denoiser_u, denoiser_c, shape, eta
+    spec = rule.tangent_spec()
+    if spec is not None and spec[0] == "exact" and int(np.prod(shape)) > EXACT_DIVERGENCE_MAX_DIM:
+        raise ValueError(f"divergence='exact' costs one jvp per dimension: {int(np.prod(shape))} for shape {shape}, "
+                         f"above {EXACT_DIVERGENCE_MAX_DIM}; use divergence='hutchinson' (probes=K)")
+    return denoiser_u, denoiser_c, shape, eta, solver
 
 
 def grid_rules(rule: GuidanceRule, grid: Optional[Mapping[str, Any]]) -> Tuple[GuidanceRule, int, Tuple[str, ...]]:
@@ -263,6 +345,7 @@ def grid_rules(rule: GuidanceRule, grid: Optional[Mapping[str, Any]]) -> Tuple[G
 def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
                   rule: GuidanceRule = NoGuidance(), denoiser_c=None, grid: Optional[Mapping[str, Any]] = None,
                   chunk_size: Optional[int] = None, noise: str = "beta", eta: Optional[float] = None,
+                  solver: Optional[str] = None,
                   return_trace: bool = False, progress: bool = False, desc: Optional[str] = None,
                   x_T=None) -> Iterator[Chunk]:
     """The samples of ``keys`` chunk by chunk, as :class:`Chunk` s (numpy), in seed order.
@@ -273,7 +356,7 @@ def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
     :func:`sweep` (then x is (K, m, ...)). ``x_T``: as in :func:`sample`. Arguments are validated
     before the first chunk runs.
     """
-    denoiser_u, denoiser_c, shape, eta = _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta)
+    denoiser_u, denoiser_c, shape, eta, solver = _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta, solver)
     rules, k, names = grid_rules(rule, grid)
     keys = _as_keys(keys)
     n = keys.shape[0]
@@ -302,14 +385,40 @@ def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
         if sharding is not None:
             kc = jax.device_put(kc, sharding)
             xc = None if xc is None else jax.device_put(xc, sharding)
-        out = _grid_jit(denoiser_u, denoiser_c, rules, schedule, kc, shape, return_trace, noise, eta, names, xc)
+        out = _grid_jit(denoiser_u, denoiser_c, rules, schedule, kc, shape, return_trace, noise, eta, names, xc,
+                        solver)
         m = min(chunk, n - start)
         cut = lambda a, ax: np.take(np.asarray(a), np.arange(m), axis=ax)
+        x, tr = out
+        flags = cut(tr.nonfinite if return_trace else tr, axis + 1)        # (S, m) or (K, S, m)
+        _warn_nonfinite(flags, t_order, start, m)
         if return_trace:
-            x, tr = out
-            yield Chunk(start, cut(x, axis), Trace(t=t_order, lam=cut(tr.lam, axis + 1), p=cut(tr.p, axis + 1)))
+            yield Chunk(start, cut(x, axis), Trace(t=t_order, lam=cut(tr.lam, axis + 1), p=cut(tr.p, axis + 1),
+                                                   nonfinite=flags.sum(-1)))
         else:
-            yield Chunk(start, cut(out, axis), None)
+            yield Chunk(start, cut(x, axis), None)
+
+
+class NonFiniteSamplesWarning(RuntimeWarning):
+    """Some samples hold NaN or inf: the denoiser (or a guidance scale far too large) produced them."""
+
+
+def _warn_nonfinite(flags: np.ndarray, t_order: np.ndarray, start: int, m: int) -> None:
+    """Warn, naming the step where they first appear, if any sample of a chunk became non-finite.
+
+    flags: (S, m) or (K, S, m) booleans, sample became non-finite after that step (sampling order).
+    """
+    flags = np.asarray(flags)
+    per_sample = flags.any(axis=-2)                          # (m,) or (K, m)
+    if not per_sample.any():
+        return
+    first = int(np.argmax(flags.reshape(-1, *flags.shape[-2:]).any(axis=(0, 2))))
+    where = "" if flags.ndim == 2 else f" (at {int(per_sample.any(-1).sum())} of {flags.shape[0]} grid points)"
+    import warnings
+    warnings.warn(f"{int(per_sample.sum())} of {per_sample.size} samples (seeds {start}..{start + m - 1}){where} hold "
+                  f"non-finite values, first after step {first + 1} of {flags.shape[-2]} (timestep {int(t_order[first])}): "
+                  "a denoiser returned NaN/inf or a guidance scale is far too large",
+                  NonFiniteSamplesWarning, stacklevel=3)
 
 
 def _check_x_T(x_T, n: int, shape: Tuple[int, ...]):
@@ -329,11 +438,13 @@ def _gather(chunks: Iterator[Chunk], axis: int, return_trace: bool):
         return x
     t = parts[0].trace.t
     return x, Trace(t=t, lam=np.concatenate([c.trace.lam for c in parts], axis=axis + 1),
-                    p=np.concatenate([c.trace.p for c in parts], axis=axis + 1))
+                    p=np.concatenate([c.trace.p for c in parts], axis=axis + 1),
+                    nonfinite=sum(c.trace.nonfinite for c in parts))
 
 
 def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
            rule: GuidanceRule = NoGuidance(), denoiser_c=None, noise: str = "beta", eta: Optional[float] = None,
+           solver: Optional[str] = None,
            return_trace: bool = False, chunk_size: Optional[int] = None, progress: bool = False, x_T=None):
     """Ancestral DDPM (or DDIM) sampling from x_T ~ N(0, I) with a guidance rule, one sample per key.
 
@@ -356,7 +467,11 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
         chain's own (respaced) values. (Not DNG's ``variance``: that is its update's sigma^2.)
       eta: None (default) for the ancestral step; a number in [0, 1] for DDIM with noise variance
         eta^2 beta_tilde_t (eta = 1 equals ``noise="posterior"``; eta = 0 is deterministic, and
-        refused by DNG, whose update needs the step's noise).
+        refused by DNG's paper estimator, whose update needs the step's noise; its continuous-time
+        estimators run there).
+      solver: None (the ancestral step, or DDIM when ``eta`` is given), or one of "ddpm", "ddim" (eta
+        default 0), "dpmpp_2m" (DPM-Solver++(2M), deterministic), "euler" / "euler_ancestral"
+        (k-diffusion's steps: DDIM at eta = 0 / 1); see :func:`chain_steps`.
       return_trace: also return a :class:`Trace` of lambda_t and p_t, (S, N) each.
       chunk_size: process the seeds in chunks of this many (one compilation; sharded over the
         local devices; see :func:`sample_chunks`). Default: all N in one call.
@@ -371,18 +486,26 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
       arrays gathered from the chunks otherwise.
     """
     if chunk_size is None and not progress and jax.local_device_count() == 1:
-        denoiser_u, denoiser_c, shape, eta = _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta)
+        denoiser_u, denoiser_c, shape, eta, solver = _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta, solver)
         keys = _as_keys(keys)
         x_T = _check_x_T(x_T, keys.shape[0], shape)
-        return _grid_jit(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, (), x_T)
+        x, tr = _grid_jit(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, (), x_T,
+                          solver)
+        flags = tr.nonfinite if return_trace else tr
+        if not isinstance(flags, jax.core.Tracer):             # inside jit nothing can be checked
+            _warn_nonfinite(np.asarray(flags), np.asarray(schedule.timesteps)[::-1], 0, keys.shape[0])
+        if return_trace:
+            return x, tr._replace(nonfinite=flags.sum(-1))
+        return x
     chunks = sample_chunks(denoiser_u, schedule, keys, shape, rule=rule, denoiser_c=denoiser_c,
-                           chunk_size=chunk_size, noise=noise, eta=eta, return_trace=return_trace,
+                           chunk_size=chunk_size, noise=noise, eta=eta, solver=solver, return_trace=return_trace,
                            progress=progress, x_T=x_T)
     return _gather(chunks, 0, return_trace)
 
 
 def sweep(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *, rule: GuidanceRule,
           grid: Optional[Mapping[str, Any]], denoiser_c=None, noise: str = "beta", eta: Optional[float] = None,
+          solver: Optional[str] = None,
           return_trace: bool = False, chunk_size: Optional[int] = None, progress: bool = False, x_T=None):
     """Sample a K-point grid of hyperparameters times N seeds; result indexed [k, n].
 
@@ -397,12 +520,12 @@ def sweep(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *, rule: G
       numpy x of shape (K, N, *shape) (and a Trace with lam, p of shape (K, S, N)).
     """
     chunks = sample_chunks(denoiser_u, schedule, keys, shape, rule=rule, denoiser_c=denoiser_c, grid=grid,
-                           chunk_size=chunk_size, noise=noise, eta=eta, return_trace=return_trace,
+                           chunk_size=chunk_size, noise=noise, eta=eta, solver=solver, return_trace=return_trace,
                            progress=progress, x_T=x_T)
     if grid:
         return _gather(chunks, 1, return_trace)
     out = _gather(chunks, 0, return_trace)                    # no grid axis: add K = 1
     if return_trace:
         x, tr = out
-        return x[None], Trace(t=tr.t, lam=tr.lam[None], p=tr.p[None])
+        return x[None], Trace(t=tr.t, lam=tr.lam[None], p=tr.p[None], nonfinite=tr.nonfinite[None])
     return out[None]

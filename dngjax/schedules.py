@@ -17,6 +17,8 @@ about 1e-4 of it relatively).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import jax.numpy as jnp
 from flax import struct
@@ -137,18 +139,30 @@ def cosine_schedule(num_timesteps: int = 1000, s: float = 0.008, max_beta: float
     return _from_betas(betas, np.arange(num_timesteps))
 
 
-def respace(schedule: Schedule, num_steps: int) -> Schedule:
-    """A shorter chain over ``num_steps`` evenly spaced timesteps of ``schedule``.
+def respace(schedule: Schedule, num_steps: Optional[int] = None, *, timesteps=None) -> Schedule:
+    """A shorter chain over ``num_steps`` evenly spaced timesteps of ``schedule`` (or the given ``timesteps``).
 
     beta'_i = 1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}} (alpha_bar_{tau_{-1}} = 1),
-    so the marginals of x at the kept timesteps are unchanged. The first and the
-    last original timestep are always kept. The network still receives the
-    original indices ``tau_i`` (``Schedule.timesteps``).
+    so the marginals of x at the kept timesteps are unchanged. With ``num_steps``, the first and the
+    last original timestep are always kept (round(linspace(0, T - 1, num_steps)): diffusers' "linspace"
+    spacing of DDIM / DDPM). ``timesteps``: the kept timestep indices themselves, in any order (e.g. a
+    diffusers scheduler's ``timesteps`` after ``set_timesteps``); the chain still ends at alpha_bar = 1.
+    The network still receives the original indices ``tau_i`` (``Schedule.timesteps``).
     """
     total = schedule.num_steps
-    if not 1 <= num_steps <= total:
-        raise ValueError(f"num_steps must be in [1, {total}], got {num_steps}")
-    keep = np.unique(np.round(np.linspace(0, total - 1, num_steps)).astype(np.int64))
+    if (num_steps is None) == (timesteps is None):
+        raise ValueError("respace takes num_steps or timesteps (one of them)")
+    if timesteps is not None:
+        keep = np.unique(np.asarray(timesteps).reshape(-1))
+        if keep.size == 0 or not np.issubdtype(keep.dtype, np.integer) and not np.all(keep == np.round(keep)):
+            raise ValueError(f"timesteps must be a non-empty sequence of integer indices, got {timesteps!r}")
+        keep = keep.astype(np.int64)
+        if keep[0] < 0 or keep[-1] >= total:
+            raise ValueError(f"timesteps must lie in [0, {total - 1}], got {keep[0]} .. {keep[-1]}")
+    else:
+        if not 1 <= num_steps <= total:
+            raise ValueError(f"num_steps must be in [1, {total}], got {num_steps}")
+        keep = np.unique(np.round(np.linspace(0, total - 1, num_steps)).astype(np.int64))
     # float64 from the betas: float32 alpha_bars would cost ~1e-3 relative in beta'.
     # beta'_i = 1 - exp(log alpha_bar_i - log alpha_bar_{i-1}), without cancellation.
     log_ab = np.cumsum(np.log1p(-np.asarray(schedule.betas, np.float64)))[keep]

@@ -271,7 +271,7 @@ def test_vmap_over_rule_leaf_directly(schedule):
     keys = dj.keys_from_seeds(np.arange(3))
     rule = dj.NegativePrompting(jnp.array([0.0, 1.0]))
     f = jax.vmap(lambda r: sampler_mod._sample_impl(dj.as_denoiser(eps_u), dj.as_denoiser(eps_c), r,
-                                                   schedule, keys, SHAPE, False, "beta", None))
+                                                   schedule, keys, SHAPE, False, "beta", None)[0])
     x = f(rule)
     x0 = dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(1.0), denoiser_c=eps_c)
     np.testing.assert_allclose(np.asarray(x[1]), np.asarray(x0), rtol=1e-5, atol=1e-5)

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     kc = jax.device_put(keys[:8], NamedSharding(Mesh(np.asarray(jax.devices()), ("n",)), PartitionSpec("n")))
     out = S._grid_jit(dj.as_denoiser(eps_u), dj.as_denoiser(eps_c), S.grid_rules(rule, {"scale": [0.0, 2.0]})[0],
-                      sched, kc, (3,), False, "beta", None, ("scale",))
+                      sched, kc, (3,), False, "beta", None, ("scale",))[0]
     assert len(out.sharding.device_set) == 4, out.sharding
     # sample() is the same loop: chunked and sharded, equal to the sweep's point
     xs = dj.sample(eps_u, sched, keys, (3,), rule=rule.replace(scale=2.0), denoiser_c=eps_c, chunk_size=6)
