@@ -12,6 +12,9 @@ Measurements (each compares things timed in the same run, interleaved, median
 of ``--repeats``; compile time is excluded from throughput by a warm-up call):
 
 * DNG vs NP time per image (target <= 1.03): both make two network calls per step.
+* DNG with the continuous-time posterior (``estimator="stratonovich"``, Hutchinson, 1 and 2 probes: the
+  two predictions' jvps) on DDIM eta = 0 vs the paper's DNG on the ancestral chain, time per image and
+  step (target <= 2.0).
 * K = 8 guidance scales in one ``sweep`` vs 8 separate ``sample`` calls (target < 1)
   and vs one ``sample`` call of the same 8N images (target <= 1.10).
 * compile time (trace + lower + XLA compile) of the sampler for a 1000-step vs a
@@ -64,7 +67,7 @@ def _parse_args(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--no-variants", action="store_true", help="skip the variant measurements")
     ap.add_argument("--only", default=None,
-                    help="comma-separated subset of: dng_np,sweep,compile,torch,archs,variants")
+                    help="comma-separated subset of: dng_np,continuous,sweep,compile,torch,archs,variants")
     args = ap.parse_args(argv)
     q = args.quick
     args.batches = [int(b) for b in (args.batches or ("1,16" if q else "1,16,128")).split(",")]
@@ -73,7 +76,7 @@ def _parse_args(argv=None):
     args.sweep_n = args.sweep_n or (4 if q else 16)
     if q and args.only is None:
         args.no_variants = True
-    sections = {"dng_np", "sweep", "compile", "torch", "archs", "variants"}
+    sections = {"dng_np", "continuous", "sweep", "compile", "torch", "archs", "variants"}
     args.sections = set(args.only.split(",")) if args.only else sections
     if args.no_torch:
         args.sections.discard("torch")
@@ -248,6 +251,26 @@ def section_dng_np(tab, ctx):
     tab.add("DNG / NP time per image", t["dng"], t["np"], 1.03, "<=",
             f"B={b}, {sched.num_steps} steps; DNG {per_img(t['dng'], b, m) * 1e3:.1f} ms/img, "
             f"NP {per_img(t['np'], b, m) * 1e3:.1f} ms/img ({m})")
+
+
+def section_continuous(tab, ctx):
+    b = 16
+    sched = ctx["sched"]
+    paper = dj.DynamicNegativeGuidance(scale=2.0)
+    keys = dj.keys_from_seeds(np.arange(b))
+    run = lambda rule, **kw: (lambda: np.asarray(dj.sample(ctx["eu"], sched, keys, SHAPE, rule=rule,
+                                                           denoiser_c=ctx["ec"], **kw)))
+    fns = {"paper": run(paper)}
+    variants = {"jvp1": ("hutchinson", 1), "jvp2": ("hutchinson", 2), "fd1": ("finite_difference", 1)}
+    for name, (div, k) in variants.items():
+        fns[name] = run(dj.DynamicNegativeGuidance(scale=2.0, temperature=1.0, estimator="stratonovich",
+                                                   divergence=div, probes=k), solver="ddim")
+    t = measure(fns, ctx["repeats"])
+    m = tab.metric
+    for name, (div, k) in variants.items():
+        tab.add(f"DNG continuous ({div}, {k} probe{'s' if k > 1 else ''}) / paper DNG", t[name], t["paper"],
+                2.0, "<=", f"B={b}, {sched.num_steps} steps; {per_img(t[name], b, m) * 1e3:.1f} vs "
+                f"{per_img(t['paper'], b, m) * 1e3:.1f} ms/img ({m})")
 
 
 def section_sweep(tab, ctx):
@@ -508,6 +531,7 @@ def main(args):
     tab = Table(metric)
     t0 = time.perf_counter()
     sections = (("dng_np", "guidance cost", section_dng_np),
+                ("continuous", "the continuous-time posterior's cost", section_continuous),
                 ("sweep", "sweeps", section_sweep),
                 ("compile", "compilation", section_compile),
                 ("torch", "dngjax vs PyTorch loop sampler (ratio = speedup of dngjax)", section_torch),

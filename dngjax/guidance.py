@@ -49,9 +49,11 @@ VARIANCES = ("posterior", "beta", "step")
 #: weighted by (1 - the step's injected variance / its d lambda): ~0 on ancestral steps.
 ESTIMATORS = ("paper", "stratonovich", "ito")
 #: How the continuous-time estimators get div(eps_c - eps_u): Hutchinson's estimate v . J v from
-#: ``probes`` Rademacher directions (one jvp per prediction and probe), the exact trace (one jvp per
+#: ``probes`` Rademacher directions (one jvp per prediction and probe), the same from finite differences
+#: eps(x + delta v) - eps(x) (one more network evaluation per prediction and probe, batched with the
+#: plain one: cheaper than a jvp where the network's forward-mode derivative costs more than a pass), the exact trace (one jvp per
 #: dimension: small samples only) or not at all (the Ito estimator on ancestral steps, where its weight is ~0).
-DIVERGENCES = ("hutchinson", "exact", "none")
+DIVERGENCES = ("hutchinson", "finite_difference", "exact", "none")
 
 
 @struct.dataclass
@@ -212,8 +214,12 @@ class Rule(Protocol):
         (``noise``/``eta`` of :func:`dngjax.sample`); e.g. DNG's update on a deterministic step."""
 
     def tangent_spec(self) -> Optional[Tuple[str, int]]:
-        """None, or what the rule needs of the predictions' derivatives: ("hutchinson", K) or ("exact", 0).
-        The sampler then also passes ``tangents=`` (a :class:`Tangents`) to ``guide`` and ``update``."""
+        """None, or what the rule needs of the predictions' derivatives: ("hutchinson", K),
+        ("finite_difference", K) or ("exact", 0). The sampler then also passes ``tangents=`` (a
+        :class:`Tangents`) to ``guide`` and ``update``."""
+
+    def probe_hint(self, state: Any) -> Optional[Array]:
+        """None, or a direction (B, *shape) that Hutchinson's probes should contain (see ``sampler._probes``)."""
 
 
 class GuidanceRule:
@@ -242,6 +248,10 @@ class GuidanceRule:
 
     def tangent_spec(self) -> Optional[Tuple[str, int]]:
         """No derivatives of the predictions needed."""
+        return None
+
+    def probe_hint(self, state) -> Optional[Array]:
+        """No preferred probe direction."""
         return None
 
     def replace(self, **changes):
@@ -382,7 +392,9 @@ class DynamicNegativeGuidance(GuidanceRule):
         is this estimator to first order.
     The divergence div g = -div(eps_neg - eps_u) / sqrt(1 - alpha_bar) comes from the sampler as jvps of the
     two predictions (``divergence="hutchinson"``: Hutchinson's estimate from ``probes`` Rademacher
-    directions per sample and step, shared by the two predictions; ``"exact"``: one jvp per dimension,
+    directions per sample and step, shared by the two predictions; ``"finite_difference"``: the same
+    estimate with (eps(x + delta v) - eps(x)) / delta in place of the jvp, delta = 1e-2 sqrt(1 - alpha_bar),
+    the extra evaluations batched with the plain ones; ``"exact"``: one jvp per dimension,
     small samples only; ``"none"``: dropped, for the Ito estimator on ancestral steps). The cost per step
     is the predictions' jvps instead of their plain evaluation. ``temperature`` scales the increments
     (1 = the identity, the default to use); ``offset`` and ``variance`` belong to the paper's update and
@@ -400,7 +412,7 @@ class DynamicNegativeGuidance(GuidanceRule):
     p_max: Any = 0.99
     variance: str = static("posterior")
     estimator: str = static("paper")
-    divergence: str = static("hutchinson")
+    divergence: str = static("finite_difference")
     probes: int = static(1)
 
     def __post_init__(self):
@@ -416,7 +428,11 @@ class DynamicNegativeGuidance(GuidanceRule):
     def tangent_spec(self):
         if self.estimator == "paper" or self.divergence == "none":
             return None
-        return ("exact", 0) if self.divergence == "exact" else ("hutchinson", int(self.probes))
+        return ("exact", 0) if self.divergence == "exact" else (self.divergence, int(self.probes))
+
+    def probe_hint(self, state):
+        """Stratonovich: g = s_neg - s_u at the previous point, the direction in which the posterior is sharp."""
+        return state[2] if self.estimator == "stratonovich" and self.divergence != "exact" else None
 
     def guide(self, state, x_t, eps_u, eps_c, step, tangents=None):
         if self.estimator == "stratonovich":
@@ -507,7 +523,7 @@ def _check_dng_leaves(rule) -> None:
     estimator = getattr(rule, "estimator", "paper")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    divergence = getattr(rule, "divergence", "hutchinson")
+    divergence = getattr(rule, "divergence", "finite_difference")
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     probes = getattr(rule, "probes", 1)

@@ -38,6 +38,9 @@ Array = jnp.ndarray
 NOISES = ("beta", "posterior")
 #: Largest sample size (number of values) for which a rule may ask for the exact divergence (one jvp each).
 EXACT_DIVERGENCE_MAX_DIM = 256
+#: divergence="finite_difference": the probe step delta = FD_STEP sqrt(1 - alpha_bar_t), small against the
+#: noise level (the scale on which eps varies) and large against float32 rounding of eps.
+FD_STEP = 1e-2
 
 
 class Trace(NamedTuple):
@@ -191,8 +194,22 @@ def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Gui
         if spec is None:
             eps_u, eps_c = predictions(x, t, step)
             extra = {}
+        elif spec[0] == "finite_difference":
+            # eps(x + delta v) - eps(x), delta = FD_STEP sqrt(1 - alpha_bar): one batch of (K + 1) B images
+            probes, weight = _probes(("hutchinson", spec[1]), jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys[:, 1]),
+                                     x, rule.probe_hint(state))
+            k = probes.shape[0]
+            delta = FD_STEP * jnp.sqrt(step.one_minus_alpha_bar)
+            xs = jnp.concatenate([x[None], x[None] + delta * probes]).reshape((-1,) + x.shape[1:])
+            big_u, big_c = predictions(xs, jnp.broadcast_to(step.t, (xs.shape[0],)), step)
+            split_k = lambda a: a.reshape((k + 1,) + x.shape)
+            fd = lambda a: (split_k(a)[1:] - split_k(a)[:1]) / delta
+            eps_u = split_k(big_u)[0]
+            eps_c = jax.tree.map(lambda a: split_k(a)[0], big_c)
+            extra = {"tangents": Tangents(probes, fd(big_u), jax.tree.map(fd, big_c), weight)}
         else:
-            probes, weight = _probes(spec, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys[:, 1]), x)
+            probes, weight = _probes(spec, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys[:, 1]), x,
+                                     rule.probe_hint(state))
             f = lambda y: predictions(y, t, step)
             (eps_u, eps_c), (du, dc) = jax.vmap(lambda v: jax.jvp(f, (x,), (v,)), out_axes=(None, 0))(probes)
             extra = {"tangents": Tangents(probes, du, dc, weight)}
@@ -216,15 +233,27 @@ def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Gui
     return x, out                                                          # out: (S, B) non-finite flags
 
 
-def _probes(spec, keys: Array, x: Array):
-    """(K, B, *shape) probe directions and the weight of their sum, for a rule's ``tangent_spec``."""
+def _probes(spec, keys: Array, x: Array, hint: Optional[Array] = None):
+    """(K, B, *shape) probe directions and the weight of their sum, for a rule's ``tangent_spec``.
+
+    Hutchinson: Rademacher v_k, or with a rule's ``hint`` direction u (unit, per sample) w_k = u + P v_k,
+    P = I - u u^T: still E[w^T J w] = u^T J u + tr(P J) = tr J, and where u is close to an eigenvector
+    of J with a large eigenvalue (the posterior's sharp direction) its share of the estimate's variance
+    (the off-diagonal of J along u) is gone.
+    """
     kind, k = spec
     if kind == "exact":                                       # the basis vectors: the exact trace
         d = int(np.prod(x.shape[1:]))
         eye = jnp.eye(d, dtype=x.dtype).reshape((d, 1) + x.shape[1:])
         return jnp.broadcast_to(eye, (d,) + x.shape), 1.0
     draw = lambda key: jax.random.rademacher(key, (k,) + x.shape[1:], jnp.float32)
-    return jnp.swapaxes(jax.vmap(draw)(keys), 0, 1), 1.0 / k
+    v = jnp.swapaxes(jax.vmap(draw)(keys), 0, 1)
+    if hint is not None:
+        axes = tuple(range(1, x.ndim))
+        norm = jnp.sqrt(jnp.sum(hint * hint, axis=axes, keepdims=True))
+        u = jnp.where(norm > 0, hint / jnp.where(norm > 0, norm, 1.0), 0.0)          # (B, *shape)
+        v = u[None] + v - jnp.sum(v * u[None], axis=tuple(range(2, v.ndim)), keepdims=True) * u[None]
+    return v, 1.0 / k
 
 
 def _grid_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, grid_names, x_T=None,

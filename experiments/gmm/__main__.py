@@ -7,6 +7,7 @@
     python -m experiments.gmm --figure=chain     # DNG's posterior against chain length (1000 .. 25 steps)
     python -m experiments.gmm --figure=ddim      # DNG on DDIM steps: eta x chain length
     python -m experiments.gmm --figure=extensions   # several concepts, positive mode, calibration (2-D lab)
+    python -m experiments.gmm --figure=samplers     # DNG's estimators x DDIM / DPM-Solver++ / ancestral x chain length
     dngjax-gmm ...                                                      # the same, installed
 """
 
@@ -17,10 +18,10 @@ from absl import flags
 from dngjax import cli
 
 FLAGS = flags.FLAGS
-FIGURES = ("fig1", "fig3", "appendix", "chain", "ddim", "extensions")
+FIGURES = ("fig1", "fig3", "appendix", "chain", "ddim", "extensions", "samplers")
 #: samples per method when --n is not given
 N_DEFAULT = {"fig1": 100_000, "fig3": 100_000, "appendix": 20_000, "chain": 100_000, "ddim": 100_000,
-             "extensions": 20_000}
+             "extensions": 20_000, "samplers": 20_000}
 
 
 def define_flags():
@@ -50,14 +51,17 @@ def args_for(figure: str) -> types.SimpleNamespace:
 
 
 def main(argv):
-    from . import appendix, chain, ddim, extensions, fig1, fig3
+    from . import appendix, chain, ddim, extensions, fig1, fig3, samplers
     runs = {"fig1": fig1.run, "fig3": fig3.run, "appendix": appendix.run, "chain": chain.run, "ddim": ddim.run,
-            "extensions": extensions.run}
+            "extensions": extensions.run, "samplers": samplers.run}
     names = FIGURES if FLAGS.figure == "all" else (FLAGS.figure,)
     with cli.user_errors():
         for name in names:
             if name != "appendix" and args_for(name).n == 0:
                 raise ValueError(f"--n=0 only makes sense for the appendix (fields only); {name} samples")
+        cli.check_writable_folder(FLAGS.out, "--out")
+    cli.on_interrupt(f"the figures finished so far are in {FLAGS.out}; nothing resumes: rerunning the same "
+                     "command makes them all again (--figure=NAME makes one)")
     for name in names:
         if len(names) > 1:
             print(f"\n===== {name} =====", flush=True)
