@@ -59,9 +59,6 @@ def main(argv):
         for name in names:
             if name != "appendix" and args_for(name).n == 0:
                 raise ValueError(f"--n=0 only makes sense for the appendix (fields only); {name} samples")
-        cli.check_writable_folder(FLAGS.out, "--out")
-    cli.on_interrupt(f"the figures finished so far are in {FLAGS.out}; nothing resumes: rerunning the same "
-                     "command makes them all again (--figure=NAME makes one)")
     for name in names:
         if len(names) > 1:
             print(f"\n===== {name} =====", flush=True)
