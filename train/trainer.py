@@ -9,7 +9,10 @@ varies between runs is in the ``ml_collections`` config (see ``train/configs``).
   1-D mesh, parameters replicated) when there are several;
 * orbax ``CheckpointManager``: periodic saves, automatic resume from the latest
   complete save (orbax writes to a temporary folder and renames it when done,
-  so a kill -9 leaves no corrupt checkpoint behind);
+  so a kill -9 leaves no corrupt checkpoint behind); after each save a sha256
+  manifest of the step's files (:mod:`train.integrity`), verified on resume: a
+  corrupt step is set aside and the run falls back to the newest step that passes
+  (``keep_checkpoints`` >= 2 steps are kept), and none passing is an error;
 * the batch at step s and every random draw at step s are functions of
   (seed, s) only, so a resumed run reproduces an uninterrupted one;
 * ``WORKDIR/runs.jsonl``: one line per run (the step it started from, the schedule and label
@@ -43,6 +46,7 @@ from dngjax import data as data_lib
 from dngjax.models.classifier import Classifier
 from dngjax.models.unet import UNet
 from dngjax.schedules import linear_schedule, respace
+from train import integrity
 
 
 # --------------------------------------------------------------------------- model / data
@@ -328,8 +332,10 @@ def _truncate_metrics(path: str, last_step: int) -> None:
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w") as f:
+    tmp = path + ".tmp"            # replaced in one step: a run killed here keeps the whole file
+    with open(tmp, "w") as f:
         f.writelines(lines)
+    os.replace(tmp, path)
 
 
 def config_to_dict(config) -> Dict[str, Any]:
@@ -369,10 +375,55 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.optim.decay_steps applies to schedule='constant' (cosine decays over the whole run)")
     if config.get("max_steps_this_run", 0) < 0:
         raise ValueError(f"config.max_steps_this_run must be >= 0, got {config.max_steps_this_run}")
+    if int(config.get("keep_checkpoints", 2)) < 2:
+        raise ValueError(f"config.keep_checkpoints must be >= 2 (a corrupt newest checkpoint falls back to the "
+                         f"one before), got {config.keep_checkpoints}")
+
+
+def checkpoint_manager(ckpt_dir: str, keep: int) -> ocp.CheckpointManager:
+    """The orbax manager of a run's checkpoints: synchronous saves, the newest ``keep`` steps kept."""
+    return ocp.CheckpointManager(
+        ckpt_dir,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, create=True,
+                                             enable_async_checkpointing=False))
+
+
+def save_verified(mngr: ocp.CheckpointManager, ckpt_dir: str, step: int, state) -> None:
+    """Save ``state`` as ``step``, then (orbax has committed the step's folder) its sha256 manifest."""
+    if mngr.save(step, args=ocp.args.StandardSave(state)):
+        mngr.wait_until_finished()
+        if jax.process_index() == 0:
+            integrity.write_manifest(integrity.step_dir(ckpt_dir, step), step)
+
+
+def restore_verified(mngr: ocp.CheckpointManager, ckpt_dir: str, workdir: str, abstract_state):
+    """``(state, step)`` of the newest checkpoint that passes its sha256 manifest, or ``(None, None)``
+    when ``ckpt_dir`` holds none. Newer corrupt steps are moved to ``WORKDIR/corrupt_checkpoints``
+    (so that the run saves those steps again) with a warning naming the step and the file; a step
+    without a manifest is restored with a warning that it cannot be verified; when every step is
+    corrupt, :class:`dngjax.checkpoint.CheckpointError` (nothing is moved). ``abstract_state()``
+    gives the structure to restore into."""
+    step, status, corrupt = integrity.choose_step(ckpt_dir, mngr.all_steps())
+    if step is None:
+        return None, None
+    for bad, detail in corrupt:
+        moved = integrity.set_aside(ckpt_dir, bad, workdir)
+        logging.warning("checkpoint step %d is corrupt: %s; moved to %s, falling back to step %d",
+                        bad, detail, moved, step)
+    if corrupt:
+        mngr.reload()
+    if status == integrity.UNVERIFIED:
+        logging.warning("checkpoint step %d in %s has no %s (saved before checkpoints had one, or killed "
+                        "before it was written): it cannot be verified", step, ckpt_dir, integrity.MANIFEST_FILE)
+    state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state()))
+    logging.warning("resumed from step %d in %s (%s)", step, ckpt_dir,
+                    "sha256 verified" if status == integrity.OK else "unverified")
+    return state, step
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str):
-    """Validate the config, load the data and model, restore the latest checkpoint of ``workdir``.
+    """Validate the config, load the data and model, restore the newest checkpoint of ``workdir`` that passes
+    its sha256 manifest (:func:`restore_verified`).
 
     Everything that can fail because of the input fails here, before any training step. Returns
     ``run()``, which trains to ``config.num_steps`` (or ``max_steps_this_run`` steps) and returns
@@ -400,20 +451,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
     data_sh = NamedSharding(mesh, P("data")) if n_dev > 1 and config.batch_size % n_dev == 0 else repl
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    mngr = ocp.CheckpointManager(
-        ckpt_dir,
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.get("keep_checkpoints", 2),
-                                             save_interval_steps=1, create=True,
-                                             enable_async_checkpointing=False))
-    latest = mngr.latest_step()
+    mngr = checkpoint_manager(ckpt_dir, int(config.get("keep_checkpoints", 2)))
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    # only the state's structure is needed: nothing is initialised on a resume
+    state, latest = restore_verified(mngr, ckpt_dir, workdir,
+                                     lambda: _abstract_state(module, opt, config, input_shape))
     if latest is not None:
-        # only the state's structure is needed: nothing is initialised on a resume
-        abstract = _abstract_state(module, opt, config, input_shape)
-        state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-        logging.warning("resumed from step %d in %s", latest, ckpt_dir)
         _truncate_metrics(metrics_path, latest)
     else:
+        logging.warning("no checkpoint in %s: training from step 0", ckpt_dir)
         state = _init_state(module, opt, config, input_shape, init_params)
         if os.path.exists(metrics_path):
             os.remove(metrics_path)  # a run killed before its first save: its lines are not in any state
@@ -474,7 +520,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
                 # Host scalars go in with the state's (replicated) sharding, so the compiled step accepts them.
                 state = dict(state, **jax.device_put({"wall_time": np.float32(wall0 + time.time() - t_start),
                                                        "loss_avg": np.float32(loss_avg)}, repl))
-                mngr.save(step, args=ocp.args.StandardSave(state))
+                save_verified(mngr, ckpt_dir, step, state)
             if kind == "unet" and config.sample_every and step % config.sample_every == 0 and step < config.num_steps:
                 xs = sample_images(module, state["ema_params"], 64, 0, input_shape, config.sample_steps)
                 save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), xs)
