@@ -317,7 +317,7 @@ def compile_once(ctx, n_steps, b=16):
     """Trace + lower + XLA-compile the library's sampler afresh (AOT, nothing cached)."""
     sched = dj.respace(dj.linear_schedule(), n_steps)
     rule = dj.DynamicNegativeGuidance(scale=2.0)
-    eu, ec, shape, eta = dj_sampler._prepare(ctx["eu"], ctx["ec"], rule, SHAPE, "beta", None)
+    eu, ec, shape, eta, _ = dj_sampler._prepare(ctx["eu"], ctx["ec"], rule, SHAPE, "beta", None)
     keys = dj_sampler._as_keys(dj.keys_from_seeds(range(b)))
     jax.clear_caches()                                   # trace afresh
     lowered = dj_sampler._grid_jit.lower(eu, ec, rule, sched, keys, shape, False, "beta", eta, ())
