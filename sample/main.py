@@ -28,7 +28,10 @@ Jobs: ``class_removal`` (default; :mod:`sample.class_removal`), ``posterior_chec
 ``calibrate`` (:mod:`sample.calibrate`: per method, the smallest scale of its grid that meets --target) and
 ``text_to_image`` (:mod:`sample.text_to_image`: Stable Diffusion with NP / DNG away from negative prompts,
 the paper's Q metric; config sample/configs/sd.py).
-Every input is validated before sampling starts; a bad one exits with code 2 and one message.
+Every input is validated before sampling starts, output folders before any model loads; a bad one
+exits with code 2 and one message. Ctrl-C exits with code 130 and one line that says whether the job
+resumes: a class-removal run (and extend) keeps its finished grid points in ``<outdir>.partial``, and the
+same command (the same --config.outdir) samples only the rest.
 """
 
 import os
@@ -63,30 +66,65 @@ def define_flags():
                                      "(default: the runs' common parent); archive: the copy (required).")
 
 
+def resume_note(job) -> str:
+    """What Ctrl-C says during a class-removal run: its finished points are kept, the same outdir resumes."""
+    out = job.outdir.rstrip("/")
+    how = ("rerun the same command" if job.config.outdir else f"rerun with --config.outdir={out}")
+    return f"the finished grid points are kept in {out}.partial: {how} to resume (it samples only the rest)"
+
+
+def check_chunk_memory(job, trace: bool) -> None:
+    """The largest sweep's sampling chunk fits in memory (:func:`dngjax.memory.check_sampling_chunk`)."""
+    from dngjax import memory
+    grid = max([len(scales) for _, _, _, scales in job.methods] + [1])
+    memory.check_sampling_chunk(job.denoiser_u, job.shape, len(job.seeds), job.config.chunk_size, grid,
+                                trace_steps=job.schedule.num_steps if trace else 0)
+
+
+def _check_out(path, flag):
+    """The output folder ``path`` (of ``flag``) can be created or written: checked before any model loads."""
+    if path:
+        cli.check_writable_folder(path, flag)
+
+
 def main(argv):
     logging.set_verbosity(logging.WARNING)
     config = FLAGS.config
     if FLAGS.job == "text_to_image":
         from sample import text_to_image
         with cli.user_errors():
+            _check_out(config.get("outdir") or os.path.join("outputs", "text_to_image"), "--config.outdir")
             job = text_to_image.prepare(config)
+        cli.on_interrupt(f"{job.outdir} is incomplete and nothing resumes: rerunning the same command starts again")
         text_to_image.execute(job)
     elif FLAGS.job == "class_removal":
         from sample import class_removal
         with cli.user_errors():
+            class_removal.validate_config(config)
+            _check_out(class_removal.choose_outdir(config), "--config.outdir")
             job = class_removal.prepare(config)
+            check_chunk_memory(job, trace=True)
+        cli.on_interrupt(resume_note(job))
         class_removal.execute(job)
     elif FLAGS.job == "calibrate":
         from sample import calibrate, class_removal
+        out = FLAGS.out or "outputs/calibration"
         with cli.user_errors():
             calibrate.validate(FLAGS.target, FLAGS.confidence)
+            _check_out(out, "--out")
             job = class_removal.prepare(config)
-        calibrate.execute(job, FLAGS.target, FLAGS.confidence, FLAGS.out or "outputs/calibration")
+            check_chunk_memory(job, trace=False)
+        calibrate.execute(job, FLAGS.target, FLAGS.confidence, out)
     elif FLAGS.job == "posterior_check":
         from sample import posterior_check
+        out = FLAGS.out or "outputs/posterior_check"
         with cli.user_errors():
-            classes = [int(c) for c in (FLAGS.classes or [config.removed_class])]
-            job = posterior_check.prepare(config, classes, FLAGS.out or "outputs/posterior_check")
+            try:
+                classes = [int(c) for c in (FLAGS.classes or [config.removed_class])]
+            except ValueError:
+                raise ValueError(f"--classes={','.join(FLAGS.classes)}: class numbers, e.g. --classes=0,1,2") from None
+            _check_out(out, "--out")
+            job = posterior_check.prepare(config, classes, out)
         posterior_check.execute(job)
     elif FLAGS.job == "extend":
         from sample import class_removal, extend, report
@@ -95,7 +133,14 @@ def main(argv):
                 raise ValueError("--job=extend needs --runs=FOLDER[,FOLDER...]")
             runs = [r for r in report.find_runs(FLAGS.runs) if not extend.is_top_up(r)]
             jobs = {run: extend.extension_config(run, FLAGS.n, progress=config.progress) for run in runs}
+            for cfg in jobs.values():
+                if cfg is not None:
+                    _check_out(cfg.outdir, "the top-up folder of --runs")
             jobs = {run: class_removal.prepare(cfg) for run, cfg in jobs.items() if cfg is not None}
+            for job in jobs.values():
+                check_chunk_memory(job, trace=True)
+        cli.on_interrupt("the finished points of the top-up being sampled are kept in its <folder>.partial: "
+                         "rerun the same command to resume (finished top-ups are not sampled again)")
         for run in runs:
             job = jobs.get(run)
             while job is not None:          # again while the larger samples make another point deciding
@@ -108,6 +153,7 @@ def main(argv):
         with cli.user_errors():
             if not FLAGS.runs or len(FLAGS.runs) != 1 or not FLAGS.out:
                 raise ValueError("--job=archive needs one --runs=FOLDER and --out=COPY (e.g. docs/runs/NAME)")
+            _check_out(FLAGS.out, "--out")
             paths = archive.plan(FLAGS.runs[0], FLAGS.out)
         copied = archive.archive(FLAGS.runs[0], FLAGS.out, paths)
         for path, size in copied:
@@ -118,6 +164,7 @@ def main(argv):
         with cli.user_errors():
             if not FLAGS.runs:
                 raise ValueError("--job=summary needs --runs=FOLDER[,FOLDER...] (folders holding a report.json)")
+            _check_out(FLAGS.out, "--out")
             groups, high_safety = summary.load(FLAGS.runs)     # every report.json there and alike
         summary.write_summary(groups, high_safety, FLAGS.runs, FLAGS.out)
     else:
@@ -125,6 +172,7 @@ def main(argv):
         with cli.user_errors():
             if not FLAGS.runs:
                 raise ValueError(f"--job={FLAGS.job} needs --runs=FOLDER[,FOLDER...]")
+            _check_out(FLAGS.out, "--out")
             runs = report.find_runs(FLAGS.runs)
             if FLAGS.job == "select":
                 selection.write_selection(runs, FLAGS.out, config.high_safety, config.select_ceiling)

@@ -433,12 +433,38 @@ def add_notes(out, classes):
 
 def main(argv):
     with cli.user_errors():
-        classes = [int(c) for c in FLAGS.classes.split()]
+        try:
+            classes = [int(c) for c in FLAGS.classes.split()]
+        except ValueError:
+            raise ValueError(f"--classes={FLAGS.classes!r}: class numbers separated by spaces, "
+                             "e.g. --classes='0 1 2 3'") from None
         if FLAGS.copy and not os.path.isdir(FLAGS.workdir):
             raise FileNotFoundError(f"--workdir={FLAGS.workdir} does not exist (or pass --nocopy)")
         unknown = set(FLAGS.only.split()) - set(_names(classes).values())
         if unknown:
             raise ValueError(f"--only names unknown models {sorted(unknown)}")
+        cli.check_writable_folder(FLAGS.out, "--out")
+        if FLAGS.stats or FLAGS.eval:   # both score with the classifier, on MNIST: both there before any copy
+            from dngjax import data
+            have = os.path.isfile(os.path.join(FLAGS.out, "classifier", "card.json"))
+            source = os.path.join(FLAGS.workdir, "mnist_classifier", "model")
+            copied = (FLAGS.copy and (not FLAGS.only.split() or "classifier" in FLAGS.only.split())
+                      and os.path.isfile(os.path.join(source, "card.json")))
+            if not (have or copied):
+                raise FileNotFoundError(
+                    f"--stats and --eval score with {os.path.join(FLAGS.out, 'classifier')}, which does not exist"
+                    + (f" and is not copied from {source}" if FLAGS.copy else "")
+                    + ": train the classifier first, or pass --nostats --noeval")
+            stats = os.path.join(FLAGS.out, "reference_stats", "train_all.npz")
+            if FLAGS.eval and not FLAGS.stats and not os.path.isfile(stats):
+                raise FileNotFoundError(f"--eval compares with {stats}, which does not exist: drop --nostats")
+            data.load_dataset("mnist", "train", data_dir=FLAGS.data_dir, as_float=False)
+    if FLAGS.eval and not FLAGS.reeval and not FLAGS.only.split():
+        cli.on_interrupt("rerun the same command to go on: models whose cards already have their quality are not "
+                         "measured again (the copy and the reference statistics are redone)")
+    else:
+        cli.on_interrupt("nothing resumes with --reeval, --only or --noeval: rerunning the same command does every "
+                         "step again")
     os.makedirs(FLAGS.out, exist_ok=True)
     if FLAGS.copy:
         copy_models(FLAGS.workdir, FLAGS.out, classes, tuple(FLAGS.only.split()))

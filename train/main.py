@@ -7,10 +7,16 @@
   dngjax-train ...                      # the same, as an installed command
 
 Rerunning the same command resumes from the last checkpoint in --workdir
-(``--config.max_steps_this_run=N`` stops after N steps, to split a long run).
+(``--config.max_steps_this_run=N`` stops after N steps, to split a long run; Ctrl-C stops it too).
+Before anything is loaded, --workdir is checked: writable, and a run it holds trained the same network;
+after the train step is compiled, its memory against the memory available (a batch too large is
+refused, with the size to use).
 --data_dir (or $DNGJAX_DATA_DIR) names an offline folder with mnist.npz / cifar10.npz;
 without one, TensorFlow Datasets is used (pip install 'dngjax[data]').
 """
+
+import os
+import shutil
 
 from absl import flags, logging
 
@@ -29,8 +35,15 @@ def define_flags():
     flags.mark_flag_as_required("config")
 
 
+def resume_note(workdir: str, every: int) -> str:
+    """What Ctrl-C during training says: the run resumes from its last checkpoint."""
+    return (f"rerun the same command to resume from the last checkpoint in {workdir} (one is saved every "
+            f"config.checkpoint_every={every} steps; before the first, the run starts again)")
+
+
 def main(argv):
-    from train import trainer
+    from dngjax import memory
+    from train import preflight, trainer
 
     if not FLAGS.verbose:
         logging.set_verbosity(logging.WARNING)
@@ -40,12 +53,30 @@ def main(argv):
             config.data_dir = FLAGS.data_dir
     logging.info("config:\n%s", config)
     with cli.user_errors():
-        if not FLAGS.workdir:
-            raise ValueError("--workdir must name a folder")
-        run = trainer.prepare(config, FLAGS.workdir)   # data, model, optimiser, resume: before any step
-    card = run()
+        trainer.validate_config(config)
+        workdir = preflight.check_workdir(config, FLAGS.workdir)   # writable; a run there of this network
+    created = not os.path.exists(workdir)
+    cli.on_interrupt(resume_note(workdir, config.checkpoint_every) if not created else
+                     "nothing was trained yet (the new --workdir is removed): rerunning the same command starts again")
+    try:
+        with cli.user_errors():
+            run = trainer.prepare(config, workdir)   # data, model, optimiser, resume: before any step
+    except BaseException:
+        _remove_if_new(workdir, created)        # a refused or interrupted start leaves no folder behind
+        raise
+    cli.on_interrupt(resume_note(workdir, config.checkpoint_every))
+    try:
+        card = run()
+    except memory.TooLarge as e:                # refused after compiling the step, before the first one
+        _remove_if_new(workdir, created)
+        cli.fail(str(e))
     summary = {k: card.get(k) for k in ("name", "steps", "wall_time_s", "final_loss", "test_accuracy") if k in card}
     print(summary)
+
+
+def _remove_if_new(workdir: str, created: bool) -> None:
+    if created and os.path.isdir(workdir):
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def cli_main():

@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dngjax import checkpoint as ckpt
 from dngjax import data as data_lib
+from dngjax import memory
 from dngjax.models.classifier import Classifier
 from dngjax.models.unet import UNet
 from dngjax.schedules import linear_schedule, respace
@@ -481,9 +482,20 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
 
         # Compiled once, ahead of time, for this run's shapes and shardings: a later call with other
         # shardings (e.g. host scalars put into the state at a save) raises instead of recompiling.
+        # Lowered on the batch's shapes (no batch is made yet), then checked against the memory free:
+        # a batch too large is refused here (memory.TooLarge), before the first step and any write.
         t_compile = time.time()
-        step_fn = step_fn.lower(state, *batch(start)).compile()
+        b = int(config.batch_size)
+        specs = (jax.ShapeDtypeStruct((b, *input_shape), jnp.float32, sharding=data_sh),
+                 jax.ShapeDtypeStruct((b,), y_train.dtype, sharding=data_sh))
+        step_fn = step_fn.lower(state, *specs, jax.random.fold_in(base_key, start)).compile()
         logging.warning("train step compiled in %.1f s", time.time() - t_compile)
+        state_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(state))
+        micro = int(config.get("micro_batch", 0) or 0)
+        memory.check_fits(step_fn, what="one training step", size_flag="--config.batch_size", size=b,
+                          extra_bytes=b * (4 * int(np.prod(input_shape)) + y_train.dtype.itemsize),
+                          fixed_bytes=state_bytes, multiple=micro or 1,
+                          hint=f" (a multiple of --config.micro_batch={micro}, or --config.micro_batch=0)" if micro else "")
         if start < stop:
             record_run(workdir, config, start, stop)
 

@@ -454,6 +454,7 @@ def main(argv) -> None:
     from .. import cli
     src, out = argv[1:]
     with cli.user_errors():
+        cli.check_writable_folder(out, "OUT_DIR")
         card = convert_folder(src, out)
     print(f"converted {card['num_params']:,} parameters -> {out}")
 

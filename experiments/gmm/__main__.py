@@ -11,6 +11,7 @@
     dngjax-gmm ...                                                      # the same, installed
 """
 
+import os
 import types
 
 from absl import flags
@@ -59,6 +60,12 @@ def main(argv):
         for name in names:
             if name != "appendix" and args_for(name).n == 0:
                 raise ValueError(f"--n=0 only makes sense for the appendix (fields only); {name} samples")
+        cli.check_writable_folder(FLAGS.out, "--out")
+        cache = os.path.join(FLAGS.out, "fig1_samples.npz")
+        if FLAGS.replot and "fig1" in names and not os.path.isfile(cache):
+            raise FileNotFoundError(f"--replot reuses {cache}, which does not exist: run fig1 once without --replot")
+    cli.on_interrupt(f"the figures finished so far are in {FLAGS.out}; nothing resumes: rerunning the same "
+                     "command makes them all again (--figure=NAME makes one)")
     for name in names:
         if len(names) > 1:
             print(f"\n===== {name} =====", flush=True)
