@@ -329,7 +329,7 @@ def test_export_describes_a_resumed_and_a_continued_training_history():
     # a lower learning rate from step 120 on is a segment of its own
     runs[2]["optim"]["lr"] = 5e-4
     assert "steps 100-120" in export.schedule_note({"name": "m", "steps": 300, "training_runs": runs})
-    # so is a segment with another EMA decay (recorded since session 23), and the note names it
+    # so is a segment with another EMA decay (recorded since 2026-12-04), and the note names it
     runs[2]["optim"]["lr"] = 1e-3
     runs[1]["ema_decay"], runs[2]["ema_decay"] = 0.999, 0.9995
     note = export.schedule_note({"name": "m", "steps": 300, "training_runs": runs})

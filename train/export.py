@@ -323,7 +323,7 @@ def _runs_of(card) -> list:
 
 
 def _same_ema(p, r) -> bool:
-    """Whether two segments' EMA decays agree; a segment that did not record one (written before session 23)
+    """Whether two segments' EMA decays agree; a segment that did not record one (written before 2026-12-04)
     agrees with any, so it does not split a run that followed one schedule."""
     a, b = p.get("ema_decay"), r.get("ema_decay")
     return a is None or b is None or a == b
@@ -374,7 +374,7 @@ def _run_note(r, restart: bool) -> str:
         s += ", constant"
     if r.get("label_dropout"):
         s += f", label dropout {r['label_dropout']:g}"
-    if r.get("ema_decay") is not None:   # recorded since session 23 (0.999 in the cpu configs before)
+    if r.get("ema_decay") is not None:   # recorded since 2026-12-04 (0.999 in the cpu configs before)
         s += f", EMA decay {r['ema_decay']:g}"
     return s
 

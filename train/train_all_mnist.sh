@@ -35,7 +35,7 @@ run() {  # run <name> <core or -> <args...>
   local name=$1 core=$2; shift 2
   if [ -f "$WORKDIR/$name/model/card.json" ]; then echo "== $name: done"; return; fi
   if [ ! -d "$WORKDIR/$name/checkpoints" ] && [ -d "$TRAIN_STATE/$name/checkpoints" ]; then
-    # a run saved into the repository by an earlier session (checkpoints/train_state/README.md)
+    # a run saved into the repository by an earlier run (checkpoints/train_state/README.md)
     echo "== $name: continuing the saved run in $TRAIN_STATE/$name"
     mkdir -p "$WORKDIR/$name" && cp -r "$TRAIN_STATE/$name/." "$WORKDIR/$name/"
   fi

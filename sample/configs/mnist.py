@@ -80,8 +80,8 @@ def get_config(name: str = "quick"):
         c.grid.NP = (0.25, 0.35, 0.5, 0.7, 1.0, 2.0, 4.0, 8.0)
         c.grid.SLD = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 4.0, 8.0, 16.0)
         c.grid.DNG = (1.0, 1.4, 2.0, 3.0, 5.0, 7.0, 10.0, 20.0, 50.0)
-        # beside the paper's DNG, the setting chosen on selection seeds (docs/runs/select/selection.md,
-        # session 11): its selection grid, plus 14 and 20 so that the class whose curve crossed 1 % last
+        # beside the paper's DNG, the setting chosen on selection seeds (docs/runs/select/selection.md):
+        # its selection grid, plus 14 and 20 so that the class whose curve crossed 1 % last
         # there (class 1, between 7 and 10) has two points below it (set before any report seed of it ran)
         c.methods = ("NP", "SLD", "DNG", "DNG[prior=0.25,temperature=0.5]")
         c.method_grids = (("DNG[prior=0.25,temperature=0.5]", (1.4, 2.0, 3.0, 5.0, 7.0, 10.0, 14.0, 20.0)),)

@@ -14,7 +14,7 @@ def get_config(size: str = "cpu"):
     c = mnist_ddpm.get_config(size)
     c.name = "mnist_cond"
     c.model.kwargs.num_classes = 10
-    # 0.2 since session 15: the shipped cond trained with 0.1 to step 13,500, then 0.2 (its null label's FD
+    # 0.2 since 2026-12-03: the shipped cond trained with 0.1 to step 13,500, then 0.2 (its null label's FD
     # fell from 34.3 to 17.3 over those 8,000 steps; see checkpoints/mnist/README.md)
     c.label_dropout = 0.2
     return c
