@@ -551,10 +551,9 @@ def _log_likelihood_ratio(rule, x_t, x_next, eps_u, eps_c, step) -> Array:
     b = -step.mean_eps * (eps_c - eps_u)
     sq_diff = jnp.sum(b * (2.0 * a + b), axis=tuple(range(1, x_t.ndim)))
     sigma2 = transition_variance(step, rule.variance)
-    increment = (-rule.temperature * sq_diff + rule.offset) / (2.0 * sigma2)
     # +-inf increments (possible when sigma2 is tiny) are absorbed by the clamp; NaN never arises
     # from finite inputs, but is mapped to "no change" rather than poisoning the chain.
-    return jnp.where(jnp.isnan(increment), 0.0, increment)
+    return _finite_or_zero((-rule.temperature * sq_diff + rule.offset) / (2.0 * sigma2))
 
 
 def _cap_total(log_p: Array, log_p_max) -> Tuple[Array, Array]:

@@ -221,13 +221,14 @@ def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Gui
         x_next = step_mean(x, eps, step, x0_prev) + jnp.sqrt(step.noise_variance) * z
         # 4. the rule sees the transition it caused (DNG's posterior update)
         state = rule.update(state, x, x_next, eps_u, eps_c, step, **extra)
-        # the x_0 prediction of this step, for a multistep solver's next step
-        x0 = (x - jnp.sqrt(step.one_minus_alpha_bar) * eps) / jnp.sqrt(step.alpha_bar)
+        # the x_0 prediction of this step, for the multistep solver's next step (only it carries one)
+        x0 = None if x0_prev is None else (x - jnp.sqrt(step.one_minus_alpha_bar) * eps) / jnp.sqrt(step.alpha_bar)
         # samples with a non-finite value after this step (reported, never hidden)
         bad = ~jnp.all(jnp.isfinite(x_next.reshape(batch, -1)), axis=-1)
         return (x_next, state, keys[:, 0], x0), ((lam, p, bad) if return_trace else bad)
 
-    (x, _, _, _), out = jax.lax.scan(body, (x, state, keys, jnp.zeros_like(x)), steps)
+    x0_init = jnp.zeros_like(x) if solver == "dpmpp_2m" else None
+    (x, _, _, _), out = jax.lax.scan(body, (x, state, keys, x0_init), steps)
     if return_trace:
         return x, Trace(t=steps.t, lam=out[0], p=out[1], nonfinite=out[2])   # nonfinite: (S, B) flags here
     return x, out                                                          # out: (S, B) non-finite flags

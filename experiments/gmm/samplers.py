@@ -62,14 +62,17 @@ def _rule(estimator: str, lab: ForgetSplit, scale: float, p_max: float):
     return dj.DynamicNegativeGuidance(scale, estimator="stratonovich", divergence="finite_difference", **kw)
 
 
+def _along(m: GaussianMixture, u: np.ndarray) -> GaussianMixture:
+    """The 1-D mixture of the projections onto the unit vector u (isotropic components)."""
+    return GaussianMixture.create(np.exp(np.asarray(m.log_weights)), np.asarray(m.means) @ u, np.asarray(m.stds))
+
+
 def _forbidden(lab: ForgetSplit, x: np.ndarray, u) -> float:
     """Share of samples nearest a forbidden mode; 784-D: nearest along the pattern u (the modes' positions),
     not by the spread of all 784 coordinates, which short chains of any estimator leave slightly off."""
     if u is None:
         return float(lab.in_forget(x).mean())
-    m = lab.full
-    proj = GaussianMixture.create(np.exp(np.asarray(m.log_weights)), np.asarray(m.means) @ u, np.asarray(m.stds))
-    comp = np.asarray(proj.classify(jnp.asarray((x @ u)[:, None], jnp.float32)))
+    comp = np.asarray(_along(lab.full, u).classify(jnp.asarray((x @ u)[:, None], jnp.float32)))
     return float(np.isin(comp, lab.forget).mean())
 
 
@@ -78,9 +81,7 @@ def _w1(lab: ForgetSplit, x: np.ndarray, u) -> float:
         return wasserstein1_1d(x[:, 0], lab.remember_mixture)
     if u is None:
         return float("nan")
-    m = lab.remember_mixture
-    proj = GaussianMixture.create(np.exp(np.asarray(m.log_weights)), np.asarray(m.means) @ u, np.asarray(m.stds))
-    return wasserstein1_1d(x @ u, proj)
+    return wasserstein1_1d(x @ u, _along(lab.remember_mixture, u))
 
 
 def run(args):
