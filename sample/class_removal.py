@@ -859,6 +859,27 @@ def sweep_in_chunks(job: Job, work: str, name: str, rule, scales: List[float]):
     return x, dj.Trace(t=parts[0]["t"], lam=lam, p=p), folder
 
 
+def _same_scale(a, b) -> bool:
+    return round(float(a), 12) == round(float(b), 12)
+
+
+def _sweeps(todo: List[int], scales: List[float], recorded: List[Dict[str, Any]]) -> List[List[float]]:
+    """The sweeps that sample a method's missing scales ``todo`` (indices into ``scales``).
+
+    A point's samples depend, to float32 rounding, on which scales were vmapped beside it, so a sweep
+    interrupted between the recording of its points is redone whole (``swept_with`` of a recorded point:
+    its chunks on disk are reused, the points already recorded are kept); the scales no interrupted
+    sweep holds (a grown grid) are swept together."""
+    left = [scales[k] for k in todo]
+    out = []
+    for row in recorded:
+        group = row.get("swept_with")
+        if group and any(_same_scale(s, g) for s in left for g in group):
+            out.append([float(g) for g in group])
+            left = [s for s in left if not any(_same_scale(s, g) for g in group)]
+    return out + ([left] if left else [])
+
+
 def pass_seconds(job: Job) -> float:
     """Measured seconds of one network pass per image, at the batch size of one sampling call."""
     import jax
@@ -973,22 +994,25 @@ def execute(job: Job) -> str:
     for m, rule, hyper, scales in job.methods:
         name = method_key(m)
         todo = [k for k in range(len(scales)) if f"{name}_{k}" not in rows]
-        if not todo:
-            continue
-        t0 = time.time()
-        x, trace, chunks = sweep_in_chunks(job, work, name, rule, [scales[k] for k in todo])
-        dt = time.time() - t0
-        reduced = plots.reduce_trace(trace, [scales[k] for k in todo], removed_mask)
-        for j, k in enumerate(todo):
-            part = {key: (v[j] if key not in ("t", "scales") and v is not None else v)
-                    for key, v in reduced.items()}
-            part["scales"] = np.asarray(scales[k])
-            record(dict(method=m, scale=scales[k], mean_lambda=float(np.mean(trace.lam[j])),
-                        sample_seconds=dt / len(todo), key=f"{name}_{k}", **common, **hyper), x[j], part)
-            bar.update(1)
-        bar.set_postfix_str(f"{m} done in {dt:.0f}s")
-        shutil.rmtree(chunks)                         # its points are saved now
-        del x, trace
+        for sweep_scales in _sweeps(todo, scales, [r for r in rows.values() if r["method"] == m]):
+            t0 = time.time()
+            x, trace, chunks = sweep_in_chunks(job, work, name, rule, sweep_scales)
+            dt = time.time() - t0
+            reduced = plots.reduce_trace(trace, sweep_scales, removed_mask)
+            for j, s in enumerate(sweep_scales):
+                k = next((k for k in todo if _same_scale(scales[k], s)), None)
+                if k is None:                         # recorded before an interruption: kept as it is
+                    continue
+                part = {key: (v[j] if key not in ("t", "scales") and v is not None else v)
+                        for key, v in reduced.items()}
+                part["scales"] = np.asarray(scales[k])
+                record(dict(method=m, scale=scales[k], mean_lambda=float(np.mean(trace.lam[j])),
+                            sample_seconds=dt / len(sweep_scales), key=f"{name}_{k}",
+                            swept_with=[float(v) for v in sweep_scales], **common, **hyper), x[j], part)
+                bar.update(1)
+            bar.set_postfix_str(f"{m} done in {dt:.0f}s")
+            shutil.rmtree(chunks)                     # its points are saved now
+            del x, trace
     bar.close()
     shutil.rmtree(os.path.join(work, "chunks"), ignore_errors=True)     # chunks of grids no longer asked for
 

@@ -273,10 +273,6 @@ def _sample_points(outdir):
 
 
 PARTIAL_SWEEP = "one of NP's two points recorded"
-PARTIAL_SWEEP_DEFECT = (
-    "sample/class_removal.py: a run killed between the points of one method's sweep (NP's two scales are sampled "
-    "in one vmapped call, then recorded one by one) resumes by sampling the missing scale alone, a grid of 1 "
-    "instead of 2, whose floats differ in the last bits (features ~1e-5, FD in the 6th digit)")
 
 
 def _sample_state(outdir):
@@ -297,12 +293,7 @@ def _check_sampling_killed(env, tiny_checkpoints, sample_reference, tmp_path, se
                                    lambda: _sample_state(out))
     assert killed >= 1, notes
     assert not os.path.exists(str(out) + ".partial"), notes
-    try:
-        assert_same_samples(sample_result(str(out)), ref, notes)
-    except AssertionError:
-        if any(PARTIAL_SWEEP in n for n in notes):    # the kill hit the window of a known defect
-            pytest.xfail(PARTIAL_SWEEP_DEFECT + f"; {notes}")
-        raise
+    assert_same_samples(sample_result(str(out)), ref, notes)
 
 
 def test_sampling_killed_at_random_points_ends_with_the_uninterrupted_results(env, tiny_checkpoints,
@@ -316,11 +307,12 @@ def test_sampling_killed_at_more_random_points(env, tiny_checkpoints, sample_ref
     _check_sampling_killed(env, tiny_checkpoints, sample_reference, tmp_path, seed=7, kills=6)
 
 
-@pytest.mark.xfail(strict=True, reason=PARTIAL_SWEEP_DEFECT)
 def test_sampling_killed_between_the_points_of_one_sweep_ends_with_the_uninterrupted_results(
         env, tiny_checkpoints, sample_reference, tmp_path):
     """What a kill right after NP's first point was recorded leaves (its work folder with the unguided point
-    and NP at 0.5), rerun to the end: the results must be the uninterrupted run's."""
+    and NP at 0.5; its chunks gone too), rerun to the end: the results must be the uninterrupted run's (NP's
+    two scales are sampled in one vmapped call, whose floats differ in the last bits from a grid of one:
+    the resume redoes the sweep NP at 0.5 recorded in ``swept_with``)."""
     ref, _, ref_dir = sample_reference
     out = tmp_path / "run"
     work = str(out) + ".partial"
