@@ -17,11 +17,14 @@ remaining modes; 784-d: along the pattern), and the posterior's mean error |p_tr
 chain, measured on the unguided chain (scale 0, so every estimator sees the same path; the last steps
 excluded where the exact posterior is 0 or 1 anyway).
 
-Writes samplers_table.md and samplers.png.
+Writes samplers_table.md and samplers.png; every finished row goes to samplers_rows.jsonl at once, and a
+rerun with the same --n, --seed and --p_max skips the rows found there (the 1000-step rows take most of
+the time: the run can be split across sittings).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -86,13 +89,25 @@ def _w1(lab: ForgetSplit, x: np.ndarray, u) -> float:
 
 def run(args):
     out = prepare_out(args.out)
-    rows = []
+    # finished points of an earlier run with the same n, seed and clamp are kept (the run resumes)
+    store = os.path.join(out, "samplers_rows.jsonl")
+    setting = {"n": args.n, "seed": args.seed, "p_max": args.p_max}
+    done = {}
+    if os.path.exists(store):
+        for line in open(store):
+            r = json.loads(line)
+            if r.get("setting") == setting:
+                done[(r["lab"], r["steps"], r["sampler"], r["estimator"])] = r
+    rows = list(done.values())
     points = [(s, k, e) for s in STEPS for k in SAMPLERS for e in ESTIMATORS if not (e == "paper" and k != "ancestral")]
     print(f"{len(points)} (steps, sampler, estimator) points x 3 labs, n = {args.n} (784-D: {max(args.n // 10, 500)}) "
-          f"each, plus the unguided chains for the posterior error; longest chains: 1000 steps", flush=True)
+          f"each, plus the unguided chains for the posterior error; longest chains: 1000 steps; "
+          f"{len(done)} of {3 * len(points)} rows finished earlier ({store})", flush=True)
     for steps, sampler, est in points:
         sched = chain(steps)
         for name, (lab, u) in _labs(sched).items():
+            if (name, steps, sampler, est) in done:
+                continue
             n = args.n if u is None else max(args.n // 10, 500)
             d = lab.full.dim
             keys = dj.keys_from_seeds(np.arange(args.seed, args.seed + n))
@@ -113,6 +128,8 @@ def run(args):
                          "forbidden": _forbidden(lab, x, u), "W1": _w1(lab, x, u), "p_err": err,
                          "n": n, "seconds": tm.s})
             r = rows[-1]
+            with open(store, "a") as f:
+                f.write(json.dumps(dict(r, setting=setting)) + "\n")
             print(f"{name:6s} {steps:5d} {sampler:10s} {est:10s} forbidden {r['forbidden']:.4f} W1 {r['W1']:.4f} "
                   f"p_err {r['p_err']:.4f} ({tm.s:.0f} s)", flush=True)
     cols = [("lab", "lab", ""), ("steps", "steps", "d"), ("label", "sampler, estimator", ""),
