@@ -61,7 +61,7 @@ def upper_bound(unwanted: np.ndarray, n: int, confidence: float) -> np.ndarray:
 def calibrate(denoiser_u, schedule, keys, shape: Sequence[int], *, rule, scales: Sequence[float],
               is_unwanted: Callable[[np.ndarray], Any], target: float, confidence: float = 0.95,
               denoiser_c=None, noise: str = "beta", eta=None, chunk_size: Optional[int] = None,
-              progress: bool = False) -> Calibration:
+              progress: bool = False, solver: Optional[str] = None) -> Calibration:
     """The smallest of ``scales`` whose unwanted rate is <= ``target`` at ``confidence`` (one sweep).
 
     Args:
@@ -84,7 +84,7 @@ def calibrate(denoiser_u, schedule, keys, shape: Sequence[int], *, rule, scales:
     for s in grid:
         rule.replace(scale=float(s))                       # illegal scales raise here, before sampling
     x = sweep(denoiser_u, schedule, keys, shape, rule=rule, grid={"scale": grid}, denoiser_c=denoiser_c,
-              noise=noise, eta=eta, chunk_size=chunk_size, progress=progress)
+              noise=noise, eta=eta, solver=solver, chunk_size=chunk_size, progress=progress)
     n = x.shape[1]
     flags = [np.asarray(is_unwanted(x[k])).reshape(-1) for k in range(grid.size)]
     if any(f.shape != (n,) for f in flags):

@@ -46,6 +46,7 @@ def execute(job: "class_removal.Job", target_pct: float, confidence: float, out:
         cal = calibrate(job.denoiser_u, job.schedule, keys, job.shape, rule=rule, scales=scales,
                         is_unwanted=lambda x: unwanted(job.labels_fn(x), c), target=target_pct / 100.0,
                         confidence=confidence, denoiser_c=job.denoiser_c, noise=config.noise,
+                        solver=config.solver,
                         chunk_size=config.chunk_size, progress=config.progress)
         results[method] = {"scale": cal.scale, "scales": cal.scales.tolist(), "unwanted": cal.unwanted.tolist(),
                            "rate": cal.rate.tolist(), "upper": cal.upper.tolist(), "n": cal.n,
@@ -53,7 +54,7 @@ def execute(job: "class_removal.Job", target_pct: float, confidence: float, out:
         texts.append(f"{method} (removed class {c}):\n{cal.table()}")
     os.makedirs(out, exist_ok=True)
     summary = {"removed_class": c, "target_pct": target_pct, "confidence": confidence, "seed": config.seed,
-               "n": config.n, "steps": job.schedule.num_steps, "noise": config.noise, "models": job.models,
+               "n": config.n, "steps": job.schedule.num_steps, "noise": config.noise, "solver": config.solver, "models": job.models,
                "inputs": job.record.get("inputs"), "environment": job.record.get("environment"),
                "methods": results}
     with open(os.path.join(out, "calibration.json"), "w") as f:

@@ -421,6 +421,12 @@ def validate_config(config) -> None:
         raise ValueError("nothing to run: config.methods is empty and config.baseline is False")
     if config.noise not in ("beta", "posterior"):
         raise ValueError(f"config.noise must be 'beta' or 'posterior', got {config.noise!r}")
+    from dngjax.sampler import SOLVERS
+    if config.solver not in SOLVERS:
+        raise ValueError(f"config.solver must be one of {SOLVERS}, got {config.solver!r}")
+    if config.solver not in ("ddpm",) and config.noise != "beta":
+        raise ValueError(f"config.noise={config.noise!r} sets the ancestral step's variance; "
+                         f"config.solver={config.solver!r} takes none: leave config.noise at 'beta'")
 
 
 def build_methods(config) -> List[Tuple[str, Any, Dict[str, Any], List[float]]]:
@@ -841,6 +847,7 @@ def sweep_in_chunks(job: Job, work: str, name: str, rule, scales: List[float]):
         chunks = dj.sample_chunks(job.denoiser_u, job.schedule, dj.keys_from_seeds(job.seeds[todo]), job.shape,
                                   rule=rule, grid={"scale": list(scales)}, denoiser_c=job.denoiser_c,
                                   chunk_size=config.chunk_size, return_trace=True, noise=config.noise,
+                                  solver=config.solver,
                                   progress=config.progress)
         for ch in chunks:
             part = {"idx": todo[ch.start:ch.start + ch.x.shape[1]], "x": ch.x, "lam": ch.trace.lam,
@@ -896,15 +903,18 @@ def pass_seconds(job: Job) -> float:
 
 
 def estimate_cost(job: Job, done=frozenset()) -> Dict[str, float]:
-    """Network passes left to run (n x chain steps x predictions per step, finished points excluded),
-    the measured time per pass and their product."""
+    """Network passes left to run (n x chain steps x predictions per step x evaluations per prediction:
+    1, or 1 + probes for DNG's continuous-time posterior, whose jvps are counted as one pass each;
+    finished points excluded), the measured time per pass and their product."""
     config = job.config
     per_seed_chain = config.n * job.schedule.num_steps
     passes = per_seed_chain * int(config.baseline and "none_0" not in done)
     for m, rule, _, scales in job.methods:
         todo = sum(1 for k in range(len(scales)) if f"{method_key(m)}_{k}" not in done)
         second = (rule.num_conditions or 1) if rule.needs_second_prediction else 0
-        passes += per_seed_chain * todo * (1 + second)
+        spec = rule.tangent_spec()
+        per_prediction = 1 if spec is None else 1 + (spec[1] if spec[0] != "exact" else int(np.prod(job.shape)))
+        passes += per_seed_chain * todo * (1 + second) * per_prediction
     sec = pass_seconds(job)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return {"passes": passes, "seconds_per_pass": sec, "seconds": passes * sec,
@@ -950,6 +960,7 @@ def execute(job: Job) -> str:
     keys = dj.keys_from_seeds(job.seeds)
     fd_name = "FID" if config.features == "inception" else "FD"
     common = dict(n=config.n, seed=config.seed, steps=job.schedule.num_steps, T=config.T, noise=config.noise,
+                  solver=config.solver,
                   dataset=config.dataset, removed_class=config.removed_class, removed_classes=class_tag(config),
                   feature_space=job.space,
                   models=job.models)
@@ -985,7 +996,7 @@ def execute(job: Job) -> str:
     if config.baseline and "none_0" not in rows:
         t0 = time.time()
         x = dj.sample(job.denoiser_u, job.schedule, keys, job.shape, chunk_size=config.chunk_size,
-                      noise=config.noise)
+                      noise=config.noise, solver=config.solver)
         record(dict(method="none", scale=0.0, mean_lambda=0.0, sample_seconds=time.time() - t0, key="none_0",
                     **common), x, {})
         bar.update(1)
@@ -1055,7 +1066,8 @@ def execute(job: Job) -> str:
     wall = time.time() - t_start
     table = _fmt_table(rows, fd_name)
     summary = (f"{config.dataset}, removed class {class_tag(config)}: n = {config.n} per point, "
-               f"{job.schedule.num_steps}-step chain (T = {config.T}), noise {config.noise!r}, {len(rows)} points, "
+               f"{job.schedule.num_steps}-step chain (T = {config.T}), solver {config.solver}, "
+               f"noise {config.noise!r}, {len(rows)} points, "
                f"{jax.device_count()} {jax.default_backend()} device(s), {wall:.0f} s this run "
                f"({sum(r.get('sample_seconds', 0.0) for r in rows):.0f} s of sampling in all, resumed runs "
                f"included)\nmodels: {job.models}\n"

@@ -76,6 +76,7 @@ def check_class(c: int, denoiser_u, denoiser_c, job: Job):
     keys = dj.keys_from_seeds(config.seed + np.arange(config.n))
     x, trace = dj.sample(denoiser_u, job.schedule, keys, tuple(SHAPES[config.dataset]),
                          rule=job.rule, denoiser_c=denoiser_c, return_trace=True, noise=config.noise,
+                         solver=config.solver,
                          chunk_size=config.chunk_size)
     labels = job.labels_fn(np.asarray(x))
     is_c = labels == c
@@ -104,7 +105,7 @@ def execute(job: Job) -> str:
             pr = r["mean_p_removed"][s] if r["mean_p_removed"] else float("nan")
             print(f"{r['t'][s]:4d}   {pr:18.3f}   {r['mean_p_other'][s]:17.3f}   {r['auroc'][s]:5.2f}")
     os.makedirs(job.out, exist_ok=True)
-    cfg = dict(n=config.n, steps=config.steps, T=config.T, seed=config.seed, noise=config.noise,
+    cfg = dict(n=config.n, steps=config.steps, T=config.T, seed=config.seed, noise=config.noise, solver=config.solver,
                dng=dict(config.dng), checkpoints=config.checkpoints, conditional=config.conditional)
     with open(os.path.join(job.out, "posterior_check.json"), "w") as f:
         json.dump(dict(config=cfg, results=results), f, indent=1)

@@ -50,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.steps = 50                 # sampled chain: respaced to this many steps (= T: no respacing)
     c.chunk_size = 128           # seeds per compiled call (times the grid size of the method)
     c.noise = "beta"             # the reverse step's noise variance: "beta" (beta_t) or "posterior" (beta_tilde_t)
+    c.solver = "ddpm"            # the step: "ddpm" (ancestral), "ddim" (eta 0), "dpmpp_2m", "euler", "euler_ancestral"
+                                 # (deterministic ones need DNG's continuous-time posterior: dng.estimator)
     c.baseline = True            # also sample without guidance (the point "none", scale 0)
 
     # Guidance: one compiled sweep per method over its grid of scales.

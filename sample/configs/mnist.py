@@ -10,6 +10,7 @@ checkpoints, remove 0, a small grid on a 25-step respaced chain; about 2-3 minut
 * ``full``: the paper's protocol (10,240 samples per point, the full T = 1000 chain,
   wide grids) -- for a GPU;
 * ``protocol``: the reproduction's second pass on a CPU (n = 512, 100-step chain, posterior noise);
+* ``fewstep``: DNG with its continuous-time posterior on 25 deterministic DDIM steps (n = 512);
 * ``select``: DNG settings (prior x temperature) on selection seeds, for ``--job=select``;
 * ``tiny``: smoke tests (a handful of samples and steps).
 
@@ -57,6 +58,20 @@ def get_config(name: str = "quick"):
         c.grid.NP = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
         c.grid.SLD = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
         c.grid.DNG = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+    elif name == "fewstep":
+        # DNG on 25 deterministic DDIM steps with its continuous-time posterior (docs/samplers.md): the
+        # identity's own settings (temperature 1; prior 0.1, MNIST's share of one digit), nothing tuned;
+        # n = 512. Compare with the paper's DNG on the protocol's 100 ancestral steps (same models, seeds):
+        #   --config=sample/configs/mnist.py:protocol --config.methods='("DNG",)' --config.grid.DNG='(...)'
+        c.n = 512
+        c.steps = 25
+        c.chunk_size = 128
+        c.solver = "ddim"
+        c.dng.estimator = "stratonovich"
+        c.dng.temperature = 1.0
+        c.dng.prior = 0.1
+        c.methods = ("DNG",)
+        c.grid.DNG = (1.0, 2.0, 4.0, 8.0)
     elif name == "protocol":
         # docs/results.md's second pass (issue 12) on a 2-core CPU: a 100-step chain with the posterior
         # noise (beta_tilde: no residual grain on a respaced chain), DNG's update with the same variance
@@ -133,5 +148,5 @@ def get_config(name: str = "quick"):
         c.bootstrap = 5
         c.progress = False
     else:
-        raise ValueError(f"unknown config {name!r}: quick, report, full, protocol, select or tiny")
+        raise ValueError(f"unknown config {name!r}: quick, report, full, protocol, fewstep, select or tiny")
     return c
