@@ -38,7 +38,7 @@ from .common import Timer, chain, lab_1d, lab_2d, prepare_out, print_table, save
 STEPS = (10, 25, 50, 100, 1000)
 SAMPLERS = {"ddim": dict(solver="ddim"), "dpmpp_2m": dict(solver="dpmpp_2m"), "ancestral": dict(noise="posterior")}
 SAMPLER_LABELS = {"ddim": "DDIM eta=0", "dpmpp_2m": "DPM-Solver++(2M)", "ancestral": "ancestral (beta_tilde)"}
-ESTIMATORS = {"paper": "paper (Alg. 2)", "continuous": "continuous time (Hutchinson, 1 probe)", "exact": "exact posterior"}
+ESTIMATORS = {"paper": "paper (Alg. 2)", "continuous": "continuous time (1 finite-difference probe)", "exact": "exact posterior"}
 
 
 def highdim_lab(schedule, d: int = 784) -> ForgetSplit:
