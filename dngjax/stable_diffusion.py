@@ -191,9 +191,9 @@ def decode(pipe: StableDiffusion, latents, batch_size: int = 8) -> np.ndarray:
 
 def generate(pipe: StableDiffusion, prompt: str, negative_prompt: Optional[str], seeds: Sequence[int], *,
              rule: GuidanceRule, grid: Optional[Mapping[str, Any]] = None, steps: int = 50,
-             noise: str = "posterior", eta: Optional[float] = None, chunk_size: Optional[int] = None,
-             return_trace: bool = False, return_latents: bool = False, progress: bool = False,
-             latent_shape: Optional[Tuple[int, int, int]] = None):
+             noise: Optional[str] = None, eta: Optional[float] = None, solver: Optional[str] = None,
+             chunk_size: Optional[int] = None, return_trace: bool = False, return_latents: bool = False,
+             progress: bool = False, latent_shape: Optional[Tuple[int, int, int]] = None):
     """Images for ``prompt`` away from ``negative_prompt``, one per seed and grid point.
 
     Args:
@@ -203,8 +203,10 @@ def generate(pipe: StableDiffusion, prompt: str, negative_prompt: Optional[str],
         prompt's model alone).
       grid: rule leaves to sweep, e.g. {"scale": [0, 27]} (scale 0: plain CFG toward the prompt, the
         unguided reference of the same seeds); all points in one compiled call.
-      steps: chain length (the 1000-step training chain respaced); ``noise``/``eta``: the step (see
-        :func:`dngjax.sample`; tracked DNG needs a stochastic step).
+      steps: chain length (the 1000-step training chain respaced); ``noise``/``eta``/``solver``: the step
+        (see :func:`dngjax.sample`; ``noise`` defaults to "posterior" on the ancestral step and takes no
+        value with ``eta`` or a ``solver``). DNG on a deterministic solver (``solver="dpmpp_2m"``, "ddim",
+        "euler") needs its continuous-time posterior (``estimator="stratonovich"``).
       latent_shape: (h, w, C) to sample instead of the UNet's training size.
     Returns:
       uint8 images (K, N, H, W, 3) (K = grid points, 1 without a grid), and with ``return_trace`` the
@@ -232,9 +234,11 @@ def generate(pipe: StableDiffusion, prompt: str, negative_prompt: Optional[str],
     else:
         denoiser_u, denoiser_c = conds[0], None
     schedule = pipe.schedule if steps >= pipe.schedule.num_steps else respace(pipe.schedule, steps)
+    if noise is None:                                  # beta_tilde on the ancestral step; DDIM etc. take none
+        noise = "posterior" if eta is None and solver in (None, "ddpm") else "beta"
     out = sweep(denoiser_u, schedule, keys_from_seeds(seeds), shape, rule=rule, grid=grid or {},
-                denoiser_c=denoiser_c, noise=noise, eta=eta, chunk_size=chunk_size, return_trace=return_trace,
-                progress=progress)
+                denoiser_c=denoiser_c, noise=noise, eta=eta, solver=solver, chunk_size=chunk_size,
+                return_trace=return_trace, progress=progress)
     latents, trace = out if return_trace else (out, None)
     images = decode(pipe, latents)
     result = (images,) + ((latents,) if return_latents else ()) + ((trace,) if return_trace else ())

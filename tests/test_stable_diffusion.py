@@ -111,6 +111,23 @@ def test_generate_scale_zero_is_cfg_and_decodes_like_diffusers(tiny):
         sd.generate(pipe, PROMPT, NEGATIVE, seeds=[0], rule=dj.ClassifierFreeGuidance(scale=2.0))
 
 
+def test_generate_runs_dng_with_the_continuous_posterior_on_dpm_solver(tiny):
+    """Positive-mode DNG on 4 DPM-Solver++(2M) steps: scale 0 is CFG on the same solver, the posterior is
+    tracked (finite, moving), and eta = 0 runs without naming the noise."""
+    _, _, pipe = tiny
+    rule = dj.PositiveDynamicNegativeGuidance(scale=1.0, prior=0.1, temperature=1.0, cfg_scale=2.0,
+                                              estimator="stratonovich")
+    _, latents, trace = sd.generate(pipe, PROMPT, NEGATIVE, seeds=[0, 1], rule=rule, grid={"scale": [0.0, 3.0]},
+                                    steps=4, solver="dpmpp_2m", return_latents=True, return_trace=True)
+    _, cfg = sd.generate(pipe, PROMPT, None, seeds=[0, 1], steps=4, solver="dpmpp_2m", return_latents=True,
+                         rule=dj.ClassifierFreeGuidance(scale=2.0))
+    np.testing.assert_allclose(latents[0], cfg[0], rtol=1e-4, atol=1e-4)
+    p = np.asarray(trace.p)
+    assert p.shape == (2, 4, 2) and np.isfinite(p).all() and (p > 0).all() and (p < 1).all()
+    assert np.abs(p[0, -1] - 0.1).max() > 1e-4                          # moved away from the prior
+    sd.generate(pipe, PROMPT, None, seeds=[0], steps=3, eta=0.0, rule=dj.ClassifierFreeGuidance(scale=2.0))
+
+
 def test_load_errors_name_the_missing_or_mismatched_part(tiny, tmp_path):
     path, _, _ = tiny
     with pytest.raises(FileNotFoundError, match="model_index.json is missing"):
