@@ -1,7 +1,7 @@
 """dngjax: Dynamic Negative Guidance of diffusion models in JAX/Flax."""
 
 from .schedules import (Schedule, linear_schedule, scaled_linear_schedule, cosine_schedule, schedule_from_betas,
-                        schedule_from_alpha_bars, respace)
+                        schedule_from_alpha_bars, respace, spaced_timesteps)
 from .denoiser import Denoiser, denoiser, as_denoiser, to_eps, PREDICTIONS
 from .guidance import (Rule, GuidanceRule, rule_class, NoGuidance, NegativePrompting, ClassifierFreeGuidance,
                        SafeLatentDiffusion, DynamicNegativeGuidance, ExactDynamicNegativeGuidance,

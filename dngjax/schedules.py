@@ -139,6 +139,40 @@ def cosine_schedule(num_timesteps: int = 1000, s: float = 0.008, max_beta: float
     return _from_betas(betas, np.arange(num_timesteps))
 
 
+#: ``spaced_timesteps(spacing=...)``: diffusers' timestep spacings (Lin et al. 2024, table 2).
+SPACINGS = ("linspace", "leading", "trailing")
+
+
+def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "linspace", steps_offset: int = 0,
+                     multistep: bool = False) -> np.ndarray:
+    """The timesteps a diffusers scheduler samples, noisiest first, as ``respace(..., timesteps=)`` takes them.
+
+    ``spacing`` and ``steps_offset``: the scheduler config's ``timestep_spacing`` and ``steps_offset``.
+    ``multistep=False``: DDIMScheduler and DDPMScheduler (and EulerDiscreteScheduler with "leading" or
+    "trailing"; its "linspace" timesteps are fractional); ``multistep=True``: DPMSolverMultistepScheduler,
+    which spaces num_steps + 1 points and drops the last. Their final step goes to alpha_bar = 1 as here
+    (DDIM: with ``set_alpha_to_one=True``; DPM-Solver++: ``final_sigmas_type="zero"``, the defaults).
+    """
+    t, n = int(num_train_timesteps), int(num_steps)
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if not 1 <= n <= t:
+        raise ValueError(f"num_steps must be in [1, {t}], got {num_steps}")
+    m = n + 1 if multistep else n
+    if spacing == "linspace":
+        out = np.linspace(0, t - 1, m).round()[::-1]
+    elif spacing == "leading":
+        out = (np.arange(0, m) * (t // m)).round()[::-1] + steps_offset
+    else:
+        out = np.round(np.arange(t, 0, -t / n)) - 1
+        m = n                                            # trailing: no extra point to drop
+    out = out.astype(np.int64)
+    out = out[:-1] if m == n + 1 else out
+    if out.min() < 0 or out.max() >= t:
+        raise ValueError(f"steps_offset={steps_offset} puts timesteps outside [0, {t - 1}]")
+    return out
+
+
 def respace(schedule: Schedule, num_steps: Optional[int] = None, *, timesteps=None) -> Schedule:
     """A shorter chain over ``num_steps`` evenly spaced timesteps of ``schedule`` (or the given ``timesteps``).
 

@@ -104,3 +104,25 @@ def test_one_minus_alpha_bar_is_float64_accurate_near_t0():
     np.testing.assert_allclose(s.one_minus_alpha_bars_prev[1:], exact[:-1], rtol=1e-6)
     naive = 1.0 - np.asarray(s.alpha_bars, np.float32)
     assert abs(naive[0] / exact[0] - 1) > 1e-5          # what the float64 field avoids
+
+
+def test_spaced_timesteps_are_diffusers_schedulers_timesteps():
+    """linspace / leading / trailing, steps_offset 0 and 1, against diffusers' own set_timesteps."""
+    diffusers = pytest.importorskip("diffusers")
+    cases = [(diffusers.DDIMScheduler, False, ("linspace", "leading", "trailing")),
+             (diffusers.DDPMScheduler, False, ("linspace", "leading", "trailing")),
+             (diffusers.DPMSolverMultistepScheduler, True, ("linspace", "leading", "trailing")),
+             (diffusers.EulerDiscreteScheduler, False, ("leading", "trailing"))]
+    for cls, multistep, spacings in cases:
+        for spacing in spacings:
+            for offset in (0, 1):
+                for n in (7, 25, 50, 333):
+                    sch = cls(num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=offset)
+                    sch.set_timesteps(n)
+                    ours = dj.spaced_timesteps(1000, n, spacing, offset, multistep=multistep)
+                    np.testing.assert_array_equal(ours, sch.timesteps.numpy().astype(np.int64),
+                                                  err_msg=f"{cls.__name__} {spacing} offset {offset} n {n}")
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        dj.spaced_timesteps(1000, 10, "karras")
+    with pytest.raises(ValueError, match="outside"):
+        dj.spaced_timesteps(1000, 10, "leading", steps_offset=200)
