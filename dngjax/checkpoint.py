@@ -41,6 +41,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or does not match the architecture in its card."""
 
 
+def file_sha256(path: str) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _tuplify(v):
     if isinstance(v, list):
         return tuple(_tuplify(a) for a in v)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -540,11 +539,8 @@ def file_sha256(path: str) -> str:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _SHA256:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _SHA256[key] = h.hexdigest()
+        from dngjax.checkpoint import file_sha256 as sha256
+        _SHA256[key] = sha256(path)
     return _SHA256[key]
 
 

@@ -12,27 +12,18 @@ verified. When every step fails, :class:`dngjax.checkpoint.CheckpointError` says
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from dngjax.checkpoint import CheckpointError
+from dngjax.checkpoint import CheckpointError, file_sha256 as _sha256
 
 MANIFEST_FILE = "sha256_manifest.json"
 FORMAT = 1
 
 OK, UNVERIFIED, CORRUPT = "ok", "unverified", "corrupt"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(step_dir: str) -> List[str]:
