@@ -189,56 +189,192 @@ def decode(pipe: StableDiffusion, latents, batch_size: int = 8) -> np.ndarray:
     return images.reshape(lead + images.shape[1:])
 
 
+def _pixels(name: str, value, downscale: int) -> int:
+    """A pixel size (height or width) as an int, checked to be a positive multiple of ``downscale``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be a whole number of pixels, got {value!r}")
+    if value < downscale or value % downscale:
+        raise ValueError(f"{name}={value} px: image sizes must be positive multiples of {downscale} px (the VAE "
+                         f"decodes one latent pixel to {downscale} x {downscale} image pixels); "
+                         f"e.g. {name}={max(downscale, value // downscale * downscale)}")
+    return int(value)
+
+
+def latent_size(pipe: StableDiffusion, height: Optional[int] = None, width: Optional[int] = None,
+                latent_shape: Optional[Sequence[int]] = None, x_T=None, n: Optional[int] = None
+                ) -> Tuple[Tuple[int, int, int], Optional[np.ndarray]]:
+    """The latent shape (h, w, C) :func:`generate` samples, and ``x_T`` checked, from at most one of
+
+    * ``height``, ``width``: the image size in pixels (diffusers' convention), each a multiple of
+      ``pipe.downscale`` (8 for SD); latents of height / downscale x width / downscale. A missing one
+      is the training size (``pipe.latent_shape`` x downscale: 512 for SD 1.x / 2-base, 768 for 2.x);
+    * ``latent_shape``: (h, w, C) latents directly;
+    * ``x_T``: starting latents (N, h, w, C), channels last, N = ``n`` (one per seed); with height /
+      width or latent_shape, they must agree.
+
+    Nothing given: the UNet's training size. Returns ((h, w, C), x_T as float32 numpy or None). Raises
+    ValueError, before anything is traced, for sizes that are not multiples of the downscale, pixel
+    sizes passed as latents (or the other way round), channels-first latents and mismatched shapes.
+    """
+    d, (h0, w0, c) = pipe.downscale, pipe.latent_shape
+    if latent_shape is not None and (height is not None or width is not None):
+        raise ValueError(f"pass the size either in pixels (height={height}, width={width}) or in latents "
+                         f"(latent_shape={tuple(latent_shape)}), not both")
+    if latent_shape is not None:
+        try:
+            shape = tuple(int(s) for s in latent_shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"latent_shape must be (h, w, {c}) latents, got {latent_shape!r}") from None
+        if len(shape) != 3 or shape[2] != c or min(shape) < 1:
+            raise ValueError(f"latent_shape must be (h, w, {c}): latents of the UNet's {c} channels, channels last; "
+                             f"got {shape}" + ("; for an image size in pixels pass height=, width="
+                                               if len(shape) == 2 else ""))
+        if shape[:2] == (h0 * d, w0 * d) or (d > 1 and shape[0] % d == 0 and shape[1] % d == 0
+                                               and shape[0] >= 4 * h0 and shape[1] >= 4 * w0):
+            raise ValueError(f"latent_shape={shape} looks like an image size in pixels: latents are 1/{d} of it "
+                             f"(the training size is {h0} x {w0} latents = {h0 * d} x {w0 * d} px); pass "
+                             f"height={shape[0]}, width={shape[1]} (pixels) or latent_shape="
+                             f"{(shape[0] // d, shape[1] // d, c)}")
+    elif height is not None or width is not None:
+        hp = _pixels("height", h0 * d if height is None else height, d)
+        wp = _pixels("width", w0 * d if width is None else width, d)
+        shape = (hp // d, wp // d, c)
+    else:
+        shape = None
+    if x_T is not None:
+        if not hasattr(x_T, "shape") or len(x_T.shape) != 4:
+            got = tuple(x_T.shape) if hasattr(x_T, "shape") else type(x_T).__name__
+            raise ValueError(f"x_T must be starting latents (N, h, w, {c}), one per seed; got {got}")
+        xs = tuple(int(s) for s in x_T.shape)
+        if xs[-1] != c:
+            hint = (f" (channels first, as diffusers' latents: pass x_T.transpose(0, 2, 3, 1))" if xs[1] == c
+                    else " (images? x_T are latents, 1/%d of the image size)" % d if xs[-1] == 3 else "")
+            raise ValueError(f"x_T must be channels-last latents (N, h, w, {c}); got shape {xs}{hint}")
+        if n is not None and xs[0] != n:
+            raise ValueError(f"x_T holds {xs[0]} starting latents for {n} seeds: one per seed")
+        if shape is not None and xs[1:] != shape:
+            asked = f"latent_shape={shape}" if latent_shape is not None else \
+                f"height={shape[0] * d}, width={shape[1] * d} px = latents {shape}"
+            raise ValueError(f"x_T has latents {xs[1:]} but {asked}: pass one of them, or matching ones")
+        shape = xs[1:]
+        x_T = np.asarray(x_T, np.float32)
+        if not np.isfinite(x_T).all():
+            raise ValueError("x_T holds non-finite values")
+    return shape or (h0, w0, c), x_T
+
+
+_UNET_SIZES: Dict[Any, Optional[str]] = {}
+
+
+def check_latent_size(pipe: StableDiffusion, shape: Tuple[int, int, int]) -> None:
+    """Raise a ValueError if the UNet cannot denoise latents of ``shape`` (h, w, C).
+
+    Found by evaluating the UNet on abstract values (``jax.eval_shape``: its shapes only, nothing
+    compiled or run), once per UNet and shape, so a size the network does not take fails here, with
+    the image size in the message, rather than deep inside the sampler's tracing.
+    """
+    key = (pipe.unet, tuple(shape))
+    if key not in _UNET_SIZES:
+        spec = lambda s, dt=jnp.float32: jax.ShapeDtypeStruct(s, dt)
+        try:
+            out = jax.eval_shape(pipe.unet.apply, pipe.unet_params, spec((1,) + tuple(shape)), spec((1,), jnp.int32),
+                                 spec((1, pipe.text_encoder.max_positions, pipe.text_encoder.width)))
+            _UNET_SIZES[key] = None if tuple(out.shape) == (1,) + tuple(shape) else \
+                f"it maps them to {tuple(out.shape[1:])}"
+        except Exception as e:                          # the UNet's own refusal or a shape mismatch inside it
+            _UNET_SIZES[key] = f"{type(e).__name__}: {e}"
+    reason = _UNET_SIZES[key]
+    if reason is not None:
+        h, w = shape[:2]
+        d = pipe.downscale
+        levels = len(getattr(pipe.unet, "block_out_channels", ()))
+        hint = (f"; {2 ** (levels - 1)} x {2 ** (levels - 1)}-latent multiples ({2 ** (levels - 1) * d} px) fit its "
+                f"{levels - 1} downsamplings" if levels > 1 else "")
+        raise ValueError(f"this UNet cannot denoise {h} x {w} latents ({h * d} x {w * d} px){hint} ({reason})")
+
+
 def generate(pipe: StableDiffusion, prompt: str, negative_prompt: Optional[str], seeds: Sequence[int], *,
              rule: GuidanceRule, grid: Optional[Mapping[str, Any]] = None, steps: int = 50,
              noise: Optional[str] = None, eta: Optional[float] = None, solver: Optional[str] = None,
+             height: Optional[int] = None, width: Optional[int] = None,
+             latent_shape: Optional[Tuple[int, int, int]] = None, x_T=None,
              chunk_size: Optional[int] = None, return_trace: bool = False, return_latents: bool = False,
-             progress: bool = False, latent_shape: Optional[Tuple[int, int, int]] = None):
-    """Images for ``prompt`` away from ``negative_prompt``, one per seed and grid point.
+             progress: bool = False):
+    """Images for ``prompt`` (away from ``negative_prompt``), one per seed and grid point.
+
+    What ``rule`` does with the prompts (the UNet passes per step in brackets):
+
+    * ``dj.ClassifierFreeGuidance(scale)`` [2]: eps = eps_u + scale (eps(prompt) - eps_u) with eps_u =
+      eps(negative_prompt), or eps("") without one: diffusers' ``guidance_scale`` and ``negative_prompt``
+      (``StableDiffusionPipeline(prompt, negative_prompt=..., guidance_scale=scale)``), the negative
+      prompt replacing the unconditional prediction;
+    * a positive-mode rule [3] (``dj.PositiveDynamicNegativeGuidance``, ``PositiveNegativePrompting``,
+      ``PositiveSafeLatentDiffusion``): predictions "", prompt and negative prompt (required), CFG
+      toward the prompt with ``cfg_scale`` and the rule's negative guidance relative to the prompt's
+      prediction (the paper's section 4.2);
+    * ``dj.NoGuidance()`` [1]: the prompt's model alone (no negative prompt).
+
+    Compilation: the prompts' text features (77, D) and the rule's hyperparameters (and the grid's
+    values) are traced arguments of the one compiled sampler, so calls that differ only in prompts,
+    negative prompts, scales or grid values (of the same length) reuse it: one compilation per rule
+    class, static options (solver, noise, grid names and length, return_trace), steps, latent shape and
+    seed chunk. CFG with and without a negative prompt share theirs.
 
     Args:
-      rule: a positive-mode rule (``dj.PositiveDynamicNegativeGuidance``, ``PositiveNegativePrompting``,
-        ``PositiveSafeLatentDiffusion``; predictions "", prompt, negative prompt), or
-        ``dj.ClassifierFreeGuidance`` (no negative prompt: pass None) or ``dj.NoGuidance`` (the
-        prompt's model alone).
+      seeds: N ints; sample n starts from the N(0, I) draw of seeds[n] (or from ``x_T[n]``) and takes
+        its step noise from it.
       grid: rule leaves to sweep, e.g. {"scale": [0, 27]} (scale 0: plain CFG toward the prompt, the
         unguided reference of the same seeds); all points in one compiled call.
       steps: chain length (the 1000-step training chain respaced); ``noise``/``eta``/``solver``: the step
         (see :func:`dngjax.sample`; ``noise`` defaults to "posterior" on the ancestral step and takes no
-        value with ``eta`` or a ``solver``). DNG on a deterministic solver (``solver="dpmpp_2m"``, "ddim",
-        "euler") needs its continuous-time posterior (``estimator="stratonovich"``).
-      latent_shape: (h, w, C) to sample instead of the UNet's training size.
+        value with ``eta`` or a ``solver``; ``eta=0.0`` alone is deterministic DDIM). DNG on a
+        deterministic solver (``solver="dpmpp_2m"``, "ddim", "euler") needs its continuous-time
+        posterior (``estimator="stratonovich"``).
+      height, width: the image size in pixels, each a multiple of ``pipe.downscale`` (8 for SD, as in
+        diffusers); latents (height / 8, width / 8, 4). Default: the UNet's training size.
+      latent_shape: (h, w, C) latents instead of height / width (not both).
+      x_T: (N, h, w, C) starting latents, channels last (diffusers' NCHW ``latents`` transposed by
+        (0, 2, 3, 1)); their size must agree with height / width or latent_shape where given.
+        Sizes are checked (:func:`latent_size`, :func:`check_latent_size`) before anything is traced.
     Returns:
-      uint8 images (K, N, H, W, 3) (K = grid points, 1 without a grid), and with ``return_trace`` the
-      :class:`dngjax.Trace` (lambda_t, p_t: (K, S, N)); with ``return_latents`` the latents
-      (K, N, h, w, C) as well (images, latents[, trace]).
+      uint8 images (K, N, H, W, 3) (K = grid points, 1 without a grid; H, W in pixels), and with
+      ``return_trace`` the :class:`dngjax.Trace` (t: (S,) timesteps in sampling order; lambda_t,
+      p_t: (K, S, N)); with ``return_latents`` the latents (K, N, h, w, C) as well
+      (images, latents[, trace]).
     """
     positive = getattr(rule, "num_conditions", None) == 2
+    name = type(rule).__name__
     if positive and negative_prompt is None:
-        raise ValueError(f"{type(rule).__name__} needs a negative prompt")
-    if not positive and negative_prompt is not None:
-        raise ValueError(f"{type(rule).__name__} does not use a negative prompt: use a Positive... rule "
-                         "(e.g. dj.PositiveDynamicNegativeGuidance) to guide away from it")
+        raise ValueError(f"{name} needs a negative prompt (predictions '', prompt and negative prompt)")
+    if isinstance(rule, NoGuidance) and negative_prompt is not None:
+        raise ValueError(f"NoGuidance samples the prompt's model alone and does not use a negative prompt: "
+                         "ClassifierFreeGuidance(scale) with it is diffusers' negative prompt, a Positive... "
+                         "rule (e.g. dj.PositiveDynamicNegativeGuidance) guides away from it in three passes")
     if not isinstance(rule, (NoGuidance, ClassifierFreeGuidance)) and not positive:
-        raise ValueError(f"{type(rule).__name__}: text-to-image takes a positive-mode rule, ClassifierFreeGuidance "
-                         "or NoGuidance")
+        raise ValueError(f"{name}: text-to-image takes a positive-mode rule (e.g. dj.PositiveDynamicNegativeGuidance), "
+                         "ClassifierFreeGuidance (with a negative prompt: diffusers' negative prompt) or NoGuidance")
+    for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{what} must be one string (one prompt per call), got {type(text).__name__}")
     seeds = np.asarray(list(seeds))
     if seeds.size == 0:
         raise ValueError("no seeds")
-    shape = tuple(latent_shape or pipe.latent_shape)
-    d_null, conds = denoisers(pipe, prompt, negative_prompt)
+    shape, x_T = latent_size(pipe, height, width, latent_shape, x_T, n=seeds.size)
+    check_latent_size(pipe, shape)
     if positive:
-        denoiser_u, denoiser_c = d_null, conds
+        ctx = encode_prompts(pipe, ["", prompt, negative_prompt])
+        denoiser_u, denoiser_c = text_denoiser(pipe, ctx[0]), (text_denoiser(pipe, ctx[1]), text_denoiser(pipe, ctx[2]))
     elif isinstance(rule, ClassifierFreeGuidance):
-        denoiser_u, denoiser_c = d_null, conds[0]
+        ctx = encode_prompts(pipe, [negative_prompt or "", prompt])
+        denoiser_u, denoiser_c = text_denoiser(pipe, ctx[0]), text_denoiser(pipe, ctx[1])
     else:
-        denoiser_u, denoiser_c = conds[0], None
+        denoiser_u, denoiser_c = text_denoiser(pipe, encode_prompts(pipe, [prompt])[0]), None
     schedule = pipe.schedule if steps >= pipe.schedule.num_steps else respace(pipe.schedule, steps)
     if noise is None:                                  # beta_tilde on the ancestral step; DDIM etc. take none
         noise = "posterior" if eta is None and solver in (None, "ddpm") else "beta"
     out = sweep(denoiser_u, schedule, keys_from_seeds(seeds), shape, rule=rule, grid=grid or {},
                 denoiser_c=denoiser_c, noise=noise, eta=eta, solver=solver, chunk_size=chunk_size,
-                return_trace=return_trace, progress=progress)
+                return_trace=return_trace, progress=progress, x_T=x_T)
     latents, trace = out if return_trace else (out, None)
     images = decode(pipe, latents)
     result = (images,) + ((latents,) if return_latents else ()) + ((trace,) if return_trace else ())
