@@ -646,14 +646,20 @@ def differences(old: Dict[str, Any], new: Dict[str, Any], skip: Tuple[str, ...] 
     ``n: 16 -> 8``, ``dng.prior: 0.25 -> 0.5``, ``/.../ddpm/params.msgpack sha256 ab12.. -> cd34..``."""
     a, b = identity(old, skip), identity(new, skip)
     show = lambda v: "(absent)" if v is _ABSENT else json.dumps(v, sort_keys=True)
+    defaults = _config_defaults()
+    # a field added to the config (e.g. a new rule hyperparameter) is absent from older records: at its
+    # default value it changes nothing, so it is not a difference
+    same = lambda x, y, d: x == y or (x is _ABSENT and y == d) or (y is _ABSENT and x == d)
     out = []
     for key in sorted((set(a) | set(b)) - {"inputs"}):
         va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
-        if va == vb:
+        if same(va, vb, defaults.get(key, _ABSENT)):
             continue
         if isinstance(va, dict) and isinstance(vb, dict):
+            dk = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
             out += [f"{key}.{k}: {show(va.get(k, _ABSENT))} -> {show(vb.get(k, _ABSENT))}"
-                    for k in sorted(set(va) | set(vb)) if va.get(k, _ABSENT) != vb.get(k, _ABSENT)]
+                    for k in sorted(set(va) | set(vb))
+                    if not same(va.get(k, _ABSENT), vb.get(k, _ABSENT), dk.get(k, _ABSENT))]
         else:
             out.append(f"{key}: {show(va)} -> {show(vb)}")
     ia, ib = a["inputs"], b["inputs"]
@@ -671,6 +677,12 @@ def differences(old: Dict[str, Any], new: Dict[str, Any], skip: Tuple[str, ...] 
 
 
 _ABSENT = object()
+
+
+def _config_defaults() -> Dict[str, Any]:
+    """The base config's fields as config.json writes them (what a field absent from an older record meant)."""
+    from sample.configs import common
+    return json.loads(json.dumps(_config_json(common.base_config())))
 
 
 def _read_record(folder: str) -> Optional[Dict[str, Any]]:

@@ -56,7 +56,10 @@ def test_tracked_posterior_follows_the_exact_one_along_the_chain(dim, solver, et
     _, tr = dj.sample(lab.denoiser_full, sched, keys, (dim,), rule=tracked, **kw)
     _, ex = dj.sample(lab.denoiser_full, sched, keys, (dim,), rule=lab.exact_dng(0.0, p_max=1 - 1e-7), **kw)
     err = np.abs(np.asarray(tr.p) - np.asarray(ex.p)).mean(axis=1)           # (S,) mean |p - p_exact|
-    bound = 0.004 if eta == 0.0 or solver else 0.02                         # the ancestral chain's longer segments
+    # log r_T = 0 at x_T (Alg. 1's start) is off by the exact posterior's distance from the prior there:
+    # 0.0036 on average in 2-D (sqrt(alpha_bar_T) = 0.006 times the mixture's large means); the ancestral
+    # chain's longer segments add more
+    bound = 0.006 if eta == 0.0 or solver else 0.02
     assert err.max() < bound, err.max()
     assert float(np.asarray(ex.p)[-1].std()) > 0.3                          # the posterior really moved
     if eta == 1.0:                                                           # the paper's update on the same chain
@@ -205,6 +208,9 @@ def test_nonfinite_samples_are_counted_and_warned_about_naming_the_step():
     (dict(estimator="kalman"), None, "estimator must be one of"),
     (dict(estimator="ito", divergence="trace"), None, "divergence must be one of"),
     (dict(estimator="ito", probes=0), None, "probes must be an integer >= 1"),
+    (dict(hold_below=0.2), None, "hold_below belongs to the continuous-time estimators"),
+    (dict(estimator="stratonovich", hold_below=1.0), None, "hold_below must be a noise level"),
+    (dict(estimator="stratonovich", hold_below=-0.1), None, "hold_below must be a noise level"),
     (dict(estimator="stratonovich", divergence="exact"), dict(shape=(17, 17)), "divergence='exact' costs one jvp"),
     (dict(estimator="stratonovich"), dict(solver="euler", eta=0.5), "has no eta"),
     (dict(estimator="stratonovich"), dict(solver="heun"), "solver must be one of"),
@@ -217,6 +223,31 @@ def test_bad_estimator_and_solver_settings_are_refused_before_sampling(kw, call,
         shape = call.pop("shape", (2,))
         dj.sample(eps, dj.respace(dj.linear_schedule(), 5), dj.keys_from_seeds([0]), shape, rule=rule,
                   denoiser_c=eps, **call)
+
+
+@pytest.mark.parametrize("estimator,solver", [("stratonovich", "ddim"), ("ito", None)])
+def test_hold_below_freezes_the_posterior_at_low_noise_and_log_r_starts_at_0(estimator, solver):
+    """The tracked p starts at the prior (log r_T = 0, Alg. 1); with hold_below = s no increment comes from a
+    point with sigma = sqrt(1 - alpha_bar) < s: p is constant from the first such point on, and equal to the
+    untouched run's p before it (the lab's exact scores: the increments there are far from 0)."""
+    sched, lab = _lab(2, 20)
+    keys = dj.keys_from_seeds(np.arange(300))
+    kw = dict(denoiser_c=lab.denoiser_forget, solver=solver, eta=None if solver else 1.0, return_trace=True)
+    base = dict(prior=lab.forget_weight, temperature=1.0, p_min=1e-30, p_max=1 - 1e-7, estimator=estimator,
+                divergence="exact" if estimator == "stratonovich" else "none")
+    _, free = dj.sample(lab.denoiser_full, sched, keys, (2,), rule=dj.DynamicNegativeGuidance(0.0, **base), **kw)
+    _, held = dj.sample(lab.denoiser_full, sched, keys, (2,),
+                        rule=dj.DynamicNegativeGuidance(0.0, hold_below=0.5, **base), **kw)
+    p_free, p_held = np.asarray(free.p), np.asarray(held.p)                  # (S, N), noisiest first
+    np.testing.assert_allclose(p_free[0], lab.forget_weight, rtol=1e-6)      # log r_T = 0
+    sigma = np.sqrt(np.asarray(sched.one_minus_alpha_bars))[::-1]            # noisiest first, as the trace
+    # the trace's p at step k is the posterior that guided step k, the last increment's segment ending at x_k
+    # (stratonovich: updated at x_k; ito: after the step that reached x_k)
+    first = int(np.argmax(sigma < 0.5))
+    assert 0 < first < len(sigma) - 1
+    np.testing.assert_allclose(p_held[:first], p_free[:first], rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(p_held[first:], np.broadcast_to(p_held[first - 1], p_held[first:].shape), rtol=1e-6)
+    assert np.abs(p_free[-1] - p_free[first - 1]).max() > 0.05               # tracking would have moved it
 
 
 def test_several_concepts_refuse_the_continuous_estimators():

@@ -56,11 +56,11 @@ def test_replace_validates():
 def test_rules_are_pytrees_with_array_leaves():
     rule = dj.DynamicNegativeGuidance(2.0, prior=0.1, temperature=0.3, offset=1e-3, variance="beta")
     leaves, treedef = jax.tree_util.tree_flatten(rule)
-    assert len(leaves) == 6 and all(isinstance(l, jax.Array) for l in leaves)
+    assert len(leaves) == 7 and all(isinstance(l, jax.Array) for l in leaves)   # scale .. p_max, hold_below
     back = jax.tree_util.tree_unflatten(treedef, leaves)
     assert back.variance == "beta" and float(back.prior) == pytest.approx(0.1)
     # jax may build such trees with placeholders (vmap axes): no validation on unflatten
-    axes = jax.tree_util.tree_unflatten(treedef, [0, None, None, None, None, None])
+    axes = jax.tree_util.tree_unflatten(treedef, [0] + [None] * 6)
     assert axes.scale == 0
     # traced values pass through construction inside jit
     f = jax.jit(lambda s: dj.DynamicNegativeGuidance(s).scale * 2)

@@ -308,3 +308,18 @@ def test_the_data_set_file_is_recorded_when_read_but_the_reference_it_makes_deci
     assert class_removal.differences(first, later) == []
     c.compute_reference = False
     assert "dataset" not in class_removal.input_files(c)
+
+
+def test_a_field_added_to_the_config_at_its_default_is_no_difference_from_older_records(tmp_path):
+    """A rule hyperparameter added later (absent from an older config.json) at its default value keeps the
+    older run's points usable; at another value it is a difference, named."""
+    from sample import class_removal
+    c = _config(tmp_path, tmp_path / "out")
+    new = class_removal._config_json(c)
+    new["inputs"] = None
+    old = json.loads(json.dumps(new))
+    del old["dng"]["hold_below"]
+    assert class_removal.differences(old, new) == []
+    assert class_removal.differences(new, old) == []
+    new["dng"]["hold_below"] = 0.2
+    assert class_removal.differences(old, new) == ["dng.hold_below: (absent) -> 0.2"]
