@@ -2,7 +2,8 @@
 
 A sampler needs a function ``eps(x, t) -> eps_hat`` with ``x`` of shape
 ``(B, *sample_shape)`` and ``t`` int32 of shape ``(B,)`` (the network's
-timestep index). Any pure Python function with that signature works. A
+timestep index; float32 for a chain of fractional timesteps, e.g. diffusers' Euler with "linspace"
+spacing, which a Denoiser passes on as they are). Any pure Python function with that signature works. A
 :class:`Denoiser` wraps a model's ``apply(params, x, t, ...)`` so that the
 parameters travel as a pytree leaf (not baked into the compiled program as
 constants): ``jit`` recompiles only when the *function* changes.
@@ -84,7 +85,8 @@ class Denoiser:
     micro_batch: Optional[int] = struct.field(pytree_node=False, default=None)
 
     def __call__(self, x: Array, t: Array) -> Array:
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
+        t = jnp.asarray(t)                      # int32 indices; float32 kept (fractional timesteps of a chain)
+        t = jnp.broadcast_to(t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(jnp.int32), (x.shape[0],))
         if not self.micro_batch:
             return self._apply(x, t, self.label)
         # the label travels as its own argument (folded by the vmap rule), not inside the denoiser

@@ -31,13 +31,15 @@ class Schedule:
     """Per-step quantities of a DDPM chain; all leaves are float32/int32 arrays of shape (S,).
 
     Attributes:
-      timesteps: int32 network timestep index of step i.
+      timesteps: int32 network timestep index of step i (float32 for a chain of fractional
+        timesteps, see :func:`chain_schedule`).
       betas: beta_i, variance of the transition x_i -> x_{i-1}.
       alphas: 1 - beta_i.
       alpha_bars: prod_{j<=i} alpha_j, so x_i = sqrt(alpha_bar_i) x_0 + sqrt(1-alpha_bar_i) eps.
-      alpha_bars_prev: alpha_bar_{i-1} (1 for i = 0).
+      alpha_bars_prev: alpha_bar_{i-1} (1 for i = 0); in a :func:`chain_schedule` the alpha_bar step i
+        goes to, = alpha_bar_i / alpha_i in every case.
       posterior_variances: beta_tilde_i = beta_i (1 - alpha_bar_{i-1}) / (1 - alpha_bar_i)
-        (0 at i = 0).
+        (0 at i = 0 when the chain ends at alpha_bar = 1).
       one_minus_alpha_bars, one_minus_alpha_bars_prev: 1 - alpha_bar_i and 1 - alpha_bar_{i-1},
         computed in float64 (what the samplers' coefficients use).
     """
@@ -203,3 +205,38 @@ def respace(schedule: Schedule, num_steps: Optional[int] = None, *, timesteps=No
     betas = -np.expm1(np.diff(np.concatenate([[0.0], log_ab])))
     timesteps = np.asarray(schedule.timesteps)[keep]
     return _from_betas(betas, timesteps)
+
+
+def chain_schedule(timesteps, alpha_bars, alpha_bars_prev) -> Schedule:
+    """A chain given step by step (index 0 = least noisy): step i goes from alpha_bar_i to alpha_bar_prev_i.
+
+    timesteps (S,): the network's timestep of each step (int, or float for fractional timesteps);
+    alpha_bars, alpha_bars_prev (S,): 0 < alpha_bar_i <= alpha_bar_prev_i <= 1 (equal: a step that
+    leaves x as it is, as diffusers' DDIM at t = 0 with ``set_alpha_to_one=False``). Unlike :func:`respace`,
+    alpha_bar_prev_i need not be alpha_bar_{i-1} (diffusers' DDIM steps to t - T // S, which differs
+    from the next listed timestep with some spacings) nor 1 at i = 0 (DDIM's ``set_alpha_to_one=False``
+    ends at alpha_bar of timestep 0). beta_i = 1 - alpha_bar_i / alpha_bar_prev_i, so the sampler's
+    steps (:func:`dngjax.sampler.chain_steps`) go exactly from alpha_bar_i to alpha_bar_prev_i.
+    """
+    ab = np.asarray(alpha_bars, np.float64)
+    ab_prev = np.asarray(alpha_bars_prev, np.float64)
+    ts = np.asarray(timesteps)
+    if ab.ndim != 1 or ab.size == 0 or ab.shape != ab_prev.shape or ts.shape != ab.shape:
+        raise ValueError(f"timesteps, alpha_bars and alpha_bars_prev must be equal-length 1-D arrays, got shapes "
+                         f"{ts.shape}, {ab.shape}, {ab_prev.shape}")
+    if not (np.all(np.isfinite(ab)) and np.all(ab > 0) and np.all(ab <= ab_prev) and np.all(ab_prev <= 1)):
+        raise ValueError("need 0 < alpha_bars <= alpha_bars_prev <= 1 at every step")
+    betas = (ab_prev - ab) / ab_prev
+    one_minus, one_minus_prev = 1.0 - ab, 1.0 - ab_prev
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    integer = np.issubdtype(ts.dtype, np.integer)
+    return Schedule(
+        timesteps=jnp.asarray(ts, jnp.int32 if integer else jnp.float32),
+        betas=f32(betas),
+        alphas=f32(ab / ab_prev),
+        alpha_bars=f32(ab),
+        alpha_bars_prev=f32(ab_prev),
+        posterior_variances=f32(betas * one_minus_prev / one_minus),
+        one_minus_alpha_bars=f32(one_minus),
+        one_minus_alpha_bars_prev=f32(one_minus_prev),
+    )

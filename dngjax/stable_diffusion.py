@@ -35,10 +35,10 @@ import jax.numpy as jnp
 from .denoiser import Denoiser
 from .guidance import ClassifierFreeGuidance, GuidanceRule, NoGuidance
 from .sampler import keys_from_seeds, sweep
-from .schedules import Schedule, linear_schedule, respace, scaled_linear_schedule
+from .schedules import Schedule, respace, schedule_from_alpha_bars
+from .sd_scheduler import PREDICTIONS as _PREDICTIONS, Chain, scheduler_chain, train_alpha_bars
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +49,10 @@ class StableDiffusion:
       latent_shape: (h, w, C) of the latents the UNet was trained on (``sample_size``; 64 x 64 x 4 for
         SD 2 base, i.e. 512 x 512 images).
       prediction: what the UNet predicts (``"eps"`` or ``"v"``), from the scheduler config.
-      schedule: the full training chain (1000 steps); :func:`generate` respaces it.
+      schedule: the full training chain (1000 steps) of the scheduler config; :func:`chain` respaces it
+        as the folder's scheduler (or another diffusers scheduler built from its config) would.
       downscale: image pixels per latent pixel (8 for SD).
+      scheduler_config: the folder's ``scheduler/scheduler_config.json`` (class name and options).
     """
 
     unet: Any
@@ -66,24 +68,37 @@ class StableDiffusion:
     latent_shape: Tuple[int, int, int]
     downscale: int
     folder: str
+    scheduler_config: Any = None
 
 
 def _schedule_from_config(cfg: Dict[str, Any]) -> Tuple[Schedule, str]:
-    kind = cfg.get("beta_schedule", "linear")
-    T = int(cfg.get("num_train_timesteps", 1000))
-    if cfg.get("trained_betas"):
-        raise ValueError("scheduler config with trained_betas is not supported")
-    start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
-    if kind == "scaled_linear":
-        schedule = scaled_linear_schedule(T, start, end)
-    elif kind == "linear":
-        schedule = linear_schedule(T, start, end)
-    else:
-        raise ValueError(f"beta_schedule={kind!r} is not supported (scaled_linear or linear)")
+    """(the full training chain, prediction "eps" / "v" / "x0") of a scheduler config; ValueError for
+    a beta schedule or prediction type that is not implemented (the class's options: :func:`chain`)."""
     pred = cfg.get("prediction_type", "epsilon")
     if pred not in _PREDICTIONS:
         raise ValueError(f"prediction_type={pred!r} is not supported ({sorted(_PREDICTIONS)})")
-    return schedule, _PREDICTIONS[pred]
+    if cfg.get("rescale_betas_zero_snr") and pred != "v_prediction":
+        raise ValueError(f"rescale_betas_zero_snr=True with prediction_type={pred!r}: zero terminal SNR needs "
+                         "'v_prediction' (at alpha_bar = 0 an eps or x_0 prediction is singular)")
+    return schedule_from_alpha_bars(train_alpha_bars(cfg)), _PREDICTIONS[pred]
+
+
+def chain(pipe: StableDiffusion, steps: int, solver: Optional[str] = None, eta: Optional[float] = None) -> Chain:
+    """The chain of ``steps`` inference steps that the folder's scheduler config gives (no tracing).
+
+    ``solver``: None (the folder's scheduler class) or one of "ddim", "ddpm", "dpmpp_2m", "euler",
+    "euler_ancestral" (that diffusers scheduler built from the folder's config, as
+    ``XScheduler.from_config(pipe.scheduler.config)``). ``eta``: DDIM's (default 0.0). Returns a
+    :class:`dngjax.sd_scheduler.Chain` (schedule, solver, eta, noise, x_T_scale, scheduler, config):
+    run ``dj.sample(..., chain.schedule, ..., solver=chain.solver, eta=chain.eta, noise=chain.noise,
+    x_T=chain.x_T_scale * N(0, I))`` to step as diffusers does. Timestep spacing, steps_offset,
+    set_alpha_to_one, rescale_betas_zero_snr and the class's options are followed; what is not
+    implemented (PNDMScheduler, clip_sample, thresholding, Karras sigmas, ...) raises a ValueError naming
+    it (see :mod:`dngjax.sd_scheduler`).
+    """
+    if pipe.scheduler_config is None:
+        raise ValueError("this pipeline carries no scheduler config (load it with sd.load)")
+    return scheduler_chain(pipe.scheduler_config, steps, solver=solver, eta=eta)
 
 
 def load(folder: str, dtype: Any = None) -> StableDiffusion:
@@ -114,7 +129,8 @@ def load(folder: str, dtype: Any = None) -> StableDiffusion:
     if not os.path.isfile(sched_path):
         raise FileNotFoundError(f"{sched_path!r} is missing")
     with open(sched_path) as f:
-        schedule, prediction = _schedule_from_config(json.load(f))
+        scheduler_config = json.load(f)
+    schedule, prediction = _schedule_from_config(scheduler_config)
     text_encoder, text_params = load_clip_text(os.path.join(folder, "text_encoder"))
     tokenize = load_tokenizer(os.path.join(folder, "tokenizer"), max_length=text_encoder.max_positions)
     unet, unet_params, unet_cfg = load_sd_unet(os.path.join(folder, "unet"), dtype)
@@ -130,7 +146,8 @@ def load(folder: str, dtype: Any = None) -> StableDiffusion:
                            tokenize=tokenize, vae=vae, vae_params=vae_params,
                            scaling_factor=float(vae_cfg["scaling_factor"]), schedule=schedule, prediction=prediction,
                            latent_shape=(int(h), int(w), unet.in_channels),
-                           downscale=2 ** (len(vae.block_out_channels) - 1), folder=folder)
+                           downscale=2 ** (len(vae.block_out_channels) - 1), folder=folder,
+                           scheduler_config=scheduler_config)
 
 
 def encode_prompts(pipe: StableDiffusion, prompts: Sequence[str]) -> jnp.ndarray:

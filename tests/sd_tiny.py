@@ -2,7 +2,7 @@
 
 ``make_folder(path, prediction="epsilon")`` builds a StableDiffusionPipeline from tiny components (UNet
 with cross-attention at 2 levels, 2-level VAE, 2-layer CLIP text encoder, a 60-token BPE vocabulary,
-DDPMScheduler with SD's scaled_linear betas), saves it with ``save_pretrained`` (safetensors) and returns
+DDPMScheduler with SD's scaled_linear betas and clip_sample=False, or the diffusers ``scheduler`` given), saves it with ``save_pretrained`` (safetensors) and returns
 the torch pipeline, so tests and the benchmark compare against the same weights.
 """
 
@@ -27,7 +27,7 @@ def _tokenizer_files(folder):
     return len(vocab)
 
 
-def make_folder(path, prediction="epsilon", seed=0):
+def make_folder(path, prediction="epsilon", seed=0, scheduler=None):
     import torch
     import diffusers
     import transformers
@@ -51,8 +51,9 @@ def make_folder(path, prediction="epsilon", seed=0):
             for n, p in model.named_parameters():
                 if "norm" in n or n.endswith("bias"):
                     p.add_(0.1 * torch.randn_like(p))
-    scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                        num_train_timesteps=1000, prediction_type=prediction)
+    if scheduler is None:              # SD's betas; no x_0 clipping (a pixel-space option SD's folders turn off)
+        scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                            num_train_timesteps=1000, prediction_type=prediction, clip_sample=False)
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)

@@ -1,0 +1,79 @@
+"""Whole generations against diffusers' StableDiffusionPipeline on the tiny random SD folders.
+
+The same starting latents, the folder's scheduler config switched as a user does
+(``XScheduler.from_config(pipe.scheduler.config, timestep_spacing=...)``), classifier-free guidance 3
+toward the prompt: diffusers' latents after 5 steps against ``dj.sample`` on ``sd.chain``'s chain, for
+each timestep spacing, eps and v prediction, DDIM (eta 0), DPM-Solver++(2M) and Euler; the decoded
+uint8 images within 1 / 255.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import dngjax as dj  # noqa: E402
+from dngjax import stable_diffusion as sd  # noqa: E402
+from tests.sd_tiny import make_folder  # noqa: E402
+
+PROMPT, STEPS, CFG = "a cat", 5, 3.0
+SCHEDULERS = {"DDIMScheduler": dict(set_alpha_to_one=False), "DPMSolverMultistepScheduler": {},
+              "EulerDiscreteScheduler": {}}
+
+
+ALL = [(name, spacing) for name in SCHEDULERS for spacing in ("leading", "trailing", "linspace")]
+
+
+def _compare(folder, prediction, cases, zero_snr=False):
+    """{(class, spacing): max |ours - diffusers| / max |diffusers|} of the latents; checks the images of the
+    first case within 1 / 255."""
+    torch_pipe = make_folder(folder, prediction=prediction)
+    base = dict(torch_pipe.scheduler.config)
+    torch_pipe.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)     # NCHW, as diffusers
+    worst = {}
+    for k, (name, spacing) in enumerate(cases):
+        sched = getattr(diffusers, name).from_config(base, timestep_spacing=spacing, rescale_betas_zero_snr=zero_snr,
+                                                     steps_offset=1 if spacing == "leading" else 0, **SCHEDULERS[name])
+        torch_pipe.scheduler = sched
+        with torch.no_grad():
+            ref = torch_pipe([PROMPT] * 2, latents=torch.from_numpy(latents), num_inference_steps=STEPS,
+                             guidance_scale=CFG, output_type="latent").images.numpy().transpose(0, 2, 3, 1)
+        # the folder as saved with this scheduler, loaded back: the config decides the chain
+        sched.save_pretrained(str(folder / "scheduler"))
+        pipe = sd.load(str(folder))
+        chain = sd.chain(pipe, STEPS)
+        assert chain.scheduler == name
+        d_null, (d_pos,) = sd.denoisers(pipe, PROMPT)
+        out = np.asarray(dj.sample(d_null, chain.schedule, dj.keys_from_seeds([0, 1]), pipe.latent_shape,
+                                   rule=dj.ClassifierFreeGuidance(scale=CFG), denoiser_c=d_pos, solver=chain.solver,
+                                   eta=chain.eta, noise=chain.noise, x_T=latents.transpose(0, 2, 3, 1) * chain.x_T_scale))
+        worst[name, spacing] = float(np.abs(out - ref).max() / np.abs(ref).max())
+        if k == 0:                                                  # the uint8 images, once
+            with torch.no_grad():
+                img = torch_pipe.vae.decode(torch.from_numpy(ref.transpose(0, 3, 1, 2)) / pipe.scaling_factor).sample
+            img = np.clip(np.round((img.numpy().transpose(0, 2, 3, 1) + 1) * 127.5), 0, 255).astype(int)
+            assert np.abs(sd.decode(pipe, out).astype(int) - img).max() <= 1
+    print(prediction, {f"{k[0][:5]}/{k[1]}": f"{v:.1e}" for k, v in worst.items()})
+    return worst
+
+
+def test_eps_generation_matches_diffusers_pipeline(tmp_path):
+    """DDIM (eta 0, set_alpha_to_one=False), DPM-Solver++(2M), Euler x leading / trailing / linspace."""
+    worst = _compare(tmp_path / "sd", "epsilon", ALL)
+    assert max(worst.values()) < 2e-5, worst
+
+
+def test_v_generation_with_zero_terminal_snr_matches_diffusers_pipeline(tmp_path):
+    """SD 2.1's kind of config with a zero-terminal-SNR fine-tune: v prediction, DDIM, trailing spacing (from
+    t = 999, where alpha_bar is 0 in diffusers and 2**-24 here: see dngjax.sd_scheduler)."""
+    worst = _compare(tmp_path / "sd", "v_prediction", [("DDIMScheduler", "trailing")], zero_snr=True)
+    assert max(worst.values()) < 2e-3, worst
+
+
+@pytest.mark.slow
+def test_v_generation_matches_diffusers_pipeline(tmp_path):
+    worst = _compare(tmp_path / "sd", "v_prediction", ALL)
+    assert max(worst.values()) < 2e-5, worst
