@@ -3,9 +3,11 @@
 The paper's section 4.2: DNG (or NP, SLD) in the positive-prompt mode, with three predictions per
 step -- eps(x | ""), eps(x | prompt) and eps(x | negative prompt) -- combined by a ``Positive...``
 rule of :mod:`dngjax.guidance`: classifier-free guidance toward the prompt (``cfg_scale``) plus the
-negative guidance, whose "unconditional" prediction is the prompt's. The latents are sampled by the
-core scan sampler (one compiled trajectory, vmapped over guidance scales, chunked over seeds) and
-decoded by the VAE.
+negative guidance, whose "unconditional" prediction is the prompt's. The baseline beside it is the
+negative prompt as diffusers runs it: ``dj.ClassifierFreeGuidance(scale)`` with a negative prompt, two
+predictions per step, the negative prompt's in place of the unconditional one (see :func:`generate`).
+The latents are sampled by the core scan sampler (one compiled trajectory, vmapped over guidance
+scales, chunked over seeds) and decoded by the VAE.
 
     from dngjax import stable_diffusion as sd
     pipe = sd.load("stable-diffusion-2-base")        # model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/

@@ -137,3 +137,41 @@ def test_a_study_compiles_once_per_method_family(tiny):
                                grid={"scale": [1.0, 9.0]}, **common)
     assert first == ["jit(_grid_impl)"] and again == []
     np.testing.assert_allclose(trace.lam[:, 0], np.array([[1.0] * 2, [9.0] * 2]) * 0.02 / 0.98, rtol=1e-5)  # new values
+
+
+def test_text_to_image_job_reports_compilation_and_reuses_the_persistent_cache(tiny, tmp_path):
+    """The job with diffusers-NP alone (no CLIP): the unguided run and diffusers-NP share one compiled
+    sampler, the compile time is reported, and a second run (in-memory caches cleared) loads its programs
+    from the persistent cache instead of compiling them."""
+    import jax
+    import json
+    import os
+    from sample import text_to_image
+    from sample.configs import sd as sd_configs
+    torch_pipe, _ = tiny
+    folder = str(tmp_path / "sd")
+    torch_pipe.save_pretrained(folder, safe_serialization=True)
+    c = sd_configs.get_config("tiny")
+    c.folder, c.methods, c.compilation_cache = folder, ("diffusers-NP",), str(tmp_path / "cache")
+    c.height = 15
+    with pytest.raises(ValueError, match="config.height=15.*multiples of 2 px"):
+        text_to_image.prepare(c)
+    c.height, runs = 0, []
+    try:
+        for i in range(2):
+            c.outdir = str(tmp_path / f"out{i}")
+            jax.clear_caches()
+            with count_compiles("_grid_impl") as sampler:
+                out = text_to_image.execute(text_to_image.prepare(c))
+            runs.append((json.load(open(os.path.join(out, "results.json"))), sampler))
+    finally:
+        text_to_image.enable_compilation_cache(None)
+    (first, sampler0), (second, sampler1) = runs
+    assert first["compilation"]["cache_dir"] == str(tmp_path / "cache")
+    assert sampler0 == ["jit(_grid_impl)"] and sampler1 == ["jit(_grid_impl)"]   # one sampler for both methods
+    assert first["compilation"]["programs"] >= 3 and first["compilation"]["compile_seconds"] > 0
+    assert first["compilation"]["cache_hits"] == 0 and os.listdir(tmp_path / "cache")
+    assert second["compilation"]["cache_hits"] >= 1                  # at least the sampler: over 1 s to compile
+    assert second["compilation"]["compile_seconds"] < first["compilation"]["compile_seconds"]
+    a, b = (np.load(os.path.join(tmp_path / f"out{i}", "images.npz")) for i in range(2))
+    np.testing.assert_array_equal(a["row0_diffusers-NP_related"], b["row0_diffusers-NP_related"])

@@ -202,13 +202,15 @@ def test_text_to_image_job_writes_figures_and_q(tiny, tmp_path):
     files = sorted(os.listdir(out))
     assert {"samples_0.png", "lambda_0.png", "q_table.md", "results.json", "images.npz", "config.json"} <= set(files)
     res = json.load(open(os.path.join(out, "results.json")))["results"][0]
-    for m in ("NP", "DNG"):
+    for m in ("diffusers-NP", "NP", "DNG"):
         info = res["methods"][m]
         assert np.isfinite(info["q"]) and info["n"] == 3
         assert info["q"] == pytest.approx(info["distance_related"] - info["distance_unrelated"])
+    assert "| diffusers-NP Q" in open(os.path.join(out, "q_table.md")).read()
     images = np.load(os.path.join(out, "images.npz"))
     assert images["row0_unguided"].shape == (3, 16, 16, 3)
-    assert np.abs(images["row0_NP_related"].astype(int) - images["row0_unguided"]).max() > 0
+    for m in ("diffusers-NP", "NP"):
+        assert np.abs(images[f"row0_{m}_related"].astype(int) - images["row0_unguided"]).max() > 0
     c.folder = ""
     with pytest.raises(ValueError, match="config.folder is required"):
         text_to_image.prepare(c)
