@@ -75,7 +75,8 @@ def test_tokenizer_pads_truncates_and_brackets_prompts(tmp_path):
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
     encode = load_tokenizer(str(folder), max_length=8)
-    ids = encode(["a cat", "abcdefghij"])
+    with pytest.warns(UserWarning, match="12 tokens; the text encoder takes 8: this part was cut: 'ghij"):
+        ids = encode(["a cat", "abcdefghij"])                                      # as diffusers says it
     assert ids.shape == (2, 8) and ids.dtype == np.int32
     assert ids[0].tolist()[:4] == [0, vocab["a</w>"], vocab["cat</w>"], 1]          # merges applied
     assert ids[1, 0] == 0 and ids[1, -1] == 1                                      # truncated, still closed
@@ -83,6 +84,19 @@ def test_tokenizer_pads_truncates_and_brackets_prompts(tmp_path):
     with pytest.raises(FileNotFoundError, match="merges.txt is missing"):
         (folder / "merges.txt").unlink()
         load_tokenizer(str(folder))
+
+
+def test_every_clip_text_config_key_is_implemented_or_without_effect():
+    """The CLIPTextConfig keys beyond transformers' generic PretrainedConfig ones are all read or have no effect
+    on the last hidden states: a key a newer transformers adds fails here."""
+    from dngjax.models import clip
+    own = set(transformers.CLIPTextConfig().to_dict()) - set(transformers.PretrainedConfig().to_dict())
+    own -= {"model_type", "transformers_version"}
+    known = set(clip.TEXT_IMPLEMENTED_KEYS) | set(clip.TEXT_NO_EFFECT_KEYS)
+    assert own <= known, own - known
+    with pytest.raises(ValueError, match="hidden_act='relu2'"):
+        clip.encoder_from_config(dict(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                      num_attention_heads=2, hidden_act="relu2"))
 
 
 def test_clip_image_encoder_matches_transformers(tmp_path):

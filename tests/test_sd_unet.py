@@ -94,3 +94,44 @@ def test_sd_unet_half_precision_follows_float32(tmp_path):
     got = jax.jit(model16.apply)(params16, x, t, ctx)
     assert got.dtype == jnp.float32
     assert np.abs(np.asarray(got) - ref).max() < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("kwargs, size", [
+    (SD1, (5, 7)),                                                              # 2 levels: odd latents
+    (dict(SD2, act_fn="gelu", mid_block_scale_factor=1.41, downsample_padding=0), (10, 14)),   # 3 levels, not 4k
+], ids=["sd1-odd-size", "sd2-gelu-midscale-pad0-10x14"])
+def test_sd_unet_any_size_and_options_match_diffusers(tmp_path, kwargs, size):
+    """Latents of any size (diffusers forwards upsample_size when h, w are not multiples of 2 ** downsamplings)
+    and the options act_fn, mid_block_scale_factor, downsample_padding, against diffusers."""
+    unet, path = _tiny_unet(tmp_path, kwargs)
+    model, params, _ = load_sd_unet(path)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 4) + size).astype(np.float32)
+    t = np.array([3, 500])
+    ctx = rng.standard_normal((2, 5, 24)).astype(np.float32)
+    with torch.no_grad():
+        ref = unet(torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx)).sample
+    ref = ref.numpy().transpose(0, 2, 3, 1)
+    got = np.asarray(jax.jit(model.apply)(params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx)))
+    assert got.shape == (2,) + size + (4,)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_every_unet_config_key_is_implemented_or_refused():
+    """Each UNet2DConditionModel __init__ parameter is read, has no effect at inference, or is refused by name
+    when not at its default: a key a newer diffusers adds fails here."""
+    import inspect
+    from dngjax.models import sd_unet
+    params = {k: p.default for k, p in inspect.signature(diffusers.UNet2DConditionModel.__init__).parameters.items()
+              if k != "self"}
+    known = set(sd_unet.IMPLEMENTED_KEYS) | set(sd_unet.NO_EFFECT_KEYS) | set(sd_unet._UNSUPPORTED)
+    assert set(params) == known, set(params) ^ known
+    for key, default in sd_unet._UNSUPPORTED.items():
+        assert params[key] == default, key                      # refused exactly off diffusers' default
+        other = (not default) if isinstance(default, bool) else default + 1 if isinstance(default, (int, float)) \
+            else "other"
+        with pytest.raises(ValueError, match=key):
+            sd_unet.unet_from_config({**SD1, key: other})
+    for key, value in (("act_fn", "softplus"), ("downsample_padding", 2), ("brand_new_option", 1)):
+        with pytest.raises(ValueError, match=key):
+            sd_unet.unet_from_config({**SD1, key: value})

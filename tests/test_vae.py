@@ -78,3 +78,23 @@ def test_vae_loader_errors(tmp_path):
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
     with pytest.raises(ValueError, match="has shape"):
         load_vae_decoder(path)
+
+
+def test_every_vae_config_key_is_implemented_or_refused():
+    """Each AutoencoderKL __init__ parameter is read, has no effect here, or is refused by name off its default."""
+    import inspect
+    from dngjax.models import vae as vae_mod
+    params = {k: p.default for k, p in inspect.signature(diffusers.AutoencoderKL.__init__).parameters.items()
+              if k != "self"}
+    known = set(vae_mod.IMPLEMENTED_KEYS) | set(vae_mod.NO_EFFECT_KEYS) | set(vae_mod.REQUIRED)
+    assert set(params) == known, set(params) ^ known
+    base = dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1)
+    for key, value in vae_mod.REQUIRED.items():
+        assert params[key] == value, key
+        other = (not value) if isinstance(value, bool) else [0.0] * 4 if value is None else "gelu"
+        with pytest.raises(ValueError, match=key):
+            vae_mod.decoder_from_config({**base, key: other})
+    with pytest.raises(ValueError, match="brand_new_option"):
+        vae_mod.decoder_from_config({**base, "brand_new_option": 1})
+    with pytest.raises(ValueError, match="in_channels=4"):
+        vae_mod.encoder_from_config({**base, "in_channels": 4})

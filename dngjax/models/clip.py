@@ -21,6 +21,7 @@ Parity with transformers' PyTorch models: ``tests/test_clip.py`` (tiny random co
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Dict, Tuple
 
 import numpy as np
@@ -148,6 +149,16 @@ def image_encoder_from_config(cfg: Dict[str, Any]) -> CLIPImageEncoder:
                             eps=float(vis.get("layer_norm_eps", 1e-5)))
 
 
+#: CLIPTextConfig keys read into :class:`CLIPTextEncoder` (parity-tested in tests/test_clip.py)
+TEXT_IMPLEMENTED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                         "max_position_embeddings", "hidden_act", "layer_norm_eps")
+#: CLIPTextConfig keys without effect on the last hidden states (what Stable Diffusion conditions on):
+#: projection_dim (the pooled projection), the token ids (pooling and generation), dropout (inference),
+#: initialisation scales
+TEXT_NO_EFFECT_KEYS = ("projection_dim", "attention_dropout", "dropout", "initializer_range", "initializer_factor",
+                       "pad_token_id", "bos_token_id", "eos_token_id")
+
+
 def encoder_from_config(cfg: Dict[str, Any]) -> CLIPTextEncoder:
     """A :class:`CLIPTextEncoder` from transformers' ``CLIPTextConfig`` dict (``config.json``)."""
     act = cfg.get("hidden_act", "quick_gelu")
@@ -238,7 +249,8 @@ def load_tokenizer(folder: str, max_length: int = 77):
     ``tokenizer/`` folder (``vocab.json`` and ``merges.txt``, or the ``tokenizer.json`` newer transformers
     save, and its ``tokenizer_config.json``: SD 2 pads with
     "!", SD 1 with the end token), via transformers' ``CLIPTokenizer`` (the ``tokenizers`` library; no torch).
-    Prompts are padded to ``max_length`` and truncated, as the Stable Diffusion pipelines do.
+    Prompts are padded to ``max_length`` and truncated, as the Stable Diffusion pipelines do, with a
+    warning that quotes the text cut off (the tokens between position max_length - 1 and the end token).
     """
     has = lambda name: os.path.isfile(os.path.join(folder, name))
     if not has("tokenizer.json"):
@@ -256,6 +268,11 @@ def load_tokenizer(folder: str, max_length: int = 77):
         if isinstance(prompts, str):
             prompts = [prompts]
         out = tok(list(prompts), padding="max_length", max_length=max_length, truncation=True)
+        for prompt, ids in zip(prompts, tok(list(prompts), truncation=False)["input_ids"]):
+            if len(ids) > max_length:                  # as diffusers' pipelines: say what was cut
+                cut = tok.decode(ids[max_length - 1:-1])
+                warnings.warn(f"the prompt {prompt[:40]!r}... has {len(ids)} tokens; the text encoder takes "
+                              f"{max_length}: this part was cut: {cut!r}", UserWarning, stacklevel=3)
         return np.asarray(out["input_ids"], np.int32)
 
     encode.tokenizer = tok

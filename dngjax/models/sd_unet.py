@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -60,34 +61,44 @@ def timestep_embedding(t: Array, dim: int, flip_sin_to_cos: bool = True, freq_sh
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
+#: ``act_fn`` of the config (diffusers' ``get_activation``): the ResNets', the time embedding's and the output's.
+ACTIVATIONS = {"silu": nn.swish, "swish": nn.swish, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+               "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)), "relu": jax.nn.relu}
+
+
 class TimestepEmbedding(nn.Module):
     dim: int
     dtype: Any = None
+    act: str = "silu"
 
     @nn.compact
     def __call__(self, e: Array) -> Array:
         e = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(e)
-        return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.swish(e))
+        return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(ACTIVATIONS[self.act](e))
 
 
 class ResnetBlock(nn.Module):
-    """``ResnetBlock2D`` with the time embedding added between the two convolutions."""
+    """``ResnetBlock2D`` with the time embedding added between the two convolutions; (x + h) / ``scale``
+    (``output_scale_factor``: the config's ``mid_block_scale_factor`` in the mid block, else 1)."""
 
     out_ch: int
     groups: int = 32
     eps: float = 1e-5
     dtype: Any = None
+    act: str = "silu"
+    scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: Array, temb: Array) -> Array:
-        h = nn.swish(GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x))
+        act = ACTIVATIONS[self.act]
+        h = act(GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x))
         h = nn.Conv(self.out_ch, (3, 3), padding=_PAD, dtype=self.dtype, name="conv1")(h)
-        h = h + nn.Dense(self.out_ch, dtype=self.dtype, name="time_emb_proj")(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm2")(h))
+        h = h + nn.Dense(self.out_ch, dtype=self.dtype, name="time_emb_proj")(act(temb))[:, None, None, :]
+        h = act(GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm2")(h))
         h = nn.Conv(self.out_ch, (3, 3), padding=_PAD, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_ch:
             x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
-        return x + h
+        return x + h if self.scale == 1.0 else (x + h) / self.scale
 
 
 def attend(q: Array, k: Array, v: Array, heads: int) -> Array:
@@ -183,18 +194,33 @@ class SpatialTransformer(nn.Module):
         return h + x
 
 
+def upsample_nearest(x: Array, size: Tuple[int, int]) -> Array:
+    """(B, h, w, C) -> (B, H, W, C) nearest, as PyTorch's ``interpolate(size=(H, W), mode="nearest")``:
+    output pixel i takes input floor(i * (h / H)) (the ratio in float32, as PyTorch computes it)."""
+    b, h, w, c = x.shape
+    if tuple(size) == (2 * h, 2 * w):
+        return upsample_nearest_2x(x)
+    idx = lambda n, m: np.minimum(np.floor(np.arange(m, dtype=np.float32) * np.float32(n / m)).astype(np.int64), n - 1)
+    return jnp.take(jnp.take(x, idx(h, size[0]), axis=1), idx(w, size[1]), axis=2)
+
+
 class Sampler2x(nn.Module):
-    """``Downsample2D`` (3x3 conv, stride 2) or ``Upsample2D`` (nearest 2x, 3x3 conv); parameter ``conv``."""
+    """``Downsample2D`` (3x3 conv, stride 2; padding 1, or with ``downsample_padding=0`` one zero row and
+    column after the end: h -> ceil(h / 2), or floor(h / 2)) or ``Upsample2D`` (nearest to ``size``, by
+    default 2x; 3x3 conv); parameter ``conv``."""
 
     ch: int
     up: bool
     dtype: Any = None
+    padding: int = 1
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, size: Optional[Tuple[int, int]] = None) -> Array:
         if self.up:
-            return nn.Conv(self.ch, (3, 3), padding=_PAD, dtype=self.dtype, name="conv")(upsample_nearest_2x(x))
-        return nn.Conv(self.ch, (3, 3), strides=(2, 2), padding=_PAD, dtype=self.dtype, name="conv")(x)
+            size = (2 * x.shape[1], 2 * x.shape[2]) if size is None else size
+            return nn.Conv(self.ch, (3, 3), padding=_PAD, dtype=self.dtype, name="conv")(upsample_nearest(x, size))
+        pad = _PAD if self.padding == 1 else ((0, 1), (0, 1))
+        return nn.Conv(self.ch, (3, 3), strides=(2, 2), padding=pad, dtype=self.dtype, name="conv")(x)
 
 
 class Level(nn.Module):
@@ -212,21 +238,24 @@ class Level(nn.Module):
     groups: int
     eps: float
     dtype: Any = None
+    act: str = "silu"
+    downsample_padding: int = 1
 
     @nn.compact
-    def __call__(self, x, temb, context, skips=None):
+    def __call__(self, x, temb, context, skips=None, up_size=None):
         outputs = []
         for i in range(self.num_resnets):
             if self.up:                                       # the latest skip first, as diffusers pops them
                 x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
-            x = ResnetBlock(self.out_ch, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
+            x = ResnetBlock(self.out_ch, self.groups, self.eps, dtype=self.dtype, act=self.act,
+                            name=f"resnets_{i}")(x, temb)
             if self.cross_attn:
                 x = SpatialTransformer(self.heads, self.transformer_layers, self.linear_projection, self.groups,
                                        dtype=self.dtype, name=f"attentions_{i}")(x, context)
             outputs.append(x)
         if self.resample:
-            x = Sampler2x(self.out_ch, self.up, dtype=self.dtype,
-                          name="upsamplers_0" if self.up else "downsamplers_0")(x)
+            x = Sampler2x(self.out_ch, self.up, dtype=self.dtype, padding=self.downsample_padding,
+                          name="upsamplers_0" if self.up else "downsamplers_0")(x, up_size if self.up else None)
             outputs.append(x)
         return x if self.up else (x, outputs)
 
@@ -238,14 +267,18 @@ class MidBlock(nn.Module):
     groups: int
     eps: float
     dtype: Any = None
+    act: str = "silu"
+    scale: float = 1.0
 
     @nn.compact
     def __call__(self, x, temb, context):
         c = x.shape[-1]
-        x = ResnetBlock(c, self.groups, self.eps, dtype=self.dtype, name="resnets_0")(x, temb)
+        res = lambda name: ResnetBlock(c, self.groups, self.eps, dtype=self.dtype, act=self.act, scale=self.scale,
+                                       name=name)
+        x = res("resnets_0")(x, temb)
         x = SpatialTransformer(self.heads, self.transformer_layers, self.linear_projection, self.groups,
                                dtype=self.dtype, name="attentions_0")(x, context)
-        return ResnetBlock(c, self.groups, self.eps, dtype=self.dtype, name="resnets_1")(x, temb)
+        return res("resnets_1")(x, temb)
 
 
 class SDUNet(nn.Module):
@@ -265,37 +298,46 @@ class SDUNet(nn.Module):
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     dtype: Any = None
+    act_fn: str = "silu"
+    mid_block_scale_factor: float = 1.0
+    downsample_padding: int = 1
 
     @nn.compact
     def __call__(self, x: Array, t: Array, context: Array) -> Array:
+        """latents x (B, h, w, C_in) of any size, t (B,) or (), context (B, L, D) -> (B, h, w, C_out) float32.
+
+        Each downsampling halves the size rounding up (``downsample_padding=0``: down); each upsampling
+        goes back to the size of the skip it meets (diffusers' ``upsample_size``, forwarded when h or w is
+        not a multiple of 2 ** downsamplings), so h and w need not be multiples of anything."""
         levels = len(self.block_out_channels)
-        if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
-            raise ValueError(f"latents of {x.shape[1]}x{x.shape[2]}: height and width must be multiples of "
-                             f"{2 ** (levels - 1)} for this UNet ({levels} levels)")
         t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
         c0 = self.block_out_channels[0]
         temb = timestep_embedding(t, c0, self.flip_sin_to_cos, self.freq_shift)
-        temb = TimestepEmbedding(4 * c0, dtype=self.dtype, name="time_embedding")(temb.astype(self.dtype or jnp.float32))
+        temb = TimestepEmbedding(4 * c0, dtype=self.dtype, act=self.act_fn,
+                                 name="time_embedding")(temb.astype(self.dtype or jnp.float32))
         if self.dtype is not None:
             x, context = x.astype(self.dtype), context.astype(self.dtype)
         common = dict(linear_projection=self.use_linear_projection, groups=self.norm_num_groups, eps=self.norm_eps,
-                      dtype=self.dtype)
+                      dtype=self.dtype, act=self.act_fn)
         h = nn.Conv(c0, (3, 3), padding=_PAD, dtype=self.dtype, name="conv_in")(x)
         skips = [h]
         for i, ch in enumerate(self.block_out_channels):
             h, out = Level(ch, self.layers_per_block, self.down_block_types[i] == "CrossAttnDownBlock2D",
                            i < levels - 1, False, self.heads[i], self.transformer_layers[i],
-                           name=f"down_blocks_{i}", **common)(h, temb, context)
+                           downsample_padding=self.downsample_padding, name=f"down_blocks_{i}", **common)(h, temb, context)
             skips += out
-        h = MidBlock(self.heads[-1], self.transformer_layers[-1], name="mid_block", **common)(h, temb, context)
+        h = MidBlock(self.heads[-1], self.transformer_layers[-1], scale=float(self.mid_block_scale_factor),
+                     name="mid_block", **common)(h, temb, context)
         rev = list(reversed(range(levels)))
         for i, lvl in enumerate(rev):
             n = self.layers_per_block + 1
+            up_size = tuple(skips[-n - 1].shape[1:3]) if i < levels - 1 else None    # the next skip's size
             h = Level(self.block_out_channels[lvl], n, self.up_block_types[i] == "CrossAttnUpBlock2D",
                       i < levels - 1, True, self.heads[lvl], self.transformer_layers[lvl], name=f"up_blocks_{i}",
-                      **common)(h, temb, context, tuple(skips[-n:]))
+                      **common)(h, temb, context, tuple(skips[-n:]), up_size)
             del skips[-n:]
-        h = nn.swish(GroupNorm(self.norm_num_groups, self.norm_eps, dtype=self.dtype, name="conv_norm_out")(h))
+        h = ACTIVATIONS[self.act_fn](GroupNorm(self.norm_num_groups, self.norm_eps, dtype=self.dtype,
+                                               name="conv_norm_out")(h))
         return nn.Conv(self.out_channels, (3, 3), padding=_PAD, dtype=self.dtype, name="conv_out")(h).astype(jnp.float32)
 
 
@@ -309,7 +351,16 @@ _UNSUPPORTED = {"class_embed_type": None, "addition_embed_type": None, "num_clas
                 "reverse_transformer_layers_per_block": None, "center_input_sample": False,
                 "time_embedding_dim": None, "timestep_post_act": None, "projection_class_embeddings_input_dim": None,
                 "class_embeddings_concat": False, "addition_time_embed_dim": None,
-                "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0}
+                "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_act_fn": None}
+#: config keys read into the module (each parity-tested in tests/test_sd_unet.py)
+IMPLEMENTED_KEYS = ("sample_size", "in_channels", "out_channels", "flip_sin_to_cos", "freq_shift", "down_block_types",
+                    "up_block_types", "block_out_channels", "layers_per_block", "downsample_padding",
+                    "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim",
+                    "transformer_layers_per_block", "attention_head_dim", "num_attention_heads",
+                    "use_linear_projection")
+#: config keys with no effect on this module's outputs: dropout (inference), upcast_attention (attention
+#: logits and softmax are float32 always), addition_embed_type_num_heads (only with an addition_embed_type)
+NO_EFFECT_KEYS = ("dropout", "upcast_attention", "addition_embed_type_num_heads")
 
 
 def _per_level(value, levels: int, name: str) -> Tuple[int, ...]:
@@ -325,8 +376,17 @@ def unet_from_config(cfg: Dict[str, Any], dtype: Any = None) -> SDUNet:
     if cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise ValueError(f"{cfg.get('_class_name')!r} is not a UNet2DConditionModel")
     bad = [f"{k}={cfg[k]!r}" for k, default in _UNSUPPORTED.items() if k in cfg and cfg[k] != default]
+    if cfg.get("act_fn", "silu") not in ACTIVATIONS:
+        bad.append(f"act_fn={cfg['act_fn']!r} (supported: {sorted(ACTIVATIONS)})")
+    if cfg.get("downsample_padding", 1) not in (0, 1):
+        bad.append(f"downsample_padding={cfg['downsample_padding']!r} (0 or 1)")
     if bad:
         raise ValueError(f"unsupported UNet2DConditionModel options (SD 1.x / 2.x only): {', '.join(bad)}")
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in _UNSUPPORTED and k not in IMPLEMENTED_KEYS
+                     and k not in NO_EFFECT_KEYS)
+    if unknown:
+        raise ValueError(f"UNet2DConditionModel config keys {unknown} are not known to this implementation "
+                         "(a newer diffusers' options?): not supported")
     chans = tuple(int(c) for c in cfg.get("block_out_channels", (320, 640, 1280, 1280)))
     levels = len(chans)
     down = tuple(cfg.get("down_block_types", SDUNet.down_block_types))
@@ -352,7 +412,8 @@ def unet_from_config(cfg: Dict[str, Any], dtype: Any = None) -> SDUNet:
                   norm_num_groups=int(cfg.get("norm_num_groups", 32)), norm_eps=float(cfg.get("norm_eps", 1e-5)),
                   in_channels=int(cfg.get("in_channels", 4)), out_channels=int(cfg.get("out_channels", 4)),
                   flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)), freq_shift=float(cfg.get("freq_shift", 0)),
-                  dtype=dtype)
+                  act_fn=cfg.get("act_fn", "silu"), mid_block_scale_factor=float(cfg.get("mid_block_scale_factor", 1)),
+                  downsample_padding=int(cfg.get("downsample_padding", 1)), dtype=dtype)
 
 
 def context_dim(cfg: Dict[str, Any]) -> int:

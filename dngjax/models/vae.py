@@ -187,16 +187,30 @@ class VAEEncoder(nn.Module):
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
 
+#: AutoencoderKL config keys read into the modules (parity-tested in tests/test_vae.py); ``in_channels`` by
+#: the encoder only (3: images), ``scaling_factor`` by the pipeline
+IMPLEMENTED_KEYS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                    "layers_per_block", "latent_channels", "norm_num_groups", "scaling_factor")
+#: keys without effect here: sample_size (diffusers' tiling tile size), force_upcast (float16 VAEs run in
+#: float32 in diffusers; this one computes in float32 unless asked otherwise)
+NO_EFFECT_KEYS = ("sample_size", "force_upcast")
+#: keys refused at any value but these (Stable Diffusion 1.x / 2.x's VAE): name -> the supported value
+REQUIRED = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
+            "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
+
+
 def _check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    bad = [f"{k}={cfg[k]!r}" for k, v in REQUIRED.items() if k in cfg and cfg[k] != v]
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in REQUIRED and k not in IMPLEMENTED_KEYS
+                     and k not in NO_EFFECT_KEYS)
+    if bad or unknown:
+        raise ValueError("unsupported AutoencoderKL options (Stable Diffusion 1.x / 2.x's VAE only): "
+                         + ", ".join(bad + [f"{k} (not known to this implementation)" for k in unknown]))
     levels = len(cfg.get("block_out_channels", [0] * 4))
     for key, kind in (("up_block_types", "UpDecoderBlock2D"), ("down_block_types", "DownEncoderBlock2D")):
         types = cfg.get(key, [kind] * levels)
         if any(u != kind for u in types):
             raise ValueError(f"{key}={types}: only {kind} is supported (Stable Diffusion's VAE)")
-    if cfg.get("mid_block_add_attention", True) is False:
-        raise ValueError("mid_block_add_attention=False is not supported")
-    if cfg.get("use_quant_conv", True) is False or cfg.get("use_post_quant_conv", True) is False:
-        raise ValueError("use_quant_conv / use_post_quant_conv = False is not supported")
     return dict(block_out_channels=tuple(int(c) for c in cfg["block_out_channels"]),
                 layers_per_block=int(cfg.get("layers_per_block", 2)), groups=int(cfg.get("norm_num_groups", 32)),
                 latent_channels=int(cfg.get("latent_channels", 4)))
@@ -209,6 +223,8 @@ def decoder_from_config(cfg: Dict[str, Any], dtype: Any = None) -> VAEDecoder:
 
 def encoder_from_config(cfg: Dict[str, Any], dtype: Any = None) -> VAEEncoder:
     """A :class:`VAEEncoder` from diffusers' ``AutoencoderKL`` config dict."""
+    if int(cfg.get("in_channels", 3)) != 3:
+        raise ValueError(f"in_channels={cfg['in_channels']!r}: the encoder takes RGB images (3 channels)")
     return VAEEncoder(dtype=dtype, **_check_config(cfg))
 
 
