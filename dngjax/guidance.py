@@ -48,6 +48,8 @@ VARIANCES = ("posterior", "beta", "step")
 #: deterministic samplers); ``"ito"``: the same identity by the left-point rule, whose divergence term is
 #: weighted by (1 - the step's injected variance / its d lambda): ~0 on ancestral steps.
 ESTIMATORS = ("paper", "stratonovich", "ito")
+#: Where the Stratonovich estimator starts log r at x_T: 0 (``"prior"``, Alg. 1) or the Gaussian estimate.
+STARTS = ("prior", "gaussian")
 #: How the continuous-time estimators get div(eps_c - eps_u): Hutchinson's estimate v . J v from
 #: ``probes`` Rademacher directions (one jvp per prediction and probe), the same from finite differences
 #: eps(x + delta v) - eps(x) (one more network evaluation per prediction and probe, batched with the
@@ -379,10 +381,12 @@ class DynamicNegativeGuidance(GuidanceRule):
     With r_t(x) = p_t(x | c-) / p_t(x), lambda = -log alpha_bar and the scores s = -eps / sqrt(1 - alpha_bar),
     both densities obey the Fokker-Planck equation of the forward process, so along any path x(lambda)
         d log r = g . dx + h d lambda,  g = s_neg - s_u,  h = 1/2 [g . (x + s_neg + s_u) + div g]
-    (Stratonovich calculus; docs/samplers.md derives it), and log p = log prior + log r, started at x_T from
-    log r_T = 0 as in Alg. 1 (the true value is O(sqrt(alpha_bar_T)): 0.006 for the linear schedule, while
-    any estimate from two learned predictions there, e.g. (|s_u|^2 - |s_c|^2) / 2, carries their error
-    times |x_T| ~ sqrt(d): several units of log r on MNIST).
+    (Stratonovich calculus; docs/samplers.md derives it), and log p = log prior + log r, started at x_T
+    (``start``) from log r_T = 0 as in Alg. 1 (``"prior"``, the default) or from the Gaussian estimate
+    log r_T ~ (|s_u|^2 - |s_c|^2) / 2 (``"gaussian"``: both noised densities ~ Gaussian of covariance I there;
+    exact to O(alpha_bar_T) for consistent scores, e.g. analytic mixtures, whose deterministic paths keep any
+    start error to the end; from two learned networks it carries their error times |x_T| ~ sqrt(d):
+    4.7 units of log r too low on MNIST's removed class, docs/samplers.md).
       * ``"stratonovich"``: the trapezoid rule between consecutive points where the chain evaluates its
         predictions: at x_k, log p += temperature [1/2 (g_{k-1} + g_k) . (x_k - x_{k-1})
         + 1/2 (h_{k-1} + h_k) (lambda_k - lambda_{k-1})], so the posterior that guides step k is already
@@ -421,6 +425,7 @@ class DynamicNegativeGuidance(GuidanceRule):
     estimator: str = static("paper")
     divergence: str = static("finite_difference")
     probes: int = static(1)
+    start: str = static("prior")
 
     def __post_init__(self):
         _check_dng_leaves(self)
@@ -448,9 +453,14 @@ class DynamicNegativeGuidance(GuidanceRule):
             axes = tuple(range(1, x_t.ndim))
             inc = (0.5 * jnp.sum((g_prev + g) * (x_t - x_prev), axis=axes)
                    + 0.5 * (h_prev + h) * (lam_now - lam_prev))
-            # log r_T = 0 at x_T: the true value is O(sqrt(alpha_bar_T)) (4e-5 for the linear schedule), below
-            # the O(sqrt(d)) error of any estimate from two learned predictions there (see the docstring)
-            held = (step.steps_taken == 0) | (step.one_minus_alpha_bar < self.hold_below ** 2)
+            if self.start == "gaussian":
+                # both noised densities ~ Gaussian of covariance ~ I at x_T (s = m - x):
+                # log r_T(x) ~ -(|x - m_c|^2 - |x - m_u|^2) / 2 = (|s_u|^2 - |s_c|^2) / 2
+                first = 0.5 * jnp.sum((eps_u * eps_u - eps_c * eps_c), axis=axes) / step.one_minus_alpha_bar
+            else:
+                first = jnp.zeros_like(inc)                # log r_T = 0: p_T = prior (Alg. 1)
+            inc = jnp.where(step.steps_taken > 0, inc, first)
+            held = (step.steps_taken > 0) & (step.one_minus_alpha_bar < self.hold_below ** 2)
             inc = _finite_or_zero(self.temperature * jnp.where(held, 0.0, inc))
             log_p = jnp.clip(log_p + inc, jnp.log(self.p_min), jnp.log(self.p_max))
             state = (log_p, x_t, g, h, jnp.broadcast_to(lam_now, log_p.shape).astype(jnp.float32))
@@ -547,6 +557,11 @@ def _check_dng_leaves(rule) -> None:
         if estimator == "stratonovich" and divergence == "none":
             raise ValueError("estimator='stratonovich' needs the divergence at full weight on every path: "
                              "divergence='hutchinson' or 'exact' (only 'ito' on ancestral steps may drop it)")
+    start = getattr(rule, "start", "prior")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+    if start != "prior" and estimator != "stratonovich":
+        raise ValueError(f"start={start!r} belongs to estimator='stratonovich' (the others start at the prior)")
     hold = getattr(rule, "hold_below", 0.0)
     _check("hold_below", hold, lambda a: (a >= 0) & (a < 1), "a noise level sqrt(1 - alpha_bar) in [0, 1)")
     if estimator == "paper" and _is_concrete(hold) and np.any(np.asarray(hold) != 0):

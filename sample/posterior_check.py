@@ -98,8 +98,11 @@ def execute(job: Job) -> str:
         results.append(r)
         S = len(r["t"])
         picks = sorted({0, S // 4, S // 2, (3 * S) // 4, S - 1})
+        est = config.dng.get("estimator", "paper")
+        how = (f"variance={config.dng.variance}" if est == "paper" else f"estimator={est}, "
+               f"{config.get('solver') or 'ancestral'} steps, prior {config.dng.prior}")
         print(f"\nremoved class {c}: {r['n_removed_class']} of {r['n']} unguided samples are class {c} "
-              f"(DNG posterior tracked with scale 0, variance={config.dng.variance}; {models})")
+              f"(DNG posterior tracked with scale 0, {how}; {models})")
         print("   t   mean p_t (class c)   mean p_t (others)   AUROC")
         for s in picks:
             pr = r["mean_p_removed"][s] if r["mean_p_removed"] else float("nan")
