@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from .denoiser import Denoiser
 from .guidance import ClassifierFreeGuidance, GuidanceRule, NoGuidance
 from .sampler import keys_from_seeds, sweep
-from .schedules import Schedule, respace, schedule_from_alpha_bars
+from .schedules import Schedule, schedule_from_alpha_bars
 from .sd_scheduler import PREDICTIONS as _PREDICTIONS, Chain, scheduler_chain, train_alpha_bars
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -344,16 +344,19 @@ def generate(pipe: StableDiffusion, prompt: str, negative_prompt: Optional[str],
         its step noise from it.
       grid: rule leaves to sweep, e.g. {"scale": [0, 27]} (scale 0: plain CFG toward the prompt, the
         unguided reference of the same seeds); all points in one compiled call.
-      steps: chain length (the 1000-step training chain respaced); ``noise``/``eta``/``solver``: the step
-        (see :func:`dngjax.sample`; ``noise`` defaults to "posterior" on the ancestral step and takes no
-        value with ``eta`` or a ``solver``; ``eta=0.0`` alone is deterministic DDIM). DNG on a
-        deterministic solver (``solver="dpmpp_2m"``, "ddim", "euler") needs its continuous-time
-        posterior (``estimator="stratonovich"``).
+      steps: chain length. The folder's scheduler config decides the chain as diffusers'
+        ``set_timesteps`` would (:func:`chain`: timestep spacing, steps_offset, set_alpha_to_one,
+        rescale_betas_zero_snr; refusals name the option): ``solver=None`` steps with the folder's
+        scheduler class, ``solver="ddim" | "ddpm" | "dpmpp_2m" | "euler" | "euler_ancestral"`` with that
+        class built from the folder's config (diffusers' ``from_config``); a folder whose scheduler is
+        PNDM (SD 1.5, SD 2 base) needs a ``solver``. ``eta``: DDIM's (alone it selects DDIM).
+        ``noise``: the ancestral step's variance, by default the config's ``variance_type``. DNG on a
+        deterministic solver needs its continuous-time posterior (``estimator="stratonovich"``).
       height, width: the image size in pixels, each a multiple of ``pipe.downscale`` (8 for SD, as in
         diffusers); latents (height / 8, width / 8, 4). Default: the UNet's training size.
       latent_shape: (h, w, C) latents instead of height / width (not both).
       x_T: (N, h, w, C) starting latents, channels last (diffusers' NCHW ``latents`` transposed by
-        (0, 2, 3, 1)); their size must agree with height / width or latent_shape where given.
+        (0, 2, 3, 1)), scaled by the scheduler as diffusers' ``init_noise_sigma`` scales them; their size must agree with height / width or latent_shape where given.
         Sizes are checked (:func:`latent_size`, :func:`check_latent_size`) before anything is traced.
     Returns:
       uint8 images (K, N, H, W, 3) (K = grid points, 1 without a grid; H, W in pixels), and with
@@ -388,11 +391,18 @@ def generate(pipe: StableDiffusion, prompt: str, negative_prompt: Optional[str],
         denoiser_u, denoiser_c = text_denoiser(pipe, ctx[0]), text_denoiser(pipe, ctx[1])
     else:
         denoiser_u, denoiser_c = text_denoiser(pipe, encode_prompts(pipe, [prompt])[0]), None
-    schedule = pipe.schedule if steps >= pipe.schedule.num_steps else respace(pipe.schedule, steps)
-    if noise is None:                                  # beta_tilde on the ancestral step; DDIM etc. take none
-        noise = "posterior" if eta is None and solver in (None, "ddpm") else "beta"
-    out = sweep(denoiser_u, schedule, keys_from_seeds(seeds), shape, rule=rule, grid=grid or {},
-                denoiser_c=denoiser_c, noise=noise, eta=eta, solver=solver, chunk_size=chunk_size,
+    # the folder's scheduler config decides the chain (spacing, offsets, final alpha, the solver)
+    if eta is not None and solver is None and pipe.scheduler_config is not None \
+            and pipe.scheduler_config.get("_class_name") != "DDIMScheduler":
+        solver = "ddim"                                # eta alone: DDIM from the folder's config
+    c = chain(pipe, steps, solver=solver, eta=eta)
+    keys = keys_from_seeds(seeds)
+    if c.x_T_scale != 1.0:                             # diffusers' init_noise_sigma, in the sampler's variables
+        if x_T is None:                                # the seeds' own N(0, I) draws, as the sampler makes them
+            x_T = jax.vmap(lambda k: jax.random.normal(jax.random.split(k)[0], shape, jnp.float32))(keys)
+        x_T = np.asarray(x_T, np.float32) * np.float32(c.x_T_scale)
+    out = sweep(denoiser_u, c.schedule, keys, shape, rule=rule, grid=grid or {},
+                denoiser_c=denoiser_c, noise=noise or c.noise, eta=c.eta, solver=c.solver, chunk_size=chunk_size,
                 return_trace=return_trace, progress=progress, x_T=x_T)
     latents, trace = out if return_trace else (out, None)
     images = decode(pipe, latents)

@@ -161,6 +161,10 @@ def prepare(config) -> Job:
         sd.check_latent_size(pipe, sd.latent_size(pipe, height, width)[0])
     except ValueError as e:
         raise ValueError(f"config.height={config.get('height', 0)}, config.width={config.get('width', 0)}: {e}") from None
+    try:                                                         # the chain the folder's scheduler config gives
+        sd.chain(pipe, config.steps, solver=config.get("solver", "") or None)
+    except ValueError as e:
+        raise ValueError(f"config.solver={config.get('solver', '')!r} on {config.folder}: {e}") from None
     enable_compilation_cache(compilation_cache_dir(config))      # once the folder loaded: sampling compiles next
     clip = load_clip_image(config.clip) if config.clip else None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -220,7 +224,7 @@ def _execute(job: Job, clock: CompileClock) -> str:
           f"{est['seconds'] / 60:.1f} min, plus compilation and decoding", flush=True)
     seeds = c.seed + np.arange(c.n)
     # return_trace everywhere: the unguided run and diffusers-NP then share one compiled sampler
-    common = dict(steps=c.steps, noise=c.noise, chunk_size=c.chunk_size, progress=c.progress, return_trace=True,
+    common = dict(steps=c.steps, noise=c.noise, solver=c.get("solver", "") or None, chunk_size=c.chunk_size, progress=c.progress, return_trace=True,
                   height=c.get("height", 0) or None, width=c.get("width", 0) or None)
     results, images_out = [], {}
     t_start = time.time()

@@ -2,7 +2,7 @@
 
 The same starting latents, the folder's scheduler config switched as a user does
 (``XScheduler.from_config(pipe.scheduler.config, timestep_spacing=...)``), classifier-free guidance 3
-toward the prompt: diffusers' latents after 5 steps against ``dj.sample`` on ``sd.chain``'s chain, for
+toward the prompt: diffusers' latents after 5 steps against ``sd.generate`` (``sd.chain``'s chain), for
 each timestep spacing, eps and v prediction, DDIM (eta 0), DPM-Solver++(2M) and Euler; the decoded
 uint8 images within 1 / 255.
 """
@@ -46,10 +46,10 @@ def _compare(folder, prediction, cases, zero_snr=False):
         pipe = sd.load(str(folder))
         chain = sd.chain(pipe, STEPS)
         assert chain.scheduler == name
-        d_null, (d_pos,) = sd.denoisers(pipe, PROMPT)
-        out = np.asarray(dj.sample(d_null, chain.schedule, dj.keys_from_seeds([0, 1]), pipe.latent_shape,
-                                   rule=dj.ClassifierFreeGuidance(scale=CFG), denoiser_c=d_pos, solver=chain.solver,
-                                   eta=chain.eta, noise=chain.noise, x_T=latents.transpose(0, 2, 3, 1) * chain.x_T_scale))
+        # sd.generate, as a user calls it: the folder's scheduler, diffusers' latents (NHWC)
+        _, out = sd.generate(pipe, PROMPT, None, [0, 1], rule=dj.ClassifierFreeGuidance(scale=CFG), steps=STEPS,
+                             x_T=latents.transpose(0, 2, 3, 1), return_latents=True)
+        out = np.asarray(out)[0]
         worst[name, spacing] = float(np.abs(out - ref).max() / np.abs(ref).max())
         if k == 0:                                                  # the uint8 images, once
             with torch.no_grad():

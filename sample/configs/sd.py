@@ -44,7 +44,11 @@ def get_config(name: str = "paper"):
     c.n = 32
     c.seed = 0
     c.steps = 50
-    c.noise = "posterior"    # ancestral steps with beta_tilde (= DDIM eta 1): tracked DNG needs a stochastic step
+    # the paper's chain: ancestral DDPM steps with beta_tilde (tracked DNG with the paper's update needs a
+    # stochastic step), DDPMScheduler built from the folder's scheduler config (its spacing and offset);
+    # "" = the folder's own scheduler class (PNDM folders are refused: name a solver)
+    c.solver = "ddpm"
+    c.noise = "posterior"
     c.cfg_scale = 7.5
     c.dng = ml_collections.ConfigDict(dict(prior=0.01, p_min=1e-6, p_max=0.99, variance="posterior"))
     c.sld = ml_collections.ConfigDict(dict(scale=1.0, threshold=0.04, s_s=100.0, beta_m=0.2, s_m=0.1, warmup=0))
