@@ -77,3 +77,25 @@ def test_v_generation_with_zero_terminal_snr_matches_diffusers_pipeline(tmp_path
 def test_v_generation_matches_diffusers_pipeline(tmp_path):
     worst = _compare(tmp_path / "sd", "v_prediction", ALL)
     assert max(worst.values()) < 2e-5, worst
+
+
+def test_no_guidance_generation_matches_diffusers_pipeline(tmp_path):
+    """guidance_scale = 1 in diffusers (no classifier-free guidance: the prompt's prediction alone) is
+    dj.NoGuidance() in sd.generate; DDIM with the folder's leading spacing, 5 steps, same latents."""
+    torch_pipe = make_folder(tmp_path / "sd")
+    torch_pipe.scheduler = diffusers.DDIMScheduler.from_config(dict(torch_pipe.scheduler.config), steps_offset=1,
+                                                               set_alpha_to_one=False)
+    torch_pipe.scheduler.save_pretrained(str(tmp_path / "sd" / "scheduler"))
+    torch_pipe.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch_pipe([PROMPT] * 2, latents=torch.from_numpy(latents), num_inference_steps=STEPS,
+                         guidance_scale=1.0, output_type="latent").images.numpy().transpose(0, 2, 3, 1)
+    pipe = sd.load(str(tmp_path / "sd"))
+    _, out = sd.generate(pipe, PROMPT, None, [0, 1], rule=dj.NoGuidance(), steps=STEPS,
+                         x_T=latents.transpose(0, 2, 3, 1), return_latents=True)
+    err = float(np.abs(np.asarray(out)[0] - ref).max() / np.abs(ref).max())
+    assert err < 2e-5, err
+    _, cfg = sd.generate(pipe, PROMPT, None, [0, 1], rule=dj.ClassifierFreeGuidance(scale=3.0), steps=STEPS,
+                         x_T=latents.transpose(0, 2, 3, 1), return_latents=True)
+    assert float(np.abs(np.asarray(cfg)[0] - ref).max() / np.abs(ref).max()) > 1e-3      # guidance does differ
