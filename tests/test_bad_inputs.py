@@ -187,7 +187,9 @@ def _interrupt(cmd, cwd, env, ready, also=lambda: True, timeout=300):
             time.sleep(0.1)
         assert hit.is_set() and also(), ("never printed " + ready, "".join(seen["err"])[-3000:])
         p.send_signal(signal.SIGINT)
-        p.wait(timeout=120)
+        # Python acts on the signal when the main thread returns from C: an XLA compilation in progress
+        # (a minute or more on a loaded 2-core CI machine, beside torch-heavy tests) finishes first
+        p.wait(timeout=400)
     finally:
         if p.poll() is None:
             p.kill()
