@@ -181,6 +181,8 @@ def run(main: Callable[[Sequence[str]], None], define_flags: Callable[[], None],
     :func:`on_interrupt`. An interrupt exits with code 130 and that one line, no traceback.
     """
     on_interrupt(interrupted)
+    if argv is None:                  # the command line: Ctrl-C leaves at once (see _exit_interrupted)
+        signal.signal(signal.SIGINT, _exit_interrupted)
     try:
         _run(main, define_flags, argv, positional, doc)
     except KeyboardInterrupt:
@@ -193,6 +195,21 @@ def run(main: Callable[[Sequence[str]], None], define_flags: Callable[[], None],
         # Nothing is lost: files are written to temporary names and renamed when complete.
         with contextlib.suppress(Exception):
             sys.stdout.flush()
+        os._exit(130)
+
+
+def _exit_interrupted(signum, frame) -> None:
+    """SIGINT on the command line: the ``interrupted:`` line and exit 130 from the handler itself. A
+    KeyboardInterrupt raised instead can land in code that swallows it (a ``__del__``, a weakref or jax
+    callback: "Exception ignored in ..."), and the job would go on; exiting here never depends on where
+    the main thread is. Nothing is lost: files are written to temporary names and renamed when complete."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)          # a second Ctrl-C while exiting: no traceback
+    try:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        sys.stderr.write(f"\ninterrupted: {_interrupt_message}\n")
+        sys.stderr.flush()
+    finally:
         os._exit(130)
 
 
