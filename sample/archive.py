@@ -4,7 +4,7 @@
   python sample/main.py --job=summary --runs=docs/runs/protocol_cpu,docs/runs/protocol_cpu/conditional
 
 A run folder holds hundreds of MB (chunks, per-point arrays, features); a machine can be replaced
-between sessions and ``outputs/`` is not versioned, so what the docs' numbers come from is copied here:
+between runs and ``outputs/`` is not versioned, so what the docs' numbers come from is copied here:
 every run's ``config.json``, ``results.json`` (every grid point's statistics), ``labels.npz`` (the
 classifier's label of every sample), and every folder's ``report.json`` / ``report.md`` (the verdicts,
 read by ``--job=summary``), ``selection.json`` / ``selection.md`` (read by nothing; the choice),

@@ -1,4 +1,4 @@
-"""Test-session settings.
+"""Settings for the whole test run.
 
 The suite's tiny models spend most of their time in XLA:CPU's compiler, not in running: compiling
 a ch-8 UNet's ``init`` takes ~12 s at the default backend optimisation level and ~6 s at level 0,

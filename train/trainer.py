@@ -472,7 +472,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
     def run() -> Dict[str, Any]:
         nonlocal state, step_fn
         stop = config.num_steps
-        if config.get("max_steps_this_run", 0):  # a long job split over several runs (sessions)
+        if config.get("max_steps_this_run", 0):  # a long job split over several runs (resumed)
             stop = min(stop, start + config.max_steps_this_run)
 
         def batch(step):

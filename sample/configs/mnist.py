@@ -86,7 +86,7 @@ def get_config(name: str = "quick"):
         # method points at and below 1 % of the removed class. 35 points: about 3.5 M network passes
         # per class and setup, plus ~0.5-0.7 M for the top-up to n = 1024 (~2 h at ~1.5-1.9 ms per pass
         # in one pinned single-threaded lane, two lanes side by side; class 0: 6958 s and 7274 s): run
-        # classes and setups across sessions (bash sample/run_protocol.sh resumes finished points).
+        # classes and setups as separate runs (bash sample/run_protocol.sh resumes finished points).
         c.n = 512
         c.steps = 100
         c.chunk_size = 128
