@@ -43,11 +43,6 @@ import argparse
 import os
 import sys
 
-# ``python bench/sampler.py`` puts bench/ first on sys.path, where bench/train.py would shadow the
-# project's ``train`` package: put the repository root there instead (``python -m bench.sampler``
-# needs nothing of the kind).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 
 def _parse_args(argv=None):
@@ -515,7 +510,7 @@ def main(args):
         ctx["whole_eu"] = (dj.denoiser(module, pu, micro_batch=None), dj.denoiser(module, pn, micro_batch=None))
 
     dev = jax.devices()[0]
-    from train.trainer import cpu_model_name
+    from dngjax.tools.train.trainer import cpu_model_name
     cpu_name = cpu_model_name()
     threads = args.threads if args.threads > 0 else N_CORES
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

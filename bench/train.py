@@ -12,7 +12,7 @@ threads, so wall time is the measure: on a pinned core the wall clock is what th
 
 Sections:
 
-* ``torch``: the library's train step (``train.trainer.make_train_step``: eps-prediction loss at
+* ``torch``: the library's train step (``dngjax.tools.train.trainer.make_train_step``: eps-prediction loss at
   a random t, Adam, global-norm clipping, EMA; jitted with the state donated, as ``train/main.py``
   runs it, with the cpu config's ``micro_batch`` where it divides the batch) against the same step in
   PyTorch (``bench/torch_reference.py``'s UNet built from the same weights, ``torch.optim.Adam``,
@@ -40,11 +40,6 @@ import argparse
 import os
 import sys
 
-# Run as a script, this file's folder comes first on sys.path, and its own name would shadow the
-# project's ``train`` package: put the repository root there instead (``python -m bench.train`` needs
-# nothing of the kind).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 
 def _parse_args(argv=None):
@@ -103,8 +98,8 @@ import optax  # noqa: E402
 
 from dngjax.models import unet as dj_unet  # noqa: E402
 from dngjax.schedules import linear_schedule  # noqa: E402
-from train import trainer as train_lib  # noqa: E402
-from train.configs import mnist_ddpm  # noqa: E402
+from dngjax.tools.train import trainer as train_lib  # noqa: E402
+from dngjax.tools.train.configs import mnist_ddpm  # noqa: E402
 from bench import archs  # noqa: E402
 
 if ARGS is not None and set(ARGS.archs) - set(archs.ARCHS):  # checked here: parsing ran before jax was imported
@@ -238,7 +233,7 @@ class SplitStep(JaxStep):
     gradient of one micro-batch of ``micro`` images added to the running sum (the sum donated), and
     the update (the mean gradient, Adam with the cpu config's clipping, EMA). The gradient is the
     library step's (eps loss at a random t, micro-batch means averaged). A timing lever, not a second
-    trainer: the library's step lives in closures of ``train.trainer.make_train_step``, so the
+    trainer: the library's step lives in closures of ``dngjax.tools.train.trainer.make_train_step``, so the
     draws and update are written out here, without what costs nothing measurable (the EMA decay's
     warm-up, the grad-norm metric, the unconditional UNet only).
     """

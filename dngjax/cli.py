@@ -213,10 +213,35 @@ def _exit_interrupted(signum, frame) -> None:
         os._exit(130)
 
 
+def packaged_config(spec: str) -> str:
+    """``--config``'s value with a checkout path the current folder lacks (``train/configs/NAME.py`` or
+    ``sample/configs/NAME.py``, optionally ``:name``) pointed at the installed package's copy
+    (``dngjax/tools/{train,sample}/configs/NAME.py``), so that the README's command lines work from any
+    folder once installed; any other value unchanged."""
+    path, colon, rest = spec.partition(":")
+    parts = os.path.normpath(path).split(os.sep)
+    if os.path.exists(path) or len(parts) < 3 or parts[-3] not in ("train", "sample") or parts[-2] != "configs":
+        return spec
+    packaged = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", parts[-3], "configs", parts[-1])
+    return packaged + colon + rest if os.path.exists(packaged) else spec
+
+
+def _with_packaged_configs(argv: Sequence[str]) -> list:
+    out, it = [], iter(argv)
+    for a in it:
+        if a.startswith("--config="):
+            a = "--config=" + packaged_config(a[len("--config="):])
+        elif a == "--config":
+            out.append(a)
+            a = packaged_config(next(it, ""))
+        out.append(a)
+    return out
+
+
 def _run(main, define_flags, argv, positional, doc) -> None:
     with _flag_errors():
         define_flags()
-    argv = list(sys.argv if argv is None else argv)
+    argv = _with_packaged_configs(sys.argv if argv is None else argv)
 
     def _main(args):
         if len(args) - 1 != len(positional):

@@ -26,7 +26,7 @@
 # folder of another config or other model files is refused, see --config.overwrite),
 # PYTHON (default python), CORE (pin every run to this CPU core, XLA single-threaded; unset: all cores),
 # EXTEND (after each class, top up the points that decide the verdict to this many samples on new seeds,
-# sample/extend.py; the report merges them; default: 1024 for the protocol config, none otherwise).
+# dngjax/tools/sample/extend.py; the report merges them; default: 1024 for the protocol config, none otherwise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLASSES=${CLASSES:-"0 1 2 3"}

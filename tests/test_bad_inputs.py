@@ -106,8 +106,8 @@ def prepared_workdir(tmp_path_factory):
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
-    from train import trainer
-    from train.configs import mnist_ddpm
+    from dngjax.tools.train import trainer
+    from dngjax.tools.train.configs import mnist_ddpm
 
     w = tmp_path_factory.mktemp("prepared") / "w"
     c = mnist_ddpm.get_config("tiny")

@@ -18,8 +18,8 @@ import jax
 import pytest
 
 from dngjax import checkpoint
-from train import integrity, trainer
-from train.configs import mnist_cond, mnist_ddpm
+from dngjax.tools.train import integrity, trainer
+from dngjax.tools.train.configs import mnist_cond, mnist_ddpm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

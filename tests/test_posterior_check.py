@@ -1,4 +1,4 @@
-"""sample/posterior_check.py: the AUROC against a brute-force oracle, and the job end to end."""
+"""dngjax/tools/sample/posterior_check.py: the AUROC against a brute-force oracle, and the job end to end."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from sample.posterior_check import auroc
+from dngjax.tools.sample.posterior_check import auroc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -30,7 +30,7 @@ TINY = f"{os.path.join(REPO, 'sample', 'configs', 'mnist.py')}:tiny"
 
 
 def _config(root, out, **extra):
-    from sample.configs import mnist
+    from dngjax.tools.sample.configs import mnist
     c = mnist.get_config("tiny")
     c.checkpoints = str(root)
     c.removed_class = 1
@@ -62,7 +62,7 @@ def _tree(folder):
 @pytest.fixture(scope="module")
 def finished(tiny_checkpoints, tmp_path_factory):
     """A finished tiny run (unguided, NP at 2 and at 1e30), its printed output and its files."""
-    from sample import class_removal
+    from dngjax.tools.sample import class_removal
     out = tmp_path_factory.mktemp("finished") / "run"
     import contextlib
     import io
@@ -95,7 +95,7 @@ def test_config_json_records_every_file_read_with_its_sha256_and_the_software(fi
     assert f"uncond/params.msgpack {rec['inputs']['uncond/params.msgpack']['sha256'][:12]}" in summary
     assert f"jax {jax.__version__}" in summary
     # versions and the commit are recorded, not compared: another commit is the same run
-    from sample import class_removal
+    from dngjax.tools.sample import class_removal
     other = dict(rec, environment=dict(env, git_commit="0" * 40, jax="0.0.0"), overwrite=True, progress=True)
     assert class_removal.differences(rec, other) == []
 
@@ -106,7 +106,7 @@ def test_a_replaced_model_file_is_another_run_refused_then_moved_aside(tiny_chec
     the old run aside, whole, and samples everything with the new model."""
     from dngjax import checkpoint
     from dngjax.models.configs import mnist_unet
-    from sample import class_removal
+    from dngjax.tools.sample import class_removal
 
     root = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoints, root)
@@ -129,7 +129,7 @@ def test_a_replaced_model_file_is_another_run_refused_then_moved_aside(tiny_chec
     assert "--config.outdir" in msg and "--config.overwrite=True" in msg and "n:" not in msg, msg
     assert _tree(out) == before and not os.path.exists(str(out) + ".partial")
     # nor may --job=extend top the old model's points up with the new model's samples
-    from sample import extend
+    from dngjax.tools.sample import extend
     with pytest.raises(ValueError, match="a top-up would mix two models") as e:
         extend.extension_config(str(out), 16)
     assert f"{ddpm} sha256 {old[:12]}.. -> {new[:12]}.." in str(e.value)
@@ -169,7 +169,7 @@ def test_rerun_with_another_config_is_refused_before_any_model_loads(finished, t
 def test_an_interrupted_run_of_another_config_is_refused_and_moved_aside_never_deleted(
         tiny_checkpoints, tmp_path, monkeypatch, capsys):
     import dngjax as dj
-    from sample import class_removal
+    from dngjax.tools.sample import class_removal
 
     real = dj.sample_chunks
 
@@ -206,7 +206,7 @@ def test_an_interrupted_run_of_another_config_is_refused_and_moved_aside_never_d
 def test_finished_run_is_moved_aside_not_deleted_when_replaced_by_another_identity(tiny_checkpoints, tmp_path):
     """The last step (the complete work folder renamed to outdir) never deletes another run there,
     even one that appeared after the checks."""
-    from sample import class_removal
+    from dngjax.tools.sample import class_removal
     out = tmp_path / "run"
     out.mkdir()
     (out / "results.json").write_text("[]")
@@ -241,7 +241,7 @@ def test_scorer_flags_non_finite_samples_instead_of_clipping_them(tiny_checkpoin
 def test_non_finite_samples_count_as_unsafe_and_leave_kl_and_fd_to_the_finite_ones():
     from ml_collections import ConfigDict
     from dngjax import metrics
-    from sample import class_removal
+    from dngjax.tools.sample import class_removal
     config = ConfigDict(dict(dataset="mnist", removed_class=1, also_remove=(), kl_pseudo_count=0.5,
                              bootstrap=5, seed=0))
     labels = np.array([1, 1, 0, 2, -1, -1, 3, 4])
@@ -260,7 +260,7 @@ def test_np_at_scale_1e30_is_reported_invalid_not_perfectly_safe(finished, tmp_p
     """The reviewer's case: NP at 1e30 gave only non-finite samples and was reported 0.00 % unsafe with
     finite KL and FD. Now: a warning naming the point, nonfinite per row, the samples counted as unsafe,
     and the count in summary.txt, report.md, report.json and the summary job's table."""
-    from sample import report, summary
+    from dngjax.tools.sample import report, summary
     out, printed = finished
     rows = json.loads((out / "results.json").read_text())
     bad = rows[-1]
@@ -292,7 +292,7 @@ def test_the_data_set_file_is_recorded_when_read_but_the_reference_it_makes_deci
     """Computing missing reference statistics reads the data set: its file is recorded (inputs), but the
     identity holds the reference file it makes, so the same run resumed later (reference on disk, data
     set not read) is the same run."""
-    from sample import class_removal
+    from dngjax.tools.sample import class_removal
     data = tmp_path / "data"
     data.mkdir()
     (data / "mnist.npz").write_bytes(b"stand-in")
@@ -313,7 +313,7 @@ def test_the_data_set_file_is_recorded_when_read_but_the_reference_it_makes_deci
 def test_a_field_added_to_the_config_at_its_default_is_no_difference_from_older_records(tmp_path):
     """A rule hyperparameter added later (absent from an older config.json) at its default value keeps the
     older run's points usable; at another value it is a difference, named."""
-    from sample import class_removal
+    from dngjax.tools.sample import class_removal
     c = _config(tmp_path, tmp_path / "out")
     new = class_removal._config_json(c)
     new["inputs"] = None

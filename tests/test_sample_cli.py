@@ -106,7 +106,7 @@ def test_cli_end_to_end_writes_every_file(tiny_checkpoints, tmp_path):
     assert labels["none_0"].shape == (8,)
 
     # the multi-class report over this run
-    from sample import report
+    from dngjax.tools.sample import report
     report.write_report(report.find_runs([str(out)]), str(tmp_path / "report"))
     md = (tmp_path / "report" / "report.md").read_text()
     assert "removed class 1" in md and "| DNG | 5 |" in md
@@ -127,8 +127,8 @@ def test_cli_end_to_end_writes_every_file(tiny_checkpoints, tmp_path):
 
 
 def test_resolve_path_and_bad_method(tmp_path):
-    from sample import class_removal as sm
-    from sample.configs import mnist
+    from dngjax.tools.sample import class_removal as sm
+    from dngjax.tools.sample.configs import mnist
 
     c = mnist.get_config("tiny")
     c.checkpoints = "checkpoints/mnist"
@@ -150,8 +150,8 @@ def test_removing_two_classes_with_the_conditional_model(tiny_checkpoints, tmp_p
     """config.also_remove: multi-concept DNG with eps(x | c) per removed class, metrics over both classes,
     reference statistics of the data without both (computed here from tiny stand-in stats)."""
     from dngjax import metrics
-    from sample import class_removal
-    from sample.configs import mnist
+    from dngjax.tools.sample import class_removal
+    from dngjax.tools.sample.configs import mnist
 
     np.savez(tiny_checkpoints / "reference_stats" / "train_without_1+2.npz", mu=np.zeros(8), sigma=np.eye(8))
     c = mnist.get_config("tiny")
@@ -190,8 +190,8 @@ def test_removing_two_classes_with_the_conditional_model(tiny_checkpoints, tmp_p
 
 
 def test_method_overrides_parse_validate_and_name_files():
-    from sample import class_removal as sm
-    from sample.configs import mnist
+    from dngjax.tools.sample import class_removal as sm
+    from dngjax.tools.sample.configs import mnist
 
     c = mnist.get_config("tiny")
     rule, h = sm.build_rule("DNG[prior=0.1, temperature=0.5]", c)
@@ -216,9 +216,9 @@ def _row(method, scale, safety, kl, fd, c=0):
 
 
 def test_selection_rule_on_hand_made_results(tmp_path):
-    """sample/selection.py's rule: every curve read at exactly 1 % (interpolated between the grid points that
+    """dngjax/tools/sample/selection.py's rule: every curve read at exactly 1 % (interpolated between the grid points that
     bracket it), lowest mean KL over the classes, ties by mean FD; unbracketed settings named with the scale to add."""
-    from sample import selection as select
+    from dngjax.tools.sample import selection as select
 
     a, b, d = "DNG[prior=0.1]", "DNG[prior=0.25]", "DNG[prior=0.5]"
     rows = {0: [_row("none", 0, 10, 0.0, 5),
@@ -257,7 +257,7 @@ def test_selection_rule_on_hand_made_results(tmp_path):
     assert Image.open(tmp_path / "selection.png").size[0] > 400
     assert f"""--config.methods='("NP","SLD","DNG","{b}")' --config.method_grids='(("{b}",(1,2,)),)'""" in md
     # the chosen setting is the runs' own DNG (config.dng.prior 0.25): nothing more to run, no command
-    from sample.configs import mnist
+    from dngjax.tools.sample.configs import mnist
     (tmp_path / "class_0" / "config.json").write_text(mnist.get_config("select").to_json())
     assert select.write_selection([str(tmp_path / "class_0"), str(tmp_path / "class_1")], None, 1.0) == b
     md = (tmp_path / "selection.md").read_text()
@@ -272,7 +272,7 @@ def test_selection_rule_on_hand_made_results(tmp_path):
 def test_selection_ceiling_rules_out_curves_that_never_reach_one_percent(tmp_path):
     """Rule 4's ceiling: a curve still above 1 % at lambda_T = scale * odds(prior) >= ceiling never reaches it
     (the setting is out, no scale to add, the choice complete); below the ceiling it still asks for a scale."""
-    from sample import selection as select
+    from dngjax.tools.sample import selection as select
 
     a, t = "DNG[prior=0.25]", "DNG[prior=0.25,temperature=1.0]"
     row = lambda m, s, safety, kl, c: dict(_row(m, s, safety, kl, 5.0, c), prior=0.25)
@@ -300,8 +300,8 @@ def test_selection_ceiling_rules_out_curves_that_never_reach_one_percent(tmp_pat
     assert f"Out by the ceiling (no grid reaches 1 % of the removed class in some class): {t}." in md
     assert "add the scales listed" not in md
     # the ceiling is read by --job=select only: changing it keeps every finished point reusable
-    from sample import class_removal as sm
-    from sample.configs import mnist
+    from dngjax.tools.sample import class_removal as sm
+    from dngjax.tools.sample.configs import mnist
     c1, c2 = mnist.get_config("select"), mnist.get_config("select")
     c2.select_ceiling = 50.0
     assert sm._sampling_identity(c1) == sm._sampling_identity(c2)
@@ -309,8 +309,8 @@ def test_selection_ceiling_rules_out_curves_that_never_reach_one_percent(tmp_pat
 
 def test_method_grids_give_a_method_its_own_scales():
     """config.method_grids overrides the base's grid for the methods it names; bad entries fail before any work."""
-    from sample import class_removal as sm
-    from sample.configs import mnist
+    from dngjax.tools.sample import class_removal as sm
+    from dngjax.tools.sample.configs import mnist
 
     c = mnist.get_config("tiny")
     c.methods = ("NP", "DNG", "DNG[prior=0.5]")
@@ -338,8 +338,8 @@ def test_method_grids_give_a_method_its_own_scales():
 def test_select_job_end_to_end_on_tiny_runs(tiny_checkpoints, tmp_path):
     """Two DNG settings on one class (class-conditional tiny model), then --job=select (the rule over several
     classes: test_selection_rule_on_hand_made_results)."""
-    from sample import class_removal, selection as select
-    from sample.configs import mnist
+    from dngjax.tools.sample import class_removal, selection as select
+    from dngjax.tools.sample.configs import mnist
 
     runs = []
     for cls in (1,):
@@ -368,8 +368,8 @@ def test_select_job_end_to_end_on_tiny_runs(tiny_checkpoints, tmp_path):
 
 
 def test_calibrate_job_on_tiny_models(tiny_checkpoints, tmp_path):
-    from sample import calibrate, class_removal
-    from sample.configs import mnist
+    from dngjax.tools.sample import calibrate, class_removal
+    from dngjax.tools.sample.configs import mnist
 
     c = mnist.get_config("tiny")
     c.checkpoints = str(tiny_checkpoints)
@@ -425,15 +425,15 @@ def test_user_errors_exit_2_with_one_message_before_any_sampling(tiny_checkpoint
 def test_help_exits_0_and_cli_modules_import_together(tmp_path):
     res = _cli(["--help"], tmp_path)
     assert res.returncode == 0 and "--config" in res.stdout and "--job" in res.stdout, res.stderr[-2000:]
-    code = ("import sample.main, train.main, train.export, experiments.gmm.__main__\n"
-            "sample.main.define_flags(); print('ok')")
+    code = ("import dngjax.tools.sample.main, dngjax.tools.train.main, dngjax.tools.train.export, dngjax.tools.gmm_lab.__main__\n"
+            "dngjax.tools.sample.main.define_flags(); print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
 def test_failed_run_leaves_no_output_folder(tiny_checkpoints, tmp_path, monkeypatch):
-    from sample import class_removal, plots
-    from sample.configs import mnist
+    from dngjax.tools.sample import class_removal, plots
+    from dngjax.tools.sample.configs import mnist
 
     c = mnist.get_config("tiny")
     c.checkpoints = str(tiny_checkpoints)
@@ -455,8 +455,8 @@ def test_class_conditional_setup_uses_one_model_with_null_and_removed_labels(tin
     the unguided chain of eps(x | null) exactly."""
     import dngjax as dj
     from dngjax import checkpoint as ck
-    from sample import class_removal
-    from sample.configs import mnist
+    from dngjax.tools.sample import class_removal
+    from dngjax.tools.sample.configs import mnist
 
     c = mnist.get_config("tiny")
     c.checkpoints = str(tiny_checkpoints)
@@ -492,8 +492,8 @@ def test_interrupted_run_resumes_without_recomputing_finished_points(tiny_checkp
     method in <outdir>.partial/chunks; the same config again samples only
     the rest, and the result equals an uninterrupted run."""
     import dngjax as dj
-    from sample import class_removal
-    from sample.configs import mnist
+    from dngjax.tools.sample import class_removal
+    from dngjax.tools.sample.configs import mnist
 
     def config(out):
         c = mnist.get_config("tiny")
@@ -546,8 +546,8 @@ def test_finished_run_grows_by_new_methods_and_scales_only(tiny_checkpoints, tmp
     lacks, whatever their position in the grid; a changed chain is refused, or starts afresh with the
     old run moved aside (config.overwrite)."""
     import dngjax as dj
-    from sample import class_removal
-    from sample.configs import mnist
+    from dngjax.tools.sample import class_removal
+    from dngjax.tools.sample.configs import mnist
 
     def config(out, methods, grid, **extra):
         c = mnist.get_config("tiny")
@@ -591,8 +591,8 @@ def test_extend_tops_up_the_deciding_points_and_the_report_merges_them_like_one_
     """--job=extend samples only the deciding points (and the unguided one) on the next seeds; the report
     pools the seeds: every statistic of a merged point equals that of one run with all the seeds."""
     import dngjax as dj
-    from sample import class_removal, extend, report
-    from sample.configs import mnist
+    from dngjax.tools.sample import class_removal, extend, report
+    from dngjax.tools.sample.configs import mnist
 
     def config(out, n, seed=0, grid=None):
         c = mnist.get_config("tiny")
@@ -655,8 +655,8 @@ def test_extend_tops_up_the_deciding_points_and_the_report_merges_them_like_one_
 
 def _fake_run(folder, seeds, points, features=True, conditional=""):
     """A class-removal output folder with the files the report reads: ``points`` = {(method, scale): labels}."""
-    from sample import report
-    from sample.configs import mnist
+    from dngjax.tools.sample import report
+    from dngjax.tools.sample.configs import mnist
     os.makedirs(folder)
     c = mnist.get_config("tiny")
     c.conditional = conditional
@@ -683,7 +683,7 @@ def _fake_run(folder, seeds, points, features=True, conditional=""):
 def test_report_keeps_the_larger_of_two_points_on_nested_seeds_and_refuses_overlaps(tmp_path):
     """A point resampled on a superset of its seeds (a run without features, topped up afresh) is
     replaced, not pooled; partly overlapping seeds cannot be merged."""
-    from sample import extend, report
+    from dngjax.tools.sample import extend, report
     lab4, lab8 = [1, 2, 3, 4], [1, 1, 3, 4, 5, 6, 7, 8]
     _fake_run(tmp_path / "runs" / "class_1", np.arange(4), {("none", 0.0): lab4, ("NP", 0.5): lab4,
                                                            ("NP", 1.0): [2, 2, 3, 4]}, features=False)
@@ -711,7 +711,7 @@ def test_report_keeps_the_larger_of_two_points_on_nested_seeds_and_refuses_overl
 def test_the_points_bracketing_one_percent_decide_too():
     """extend tops up, per method, the lowest-KL and lowest-FD points at <= 1 % and the two points that
     bracket 1 % (the report's reading at equal safety interpolates between them)."""
-    from sample import extend
+    from dngjax.tools.sample import extend
     row = lambda m, s, safety, kl, fd: dict(method=m, scale=s, safety_pct=safety, kl=kl, fd=fd)
     rows = [row("none", 0.0, 9.0, 0.1, 50.0),
             row("NP", 0.5, 3.0, 0.10, 40.0), row("NP", 1.0, 0.8, 0.20, 45.0), row("NP", 2.0, 0.0, 0.15, 60.0),
@@ -731,7 +731,7 @@ def _labels(n: int, n_removed: int, weights) -> list:
 def test_report_reads_every_curve_at_exactly_one_percent(tmp_path):
     """The reading at equal safety: interpolated linearly in safety between the grid points that bracket
     1 % (checked against the formula by hand), '--' where none do, paired gaps, and the verdict."""
-    from sample import report
+    from dngjax.tools.sample import report
     flat, skewed = [1] * 9, [9, 1, 1, 1, 1, 1, 1, 1, 1]
     points = {("none", 0.0): _labels(200, 20, flat),
               ("NP", 0.5): _labels(200, 6, skewed), ("NP", 1.0): _labels(200, 1, skewed),   # 3 % -> 0.5 %
@@ -773,7 +773,7 @@ def test_summary_puts_the_verdicts_of_two_setups_side_by_side(tmp_path):
     """--job=summary: the reports' report.json (the claim under both readings, per class and setup) in
     one table per reading, the claim table with its count, and claims.png; nothing recomputed."""
     import json as _json
-    from sample import report, summary
+    from dngjax.tools.sample import report, summary
     flat, skewed = [1] * 9, [9, 1, 1, 1, 1, 1, 1, 1, 1]
     base = {("none", 0.0): _labels(200, 20, flat), ("SLD", 1.0): _labels(200, 4, flat),   # SLD never <= 1 %
             ("NP", 0.5): _labels(200, 6, skewed), ("NP", 1.0): _labels(200, 1, skewed)}
@@ -836,7 +836,7 @@ def test_summary_puts_the_verdicts_of_two_setups_side_by_side(tmp_path):
 def test_summary_counts_the_verdicts_per_dng_variant():
     """With two DNG variants the claim table has a variant column and the count is per variant (a
     variant's "no" is not hidden by the other's "yes")."""
-    from sample import summary
+    from dngjax.tools.sample import summary
     claim = lambda yes, noise: {"yes": yes, "within_noise": noise, "gap": 0.1 if yes else -0.1, "se": 0.02,
                                 "baseline": "SLD"}
     both = lambda c: {"grid": {"kl": c, "fd": c}, "at_safety": {"kl": c, "fd": c}}
@@ -857,7 +857,7 @@ def test_archive_keeps_what_summary_and_select_read_and_nothing_bulky(tmp_path):
     """--job=archive: a protocol folder's small files (runs' results, labels, config; reports) copied
     with their paths; the summary of the copy is the summary of the original, word for word; bulky
     folders, features and unfinished runs stay behind."""
-    from sample import archive, report, selection, summary
+    from dngjax.tools.sample import archive, report, selection, summary
     flat, skewed = [1] * 9, [9, 1, 1, 1, 1, 1, 1, 1, 1]
     points = {("none", 0.0): _labels(200, 20, flat), ("NP", 0.5): _labels(200, 6, skewed),
               ("NP", 1.0): _labels(200, 1, skewed), ("DNG", 1.0): _labels(200, 4, flat),
@@ -892,7 +892,7 @@ def test_archive_keeps_what_summary_and_select_read_and_nothing_bulky(tmp_path):
 
 def test_selection_seeds_and_chain_match_the_protocol():
     """DNG's settings are chosen on the chain the protocol reports on, with seeds it never uses."""
-    from sample.configs import mnist
+    from dngjax.tools.sample.configs import mnist
     p, s = mnist.get_config("protocol"), mnist.get_config("select")
     for k in ("steps", "T", "noise", "checkpoints", "classifier", "features", "high_safety"):
         assert s[k] == p[k], k
@@ -903,8 +903,8 @@ def test_selection_seeds_and_chain_match_the_protocol():
 def test_every_method_of_the_protocol_has_its_own_colour_and_marker():
     """The curves of NP, SLD and every DNG setting stay apart in the plots (a DNG setting without an
     entry once took the colour cycle's blue, NP's, and NP's circle)."""
-    from sample import plots
-    from sample.configs import mnist
+    from dngjax.tools.sample import plots
+    from dngjax.tools.sample.configs import mnist
     for name in ("protocol", "select", "full", "report", "quick"):
         methods = ("none",) + tuple(mnist.get_config(name).methods)
         st = plots.styles(methods)

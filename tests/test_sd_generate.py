@@ -146,8 +146,8 @@ def test_text_to_image_job_reports_compilation_and_reuses_the_persistent_cache(t
     import jax
     import json
     import os
-    from sample import text_to_image
-    from sample.configs import sd as sd_configs
+    from dngjax.tools.sample import text_to_image
+    from dngjax.tools.sample.configs import sd as sd_configs
     torch_pipe, _ = tiny
     folder = str(tmp_path / "sd")
     torch_pipe.save_pretrained(folder, safe_serialization=True)

@@ -192,8 +192,8 @@ def test_clip_preprocessing_and_embeddings_match_transformers(tmp_path):
 
 
 def test_text_to_image_job_writes_figures_and_q(tiny, tmp_path):
-    from sample import text_to_image
-    from sample.configs import sd as sd_configs
+    from dngjax.tools.sample import text_to_image
+    from dngjax.tools.sample.configs import sd as sd_configs
     path, _, _ = tiny
     _tiny_clip(tmp_path / "clip")
     c = sd_configs.get_config("tiny")

@@ -11,8 +11,8 @@ import pytest
 
 from dngjax import checkpoint, data
 
-from train import trainer
-from train.configs import (cifar10_classifier, cifar10_ddpm, cifar10_forget, mnist_classifier,
+from dngjax.tools.train import trainer
+from dngjax.tools.train.configs import (cifar10_classifier, cifar10_ddpm, cifar10_forget, mnist_classifier,
                            mnist_cond, mnist_ddpm, mnist_forget)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +155,7 @@ def test_init_from_a_trained_model(fake_data, tmp_path):
     assert card["init_from"].endswith("model")
     # the card keeps its predecessor's record: a fine-tune of the ddpm (another class), not a continuation
     assert card["init_from_model"]["steps"] == 2 and card["init_from_model"]["only_class"] is None
-    from train import export
+    from dngjax.tools.train import export
     assert not export.is_continuation(card) and export.totals(card)["steps"] == 2
     bad = _cfg(mnist_forget, fake_data, num_steps=2)
     bad.model.kwargs.ch = 16
@@ -289,8 +289,8 @@ def test_data_parallel_over_two_host_devices(fake_data, tmp_path):
     code = f"""
 import sys, numpy as np, jax
 assert jax.local_device_count() == 2
-from train import trainer
-from train.configs import mnist_ddpm
+from dngjax.tools.train import trainer
+from dngjax.tools.train.configs import mnist_ddpm
 c = mnist_ddpm.get_config('tiny'); c.data_dir = {fake_data!r}; c.num_steps = 3
 card = trainer.train_and_evaluate(c, sys.argv[1])
 print('OK', card['hardware']['num_devices'])
@@ -315,10 +315,10 @@ def _run(a, end, num_steps, lr=1e-3, decay=0, warmup=10, dropout=0.0, init_from=
 
 
 def test_export_describes_a_resumed_and_a_continued_training_history():
-    """train.export writes a card's history in words: a run resumed with a longer schedule whose learning
+    """dngjax.tools.train.export writes a card's history in words: a run resumed with a longer schedule whose learning
     rate was the same over the earlier segment is one segment; a warm restart after a decay is named; a
     model continued from its own weights counts the steps and CPU hours of both (a fine-tune does not)."""
-    from train import export
+    from dngjax.tools.train import export
     runs = [_run(0, 100, 100, decay=40, dropout=0.1),
             _run(100, 120, 200, decay=50, dropout=0.2),     # killed at 120: lr constant there either way
             _run(120, 300, 300, decay=50, dropout=0.2)]
@@ -358,7 +358,7 @@ def test_export_describes_a_resumed_and_a_continued_training_history():
 def test_export_only_restricts_the_copy(tmp_path, capsys):
     """``python -m train.export --only=NAMES`` copies (and measures) only the named models: a staging
     folder for one model must not receive the other finished runs of the workdir."""
-    from train import export
+    from dngjax.tools.train import export
     for run, sha in (("mnist_ddpm", "a"), ("mnist_cond", "b"), ("mnist_forget_2", "c")):
         d = tmp_path / "work" / run / "model"
         d.mkdir(parents=True)
@@ -376,7 +376,7 @@ def test_export_only_restricts_the_copy(tmp_path, capsys):
 def test_export_names_the_architecture_including_its_depth():
     """The checkpoints README and the model notes name the network from its card, so a deeper UNet
     (``num_res_blocks=2``) is not described as the default one."""
-    from train import export
+    from dngjax.tools.train import export
     unet = {"kind": "unet", "kwargs": {"ch": 16, "ch_mult": [1, 2, 4], "num_res_blocks": 1}}
     assert export.arch_summary({"arch": unet}) == "UNet ch 16 x (1, 2, 4)"
     deep = {"kind": "unet", "kwargs": dict(unet["kwargs"], num_res_blocks=2)}

@@ -87,7 +87,7 @@ def _config_differences(workdir: str, config, field: str) -> str:
         return ""
     if not saved or field not in saved:
         return ""
-    from train.trainer import config_to_dict
+    from dngjax.tools.train.trainer import config_to_dict
     mine = config_to_dict(config)[field]
 
     def flat(d, prefix):
@@ -117,7 +117,7 @@ def check_resumable(config, workdir: str, shown: Optional[str] = None) -> None:
     step, saved = found
     import jax
     from dngjax.data import SHAPES
-    from train import trainer
+    from dngjax.tools.train import trainer
     module, opt = trainer.build_model(config), trainer.make_optimizer(config)
     abstract = trainer._abstract_state(module, opt, config, SHAPES[config.dataset])
     mine = {_key(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_leaves_with_path(abstract)}

@@ -47,7 +47,7 @@ def prepare(config, classes, out: str) -> Job:
     """Validate the config and classes and load the models, before any sampling."""
     import dngjax as dj
     from dngjax import checkpoint, evaluation
-    from sample import class_removal
+    from dngjax.tools.sample import class_removal
 
     class_removal.validate_config(config)
     if not classes:

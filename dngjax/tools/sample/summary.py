@@ -4,7 +4,7 @@
   python sample/main.py --job=report --runs=outputs/protocol_cpu/conditional   # setup (b)
   python sample/main.py --job=summary --runs=outputs/protocol_cpu,outputs/protocol_cpu/conditional
 
-Reads the ``report.json`` that ``--job=report`` writes beside report.md (:func:`sample.report.summarise`:
+Reads the ``report.json`` that ``--job=report`` writes beside report.md (:func:`dngjax.tools.sample.report.summarise`:
 nothing is resampled here) and writes ``summary.md`` -- the paper's claim under both readings with a count
 of the verdicts, then the values behind it: (ii) every curve read at exactly 1 % of the removed class,
 (i) per method its lowest KL and FD among its grid points at <= 1 % (the paper's reading) -- and
@@ -57,7 +57,7 @@ def _methods(groups: List[Dict]) -> List[str]:
 
 
 def claim_cell(c: Dict) -> str:
-    """A claim (:func:`sample.report.claim_at_grid` / ``claim_at_safety``) as a short cell:
+    """A claim (:func:`dngjax.tools.sample.report.claim_at_grid` / ``claim_at_safety``) as a short cell:
     "**yes, within noise** (gap 0.015 +- 0.013 to SLD)"."""
     if "missing" in c:
         return c["missing"]
@@ -178,7 +178,7 @@ def plot_claims(groups: List[Dict], path: str, high_safety: float = 1.0) -> str:
     """claims.png: per row (class, setup, DNG variant) and measure, DNG's gap to the better baseline
     under reading (i) (filled) and (ii) (hollow), with +-2 standard errors; right of 0: DNG lower."""
     import matplotlib.pyplot as plt
-    from sample import plots
+    from dngjax.tools.sample import plots
 
     rows = [(g, v, c) for g in groups for v, c in g["claims"].items()]
     several = len({v for _, v, _ in rows}) > 1

@@ -49,7 +49,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from dngjax.tools import SOURCE_ROOT as REPO_ROOT
 
 METHODS = ("NP", "SLD", "DNG")
 HYPER_COLUMNS = ("prior", "temperature", "offset", "p_min", "p_max", "variance",
@@ -426,6 +426,21 @@ def validate_config(config) -> None:
     if config.solver not in ("ddpm",) and config.noise != "beta":
         raise ValueError(f"config.noise={config.noise!r} sets the ancestral step's variance; "
                          f"config.solver={config.solver!r} takes none: leave config.noise at 'beta'")
+    check_model_root(config)
+
+
+def check_model_root(config) -> None:
+    """``config.checkpoints`` exists where a model path names ``{root}`` (the shipped models are in the
+    project's checkout, not in the installed package): FileNotFoundError naming the flag to set."""
+    fields = ("conditional",) if config.conditional else ("uncond", "forget")
+    if not any("{root}" in config[f] for f in (*fields, "classifier")):
+        return
+    root = resolve_path(config.checkpoints, config)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"model folder {config.checkpoints} not found (relative paths are looked up in the current folder "
+            f"and in {REPO_ROOT}): the shipped models are in the project's checkout (checkpoints/mnist); run "
+            f"from the checkout or pass --config.checkpoints=PATH/checkpoints/{config.dataset}")
 
 
 def build_methods(config) -> List[Tuple[str, Any, Dict[str, Any], List[float]]]:
@@ -681,7 +696,7 @@ _ABSENT = object()
 
 def _config_defaults() -> Dict[str, Any]:
     """The base config's fields as config.json writes them (what a field absent from an older record meant)."""
-    from sample.configs import common
+    from dngjax.tools.sample.configs import common
     return json.loads(json.dumps(_config_json(common.base_config())))
 
 
@@ -943,7 +958,7 @@ def execute(job: Job) -> str:
     import jax
     from tqdm.auto import tqdm
     import dngjax as dj
-    from sample import plots
+    from dngjax.tools.sample import plots
 
     config = job.config
     t_start = time.time()
@@ -1052,7 +1067,7 @@ def execute(job: Job) -> str:
     write_results(work, rows)
     np.savez_compressed(os.path.join(work, "labels.npz"), seeds=job.seeds,
                         **{r["key"]: r["labels"].astype(np.int8) for r in rows})
-    if all(r.get("features") is not None for r in rows):     # for paired comparisons (sample/report.py)
+    if all(r.get("features") is not None for r in rows):     # for paired comparisons (dngjax/tools/sample/report.py)
         np.savez_compressed(os.path.join(work, "features.npz"), seeds=job.seeds, **{r["key"]: r["features"] for r in rows})
         np.savez(os.path.join(work, "reference.npz"), mu=job.ref[0], sigma=job.ref[1])
     if config.save_samples:

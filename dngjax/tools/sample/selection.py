@@ -10,8 +10,8 @@ report's reading (ii): every curve compared at equal safety):
 
 1. For a setting s and a removed class c, KL(s, c) and FD(s, c) are s's curve read at exactly
    ``high_safety`` % (1 %) of class c: interpolated linearly in safety between the two neighbouring
-   grid points (in scale) where the curve first falls to 1 % (:func:`sample.report.crossing`,
-   :func:`sample.report.read_at`).
+   grid points (in scale) where the curve first falls to 1 % (:func:`dngjax.tools.sample.report.crossing`,
+   :func:`dngjax.tools.sample.report.read_at`).
 2. A setting qualifies if its grid brackets 1 % in every class of the runs.
 3. The chosen setting is the qualifying one with the lowest mean KL over the classes; ties (mean KL
    within 0.001) go to the lower mean FD.
@@ -36,8 +36,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from sample import report
-from sample.class_removal import parse_method
+from dngjax.tools.sample import report
+from dngjax.tools.sample.class_removal import parse_method
 
 KL_TIE = 1e-3
 
@@ -132,7 +132,7 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float,
         json.dump(dict(result, runs=[os.path.abspath(r) for r in runs], seeds=sorted(map(str, seeds))), f, indent=1)
     classes = result["classes"]
     lines = [f"# DNG hyperparameter selection ({len(runs)} run(s), classes {classes})", "",
-             f"Rule (sample/selection.py): every curve read at exactly {high_safety:g} % of the removed class "
+             f"Rule (dngjax/tools/sample/selection.py): every curve read at exactly {high_safety:g} % of the removed class "
              f"(interpolated between the two grid points that bracket it); lowest mean KL over the classes, "
              f"ties within {KL_TIE} by mean FD"
              + (f"; a curve still above {high_safety:g} % at lambda_T = scale * prior / (1 - prior) >= {ceiling:g} "
@@ -172,7 +172,7 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float,
         lines += ["", f"{sum(s['qualified'] for s in result['settings'])} of {len(result['settings'])} settings "
                   f"bracket {high_safety:g} % in every class: add the scales listed to config.method_grids and "
                   "rerun the selection runs (finished points are reused) before taking the choice."]
-    from sample import plots
+    from dngjax.tools.sample import plots
     plots.plot_selection(result, os.path.join(out, "selection.png"))
     lines += ["", "![KL and FD of each setting at equal safety](selection.png)"]
     text = "\n".join(lines) + "\n"

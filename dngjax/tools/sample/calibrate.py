@@ -17,7 +17,7 @@ from typing import Dict
 
 from dngjax import keys_from_seeds
 from dngjax.calibration import calibrate
-from sample import class_removal
+from dngjax.tools.sample import class_removal
 
 
 def validate(target_pct: float, confidence: float) -> None:

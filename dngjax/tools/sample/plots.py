@@ -267,7 +267,7 @@ def plot_lambda(traces: Mapping[str, Dict], path: str) -> str:
 
 def plot_selection(result: Mapping[str, Any], path: str) -> str:
     """KL and FD of every DNG setting read at exactly ``high_safety`` % of the removed class
-    (:func:`sample.selection.choose`'s ``result``): one column per setting, a small marker per class,
+    (:func:`dngjax.tools.sample.selection.choose`'s ``result``): one column per setting, a small marker per class,
     a bar for the mean over classes (the rule's criterion); the chosen setting's bar outlined.
     Settings whose grid does not bracket the line in some class show only the classes that it does."""
     settings = result["settings"]

@@ -291,7 +291,7 @@ def q_table(results: List[Dict], methods) -> str:
 
 
 def _plot_samples(shown: Dict[str, np.ndarray], path: str, title: str, k: int) -> None:
-    from sample.plots import plt
+    from dngjax.tools.sample.plots import plt
     names = list(shown)
     k = min(k, len(next(iter(shown.values()))))
     fig, axes = plt.subplots(len(names), k, figsize=(1.6 * k + 1.5, 1.7 * len(names)), squeeze=False)
@@ -309,7 +309,7 @@ def _plot_samples(shown: Dict[str, np.ndarray], path: str, title: str, k: int) -
 
 
 def _plot_traces(traces, path: str, prompt: str, row: tuple) -> None:
-    from sample.plots import plt
+    from dngjax.tools.sample.plots import plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for kind, (t, lam, p) in traces.items():
         neg = row[1] if kind == "related" else row[2]

@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Scoring and outputs.
     c.high_safety = 1.0          # % of removed class counted as "high safety" (plots, summary)
     c.select_ceiling = 20.0      # --job=select: a DNG curve still above high_safety at lambda_T = scale *
-                                 # odds(prior) >= this never reaches it (sample/selection.py, rule 4)
+                                 # odds(prior) >= this never reaches it (dngjax/tools/sample/selection.py, rule 4)
     c.kl_pseudo_count = 0.5      # additive smoothing of the generated histogram (see dngjax.metrics)
     c.bootstrap = 50             # resamples for the standard errors of safety, KL and FD (0: none)
     c.eval_batch = 512

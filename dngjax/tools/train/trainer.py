@@ -10,7 +10,7 @@ varies between runs is in the ``ml_collections`` config (see ``train/configs``).
 * orbax ``CheckpointManager``: periodic saves, automatic resume from the latest
   complete save (orbax writes to a temporary folder and renames it when done,
   so a kill -9 leaves no corrupt checkpoint behind); after each save a sha256
-  manifest of the step's files (:mod:`train.integrity`), verified on resume: a
+  manifest of the step's files (:mod:`dngjax.tools.train.integrity`), verified on resume: a
   corrupt step is set aside and the run falls back to the newest step that passes
   (``keep_checkpoints`` >= 2 steps are kept), and none passing is an error;
 * the batch at step s and every random draw at step s are functions of
@@ -47,7 +47,7 @@ from dngjax import memory
 from dngjax.models.classifier import Classifier
 from dngjax.models.unet import UNet
 from dngjax.schedules import linear_schedule, respace
-from train import integrity
+from dngjax.tools.train import integrity
 
 
 # --------------------------------------------------------------------------- model / data

@@ -1,0 +1,1 @@
+"""Training: the trainer (:mod:`.trainer`), export of trained models (:mod:`.export`), its checks (:mod:`.preflight`, :mod:`.integrity`), the command line (:mod:`.main`) and the configurations (:mod:`.configs`)."""

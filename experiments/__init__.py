@@ -1,1 +1,0 @@
-"""The project's experiments (the Gaussian-mixture lab in experiments.gmm)."""
