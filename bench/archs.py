@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from dngjax.models import unet as dj_unet
-from train.configs import mnist_ddpm
+from dngjax.tools.train.configs import mnist_ddpm
 
 ARCHS = {
     "cpu": dict(mnist_ddpm.get_config("cpu").model.kwargs),
@@ -23,7 +23,7 @@ ARCHS = {
 
 def describe(arch: str) -> str:
     """The architecture in words, e.g. ``UNet ch 16 x (1, 2, 4)`` (as the model cards write it)."""
-    from train.export import arch_summary
+    from dngjax.tools.train.export import arch_summary
     return arch_summary({"arch": {"kind": "unet", "kwargs": ARCHS[arch]}})
 
 
