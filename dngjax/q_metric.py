@@ -1,19 +1,40 @@
-"""The paper's Q metric for text-to-image negative guidance, from CLIP image embeddings.
+"""The paper's Q metric for text-to-image negative guidance (appendix H, eqs. 22-23, table 4).
 
-A negative prompt that names something the image would contain (a *related* one: "Chalices, candles"
-for "A Medieval Feast") should change the image; one that names something absent (an *unrelated* one:
-"Kids playing football") should leave it as it was. For each seed, the guided image is compared with
-the unguided one of the same seed (classifier-free guidance toward the prompt alone) by the cosine
-distance of their CLIP image embeddings, d = 1 - cos(e_guided, e_unguided), and
+Setting (sec. 4.2, fig. 6a, appendix D.3): per prompt, the same seeds are sampled unguided (here:
+classifier-free guidance toward the prompt) and guided away from a *related* negative prompt (one that
+names something the image would contain: "Chalices, candles" for "A Medieval Feast"), which should
+change the image, and from an *unrelated* one ("Kids playing football"), which should not. The
+*CLIP score* CS of two images is "the cosine similarity of their respective CLIP space
+representations" (sec. 4.2), averaged over the seeds (32 in the paper), each guided image compared with
+the unguided image of its own seed.
 
-    Q = mean over seeds of d(related negative) - mean over seeds of d(unrelated negative):
+* Eq. 22, one guidance scale (:func:`q_score`)::
 
-large when the guidance acts only where the negative prompt applies. The paper reports Q averaged over
-its five prompts and 32 seeds: 0.052 for DNG, 0.007 for NP.
+      Q = CS(img_no_guid, img_unrel) - CS(img_no_guid, img_rel)
 
-This is how this project reads the paper's eqs. 22-23 (appendix H): the appendix's text was not
-available offline when it was written, so compare with the paper's numbers only after checking the
-definition there; the function returns both mean distances, so other combinations can be formed.
+  in [-2, 2]; large when the unrelated negative prompt leaves the images as they were (CS near 1)
+  and the related one changes them (lower CS); negative when the unrelated one changes them more.
+* Eq. 23, a sweep of guidance scales (:func:`q_regression`, :func:`q_sweep`): the points
+  (x, y) = (mean CS related, mean CS unrelated), one per scale (fig. 6b), are fitted by a line
+  y = a x + b; with [x_min, x_max] the range of x the sweep reached, Q is the mean over that range of
+  y - x along the line::
+
+      Q = a (x_max + x_min) / 2 + b - (x_max + x_min) / 2 = (a - 1) (x_max + x_min) / 2 + b
+
+  ("the average y value from which the average x value is subtracted"). The text extraction of the
+  paper lost the fraction bars and the minus signs of eq. 23; this form is the one its prose and
+  eq. 22 fix (it is eq. 22 averaged along the fitted line), with table 4's sign (higher is better).
+* Table 4: eq. 23 per prompt (5 prompts) for NP and DNG, and an "Average" column: mean and standard
+  deviation over the prompts. For DNG the printed entries give exactly the printed average
+  (0.052 +- 0.022 with the sample standard deviation, ddof = 1: :func:`average_over_prompts`); for NP
+  the printed entries (-0.015, 0.003, 0.017, 0.016, 0.041) give 0.012 +- 0.021, not the printed
+  0.007 +- 0.014: that row does not add up as printed.
+
+What the paper leaves open: the guidance scales of the sweep, whether the fit uses all of them (its
+sec. 4.2 says "a linear regression in a limited interval"; pass only the points of the interval you
+mean), and the CLIP model (this module takes any CLIP image tower; the job's recipe names
+openai/clip-vit-large-patch14). The ``--job=text_to_image`` job samples one scale per method and prompt
+(the scales of the captions of figs. 16-20), so it reports eq. 22 at that scale, not table 4's eq. 23.
 
 Images are prepared as transformers' ``CLIPImageProcessor`` does for square inputs: resized (bicubic)
 to the tower's input size, scaled to [0, 1], normalised with CLIP's channel means and deviations.
@@ -22,7 +43,7 @@ to the tower's input size, scaled to [0, 1], normalised with CLIP's channel mean
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import numpy as np
 import jax
@@ -67,24 +88,87 @@ def image_embeddings(encoder, params, images: np.ndarray, batch_size: int = 16) 
     return np.concatenate(out)
 
 
-def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """1 - cos(a_i, b_i) per row of two (N, D) arrays."""
+def clip_score(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The paper's CLIP score per pair: the cosine similarity cos(a_i, b_i) of the rows of two (N, D)
+    embedding arrays (any norm; sec. 4.2)."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-    return 1.0 - cos
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"two (N, D) embeddings of the same seeds needed, got {a.shape} and {b.shape}")
+    return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """1 - cos(a_i, b_i) per row of two (N, D) arrays: 1 - :func:`clip_score`."""
+    return 1.0 - clip_score(a, b)
 
 
 def q_score(unguided: np.ndarray, related: np.ndarray, unrelated: np.ndarray) -> Dict[str, Any]:
-    """Q from the embeddings (N, D) of the same N seeds: unguided, guided away from the related and from
-    the unrelated negative prompt. Returns Q, its standard error (paired over seeds), and the two mean
-    distances with theirs."""
+    """Eq. 22 at one guidance scale, from the embeddings (N, D) of the same N seeds: unguided, guided
+    away from the related and from the unrelated negative prompt.
+
+    ``q`` = mean CS(unguided, unrelated) - mean CS(unguided, related); ``q_se`` its standard error
+    (paired over seeds); ``clip_score_related`` / ``clip_score_unrelated`` the two mean CLIP scores (a
+    point of fig. 6b: x, y) with theirs; ``distance_related`` / ``distance_unrelated`` = 1 - those
+    (the same Q: mean distance related - mean distance unrelated); ``n`` the number of seeds."""
     if not (np.shape(unguided) == np.shape(related) == np.shape(unrelated)) or np.ndim(unguided) != 2:
         raise ValueError(f"three (N, D) embeddings of the same seeds needed, got {np.shape(unguided)}, "
                          f"{np.shape(related)}, {np.shape(unrelated)}")
-    d_rel, d_unrel = cosine_distance(related, unguided), cosine_distance(unrelated, unguided)
-    n = len(d_rel)
+    cs_rel, cs_unrel = clip_score(unguided, related), clip_score(unguided, unrelated)
+    n = len(cs_rel)
     se = lambda v: float(np.std(v, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-    return {"q": float(np.mean(d_rel - d_unrel)), "q_se": se(d_rel - d_unrel),
-            "distance_related": float(np.mean(d_rel)), "distance_related_se": se(d_rel),
-            "distance_unrelated": float(np.mean(d_unrel)), "distance_unrelated_se": se(d_unrel), "n": n}
+    return {"q": float(np.mean(cs_unrel - cs_rel)), "q_se": se(cs_unrel - cs_rel),
+            "clip_score_related": float(np.mean(cs_rel)), "clip_score_related_se": se(cs_rel),
+            "clip_score_unrelated": float(np.mean(cs_unrel)), "clip_score_unrelated_se": se(cs_unrel),
+            "distance_related": float(np.mean(1.0 - cs_rel)), "distance_related_se": se(cs_rel),
+            "distance_unrelated": float(np.mean(1.0 - cs_unrel)), "distance_unrelated_se": se(cs_unrel),
+            "n": n}
+
+
+def q_regression(clip_score_related: Sequence[float], clip_score_unrelated: Sequence[float]) -> Dict[str, Any]:
+    """Eq. 23 from the points of one prompt and method over a sweep of guidance scales: x =
+    ``clip_score_related``, y = ``clip_score_unrelated`` (mean CLIP scores, one per scale, fig. 6b).
+
+    Fits y = a x + b by least squares over the points, takes [x_min, x_max] = the range of x, and
+    returns ``q`` = (a - 1) (x_max + x_min) / 2 + b with ``a``, ``b``, ``x_min``, ``x_max`` and the
+    number of points ``n_points``. Needs at least two distinct x values."""
+    x = np.asarray(clip_score_related, np.float64)
+    y = np.asarray(clip_score_unrelated, np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"two 1-d sequences of mean CLIP scores of the same scales needed, got {x.shape} and {y.shape}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("the CLIP scores must be finite")
+    if len(x) < 2 or np.ptp(x) == 0:
+        raise ValueError(f"eq. 23 fits a line: at least two distinct related CLIP scores needed, got {x.tolist()}")
+    dx = x - x.mean()
+    a = float(np.sum(dx * (y - y.mean())) / np.sum(dx * dx))
+    b = float(y.mean() - a * x.mean())
+    x_min, x_max = float(x.min()), float(x.max())
+    mid = (x_max + x_min) / 2
+    return {"q": (a - 1.0) * mid + b, "a": a, "b": b, "x_min": x_min, "x_max": x_max, "n_points": len(x)}
+
+
+def q_sweep(unguided: np.ndarray, related: np.ndarray, unrelated: np.ndarray) -> Dict[str, Any]:
+    """Eq. 23 from embeddings: ``unguided`` (N, D), ``related`` and ``unrelated`` (G, N, D): the same N
+    seeds guided at G scales (e.g. ``sd.generate(..., grid={"scale": scales})``, one grid point per
+    scale; leave out the unguided scale 0 unless you mean it to be a point of the fit). Returns
+    :func:`q_regression`'s result with the per-scale points ``clip_score_related`` and
+    ``clip_score_unrelated`` (G,) and ``q_per_scale`` (eq. 22 at each scale)."""
+    related, unrelated = np.asarray(related), np.asarray(unrelated)
+    if related.ndim != 3 or related.shape != unrelated.shape or related.shape[1:] != np.shape(unguided):
+        raise ValueError(f"unguided (N, D) and related, unrelated (G, N, D) of the same seeds needed, got "
+                         f"{np.shape(unguided)}, {related.shape}, {unrelated.shape}")
+    points = [q_score(unguided, r, u) for r, u in zip(related, unrelated)]
+    x = [p["clip_score_related"] for p in points]
+    y = [p["clip_score_unrelated"] for p in points]
+    return {**q_regression(x, y), "clip_score_related": x, "clip_score_unrelated": y,
+            "q_per_scale": [p["q"] for p in points]}
+
+
+def average_over_prompts(q: Sequence[float]) -> Dict[str, float]:
+    """Table 4's "Average" column: the mean of the per-prompt Q values and their sample standard
+    deviation (ddof = 1; what the printed DNG row gives: 0.052 +- 0.022)."""
+    q = np.asarray(q, np.float64)
+    if q.ndim != 1 or len(q) < 1:
+        raise ValueError(f"a 1-d sequence of per-prompt Q values needed, got shape {q.shape}")
+    return {"mean": float(q.mean()), "std": float(q.std(ddof=1)) if len(q) > 1 else float("nan"), "n": len(q)}

@@ -206,6 +206,7 @@ def test_text_to_image_job_writes_figures_and_q(tiny, tmp_path):
         info = res["methods"][m]
         assert np.isfinite(info["q"]) and info["n"] == 3
         assert info["q"] == pytest.approx(info["distance_related"] - info["distance_unrelated"])
+        assert info["q"] == pytest.approx(info["clip_score_unrelated"] - info["clip_score_related"])  # eq. 22
     assert "| diffusers-NP Q" in open(os.path.join(out, "q_table.md")).read()
     images = np.load(os.path.join(out, "images.npz"))
     assert images["row0_unguided"].shape == (3, 16, 16, 3)

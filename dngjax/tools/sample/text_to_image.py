@@ -25,7 +25,7 @@ Writes into the output folder it prints:
 * ``lambda_<row>.png``: DNG's mean lambda_t and p_t over the chain, related vs unrelated negative
   (the paper's figs. 5 and 12);
 * with ``config.clip``: ``q_table.md`` and Q per prompt and method in ``results.json``
-  (:mod:`dngjax.q_metric`);
+  (:mod:`dngjax.q_metric`: the paper's eq. 22 at each method's scale, with the mean CLIP scores);
 * ``images.npz`` (all images, uint8), ``config.json``.
 """
 
@@ -276,17 +276,27 @@ def _execute(job: Job, clock: CompileClock) -> str:
 
 
 def q_table(results: List[Dict], methods) -> str:
-    """Markdown: Q (and the two mean CLIP distances) per prompt and method, and the mean over prompts."""
-    head = "| prompt | " + " | ".join(f"{m} Q (d related / d unrelated)" for m in methods) + " |"
+    """Markdown: the paper's eq. 22 per prompt and method at the method's one scale, Q = mean CS with the
+    unrelated negative - mean CS with the related one (CS: CLIP cosine similarity to the unguided image of
+    the same seed), +- its standard error over seeds, with the two mean CLIP scores; then the mean and
+    standard deviation over prompts (as table 4's "Average" column) and a note on what table 4 reports."""
+    from dngjax import q_metric
+    head = "| prompt | " + " | ".join(f"{m} Q, eq. 22 (CS unrelated / CS related)" for m in methods) + " |"
     lines = [head, "|" + " --- |" * (1 + len(methods))]
     for e in results:
-        cells = [f"{e['methods'][m]['q']:.3f} +- {e['methods'][m]['q_se']:.3f} "
-                 f"({e['methods'][m]['distance_related']:.3f} / {e['methods'][m]['distance_unrelated']:.3f})"
-                 for m in methods]
+        cells = []
+        for m in methods:
+            i = e["methods"][m]
+            cells.append(f"{i['q']:.3f} +- {i['q_se']:.3f} ({i['clip_score_unrelated']:.3f} / "
+                         f"{i['clip_score_related']:.3f})")
         lines.append(f"| {e['prompt']} | " + " | ".join(cells) + " |")
     if len(results) > 1:
-        lines.append("| mean | " + " | ".join(f"{np.mean([e['methods'][m]['q'] for e in results]):.3f}"
-                                              for m in methods) + " |")
+        avg = [q_metric.average_over_prompts([e["methods"][m]["q"] for e in results]) for m in methods]
+        lines.append("| mean +- sd over prompts | " + " | ".join(f"{a['mean']:.3f} +- {a['std']:.3f}" for a in avg) + " |")
+    lines.append("")
+    lines.append("Q here: the paper's eq. 22 at each method's one scale, on the same seeds. The paper's table 4 "
+                 "reports eq. 23 (a line fitted over a sweep of scales, dngjax.q_metric.q_sweep): not comparable "
+                 "number for number.")
     return "\n".join(lines)
 
 
