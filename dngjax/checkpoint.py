@@ -28,7 +28,8 @@ from flax import serialization
 
 from .data import SHAPES
 from .denoiser import PREDICTIONS, Denoiser, denoiser
-from .schedules import Schedule, cosine_schedule, linear_schedule, scaled_linear_schedule
+from .schedules import Schedule
+from .sd_scheduler import CARD_SCHEDULES, beta_schedule
 from .models.classifier import Classifier
 from .models.unet import UNet
 
@@ -144,9 +145,9 @@ def _model_dir(path: str) -> str:
         hint = ""
         if os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, PARAMS_FILE)):
             hint = (" (a folder converted by an older dngjax, without a model card: convert the diffusers "
-                    "checkpoint again with python -m dngjax.models.convert_diffusers SRC OUT)")
+                    "checkpoint again with python -m dngjax.convert SRC OUT)")
         elif os.path.isfile(os.path.join(path, "config.json")):
-            hint = (" (a diffusers folder? convert it first: python -m dngjax.models.convert_diffusers "
+            hint = (" (a diffusers folder? convert it first: python -m dngjax.convert "
                     f"{path} OUT, then pass OUT)")
         elif os.path.isdir(os.path.join(path, "checkpoints")):
             hint = (" (this looks like an unfinished training workdir: rerun train/main.py to "
@@ -238,24 +239,15 @@ def load_denoiser(path: str, label: int | None = None) -> Denoiser:
     return denoiser(module, params, label=label, prediction=prediction)
 
 
-#: the card's ``diffusion.schedule`` names (diffusers' ``beta_schedule`` names) -> constructors
-_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine", "cosine": "cosine"}
-
-
 def schedule_of(card: Mapping[str, Any]) -> Schedule:
     """The full training chain (T steps) that a model card's ``diffusion`` entry describes
-    (default: Ho et al.'s linear betas 1e-4 .. 0.02 over T = 1000)."""
+    (default: Ho et al.'s linear betas 1e-4 .. 0.02 over T = 1000); the schedule names are diffusers'
+    ``beta_schedule`` names, read by :func:`dngjax.sd_scheduler.beta_schedule`."""
     d = dict(card.get("diffusion") or {})
     name = d.get("schedule", "linear")
-    if name not in _SCHEDULES:
-        raise CheckpointError(f"card's diffusion.schedule={name!r}: supported are {sorted(_SCHEDULES)}")
-    T = int(d.get("num_timesteps", 1000))
-    kind = _SCHEDULES[name]
-    if kind == "cosine":
-        return cosine_schedule(T)
-    make = linear_schedule if kind == "linear" else scaled_linear_schedule
-    defaults = (1e-4, 0.02) if kind == "linear" else (0.00085, 0.012)
-    return make(T, float(d.get("beta_start", defaults[0])), float(d.get("beta_end", defaults[1])))
+    if name not in CARD_SCHEDULES:
+        raise CheckpointError(f"card's diffusion.schedule={name!r}: supported are {sorted(CARD_SCHEDULES)}")
+    return beta_schedule(name, int(d.get("num_timesteps", 1000)), d.get("beta_start"), d.get("beta_end"))
 
 
 def load_classifier(path: str):

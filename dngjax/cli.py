@@ -1,7 +1,7 @@
 """The one way the command-line tools start: flags defined on call, clear errors, exit codes.
 
 Every CLI of the project (``train/main.py``, ``sample/main.py``, ``python -m train.export``,
-``python -m experiments.gmm``, ``python -m dngjax.models.convert_diffusers`` and the installed
+``python -m experiments.gmm``, ``python -m dngjax.convert`` and the installed
 ``dngjax-*`` commands) is a module with
 
 * ``define_flags()``: its absl flags, defined only when the tool runs, so that any number of

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import traverse_util
 
+from .models.torch_weights import assemble_torch, template
+
 Array = jnp.ndarray
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -409,14 +411,9 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
 
 # =========================================================================== conversion
 
-def _template():
-    """Variable shapes of the network (no computation)."""
-    module = FIDInceptionV3(resize_input=False)
-    return module, jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 75, 75, 3))))
-
-
 def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
-    """PyTorch FID-Inception ``state_dict`` -> Flax variables ``{"params", "batch_stats"}``.
+    """PyTorch FID-Inception ``state_dict`` -> Flax variables ``{"batch_stats", "params"}``, mapped by name
+    (:func:`dngjax.models.torch_weights.assemble_torch`).
 
     ``X.conv.weight`` (O, I, kh, kw) -> ``params/X/conv/kernel`` (kh, kw, I, O);
     ``X.bn.weight/bias`` -> ``params/X/bn/scale/bias``; ``X.bn.running_mean/var`` ->
@@ -424,37 +421,10 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
     ``fc.*`` are dropped. Every variable of the network must be present with the
     right shape, else ``ValueError`` lists what is missing or wrong.
     """
-    _, shapes = _template()
-    expected = {k: v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
-    flat: Dict[Tuple[str, ...], np.ndarray] = {}
-    unexpected = []
-    for name, value in state_dict.items():
-        parts = name.split(".")
-        value = np.asarray(value)
-        if parts[0] == "fc" or parts[-1] == "num_batches_tracked":
-            continue
-        if len(parts) < 3 or parts[-2] not in ("conv", "bn"):
-            unexpected.append(name)
-            continue
-        mod, leaf = tuple(parts[:-1]), parts[-1]
-        if parts[-2] == "conv" and leaf == "weight":
-            flat[("params",) + mod + ("kernel",)] = value.transpose(2, 3, 1, 0)
-        elif parts[-2] == "bn" and leaf in ("weight", "bias"):
-            flat[("params",) + mod + ({"weight": "scale", "bias": "bias"}[leaf],)] = value
-        elif parts[-2] == "bn" and leaf in ("running_mean", "running_var"):
-            flat[("batch_stats",) + mod + ({"running_mean": "mean", "running_var": "var"}[leaf],)] = value
-        else:
-            unexpected.append(name)
-    missing = [".".join(k) for k in expected if k not in flat]
-    extra = [".".join(k) for k in flat if k not in expected]
-    bad = [f"{'.'.join(k)}: {flat[k].shape} != {expected[k]}" for k in expected
-           if k in flat and tuple(flat[k].shape) != tuple(expected[k])]
-    if missing or extra or unexpected or bad:
-        raise ValueError("state_dict does not match the FID Inception-v3: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
-                         f"unexpected {(unexpected + extra)[:5]} ({len(unexpected) + len(extra)}), "
-                         f"wrong shapes {bad[:5]} ({len(bad)})")
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), traverse_util.unflatten_dict(flat))
+    module, x = FIDInceptionV3(resize_input=False), jnp.zeros((1, 75, 75, 3))
+    return assemble_torch(dict(state_dict), template(module, x), "FID Inception-v3",
+                          rename=lambda key: None if key.split(".")[0] == "fc" else key,
+                          stats=template(module, x, collection="batch_stats"))
 
 
 def save_variables(variables, path: str) -> None:

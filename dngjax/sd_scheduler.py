@@ -37,6 +37,13 @@ information at alpha_bar = 0). The chain works in eps-space, where alpha_bar = 0
 of the last training step is set to 2**-24, as diffusers' Euler and DPM-Solver schedulers do; DDIM and
 DDPM in diffusers step from exactly 0 there, a difference of about sqrt(2**-24) = 2.4e-4 of the first
 step's prediction when the chain starts at t = T - 1 (trailing spacing).
+
+This module is also the project's one reader of what a scheduler config says of the model's training
+(:func:`parse_training`: betas, T, prediction type, with diffusers' defaults): :func:`training_schedule`
+gives the full training chain and prediction of a Stable Diffusion folder (``stable_diffusion.load``),
+:func:`card_diffusion` the ``diffusion`` entry of a model card (the diffusers converter,
+``python -m dngjax.convert``), and :func:`beta_schedule` the chain of such an entry
+(``checkpoint.schedule_of``).
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from .schedules import SPACINGS, Schedule, chain_schedule, spaced_timesteps
+from .schedules import (SPACINGS, Schedule, chain_schedule, cosine_schedule, linear_schedule, scaled_linear_schedule,
+                        schedule_from_alpha_bars, spaced_timesteps)
 
 _COMMON = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None)
 _THRESH = dict(thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
@@ -82,7 +90,13 @@ SCHEDULER_DEFAULTS: Dict[str, Dict[str, Any]] = {
 SOLVER_OF_CLASS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp_2m",
                    "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral"}
 CLASS_OF_SOLVER = {v: k for k, v in SOLVER_OF_CLASS.items()}
+#: diffusers' ``prediction_type`` -> the :class:`~dngjax.denoiser.Denoiser`'s ``prediction`` (all of
+#: :data:`dngjax.denoiser.PREDICTIONS`); any other type is refused by name
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+#: the beta schedules a model card's ``diffusion.schedule`` names (diffusers' ``beta_schedule`` names, and
+#: "cosine" for "squaredcos_cap_v2") -> (constructor kind, default (beta_start, beta_end))
+CARD_SCHEDULES = {"linear": ("linear", (1e-4, 0.02)), "scaled_linear": ("scaled_linear", (0.00085, 0.012)),
+                  "squaredcos_cap_v2": ("cosine", None), "cosine": ("cosine", None)}
 
 _ANY = object()
 #: Values the chain implements, per key (a set of allowed values; keys not listed take any value: the
@@ -120,6 +134,82 @@ _WHY = {
     "final_sigmas_type": "the chain ends at sigma = 0",
     "lambda_min_clipped": "the chain does not clip lambda",
 }
+
+
+class Training(NamedTuple):
+    """What a scheduler config says of the model's training (the keys all diffusers schedulers share),
+    values as the config gives them, diffusers' defaults for the missing ones.
+
+    num_timesteps: T (``num_train_timesteps``). beta_schedule, beta_start, beta_end, trained_betas,
+    rescale_betas_zero_snr: diffusers' keys. prediction: the Denoiser's ("eps", "v" or "x0", from
+    ``prediction_type``).
+    """
+
+    num_timesteps: int
+    beta_schedule: str
+    beta_start: float
+    beta_end: float
+    trained_betas: Optional[Any]
+    rescale_betas_zero_snr: bool
+    prediction: str
+
+
+def parse_training(config: Mapping[str, Any]) -> Training:
+    """The :class:`Training` of a diffusers ``scheduler_config.json`` dict (any scheduler class).
+
+    Raises ValueError for a ``prediction_type`` other than "epsilon", "v_prediction" and "sample" (named),
+    and for ``rescale_betas_zero_snr`` without "v_prediction". The beta schedule is checked by its user
+    (:func:`training_schedule`, :func:`card_diffusion`: they implement different ones).
+    """
+    pred = config.get("prediction_type", "epsilon")
+    if pred not in PREDICTIONS:
+        raise ValueError(f"prediction_type={pred!r} is not supported ({sorted(PREDICTIONS)})")
+    if config.get("rescale_betas_zero_snr") and pred != "v_prediction":
+        raise ValueError(f"rescale_betas_zero_snr=True with prediction_type={pred!r}: zero terminal SNR needs "
+                         "'v_prediction' (at alpha_bar = 0 an eps or x_0 prediction is singular)")
+    get = lambda key: config.get(key, _COMMON[key])
+    return Training(num_timesteps=get("num_train_timesteps"), beta_schedule=get("beta_schedule"),
+                    beta_start=get("beta_start"), beta_end=get("beta_end"), trained_betas=get("trained_betas"),
+                    rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr", False)),
+                    prediction=PREDICTIONS[pred])
+
+
+def training_schedule(config: Mapping[str, Any]) -> Tuple[Schedule, str]:
+    """(the full training chain, prediction "eps" / "v" / "x0") of a scheduler config, as the scheduler
+    computes its alpha_bars (:func:`train_alpha_bars`: "linear", "scaled_linear", ``trained_betas``, zero
+    terminal SNR); ValueError naming what is not implemented (the class's options: :func:`scheduler_chain`)."""
+    training = parse_training(config)
+    return schedule_from_alpha_bars(train_alpha_bars(config)), training.prediction
+
+
+def card_diffusion(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The ``diffusion`` entry of a model card (:mod:`dngjax.checkpoint`) of a model trained with this
+    scheduler config: num_timesteps, beta_start, beta_end, schedule (diffusers' ``beta_schedule`` name),
+    prediction. ValueError, naming the key, for what a card cannot say (``trained_betas``,
+    ``rescale_betas_zero_snr``, a beta schedule outside :data:`CARD_SCHEDULES`) or a refused prediction type."""
+    t = parse_training(config)
+    if t.trained_betas is not None and len(t.trained_betas):
+        raise ValueError("trained_betas: a model card names its beta schedule (one of "
+                         f"{sorted(CARD_SCHEDULES)}); a list of betas is not supported")
+    if t.rescale_betas_zero_snr:
+        raise ValueError("rescale_betas_zero_snr=True: a model card's schedule has no zero-terminal-SNR option")
+    if t.beta_schedule not in CARD_SCHEDULES:
+        raise ValueError(f"beta_schedule={t.beta_schedule!r} is not supported (supported: {sorted(CARD_SCHEDULES)})")
+    return {"num_timesteps": t.num_timesteps, "beta_start": t.beta_start, "beta_end": t.beta_end,
+            "schedule": t.beta_schedule, "prediction": t.prediction}
+
+
+def beta_schedule(name: str, num_timesteps: int = 1000, beta_start: Optional[float] = None,
+                  beta_end: Optional[float] = None) -> Schedule:
+    """The training chain of a named beta schedule (:data:`CARD_SCHEDULES`: diffusers' "linear",
+    "scaled_linear", "squaredcos_cap_v2" or "cosine"), each with its own default betas where none are given
+    (the cosine schedule takes none). KeyError for an unknown name."""
+    kind, defaults = CARD_SCHEDULES[name]
+    if kind == "cosine":
+        return cosine_schedule(num_timesteps)
+    make = linear_schedule if kind == "linear" else scaled_linear_schedule
+    return make(num_timesteps, float(defaults[0] if beta_start is None else beta_start),
+                float(defaults[1] if beta_end is None else beta_end))
 
 
 class Chain(NamedTuple):

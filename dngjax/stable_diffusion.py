@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from .denoiser import Denoiser
 from .guidance import ClassifierFreeGuidance, GuidanceRule, NoGuidance
 from .sampler import keys_from_seeds, sweep
-from .schedules import Schedule, schedule_from_alpha_bars
-from .sd_scheduler import PREDICTIONS as _PREDICTIONS, Chain, scheduler_chain, train_alpha_bars
+from .schedules import Schedule
+from .sd_scheduler import Chain, scheduler_chain, training_schedule
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -71,18 +71,6 @@ class StableDiffusion:
     downscale: int
     folder: str
     scheduler_config: Any = None
-
-
-def _schedule_from_config(cfg: Dict[str, Any]) -> Tuple[Schedule, str]:
-    """(the full training chain, prediction "eps" / "v" / "x0") of a scheduler config; ValueError for
-    a beta schedule or prediction type that is not implemented (the class's options: :func:`chain`)."""
-    pred = cfg.get("prediction_type", "epsilon")
-    if pred not in _PREDICTIONS:
-        raise ValueError(f"prediction_type={pred!r} is not supported ({sorted(_PREDICTIONS)})")
-    if cfg.get("rescale_betas_zero_snr") and pred != "v_prediction":
-        raise ValueError(f"rescale_betas_zero_snr=True with prediction_type={pred!r}: zero terminal SNR needs "
-                         "'v_prediction' (at alpha_bar = 0 an eps or x_0 prediction is singular)")
-    return schedule_from_alpha_bars(train_alpha_bars(cfg)), _PREDICTIONS[pred]
 
 
 def chain(pipe: StableDiffusion, steps: int, solver: Optional[str] = None, eta: Optional[float] = None) -> Chain:
@@ -132,7 +120,7 @@ def load(folder: str, dtype: Any = None) -> StableDiffusion:
         raise FileNotFoundError(f"{sched_path!r} is missing")
     with open(sched_path) as f:
         scheduler_config = json.load(f)
-    schedule, prediction = _schedule_from_config(scheduler_config)
+    schedule, prediction = training_schedule(scheduler_config)
     text_encoder, text_params = load_clip_text(os.path.join(folder, "text_encoder"))
     tokenize = load_tokenizer(os.path.join(folder, "tokenizer"), max_length=text_encoder.max_positions)
     unet, unet_params, unet_cfg = load_sd_unet(os.path.join(folder, "unet"), dtype)

@@ -22,7 +22,7 @@ TRAIN = [os.path.join(REPO, "train", "main.py")]
 SAMPLE = [os.path.join(REPO, "sample", "main.py")]
 EXPORT = ["-m", "train.export"]
 GMM = ["-m", "experiments.gmm"]
-CONVERT = ["-m", "dngjax.models.convert_diffusers"]
+CONVERT = ["-m", "dngjax.convert"]
 TINY_DDPM = f"--config={REPO}/train/configs/mnist_ddpm.py:tiny"
 TINY_SAMPLE = f"--config={REPO}/sample/configs/mnist.py:tiny"
 
@@ -92,7 +92,7 @@ CASES = [
     ("gmm-out-under-a-file", GMM, ["--figure=fig1", "--n=8", "--out=afile/gmm"], "--out=afile/gmm cannot be created"),
     ("gmm-replot-without-samples", GMM, ["--figure=fig1", "--replot", "--out=gmm"], "--replot reuses gmm/fig1_samples.npz"),
     ("gmm-p-max-bound", GMM, ["--p_max=2"], "--p_max=2"),
-    # python -m dngjax.models.convert_diffusers: the positional arguments, SRC_DIR, OUT_DIR
+    # python -m dngjax.convert: the positional arguments, SRC_DIR, OUT_DIR
     ("convert-no-arguments", CONVERT, [], "expected SRC_DIR OUT_DIR"),
     ("convert-src-missing", CONVERT, ["nowhere", "out"], "not found"),
     ("convert-out-under-a-file", CONVERT, ["{ckpt}", "afile/out"], "OUT_DIR=afile/out cannot be created"),

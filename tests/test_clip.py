@@ -60,6 +60,28 @@ def test_clip_text_loader_errors(tmp_path):
         load_clip_text(path)
 
 
+def test_clip_weights_map_by_name_and_mismatches_are_listed(tmp_path):
+    """The CLIP weights go through the project's one PyTorch -> Flax mapper (models/torch_weights.py): buffers
+    are skipped, and one error lists every missing and unexpected parameter by name."""
+    from dngjax.models import clip
+    from dngjax.models.torch_weights import read_folder
+    _, path = _tiny(tmp_path, "quick_gelu", "m")
+    cfg, state = read_folder(path, "model.safetensors", "a CLIP folder")
+    encoder = clip.encoder_from_config(cfg)
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    ref = clip.params_from_torch(state, encoder)
+    with_buffer = dict(state, **{"text_model.embeddings.position_ids": np.arange(16)[None], "logit_scale": np.ones(()),
+                                 "vision_model.post_layernorm.weight": np.ones(3)})     # a full CLIPModel's
+    got = clip.params_from_torch(with_buffer, encoder)
+    assert jnp.array_equal(got["params"]["layers_1"]["fc2"]["kernel"], ref["params"]["layers_1"]["fc2"]["kernel"])
+    fc2 = next(k for k in state if k.endswith("encoder.layers.1.mlp.fc2.weight"))   # text_model. or not
+    bad = {k: v for k, v in state.items() if k != fc2}
+    bad[fc2.replace("layers.1.mlp.fc2", "layers.0.mlp.fc3")] = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError) as e:
+        clip.params_from_torch(bad, encoder)
+    assert "layers_1.fc2.kernel" in str(e.value) and fc2.replace("layers.1.mlp.fc2", "layers.0.mlp.fc3") in str(e.value)
+
+
 def test_tokenizer_pads_truncates_and_brackets_prompts(tmp_path):
     """A tiny BPE vocabulary in the diffusers tokenizer/ layout: bos ... eos, padded to max_length."""
     from dngjax.models.clip import load_tokenizer

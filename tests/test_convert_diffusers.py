@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dngjax import checkpoint
+from dngjax import convert as cv
 from dngjax.models import convert_diffusers as cd
 from dngjax.models.configs import cifar10_unet
 
@@ -213,7 +214,7 @@ def test_cli_writes_a_model_folder_every_loader_takes(small_dir, tmp_path, capsy
     from dngjax import checkpoint
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:                      # absl's app.run exits
-        cd.cli_main(["convert_diffusers", str(small_dir), str(out)])
+        cv.cli_main(["convert", str(small_dir), str(out)])
     assert e.value.code in (None, 0)
     printed = capsys.readouterr().out
     module, params = cd.convert(str(small_dir))
@@ -232,7 +233,7 @@ def test_cli_writes_a_model_folder_every_loader_takes(small_dir, tmp_path, capsy
 
 def test_cli_error_exit_code(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        cd.cli_main(["convert_diffusers", str(tmp_path / "nope"), str(tmp_path / "out")])
+        cv.cli_main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")])
     assert e.value.code == 2
     assert "not found" in capsys.readouterr().err
 
@@ -345,3 +346,45 @@ def test_missing_and_unexpected_tensors(small_state, tmp_path):
         cd.convert(str(tmp_path))
     assert "mid_block.attentions.0.to_q.weight" in str(e.value)
     assert "extra.weight" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- the card's schedule
+
+
+@pytest.mark.parametrize("scheduler,diffusion", [
+    ({"_class_name": "DDPMScheduler", "prediction_type": "v_prediction"},
+     {"num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "schedule": "linear", "prediction": "v"}),
+    ({"_class_name": "DDIMScheduler", "prediction_type": "sample", "beta_schedule": "squaredcos_cap_v2",
+      "num_train_timesteps": 500},
+     {"num_timesteps": 500, "beta_start": 1e-4, "beta_end": 0.02, "schedule": "squaredcos_cap_v2", "prediction": "x0"}),
+    ({"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+      "clip_sample": True, "trained_betas": None},
+     {"num_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "schedule": "scaled_linear", "prediction": "eps"}),
+])
+def test_pipeline_scheduler_config_gives_the_card_diffusion(small_dir, tmp_path, scheduler, diffusion):
+    """A pipeline folder's scheduler config decides the card's schedule and prediction type (every type the
+    denoiser takes), through the one parser of scheduler configs (dngjax.sd_scheduler)."""
+    import shutil
+    shutil.copytree(small_dir, tmp_path / "src" / "unet")
+    (tmp_path / "src" / "scheduler").mkdir()
+    (tmp_path / "src" / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    card = cv.convert_folder(str(tmp_path / "src"), str(tmp_path / "out"))
+    assert card["diffusion"] == diffusion
+    assert checkpoint.load_denoiser(str(tmp_path / "out")).prediction == diffusion["prediction"]
+    assert checkpoint.schedule_of(card).num_steps == diffusion["num_timesteps"]
+
+
+@pytest.mark.parametrize("scheduler,match", [
+    ({"prediction_type": "flow"}, "prediction_type='flow' is not supported"),
+    ({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid' is not supported"),
+    ({"trained_betas": [1e-4] * 1000}, "trained_betas"),
+    ({"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+])
+def test_pipeline_scheduler_config_refused_by_name(small_dir, tmp_path, scheduler, match):
+    import shutil
+    shutil.copytree(small_dir, tmp_path / "src" / "unet")
+    (tmp_path / "src" / "scheduler").mkdir()
+    (tmp_path / "src" / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    with pytest.raises(ValueError, match=match):
+        cv.convert_folder(str(tmp_path / "src"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

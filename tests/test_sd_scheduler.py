@@ -160,3 +160,51 @@ def test_eta_only_for_ddim():
         scheduler_chain(cfg, 10, solver="ddim", eta=2.0)
     with pytest.raises(ValueError, match="solver must be one of"):
         scheduler_chain(cfg, 10, solver="plms")
+
+
+# ----------------------------------------------------------------------------- the one reader of a config's training
+
+
+def test_every_prediction_type_of_the_denoiser_is_read():
+    """diffusers' prediction types map onto every prediction the Denoiser takes; others are refused by name."""
+    from dngjax.denoiser import PREDICTIONS as DENOISER_PREDICTIONS
+    from dngjax.sd_scheduler import PREDICTIONS, card_diffusion, parse_training, training_schedule
+    assert sorted(PREDICTIONS.values()) == sorted(DENOISER_PREDICTIONS)
+    for diffusers_name, ours in PREDICTIONS.items():
+        cfg = dict(SD_BETAS, prediction_type=diffusers_name)
+        assert parse_training(cfg).prediction == ours
+        assert training_schedule(cfg)[1] == ours
+        assert card_diffusion(cfg)["prediction"] == ours
+    for reader in (parse_training, training_schedule, card_diffusion):
+        with pytest.raises(ValueError, match="prediction_type='flow_prediction' is not supported"):
+            reader({"prediction_type": "flow_prediction"})
+
+
+def test_training_schedule_and_card_agree_with_the_model_card_reader():
+    """sd.load's training chain (alpha_bars as diffusers computes them), the converter's card entry and
+    checkpoint.schedule_of (the card's chain) give the same schedule for a config both can say."""
+    from dngjax import checkpoint
+    from dngjax.schedules import scaled_linear_schedule, linear_schedule
+    from dngjax.sd_scheduler import beta_schedule, card_diffusion, parse_training, training_schedule
+    assert parse_training({}) == parse_training({"beta_schedule": "linear", "num_train_timesteps": 1000})
+    for cfg, ref in ((SD_BETAS, scaled_linear_schedule()), ({}, linear_schedule())):
+        schedule, _ = training_schedule(cfg)
+        card_schedule = checkpoint.schedule_of({"diffusion": card_diffusion(cfg)})
+        for field in ("betas", "alpha_bars", "one_minus_alpha_bars", "posterior_variances"):
+            np.testing.assert_array_equal(getattr(schedule, field), getattr(ref, field), err_msg=field)
+            np.testing.assert_array_equal(getattr(card_schedule, field), getattr(ref, field), err_msg=field)
+    np.testing.assert_array_equal(beta_schedule("squaredcos_cap_v2", 50).betas, beta_schedule("cosine", 50).betas)
+    with pytest.raises(KeyError):
+        beta_schedule("sigmoid")
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid' is not supported"),
+    ({"trained_betas": [0.01] * 1000}, "trained_betas"),
+    ({"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ({"rescale_betas_zero_snr": True}, "zero terminal SNR needs 'v_prediction'"),
+])
+def test_card_refuses_what_a_card_cannot_say(cfg, match):
+    from dngjax.sd_scheduler import card_diffusion
+    with pytest.raises(ValueError, match=match):
+        card_diffusion(cfg)

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .torch_weights import assemble, read_folder, template
+from .torch_weights import assemble_torch, read_folder, template
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -173,58 +173,39 @@ def encoder_from_config(cfg: Dict[str, Any]) -> CLIPTextEncoder:
                            eps=float(cfg.get("layer_norm_eps", 1e-5)))
 
 
-def _flax_path(key: str) -> Tuple[Tuple[str, ...], str]:
-    """transformers' parameter name -> (flax module path, "kernel" | "bias" | "scale" | "embedding"),
-    for the text tower (``text_model.``) and the image tower (``vision_model.``, ``visual_projection``)."""
+#: each tower's entries that a loader of the other one skips (a full CLIPModel holds both)
+_OTHER_TOWER = {"text_model": ("vision_model", "visual_projection"), "vision_model": ("text_model", "text_projection")}
+
+
+def _flax_name(key: str, tower: str) -> Optional[str]:
+    """transformers' parameter name -> the encoder's parameter in PyTorch naming (``torch_weights.torch_path``),
+    for the text tower (``text_model.``) and the image tower (``vision_model.``, ``visual_projection``); None for
+    the entries a tower does not use (``position_ids`` buffers, ``logit_scale``, the other tower)."""
+    if key.endswith("position_ids") or key == "logit_scale" or key.startswith(_OTHER_TOWER[tower]):
+        return None
     parts = key.split(".")
     if parts[0] in ("text_model", "vision_model"):               # transformers 4.x layout / WithProjection
         parts = parts[1:]
-    leaf = parts[-1]
-    if parts[0] == "embeddings":
-        if parts[1] == "class_embedding":
-            return (), "class_embedding"
-        if parts[1] == "patch_embedding":
-            return ("patch_embedding",), "kernel"
-        return (parts[1],), "embedding"                            # token_embedding / position_embedding
-    if parts[0] in ("final_layer_norm", "pre_layrnorm", "post_layernorm"):
-        return (parts[0],), {"weight": "scale", "bias": "bias"}[leaf]
-    if parts[0] == "visual_projection":
-        return ("visual_projection",), "kernel"
-    if parts[0] == "encoder" and parts[1] == "layers":
-        layer, sub = f"layers_{int(parts[2])}", parts[3:-1]
-        if sub[0] in ("layer_norm1", "layer_norm2"):
-            return (layer, sub[0]), {"weight": "scale", "bias": "bias"}[leaf]
-        if sub[0] == "self_attn":
-            return (layer, "self_attn", sub[1]), {"weight": "kernel", "bias": "bias"}[leaf]
-        if sub[0] == "mlp":
-            return (layer, sub[1]), {"weight": "kernel", "bias": "bias"}[leaf]
-    raise KeyError(key)
+    if parts and parts[0] in ("embeddings", "encoder"):           # the encoder's modules sit at its top level
+        parts = parts[1:]
+    if len(parts) > 3 and parts[0] == "layers" and parts[2] == "mlp":   # layers.i.mlp.fc1 -> layers_i.fc1
+        parts = parts[:2] + parts[3:]
+    return ".".join(parts)
 
 
 def params_from_torch(state: Dict[str, np.ndarray], encoder) -> Dict[str, Any]:
-    """Flax params of ``encoder`` (text or image) from a transformers CLIP state dict (numpy arrays).
+    """Flax params of ``encoder`` (text or image) from a transformers CLIP state dict (numpy arrays), mapped
+    by :func:`dngjax.models.torch_weights.assemble_torch`.
 
     Linear weights (out, in) become kernels (in, out). Every parameter of the encoder must be present
-    with its shape; unexpected entries (e.g. ``position_ids`` buffers) are ignored.
+    with its shape; buffers (``position_ids``) and a full CLIPModel's other tower are skipped.
     """
+    image = isinstance(encoder, CLIPImageEncoder)
     dummy = (jnp.zeros((1, encoder.image_size, encoder.image_size, encoder.channels))
-             if isinstance(encoder, CLIPImageEncoder) else jnp.zeros((1, 1), jnp.int32))
-    tmpl = template(encoder, dummy)
-    out: Dict[Tuple[str, ...], np.ndarray] = {}
-    tower = "vision_model" if isinstance(encoder, CLIPImageEncoder) else "text_model"
-    other = {"text_model": ("vision_model", "visual_projection"), "vision_model": ("text_model", "text_projection")}
-    for key, arr in state.items():
-        if key.endswith("position_ids") or key.startswith(other[tower]) or key == "logit_scale":
-            continue                                               # buffers; a full CLIPModel's other tower
-        try:
-            mod, leaf = _flax_path(key)
-        except (KeyError, IndexError):
-            raise ValueError(f"unexpected parameter {key!r} for a CLIP {tower.split('_')[0]} encoder") from None
-        a = np.asarray(arr, np.float32)
-        if leaf == "kernel":
-            a = a.transpose(2, 3, 1, 0) if a.ndim == 4 else a.T   # conv (out, in, kh, kw) / linear (out, in)
-        out[mod + (leaf,)] = a
-    return assemble(out, tmpl, "encoder")
+             if image else jnp.zeros((1, 1), jnp.int32))
+    tower = "vision_model" if image else "text_model"
+    return assemble_torch(state, template(encoder, dummy), f"CLIP {tower.split('_')[0]} encoder",
+                          rename=lambda key: _flax_name(key, tower))
 
 
 def load_clip_text(folder: str) -> Tuple[CLIPTextEncoder, Dict[str, Any]]:

@@ -13,14 +13,9 @@ Only configurations the Flax UNet represents exactly are accepted: positional
 single-head attention, SiLU, GroupNorm eps 1e-6, no class embedding; anything
 else raises a ``ValueError`` naming the config field.
 
-CLI::
-
-    python -m dngjax.models.convert_diffusers SRC_DIR OUT_DIR
-
-writes a dngjax model folder (``params.msgpack`` + ``card.json`` with the architecture,
-``input_shape`` and the diffusion schedule, the format of :mod:`dngjax.checkpoint`), which every
-loader of the project takes: ``checkpoint.load_model(OUT_DIR)``, ``--config.init_from=OUT_DIR`` for
-fine-tuning, ``--config.uncond=OUT_DIR`` for sampling.
+The weights are read and mapped by :mod:`dngjax.models.torch_weights`. Writing the converted model as a
+dngjax model folder (the card, the scheduler config) and the command line
+(``python -m dngjax.convert SRC_DIR OUT_DIR``) sit above the models, in :mod:`dngjax.convert`.
 """
 
 from __future__ import annotations
@@ -29,11 +24,11 @@ import json
 import math
 import os
 import re
-import sys
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
+from .torch_weights import assemble_torch, current_attention_names, read_bin, read_safetensors, template
 from .unet import UNet
 
 CONFIG_NAME = "config.json"
@@ -185,7 +180,8 @@ def unet_kwargs_from_config(config: Mapping[str, Any]) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- loading
 
 
-def _find_model_dir(src: str) -> str:
+def find_unet_dir(src: str) -> str:
+    """The folder of the UNet: ``src`` itself, or its ``unet/`` (a pipeline folder)."""
     if not os.path.isdir(src):
         raise FileNotFoundError(f"diffusers checkpoint directory not found: {src!r}")
     if os.path.isfile(os.path.join(src, CONFIG_NAME)):
@@ -196,47 +192,9 @@ def _find_model_dir(src: str) -> str:
     raise FileNotFoundError(f"no {CONFIG_NAME} in {src!r} (nor in {sub!r})")
 
 
-def _load_safetensors(path: str) -> Dict[str, np.ndarray]:
-    try:
-        from safetensors import safe_open
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"reading {path!r} needs safetensors: pip install safetensors") from e
-    out = {}
-    with safe_open(path, framework="np") as f:
-        for k in f.keys():
-            try:
-                out[k] = np.asarray(f.get_tensor(k))
-            except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy lacks
-                raise ValueError(
-                    f"{path!r}: tensor {k!r} has a dtype numpy cannot read ({e}); "
-                    "re-save the checkpoint in float32 or float16") from e
-    return out
-
-
-def _load_bin(path: str) -> Dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"reading {path!r} needs torch (or convert it to .safetensors)") from e
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"could not load {path!r} with torch.load(weights_only=True): {e}") from e
-    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-        sd = sd["state_dict"]
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{path!r} does not hold a state dict (got {type(sd).__name__})")
-    out = {}
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{path!r}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        out[k] = v.detach().to(torch.float32).cpu().numpy()
-    return out
-
-
 def load_diffusers_checkpoint(src: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     """(config dict, state dict of numpy arrays) of a diffusers UNet2DModel directory."""
-    model_dir = _find_model_dir(src)
+    model_dir = find_unet_dir(src)
     with open(os.path.join(model_dir, CONFIG_NAME)) as f:
         try:
             config = json.load(f)
@@ -244,32 +202,15 @@ def load_diffusers_checkpoint(src: str) -> Tuple[Dict[str, Any], Dict[str, np.nd
             raise ValueError(f"{os.path.join(model_dir, CONFIG_NAME)!r} is not valid JSON: {e}") from e
     st, pt = os.path.join(model_dir, SAFETENSORS_NAME), os.path.join(model_dir, BIN_NAME)
     if os.path.isfile(st):
-        state = _load_safetensors(st)
+        state = read_safetensors(st)
     elif os.path.isfile(pt):
-        state = _load_bin(pt)
+        state = read_bin(pt)
     else:
         raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {model_dir!r}")
     return config, state
 
 
 # --------------------------------------------------------------------------- mapping
-
-# Old diffusers AttentionBlock names -> the current Attention names.
-_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_LEGACY_RE = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
-
-
-def _normalize_keys(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    out = {}
-    for k, v in state.items():
-        m = _LEGACY_RE.match(k)
-        if m:
-            k = f"{m.group(1)}.{_LEGACY_ATTN[m.group(2)]}.{m.group(3)}"
-        if k in out:
-            raise ValueError(f"checkpoint holds both the legacy and the current name of {k!r}")
-        out[k] = v
-    return out
-
 
 def _module_map(n_levels: int, params_shape: Mapping[str, Any]) -> Dict[str, Tuple[str, str]]:
     """Flax module path -> (diffusers prefix, kind) for every module of the Flax tree."""
@@ -304,38 +245,31 @@ def _module_map(n_levels: int, params_shape: Mapping[str, Any]) -> Dict[str, Tup
     return mapping
 
 
+#: the Flax names of a residual / attention block's submodules -> diffusers'
 _SUBMODULES = {
-    "res": {"norm1": ("norm1", "norm"), "conv1": ("conv1", "conv"),
-            "temb_proj": ("time_emb_proj", "dense"), "norm2": ("norm2", "norm"),
-            "conv2": ("conv2", "conv"), "shortcut": ("conv_shortcut", "conv")},
-    "attn": {"norm": ("group_norm", "norm"), "q": ("to_q", "dense"), "k": ("to_k", "dense"),
-             "v": ("to_v", "dense"), "proj_out": ("to_out.0", "dense")},
+    "res": {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
+            "conv2": "conv2", "shortcut": "conv_shortcut"},
+    "attn": {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"},
 }
 
 
-def _convert_leaf(kind: str, leaf: str, key: str, w: np.ndarray) -> np.ndarray:
-    if kind == "conv" and leaf == "kernel":
-        if w.ndim != 4:
-            raise ValueError(f"{key}: expected a 4-D conv weight, got shape {w.shape}")
-        return np.transpose(w, (2, 3, 1, 0))  # (O, I, kh, kw) -> (kh, kw, I, O)
-    if kind == "dense" and leaf == "kernel":
-        if w.ndim == 4 and w.shape[2:] == (1, 1):  # a 1x1 conv stored for a linear layer
-            w = w[:, :, 0, 0]
-        if w.ndim != 2:
-            raise ValueError(f"{key}: expected a 2-D linear weight, got shape {w.shape}")
-        return w.T  # (out, in) -> (in, out)
-    return w
-
-
-def _torch_key(prefix: str, kind: str, leaf: str) -> str:
-    if kind == "norm":
-        return f"{prefix}.{'weight' if leaf == 'scale' else 'bias'}"
-    return f"{prefix}.{'weight' if leaf == 'kernel' else 'bias'}"
+def _prefixes(n_levels: int, tmpl: Mapping[Tuple[str, ...], Any]) -> Dict[str, str]:
+    """diffusers module prefix -> the Flax module (``name`` or ``name.child``) it is, for every module of the
+    Flax tree: ``down_blocks.0.resnets.1.time_emb_proj`` -> ``down_0_res_1.temb_proj``."""
+    out = {}
+    for name, (prefix, kind) in _module_map(n_levels, {path[0]: None for path in tmpl}).items():
+        if kind in _SUBMODULES:
+            for child, torch_child in _SUBMODULES[kind].items():
+                out[f"{prefix}.{torch_child}"] = f"{name}.{child}"
+        else:
+            out[prefix] = name
+    return out
 
 
 def convert_state_dict(state: Mapping[str, np.ndarray], module: UNet,
                        sample_shape: Tuple[int, int, int]) -> Dict[str, Any]:
-    """Map a diffusers state dict onto ``module``'s parameter tree ({'params': ...}).
+    """Map a diffusers state dict onto ``module``'s parameter tree ({'params': ...}), by name
+    (:func:`dngjax.models.torch_weights.assemble_torch`, the diffusers names renamed to the Flax UNet's).
 
     Every Flax parameter must be found with the right shape and every checkpoint
     tensor must be used; otherwise a ``ValueError`` lists the offending keys.
@@ -344,48 +278,18 @@ def convert_state_dict(state: Mapping[str, np.ndarray], module: UNet,
     import jax.numpy as jnp
 
     h, w, c = sample_shape
-    x = jax.ShapeDtypeStruct((1, h, w, c), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x, t)["params"]
-    state = _normalize_keys(state)
-    modules = _module_map(len(module.ch_mult), shapes)
-    used, missing, mismatched, bad_shape = set(), [], [], set()
-    params: Dict[str, Any] = {}
-    for name, sub in shapes.items():
-        prefix, kind = modules[name]
-        if kind in _SUBMODULES:
-            items = [(child, leaves, f"{prefix}.{_SUBMODULES[kind][child][0]}",
-                      _SUBMODULES[kind][child][1]) for child, leaves in sub.items()]
-        else:
-            items = [(None, sub, prefix, kind)]
-        out: Dict[str, Any] = {}
-        for child, leaves, tprefix, tkind in items:
-            dest = out if child is None else out.setdefault(child, {})
-            for leaf, spec in leaves.items():
-                key = _torch_key(tprefix, tkind, leaf)
-                if key not in state:
-                    missing.append(key)
-                    continue
-                arr = _convert_leaf(tkind, leaf, key, np.asarray(state[key]))
-                if tuple(arr.shape) != tuple(spec.shape):
-                    mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)} -> "
-                                      f"{tuple(arr.shape)}, Flax {name} expects {tuple(spec.shape)}")
-                    bad_shape.add(key)
-                    continue
-                used.add(key)
-                dest[leaf] = np.ascontiguousarray(arr, dtype=np.float32)
-        params[name] = out
-    unexpected = sorted(set(state) - used - bad_shape)
-    problems = []
-    if mismatched:
-        problems.append("shape mismatches:\n  " + "\n  ".join(mismatched))
-    if missing:
-        problems.append("missing from the checkpoint:\n  " + "\n  ".join(missing))
-    if unexpected:
-        problems.append("checkpoint tensors with no Flax counterpart:\n  " + "\n  ".join(unexpected))
-    if problems:
-        raise ValueError("checkpoint does not match its config:\n" + "\n".join(problems))
-    return {"params": jax.tree_util.tree_map(jnp.asarray, params)}
+    tmpl = template(module, jax.ShapeDtypeStruct((1, h, w, c), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    to_flax = _prefixes(len(module.ch_mult), tmpl)
+    to_torch = {v: k for k, v in to_flax.items()}
+
+    def rename(key: str) -> str:
+        prefix, _, leaf = key.rpartition(".")
+        return f"{to_flax[prefix]}.{leaf}" if prefix in to_flax else key
+
+    def source_of(path: Tuple[str, ...]) -> str:
+        return f"{to_torch['.'.join(path[:-1])]}.{'bias' if path[-1] == 'bias' else 'weight'}"
+
+    return assemble_torch(current_attention_names(state), tmpl, "UNet", rename=rename, source_of=source_of)
 
 
 def convert(src: str) -> Tuple[UNet, Dict[str, Any]]:
@@ -394,76 +298,14 @@ def convert(src: str) -> Tuple[UNet, Dict[str, Any]]:
     ``module.apply(params, x, t)`` with ``x`` NHWC equals the diffusers model's
     output on the NCHW transpose of ``x``.
     """
-    return _convert_loaded(*load_diffusers_checkpoint(src))
+    return convert_loaded(*load_diffusers_checkpoint(src))
 
 
-def _convert_loaded(config: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Tuple[UNet, Dict[str, Any]]:
+def convert_loaded(config: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Tuple[UNet, Dict[str, Any]]:
+    """:func:`convert` of a config and state dict already read (:func:`load_diffusers_checkpoint`)."""
     kwargs = unet_kwargs_from_config(config)
     module = UNet(**kwargs)
     size = config.get("sample_size")
     hgt, wid = (size, size) if isinstance(size, int) else tuple(size)
     in_ch = config.get("in_channels", DIFFUSERS_DEFAULTS["in_channels"])
     return module, convert_state_dict(state, module, (hgt, wid, in_ch))
-
-
-def convert_folder(src: str, out_dir: str) -> Dict[str, Any]:
-    """Convert the diffusers folder ``src`` into the dngjax model folder ``out_dir``; returns its card."""
-    config, state = load_diffusers_checkpoint(src)
-    module, params = _convert_loaded(config, state)
-    return save_converted(out_dir, module, params, src=src, config=config)
-
-
-# --------------------------------------------------------------------------- save
-
-
-def save_converted(out_dir: str, module: UNet, params: Any, src: str = "", config: Optional[Mapping[str, Any]] = None,
-                   ) -> Dict[str, Any]:
-    """Write the converted model as a dngjax model folder (:func:`dngjax.checkpoint.save_model`).
-
-    ``config``: the diffusers config (for ``input_shape``); the diffusion schedule is the DDPM
-    default of Ho et al.'s models (linear betas 1e-4 .. 0.02, T = 1000, eps prediction), read
-    from ``scheduler/scheduler_config.json`` next to the UNet when the source has one.
-    Returns the card.
-    """
-    from .. import checkpoint
-    config = dict(config or {})
-    size = config.get("sample_size", 32)
-    hgt, wid = (size, size) if isinstance(size, int) else tuple(size)
-    in_ch = config.get("in_channels", DIFFUSERS_DEFAULTS["in_channels"])
-    diffusion = {"num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "schedule": "linear",
-                 "prediction": "eps"}
-    # a pipeline folder (unet/ + scheduler/) says its schedule; a bare UNet folder does not
-    sched_path = (os.path.join(src, "scheduler", "scheduler_config.json")
-                  if src and _find_model_dir(src) != src else "")
-    if sched_path and os.path.isfile(sched_path):
-        with open(sched_path) as f:
-            sc = json.load(f)
-        diffusion.update(num_timesteps=sc.get("num_train_timesteps", 1000), beta_start=sc.get("beta_start", 1e-4),
-                         beta_end=sc.get("beta_end", 0.02), schedule=sc.get("beta_schedule", "linear"),
-                         prediction=sc.get("prediction_type", "epsilon").replace("epsilon", "eps"))
-    card = {"name": os.path.basename(os.path.abspath(src)) if src else "converted", "kind": "ddpm",
-            "input_shape": [int(hgt), int(wid), int(in_ch)], "source": "diffusers UNet2DModel",
-            "converted_from": os.path.abspath(src) if src else None, "diffusion": diffusion,
-            "params": "as released (converted to Flax layout)"}
-    checkpoint.save_model(out_dir, module, params, card)
-    return checkpoint.load_card(out_dir)
-
-
-def main(argv) -> None:
-    """``python -m dngjax.models.convert_diffusers SRC_DIR OUT_DIR`` (run through :func:`dngjax.cli.run`)."""
-    from .. import cli
-    src, out = argv[1:]
-    with cli.user_errors():
-        cli.check_writable_folder(out, "OUT_DIR")
-        card = convert_folder(src, out)
-    print(f"converted {card['num_params']:,} parameters -> {out}")
-
-
-def cli_main(argv=None) -> None:
-    from .. import cli
-    cli.run(main, lambda: None, argv=argv, positional=("SRC_DIR", "OUT_DIR"),
-            doc="python -m dngjax.models.convert_diffusers SRC_DIR OUT_DIR\n\n" + __doc__.split("CLI::")[0])
-
-
-if __name__ == "__main__":
-    cli_main()

@@ -1,15 +1,24 @@
 """Reading PyTorch-layout weights (diffusers / transformers folders) into Flax parameter trees.
 
-Shared by the loaders of :mod:`dngjax.models.clip` and :mod:`dngjax.models.vae`: read a folder's
-``config.json`` and safetensors file (numpy, no torch), and assemble converted arrays into the
-parameter tree a Flax module expects, with one clear error for a missing or mis-shaped parameter.
+The project's one PyTorch -> Flax weight mapper, shared by every loader of :mod:`dngjax.models`
+(:mod:`~dngjax.models.sd_unet`, :mod:`~dngjax.models.vae`, :mod:`~dngjax.models.clip`,
+:mod:`~dngjax.models.convert_diffusers`):
+
+* reading: :func:`read_safetensors` (numpy, no torch), :func:`read_bin` (``torch.load(weights_only=True)``),
+  :func:`read_folder` (a folder's ``config.json`` and safetensors file);
+* mapping by name: :func:`assemble_torch` puts a state dict into the parameter tree of a Flax module whose
+  submodules carry the PyTorch names (:func:`torch_path`; a ``rename`` maps other names onto them first),
+  converting each tensor by the kind of parameter the template holds there (convolution / linear kernel,
+  normalisation scale, embedding, bias, a bare parameter), with one error that lists every missing,
+  unexpected or mis-shaped parameter.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Sequence, Tuple, Union
+import re
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import jax
@@ -17,12 +26,58 @@ import jax.numpy as jnp
 
 Path = Tuple[str, ...]
 
+#: at most this many names per kind of problem in a mapping error
+_SHOWN = 10
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
+    """{name: numpy array} of a ``.safetensors`` file (safetensors' numpy API; no torch)."""
+    try:
+        from safetensors import safe_open
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"reading {path!r} needs safetensors: pip install safetensors") from e
+    out = {}
+    with safe_open(path, framework="np") as f:
+        for k in f.keys():
+            try:
+                out[k] = np.asarray(f.get_tensor(k))
+            except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy lacks
+                raise ValueError(
+                    f"{path!r}: tensor {k!r} has a dtype numpy cannot read ({e}); "
+                    "re-save the checkpoint in float32 or float16") from e
+    return out
+
+
+def read_bin(path: str) -> Dict[str, np.ndarray]:
+    """{name: float32 numpy array} of a PyTorch ``.bin`` state dict, read with
+    ``torch.load(weights_only=True)`` (never an arbitrary pickle); a ``{"state_dict": ...}`` wrapper is opened."""
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"reading {path!r} needs torch (or convert it to .safetensors)") from e
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not load {path!r} with torch.load(weights_only=True): {e}") from e
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path!r} does not hold a state dict (got {type(sd).__name__})")
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{path!r}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        out[k] = v.detach().to(torch.float32).cpu().numpy()
+    return out
+
 
 def read_folder(folder: str, weights_name: Union[str, Sequence[str]], what: str
                 ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     """(config dict, state dict of numpy arrays) of ``folder``/config.json and ``folder``/``weights_name``
     (several names: the first that exists, e.g. the float32 file, then the ``.fp16`` variant)."""
-    from .convert_diffusers import _load_safetensors
     names = [weights_name] if isinstance(weights_name, str) else list(weights_name)
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
@@ -32,30 +87,47 @@ def read_folder(folder: str, weights_name: Union[str, Sequence[str]], what: str
         raise FileNotFoundError(f"{folder!r} is not {what}: {' or '.join(names)} is missing")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    return cfg, _load_safetensors(found[0])
+    return cfg, read_safetensors(found[0])
 
 
-def template(module, *example_inputs) -> Dict[Path, Any]:
-    """{parameter path: ShapeDtypeStruct} of ``module.init`` (traced, nothing computed)."""
-    tmpl = jax.eval_shape(module.init, jax.random.key(0), *example_inputs)["params"]
+#: old diffusers ``AttentionBlock`` names -> the current ``Attention`` names
+LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY_RE = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+
+
+def current_attention_names(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """``state`` with the attention parameters of older diffusers checkpoints (``query``, ``key``, ``value``,
+    ``proj_attn``) renamed as diffusers names them now; ValueError if a checkpoint holds both names."""
+    out = {}
+    for k, v in state.items():
+        m = _LEGACY_RE.match(k)
+        if m:
+            k = f"{m.group(1)}.{LEGACY_ATTENTION[m.group(2)]}.{m.group(3)}"
+        if k in out:
+            raise ValueError(f"checkpoint holds both the legacy and the current name of {k!r}")
+        out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def template(module, *example_inputs, collection: str = "params") -> Dict[Path, Any]:
+    """{parameter path: ShapeDtypeStruct} of ``module.init``'s ``collection`` (traced, nothing computed)."""
+    tmpl = jax.eval_shape(module.init, jax.random.key(0), *example_inputs)[collection]
     return {tuple(str(getattr(k, "key", k)) for k in path): v
             for path, v in jax.tree_util.tree_flatten_with_path(tmpl)[0]}
 
 
-def assemble(arrays: Dict[Path, np.ndarray], tmpl: Dict[Path, Any], what: str) -> Dict[str, Any]:
-    """``{"params": tree}`` from converted arrays; every template parameter must be there with its shape."""
-    missing = sorted(".".join(k) for k in tmpl if k not in arrays)
-    if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} parameters of the {what}, e.g. {missing[:3]}")
+def _tree(arrays: Dict[Path, np.ndarray], tmpl: Dict[Path, Any]) -> Dict[str, Any]:
+    """The nested dict of ``arrays`` (as jax arrays) at the template's paths, in the template's order."""
     params: Dict[str, Any] = {}
-    for k, v in tmpl.items():
-        if arrays[k].shape != tuple(v.shape):
-            raise ValueError(f"parameter {'.'.join(k)} has shape {arrays[k].shape}, the config needs {tuple(v.shape)}")
+    for k in tmpl:
         node = params
         for p in k[:-1]:
             node = node.setdefault(p, {})
         node[k[-1]] = jnp.asarray(arrays[k])
-    return {"params": params}
+    return params
 
 
 def torch_path(key: str) -> Tuple[Path, str]:
@@ -71,43 +143,108 @@ def torch_path(key: str) -> Tuple[Path, str]:
     return tuple(path), parts[-1]
 
 
+def _flax_leaf(mod: Path, leaf: str, tmpl: Mapping[Path, Any]) -> Optional[str]:
+    """The Flax parameter of module ``mod`` that the torch leaf ``leaf`` is, by what the template holds there."""
+    if leaf == "bias":
+        return "bias"
+    if leaf == "weight":
+        for name in ("kernel", "scale", "embedding"):      # linear / convolution, normalisation, embedding
+            if mod + (name,) in tmpl:
+                return name
+        return None
+    return leaf                                              # a bare parameter (e.g. CLIP's class_embedding)
+
+
+def _convert(a: np.ndarray, name: str, want: int) -> np.ndarray:
+    """A torch tensor as the Flax parameter ``name`` of ``want`` dimensions: kernels of convolutions
+    (out, in, kh, kw) -> (kh, kw, in, out), of linear layers (out, in) -> (in, out) (a 1x1 convolution and a
+    linear layer convert into each other); anything else as it is."""
+    if name == "kernel":
+        if a.ndim == 4:
+            a = a.transpose(2, 3, 1, 0)                      # (out, in, kh, kw) -> (kh, kw, in, out)
+            if want == 2 and a.shape[:2] == (1, 1):
+                a = a[0, 0]
+        elif a.ndim == 2:
+            a = a.T[None, None] if want == 4 else a.T
+    return a
+
+
+#: BatchNorm buffers of PyTorch -> the ``batch_stats`` of Flax's ``nn.BatchNorm``
+_BATCH_STATS = {"running_mean": "mean", "running_var": "var"}
+
+
 def assemble_torch(state: Dict[str, np.ndarray], tmpl: Dict[Path, Any], what: str, dtype: Any = None,
-                   prefix: str = "") -> Dict[str, Any]:
+                   prefix: str = "", rename: Optional[Callable[[str], Optional[str]]] = None,
+                   source_of: Optional[Callable[[Path], str]] = None,
+                   stats: Optional[Dict[Path, Any]] = None) -> Dict[str, Any]:
     """``{"params": tree}`` of a module whose submodules carry the PyTorch names (``torch_path``), from a
-    state dict: weights of normalisations -> ``scale``, of convolutions (out, in, kh, kw) -> ``kernel``
-    (kh, kw, in, out), of linear layers (out, in) -> ``kernel`` (in, out) (a 1x1 convolution and a linear
-    layer convert into each other), cast to ``dtype`` (default float32). Only keys under ``prefix`` are read; one not in the template raises
-    (a config that does not match the weights), as does a template parameter the state lacks."""
-    arrays: Dict[Path, np.ndarray] = {}
-    unexpected = []
+    state dict: weights of normalisations -> ``scale``, of embeddings -> ``embedding``, of convolutions
+    (out, in, kh, kw) -> ``kernel`` (kh, kw, in, out), of linear layers (out, in) -> ``kernel`` (in, out)
+    (a 1x1 convolution and a linear layer convert into each other), biases and bare parameters as they
+    are, all cast to ``dtype`` (default float32).
+
+    Only keys under ``prefix`` are read. ``rename``: the name of a (prefix-stripped) key in the Flax
+    module's PyTorch naming, or None for an entry to skip (buffers, another model's tower); default: the
+    key itself. ``source_of``: the checkpoint's name of a Flax parameter path, to name missing parameters
+    (default: the Flax path). ``stats``: the template of the module's ``batch_stats`` (BatchNorm), whose
+    ``mean`` / ``var`` are the ``running_mean`` / ``running_var`` buffers (``num_batches_tracked`` is
+    skipped); the result is then ``{"batch_stats": tree, "params": tree}``.
+
+    Every key must map to a template entry of the converted shape and every template entry must be
+    found: otherwise one ValueError lists the shape mismatches, the missing and the unexpected
+    parameters (a config that does not match the weights).
+    """
+    found: Dict[str, Dict[Path, np.ndarray]] = {"params": {}, "batch_stats": {}}
+    templates = {"params": tmpl, "batch_stats": stats or {}}
+    shapes: List[str] = []
+    bad_shape = set()
+    unexpected: List[str] = []
+    cast = np.dtype(dtype) if dtype is not None else np.float32
     for key, w in state.items():
         if not key.startswith(prefix):
             continue
-        mod, leaf = torch_path(key[len(prefix):])
-        if leaf == "bias":
-            name = "bias"
-        elif mod + ("kernel",) in tmpl:
-            name = "kernel"
-        elif mod + ("scale",) in tmpl:
-            name = "scale"
+        name = key[len(prefix):] if rename is None else rename(key[len(prefix):])
+        if name is None:
+            continue
+        mod, leaf = torch_path(name)
+        if stats is not None and leaf == "num_batches_tracked":
+            continue
+        if stats is not None and leaf in _BATCH_STATS:
+            collection, flax_leaf = "batch_stats", _BATCH_STATS[leaf]
         else:
+            collection, flax_leaf = "params", _flax_leaf(mod, leaf, tmpl)
+        path = mod + (flax_leaf,) if flax_leaf is not None else None
+        if path not in templates[collection]:
             unexpected.append(key)
             continue
-        if mod + (name,) not in tmpl:
-            unexpected.append(key)
+        want = tuple(templates[collection][path].shape)
+        a = _convert(np.asarray(w), flax_leaf, len(want))
+        if a.shape != want:
+            shapes.append(f"{key} {np.shape(w)}: {'.'.join(path)} has shape {a.shape}, the config needs {want}")
+            bad_shape.add((collection, path))
             continue
-        a = np.asarray(w)
-        want = len(tmpl[mod + (name,)].shape)
-        if name == "kernel":
-            if a.ndim == 4:
-                a = a.transpose(2, 3, 1, 0)                  # (out, in, kh, kw) -> (kh, kw, in, out)
-                if want == 2:
-                    a = a[0, 0]
-            elif a.ndim == 2:
-                a = a.T[None, None] if want == 4 else a.T
-        arrays[mod + (name,)] = a.astype(np.dtype(dtype) if dtype is not None else np.float32)
-    if unexpected:
-        raise ValueError(f"the checkpoint has {len(unexpected)} parameters the {what} of this config does not, "
-                         f"e.g. {unexpected[:3]}: the folder's config.json does not match its weights")
-    return assemble(arrays, tmpl, what)
+        found[collection][path] = a.astype(cast)
+    missing = [".".join(k) if source_of is None else f"{source_of(k)} ({'.'.join(k)})"
+               for collection, t in templates.items() for k in t
+               if k not in found[collection] and (collection, k) not in bad_shape]
+    if shapes or missing or unexpected:
+        raise ValueError(_mismatch(what, shapes, missing, unexpected))
+    params = {"params": _tree(found["params"], tmpl)}
+    return params if stats is None else {"batch_stats": _tree(found["batch_stats"], stats), **params}
 
+
+def _mismatch(what: str, shapes: List[str], missing: List[str], unexpected: List[str]) -> str:
+    """The message of a checkpoint that does not fit the module its config describes."""
+    def listing(title: str, items: List[str]) -> str:
+        more = f"\n  ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+        return f"{title} ({len(items)}):\n  " + "\n  ".join(items[:_SHOWN]) + more
+
+    parts = []
+    if shapes:
+        parts.append(listing("shape mismatches", shapes))
+    if missing:
+        parts.append(listing(f"parameters of the {what} missing from the checkpoint", missing))
+    if unexpected:
+        parts.append(listing(f"checkpoint parameters the {what} of this config does not have", unexpected))
+    return (f"the checkpoint does not fit the {what}: the config (the folder's config.json) does not match its "
+            "weights\n" + "\n".join(parts))
