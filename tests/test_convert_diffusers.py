@@ -238,6 +238,15 @@ def test_cli_error_exit_code(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_old_command_line_says_where_it_moved(tmp_path):
+    """The command line is python -m dngjax.convert (above the models); the old module's says so, exit 2."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "dngjax.models.convert_diffusers", "a", "b"], capture_output=True,
+                       text=True, cwd=str(tmp_path), env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert r.returncode == 2 and "python -m dngjax.convert SRC_DIR OUT_DIR" in r.stderr
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -309,3 +309,9 @@ def convert_loaded(config: Mapping[str, Any], state: Mapping[str, np.ndarray]) -
     hgt, wid = (size, size) if isinstance(size, int) else tuple(size)
     in_ch = config.get("in_channels", DIFFUSERS_DEFAULTS["in_channels"])
     return module, convert_state_dict(state, module, (hgt, wid, in_ch))
+
+
+if __name__ == "__main__":              # the command line sits above the models, in dngjax.convert
+    import sys
+    print("error: the converter's command line is python -m dngjax.convert SRC_DIR OUT_DIR", file=sys.stderr)
+    sys.exit(2)
