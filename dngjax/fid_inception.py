@@ -18,7 +18,7 @@ weight file gives the same features:
 
 The weights are downloaded by the user (nothing is fetched here) from
 https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
-and read by :func:`load_torch_state_dict`, a restricted unpickler that accepts
+and read by :func:`load_torch_state_dict` (of :mod:`dngjax.models.torch_weights`), a restricted unpickler that accepts
 only tensors, storages and ordered dicts (both PyTorch file formats: the zip
 archive of torch >= 1.6 and the older sequential format) -- no arbitrary
 objects are ever unpickled, and torch itself is not needed.
@@ -31,12 +31,7 @@ Usage::
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
-import struct as _struct
-import zipfile
-from collections import OrderedDict
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 import numpy as np
@@ -45,7 +40,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import traverse_util
 
-from .models.torch_weights import assemble_torch, template
+from .models.torch_weights import assemble_torch, load_torch_state_dict, template
 
 Array = jnp.ndarray
 
@@ -219,194 +214,6 @@ class FIDInceptionV3(nn.Module):
         x = FIDInceptionE("avg", name="Mixed_7b")(x)
         x = FIDInceptionE("max", name="Mixed_7c")(x)
         return jnp.mean(x, axis=(1, 2))
-
-
-# =========================================================================== safe torch loader
-
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
-}
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
-
-
-class _StorageType:
-    def __init__(self, name: str):
-        self.name = name
-        self.dtype = np.dtype(_STORAGE_DTYPES[name])
-
-
-class _Storage:
-    """A flat typed buffer; ``data`` is filled in when the bytes have been read."""
-
-    def __init__(self, dtype: np.dtype, numel: int):
-        self.dtype = dtype
-        self.numel = numel
-        self.data = None
-
-
-class _StorageView:
-    def __init__(self, base: _Storage, offset: int, numel: int):
-        self.base, self.offset, self.numel = base, offset, numel
-
-
-class _LazyTensor:
-    def __init__(self, storage, offset, size, stride):
-        self.storage, self.offset, self.size, self.stride = storage, int(offset), tuple(size), tuple(stride)
-
-    def materialize(self) -> np.ndarray:
-        st = self.storage
-        extra = 0
-        if isinstance(st, _StorageView):
-            extra, st = st.offset, st.base
-        if st.data is None:
-            raise pickle.UnpicklingError("tensor storage was never read from the file")
-        flat = st.data
-        item = flat.dtype.itemsize
-        if not self.size:
-            return flat[extra + self.offset].copy()
-        if 0 in self.size:
-            return np.zeros(self.size, flat.dtype)
-        last = extra + self.offset + sum((s - 1) * d for s, d in zip(self.size, self.stride))
-        if last >= flat.size or extra + self.offset < 0:
-            raise pickle.UnpicklingError("tensor extends beyond its storage")
-        base = flat[extra + self.offset:]
-        return np.lib.stride_tricks.as_strided(
-            base, shape=self.size, strides=tuple(d * item for d in self.stride)).copy()
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
-    return _LazyTensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
-    return data
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Resolves only the globals a state_dict needs; anything else is refused."""
-
-    _ALLOWED = {
-        ("collections", "OrderedDict"): OrderedDict,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    }
-
-    def __init__(self, file, persistent_load_fn=None):
-        super().__init__(file)
-        self._pl = persistent_load_fn
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return self._ALLOWED[(module, name)]
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(name)
-        raise pickle.UnpicklingError(
-            f"refusing to unpickle {module}.{name}: only tensors and dicts of tensors are loaded")
-
-    def persistent_load(self, pid):
-        if self._pl is None:
-            raise pickle.UnpicklingError("unexpected persistent id")
-        return self._pl(pid)
-
-
-def _storage_type(obj) -> _StorageType:
-    if not isinstance(obj, _StorageType):
-        raise pickle.UnpicklingError(f"unsupported storage type {obj!r}")
-    return obj
-
-
-def _flatten_tensors(obj, prefix="") -> Dict[str, np.ndarray]:
-    out: Dict[str, np.ndarray] = {}
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            out.update(_flatten_tensors(v, f"{prefix}{k}."))
-    elif isinstance(obj, _LazyTensor):
-        out[prefix[:-1]] = obj.materialize()
-    return out
-
-
-def _load_zip(data: bytes) -> Any:
-    zf = zipfile.ZipFile(io.BytesIO(data))
-    names = zf.namelist()
-    pkl = [n for n in names if n.endswith("data.pkl")]
-    if len(pkl) != 1:
-        raise pickle.UnpicklingError(f"not a torch zip checkpoint (data.pkl entries: {pkl})")
-    root = pkl[0][: -len("data.pkl")]
-    byteorder = "little"
-    if root + "byteorder" in names:
-        byteorder = zf.read(root + "byteorder").decode().strip()
-    storages: Dict[str, _Storage] = {}
-
-    def persistent_load(pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-        stype, key, _location, numel = _storage_type(pid[1]), str(pid[2]), pid[3], int(pid[4])
-        if key not in storages:
-            st = _Storage(stype.dtype, numel)
-            raw = zf.read(f"{root}data/{key}")
-            dt = stype.dtype.newbyteorder("<" if byteorder == "little" else ">")
-            st.data = np.frombuffer(raw, dtype=dt).astype(stype.dtype)
-            storages[key] = st
-        return storages[key]
-
-    return _SafeUnpickler(io.BytesIO(zf.read(pkl[0])), persistent_load).load()
-
-
-def _load_legacy(data: bytes) -> Any:
-    f = io.BytesIO(data)
-    magic = _SafeUnpickler(f).load()
-    if magic != _LEGACY_MAGIC:
-        raise pickle.UnpicklingError("not a PyTorch checkpoint (bad magic number)")
-    _protocol = _SafeUnpickler(f).load()
-    sys_info = _SafeUnpickler(f).load()
-    if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
-        raise pickle.UnpicklingError("big-endian legacy checkpoints are not supported")
-    storages: Dict[str, _Storage] = {}
-
-    def persistent_load(pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-        stype, root_key, _location, numel, view = _storage_type(pid[1]), str(pid[2]), pid[3], int(pid[4]), pid[5]
-        if root_key not in storages:
-            storages[root_key] = _Storage(stype.dtype, numel)
-        base = storages[root_key]
-        if view is not None:
-            _view_key, offset, view_size = view
-            return _StorageView(base, int(offset), int(view_size))
-        return base
-
-    result = _SafeUnpickler(f, persistent_load).load()
-    keys = _SafeUnpickler(f).load()
-    for key in keys:
-        st = storages[str(key)]
-        (numel,) = _struct.unpack("<q", f.read(8))
-        nbytes = numel * st.dtype.itemsize
-        raw = f.read(nbytes)
-        if len(raw) != nbytes:
-            raise pickle.UnpicklingError("truncated checkpoint")
-        st.data = np.frombuffer(raw, dtype=st.dtype.newbyteorder("<")).astype(st.dtype)
-    return result
-
-
-def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
-    """Read a PyTorch ``state_dict`` file into ``{name: numpy array}`` without torch.
-
-    Only ``OrderedDict``, tensors (``_rebuild_tensor_v2``/``_rebuild_parameter``)
-    and typed storages are accepted; any other global in the pickle raises
-    ``pickle.UnpicklingError``. Supports the zip format and the legacy format.
-    """
-    with open(path, "rb") as fh:
-        data = fh.read()
-    obj = _load_zip(data) if zipfile.is_zipfile(io.BytesIO(data)) else _load_legacy(data)
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    tensors = _flatten_tensors(obj)
-    if not tensors:
-        raise ValueError(f"{path} holds no tensors")
-    return tensors
 
 
 # =========================================================================== conversion

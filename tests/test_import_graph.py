@@ -12,7 +12,8 @@ The library sits on the ground and the tools above it:
   function is called; they may close a loop without breaking an import, but a loop is a loop of design
   all the same: (e) checks the graph with them too, and names each cycle it finds.
 
-Rules (a) to (c) count every import, module level or inside a function.
+Rules (a) to (c) count every import: module level, inside a function, or for type checkers only
+(``if TYPE_CHECKING:``). The cycle checks (d) and (e) leave the type-checking ones out: they never run.
 """
 
 from __future__ import annotations
@@ -49,21 +50,35 @@ def _is_package(name: str) -> bool:
     return MODULES.get(name, "").endswith("__init__.py")
 
 
-def _imports(name: str) -> List[Tuple[str, bool, int]]:
-    """(imported dngjax module, at module level?, line) for every import of module ``name``, relative imports
+def _type_checking(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` / ``if typing.TYPE_CHECKING:``."""
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
+                                         or isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(name: str) -> List[Tuple[str, str, int]]:
+    """(imported dngjax module, where: "module" | "function" | "typing", line) for every import of module
+    ``name`` (module level, inside a function body, or under ``if TYPE_CHECKING:``), relative imports
     resolved. ``from X import y`` imports X.y where that is a module, else X (a name X defines)."""
     path = MODULES[name]
     tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
     package = name if _is_package(name) else name.rpartition(".")[0]
-    found: List[Tuple[str, bool, int]] = []
+    found: List[Tuple[str, str, int]] = []
 
-    def visit(node: ast.AST, top: bool) -> None:
+    def visit(node: ast.AST, where: str) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                visit(child, False)
+                visit(child, "function" if where == "module" else where)
+                continue
+            if _type_checking(child):
+                for sub in child.body:
+                    visit(ast.Module(body=[sub], type_ignores=[]), "typing")
+                for sub in child.orelse:
+                    visit(ast.Module(body=[sub], type_ignores=[]), where)
                 continue
             if isinstance(child, ast.Import):
-                found.extend((a.name, top, child.lineno) for a in child.names)
+                found.extend((a.name, where, child.lineno) for a in child.names)
             elif isinstance(child, ast.ImportFrom):
                 if child.level:
                     base = package.split(".")
@@ -71,12 +86,12 @@ def _imports(name: str) -> List[Tuple[str, bool, int]]:
                     mod = ".".join(base + ([child.module] if child.module else []))
                 else:
                     mod = child.module or ""
-                found.extend((f"{mod}.{a.name}" if f"{mod}.{a.name}" in MODULES else mod, top, child.lineno)
+                found.extend((f"{mod}.{a.name}" if f"{mod}.{a.name}" in MODULES else mod, where, child.lineno)
                              for a in child.names)
-            visit(child, top)
+            visit(child, where)
 
-    visit(tree, True)
-    return [(m, top, line) for m, top, line in found if m == "dngjax" or m.startswith("dngjax.")]
+    visit(tree, "module")
+    return [(m, where, line) for m, where, line in found if m == "dngjax" or m.startswith("dngjax.")]
 
 
 IMPORTS = {name: _imports(name) for name in MODULES}
@@ -97,7 +112,7 @@ def test_the_graph_is_read():
     for name in CORE + ("dngjax.models.unet", "dngjax.models.torch_weights", "dngjax.checkpoint",
                         "dngjax.convert", "dngjax.tools"):
         assert name in MODULES, name
-    assert ("dngjax.schedules", True) in {(m, top) for m, top, _ in IMPORTS["dngjax.sampler"]}
+    assert ("dngjax.schedules", "module") in {(m, where) for m, where, _ in IMPORTS["dngjax.sampler"]}
     assert "dngjax.models.torch_weights" in {m for m, _, _ in IMPORTS["dngjax.models.clip"]}
     assert "dngjax.checkpoint" in {m for m, _, _ in IMPORTS["dngjax.convert"]}
 
@@ -158,8 +173,15 @@ def _graph(module_level_only: bool) -> Dict[str, Set[str]]:
     ``dngjax.a.b`` runs ``dngjax/__init__`` first, and a package's submodules import each other while it
     is being imported; ``import dngjax`` or ``from dngjax import name`` (a name the package defines) is an
     edge to the package."""
-    return {name: {m for m, top, _ in IMPORTS[name] if m in MODULES and m != name and (top or not module_level_only)}
+    kinds = ("module",) if module_level_only else ("module", "function")
+    return {name: {m for m, where, _ in IMPORTS[name] if m in MODULES and m != name and where in kinds}
             for name in MODULES}
+
+
+def test_type_checking_blocks_are_recognised():
+    tree = ast.parse("import typing\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\n"
+                     "if typing.TYPE_CHECKING:\n    import b\nif x:\n    import c\n")
+    assert [_type_checking(n) for n in tree.body] == [False, False, True, True, False]
 
 
 def test_cycle_finder_finds_cycles():
@@ -181,6 +203,7 @@ def test_no_import_cycles_with_function_level_imports():
 
 if __name__ == "__main__":                     # print the graph: python tests/test_import_graph.py
     for name in sorted(MODULES):
-        deps = sorted({m + ("" if top else " (in a function)") for m, top, _ in IMPORTS[name] if m in MODULES})
+        deps = sorted({m + {"module": "", "function": " (in a function)", "typing": " (type checking)"}[where]
+                       for m, where, _ in IMPORTS[name] if m in MODULES})
         print(name, "->", ", ".join(deps) or "-")
     pytest.main([__file__, "-q", "-n", "0"])
