@@ -5,10 +5,11 @@ from .schedules import (Schedule, linear_schedule, scaled_linear_schedule, cosin
 from .denoiser import Denoiser, denoiser, as_denoiser, to_eps, PREDICTIONS
 from .guidance import (Rule, GuidanceRule, rule_class, NoGuidance, NegativePrompting, ClassifierFreeGuidance,
                        SafeLatentDiffusion, DynamicNegativeGuidance, ExactDynamicNegativeGuidance,
-                       MultiConceptDynamicNegativeGuidance, ExactMultiConceptDynamicNegativeGuidance,
-                       PositiveNegativePrompting, PositiveSafeLatentDiffusion, PositiveDynamicNegativeGuidance,
-                       PositiveExactDynamicNegativeGuidance,
+                       ExactMultiConceptDynamicNegativeGuidance, PositiveMode, MultiConcept,
                        Step, Tangents, step_mean)
+# deprecated: the constructors of PositiveMode(rule) and MultiConcept(DynamicNegativeGuidance(...), K)
+from .guidance import (MultiConceptDynamicNegativeGuidance, PositiveNegativePrompting, PositiveSafeLatentDiffusion,
+                       PositiveDynamicNegativeGuidance, PositiveExactDynamicNegativeGuidance)
 from .sampler import (sample, sweep, sample_chunks, chain_steps, keys_from_seeds, Trace, Chunk,
                       NonFiniteSamplesWarning)
 from .calibration import Calibration, calibrate

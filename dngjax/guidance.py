@@ -21,6 +21,17 @@ eps(x | c) for CFG. ``step`` is a :class:`Step` with the chain's quantities.
 A new rule subclasses :class:`GuidanceRule` (defaults: no state, no update, no
 posterior) and is decorated with :func:`rule_class`, which makes it a frozen
 dataclass and a pytree (array fields are leaves, ``static`` fields are not).
+The sampler takes any other object that follows the protocol as well (a
+NamedTuple of functions, a class of one's own): it needs ``init`` and ``guide``
+and takes :class:`GuidanceRule`'s defaults for the members a rule leaves out.
+
+Rules compose like optax transformations: :class:`PositiveMode` turns any rule
+over (eps_u, eps_neg) into the positive-prompt mode (predictions null, c+, c-,
+with classifier-free guidance toward c+), and :class:`MultiConcept` runs DNG's
+tracked posterior for K concepts at once (a rule over K predictions). The
+former generated classes (``PositiveDynamicNegativeGuidance``, ...,
+``MultiConceptDynamicNegativeGuidance``) remain as deprecated constructors of
+the composed rules.
 
 Hyperparameters are checked on construction when they are concrete values:
 illegal ones raise ``ValueError`` naming the parameter. (Inside jit/vmap,
@@ -167,13 +178,31 @@ def rule_class(cls):
         return obj
 
     jax.tree_util.register_pytree_node(cls, flatten, unflatten)
-    cls.leaf_names = leaf_names
+    inner_names = tuple(f.name for f in fields if f.metadata.get("rule", False))
+    if inner_names:
+        # a composed rule: its leaves are its inner rules' leaves (named by them) and its own, in field order
+        def composed_leaf_names(self):
+            return tuple(name for n in leaf_names
+                         for name in (_leaf_names(getattr(self, n)) if n in inner_names else (n,)))
+        cls.leaf_names = property(composed_leaf_names)
+    else:
+        cls.leaf_names = leaf_names
     return cls
 
 
 def static(default=dataclasses.MISSING):
     """A rule field that is not a pytree leaf (a string option, a function): part of the compiled program."""
     return dataclasses.field(default=default, metadata={"static": True})
+
+
+def inner(default=dataclasses.MISSING):
+    """A rule field holding another rule (what a composed rule such as :class:`PositiveMode` wraps): a pytree
+    child whose leaves, under their own names, join the composed rule's ``leaf_names``."""
+    return dataclasses.field(default=default, metadata={"rule": True})
+
+
+def _leaf_names(rule) -> Tuple[str, ...]:
+    return tuple(member(rule, "leaf_names"))
 
 
 def _as_leaf(obj, name: str, dtype=jnp.float32) -> None:
@@ -185,6 +214,14 @@ def _as_leaf(obj, name: str, dtype=jnp.float32) -> None:
 @runtime_checkable
 class Rule(Protocol):
     """The guidance-rule protocol (what the sampler calls; shapes for a batch of B samples).
+
+    The sampler needs ``init`` and ``guide``; for every other member a rule leaves out it takes
+    :class:`GuidanceRule`'s default (needs the second prediction, one condition, no state update, no
+    posterior, any sampler step, no derivatives, no probe hint; see :func:`member`). The rule is an
+    argument of the compiled sampler: its array leaves (a pytree's) are traced, everything else (functions,
+    strings, an object that is no pytree) is a compile-time constant and must be hashable. Sweeping a
+    grid (:func:`dngjax.sweep`) also needs ``leaf_names`` (the names of its pytree leaves, in order;
+    a NamedTuple's fields by default) and ``replace(**leaves)`` (a NamedTuple's ``_replace`` does).
 
     Attributes:
       needs_second_prediction: whether ``guide``/``update`` use eps_c (else the sampler skips the
@@ -259,6 +296,30 @@ class GuidanceRule:
     def replace(self, **changes):
         """A copy with some hyperparameters changed (validated like the constructor)."""
         return dataclasses.replace(self, **changes)
+
+
+_MEMBER_DEFAULTS = {"needs_second_prediction": True, "num_conditions": None}
+
+
+def member(rule, name: str):
+    """``rule``'s :class:`Rule` member ``name``, or :class:`GuidanceRule`'s default where the rule has none
+    (for rules that follow the protocol without subclassing :class:`GuidanceRule`; methods come back bound)."""
+    value = getattr(rule, name, None)
+    if value is not None:
+        return value
+    if name in _MEMBER_DEFAULTS:
+        return _MEMBER_DEFAULTS[name]
+    is_named_tuple = isinstance(rule, tuple) and hasattr(rule, "_fields")
+    if name == "leaf_names":
+        return tuple(rule._fields) if is_named_tuple else ()
+    if name == "replace" and is_named_tuple:
+        return rule._replace
+    return getattr(GuidanceRule, name).__get__(rule)
+
+
+def follows_protocol(rule) -> bool:
+    """Whether ``rule`` has what the sampler needs of a :class:`Rule`: callable ``init`` and ``guide``."""
+    return callable(getattr(rule, "init", None)) and callable(getattr(rule, "guide", None))
 
 
 def _per_sample(scale: Array, like: Array) -> Array:
@@ -612,54 +673,6 @@ def _check_concepts(k) -> None:
 
 
 @rule_class
-class MultiConceptDynamicNegativeGuidance(DynamicNegativeGuidance):
-    """DNG away from K concepts at once, each with its own tracked posterior.
-
-    With p_k = p(c_k | x_t) and P = sum_k p_k, the score of p(x | none of the concepts) is
-    s_u - sum_k [p_k / (1 - P)] (s_k - s_u), so
-        eps = eps_u - sum_k lambda_k (eps_k - eps_u),   lambda_k = scale p_k / (1 - P).
-    State: log p_k (B, K), each initialised to log(prior) and updated after every step from its own
-    prediction exactly as in :class:`DynamicNegativeGuidance` (Alg. 2), clamped to [p_min, p_max];
-    P is capped at p_max (all p_k scaled down together) so that 1 - P stays positive.
-    Hyperparameters are shared by the concepts. The sampler passes K predictions (``denoiser_c``: a
-    sequence of K denoisers); the traces report sum_k lambda_k and P. With K = 1 it is
-    :class:`DynamicNegativeGuidance`.
-    """
-
-    num_concepts: int = static(2)     # (the other fields: DynamicNegativeGuidance's)
-
-    def __post_init__(self):
-        _check_concepts(self.num_concepts)
-        _check_dng_leaves(self)
-        if self.estimator != "paper":
-            raise ValueError(f"{type(self).__name__} tracks its posteriors with the paper's update only; "
-                             f"estimator={self.estimator!r} is for one concept (DynamicNegativeGuidance)")
-        if _is_concrete(self.prior) and _is_concrete(self.p_max) and np.any(
-                self.num_concepts * np.asarray(self.prior) > np.asarray(self.p_max)):
-            raise ValueError(f"num_concepts x prior = {self.num_concepts} x {self.prior} exceeds p_max = {self.p_max}: "
-                             "the concepts' prior probabilities must sum below p_max")
-
-    @property
-    def num_conditions(self) -> int:
-        return self.num_concepts
-
-    def init(self, x):
-        return jnp.broadcast_to(jnp.log(self.prior), (x.shape[0], self.num_concepts)).astype(jnp.float32)
-
-    def guide(self, log_p, x_t, eps_u, eps_c, step):
-        eps, lam, _ = _guide_concepts(self.scale, log_p, jnp.log(self.p_max), eps_u, eps_c)
-        return eps, lam.astype(jnp.float32), log_p
-
-    def update(self, log_p, x_t, x_next, eps_u, eps_c, step):
-        inc = jnp.stack([_log_likelihood_ratio(self, x_t, x_next, eps_u, e, step) for e in eps_c], axis=-1)
-        log_p = jnp.clip(log_p + inc, jnp.log(self.p_min), jnp.log(self.p_max))
-        return _cap_total(log_p, jnp.log(self.p_max))[0]
-
-    def posterior(self, log_p, batch):
-        return jnp.exp(jax.scipy.special.logsumexp(log_p, axis=-1))
-
-
-@rule_class
 class ExactMultiConceptDynamicNegativeGuidance(GuidanceRule):
     """Multi-concept DNG with given exact posteriors (analytic models): lambda_k = scale p_k / (1 - P).
 
@@ -753,50 +766,225 @@ class ExactDynamicNegativeGuidance(GuidanceRule):
         return state
 
 
-# --------------------------------------------------------------------------- positive-prompt mode
+# --------------------------------------------------------------------------- composed rules
 
-def _positive_mode(base):
-    """``base`` in the positive-prompt mode: predictions (null, c+, c-), eps_c = (eps_pos, eps_neg).
+class ComposedRule(GuidanceRule):
+    """Base of the rules built around another rule (their :func:`inner` field ``rule``).
 
-    eps = eps_null + cfg_scale (eps_pos - eps_null) + [base's eps with eps_pos as its "unconditional"
-    prediction and eps_neg as its negative] - eps_pos, i.e. for NP and DNG
-        eps = eps_null + cfg_scale (eps_pos - eps_null) - lambda_t (eps_neg - eps_pos),
-    and base's state update sees (eps_pos, eps_neg): DNG's posterior p(c- | x_t, c+) is tracked from
-    the transitions of eps(x | c+) and eps(x | c-) (the paper's Alg. 2 with s_theta replaced by
-    s_theta,c+). cfg_scale = 1: no classifier-free guidance toward c+ beyond sampling from it.
+    Reading an attribute the composed rule lacks reads the inner rule's (``PositiveMode(dng).prior``);
+    :meth:`replace` sends the inner rule's hyperparameters to it and validates the result as the
+    constructors do. The composed rule's ``leaf_names`` are the inner rule's followed by its own.
     """
 
-    class Positive(base):
-        cfg_scale: Any = 1.0
-        num_conditions = 2
+    def __getattr__(self, name):
+        if name.startswith("_") or name == "rule":
+            raise AttributeError(name)
+        try:
+            wrapped = object.__getattribute__(self, "rule")
+        except AttributeError:
+            raise AttributeError(name) from None
+        try:
+            return getattr(wrapped, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} (over {type(wrapped).__name__}) has no attribute "
+                                 f"{name!r}") from None
 
-        def __post_init__(self):
-            base.__post_init__(self)
-            _check("cfg_scale", self.cfg_scale, lambda a: a >= 0, ">= 0")
-            _as_leaf(self, "cfg_scale")
-
-        def guide(self, state, x_t, eps_u, eps_c, step, **tangents):
-            eps_pos, eps_neg = eps_c
-            eps, lam, state = base.guide(self, state, x_t, eps_pos, eps_neg, step, **_positive_tangents(tangents))
-            return eps + _per_sample(self.cfg_scale - 1.0, eps_u) * (eps_pos - eps_u), lam, state
-
-        def update(self, state, x_t, x_next, eps_u, eps_c, step, **tangents):
-            return base.update(self, state, x_t, x_next, eps_c[0], eps_c[1], step, **_positive_tangents(tangents))
-
-    Positive.__name__ = Positive.__qualname__ = "Positive" + base.__name__
-    Positive.__doc__ = (f"{base.__name__} in the positive-prompt mode (predictions null, c+, c-; "
-                        f"``denoiser_c=(denoiser_pos, denoiser_neg)``), with ``cfg_scale`` toward c+."
-                        + (_positive_mode.__doc__.split("\n", 1)[1]))
-    return rule_class(Positive)
-
-
-def _positive_tangents(kw):
-    """The positive mode's tangents as the base rule sees them: eps_pos in the place of eps_u."""
-    t = kw.get("tangents")
-    return {} if t is None else {"tangents": t._replace(eps_u=t.eps_c[0], eps_c=t.eps_c[1])}
+    def replace(self, **changes):
+        """A copy with some hyperparameters changed, its own or the inner rule's (validated like the constructor)."""
+        own = {f.name for f in dataclasses.fields(self)}
+        new = object.__new__(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(new, f.name, changes.get(f.name, getattr(self, f.name)))
+        theirs = {k: v for k, v in changes.items() if k not in own}
+        if theirs:
+            object.__setattr__(new, "rule", member(new.rule, "replace")(**theirs))
+        new.__post_init__()
+        return new
 
 
-PositiveNegativePrompting = _positive_mode(NegativePrompting)
-PositiveSafeLatentDiffusion = _positive_mode(SafeLatentDiffusion)
-PositiveDynamicNegativeGuidance = _positive_mode(DynamicNegativeGuidance)
-PositiveExactDynamicNegativeGuidance = _positive_mode(ExactDynamicNegativeGuidance)
+def _check_wrapped(composed, rule) -> None:
+    if not follows_protocol(rule):
+        raise ValueError(f"{type(composed).__name__} wraps a guidance rule (an object with init and guide, see "
+                         f"dngjax.Rule), got {type(rule).__name__}")
+
+
+@rule_class
+class PositiveMode(ComposedRule):
+    """``rule`` in the positive-prompt mode (the paper's section 4.2, its Stable Diffusion setting).
+
+    Predictions (null, c+, c-): ``denoiser_u`` the unconditional model, ``denoiser_c=(denoiser_pos,
+    denoiser_neg)``. ``rule`` is any negative rule over (eps_u, eps_neg) (NP, SLD, DNG, exact DNG, one of
+    one's own); it runs with eps_pos in the place of its "unconditional" prediction, and classifier-free
+    guidance toward c+ is added:
+        eps = eps_null + cfg_scale (eps_pos - eps_null) + [rule's eps from (eps_pos, eps_neg)] - eps_pos,
+    i.e. for NP and DNG
+        eps = eps_null + cfg_scale (eps_pos - eps_null) - lambda_t (eps_neg - eps_pos).
+    The rule's state update sees (eps_pos, eps_neg) as well: DNG's posterior p(c- | x_t, c+) is tracked
+    from the transitions of eps(x | c+) and eps(x | c-) (Alg. 2 with s_theta replaced by s_theta,c+), and
+    its continuous-time estimators get the derivatives of those two. cfg_scale = 1: no classifier-free
+    guidance toward c+ beyond sampling from it. A rule over K negative predictions (:class:`MultiConcept`)
+    takes ``denoiser_c=(denoiser_pos, denoiser_neg_1, ..., denoiser_neg_K)``.
+
+    Hyperparameters: the rule's (under their names: ``PositiveMode(dng).replace(scale=2.0)``, a sweep's
+    ``grid={"scale": ...}``) and ``cfg_scale``.
+    """
+
+    rule: Any = inner()
+    cfg_scale: Any = 1.0
+
+    def __post_init__(self):
+        _check_wrapped(self, self.rule)
+        if "cfg_scale" in _leaf_names(self.rule):
+            raise ValueError(f"{type(self).__name__} adds cfg_scale; {type(self.rule).__name__} has one already "
+                             "(a rule in the positive mode cannot be put in it again)")
+        _check("cfg_scale", self.cfg_scale, lambda a: a >= 0, ">= 0")
+        _as_leaf(self, "cfg_scale")
+
+    @property
+    def num_conditions(self) -> int:
+        k = member(self.rule, "num_conditions")
+        return 2 if k is None else 1 + k
+
+    def _negative(self, eps_c):
+        """The inner rule's second prediction(s) from (eps_pos, eps_neg[, ...])."""
+        return eps_c[1] if member(self.rule, "num_conditions") is None else tuple(eps_c[1:])
+
+    def _tangents(self, kw):
+        """The tangents as the inner rule sees them: eps_pos's in the place of eps_u's."""
+        t = kw.get("tangents")
+        return {} if t is None else {"tangents": t._replace(eps_u=t.eps_c[0], eps_c=self._negative(t.eps_c))}
+
+    def init(self, x):
+        return self.rule.init(x)
+
+    def guide(self, state, x_t, eps_u, eps_c, step, **tangents):
+        eps_pos = eps_c[0]
+        eps, lam, state = self.rule.guide(state, x_t, eps_pos, self._negative(eps_c), step, **self._tangents(tangents))
+        return eps + _per_sample(self.cfg_scale - 1.0, eps_u) * (eps_pos - eps_u), lam, state
+
+    def update(self, state, x_t, x_next, eps_u, eps_c, step, **tangents):
+        return member(self.rule, "update")(state, x_t, x_next, eps_c[0], self._negative(eps_c), step,
+                                           **self._tangents(tangents))
+
+    def posterior(self, state, batch):
+        return member(self.rule, "posterior")(state, batch)
+
+    def check_sampler(self, noise, eta):
+        member(self.rule, "check_sampler")(noise, eta)
+
+    def tangent_spec(self):
+        return member(self.rule, "tangent_spec")()
+
+    def probe_hint(self, state):
+        return member(self.rule, "probe_hint")(state)
+
+
+@rule_class
+class MultiConcept(ComposedRule):
+    """DNG away from K concepts at once, each with its own tracked posterior: a rule over K predictions
+    (``denoiser_c``: a sequence of K denoisers) built on one concept's :class:`DynamicNegativeGuidance`.
+
+    ``MultiConcept(DynamicNegativeGuidance(scale, prior=..., temperature=..., ...), num_concepts=K)``.
+    With p_k = p(c_k | x_t) and P = sum_k p_k, the score of p(x | none of the concepts) is
+    s_u - sum_k [p_k / (1 - P)] (s_k - s_u), so
+        eps = eps_u - sum_k lambda_k (eps_k - eps_u),   lambda_k = scale p_k / (1 - P).
+    State: log p_k (B, K), each initialised to log(prior) and updated after every step as the wrapped
+    rule's update would from its own prediction (Alg. 2; the paper's estimator only), clamped to [p_min, p_max];
+    P is capped at p_max (all p_k scaled down together) so that 1 - P stays positive.
+    The concepts share the wrapped rule's hyperparameters (this rule's leaves, under their names). The
+    traces report sum_k lambda_k and P. With K = 1 it is :class:`DynamicNegativeGuidance`.
+    """
+
+    rule: Any = inner()
+    num_concepts: int = static(2)
+
+    def __post_init__(self):
+        _check_concepts(self.num_concepts)
+        if not isinstance(self.rule, DynamicNegativeGuidance):
+            raise ValueError(f"{type(self).__name__} runs one concept's DynamicNegativeGuidance per concept, got "
+                             f"{type(self.rule).__name__}")
+        if self.rule.estimator != "paper":
+            raise ValueError(f"{type(self).__name__} tracks its posteriors with the paper's update only; "
+                             f"estimator={self.rule.estimator!r} is for one concept (DynamicNegativeGuidance)")
+        prior, p_max = self.rule.prior, self.rule.p_max
+        if _is_concrete(prior) and _is_concrete(p_max) and np.any(
+                self.num_concepts * np.asarray(prior) > np.asarray(p_max)):
+            raise ValueError(f"num_concepts x prior = {self.num_concepts} x {prior} exceeds p_max = {p_max}: "
+                             "the concepts' prior probabilities must sum below p_max")
+
+    @property
+    def num_conditions(self) -> int:
+        return self.num_concepts
+
+    def init(self, x):
+        return jnp.broadcast_to(jnp.log(self.rule.prior), (x.shape[0], self.num_concepts)).astype(jnp.float32)
+
+    def guide(self, log_p, x_t, eps_u, eps_c, step):
+        eps, lam, _ = _guide_concepts(self.rule.scale, log_p, jnp.log(self.rule.p_max), eps_u, eps_c)
+        return eps, lam.astype(jnp.float32), log_p
+
+    def update(self, log_p, x_t, x_next, eps_u, eps_c, step):
+        # the wrapped rule's update (Alg. 2's increment, then the clamp) on the K posteriors at once
+        inc = jnp.stack([_log_likelihood_ratio(self.rule, x_t, x_next, eps_u, e, step) for e in eps_c], axis=-1)
+        log_p = jnp.clip(log_p + inc, jnp.log(self.rule.p_min), jnp.log(self.rule.p_max))
+        return _cap_total(log_p, jnp.log(self.rule.p_max))[0]
+
+    def posterior(self, log_p, batch):
+        return jnp.exp(jax.scipy.special.logsumexp(log_p, axis=-1))
+
+    def check_sampler(self, noise, eta):
+        self.rule.check_sampler(noise, eta)
+
+
+# --------------------------------------------------------------------------- deprecated names
+
+def _deprecated(old: str, new: str) -> None:
+    import warnings
+    warnings.warn(f"dngjax.{old} is deprecated: it builds {new}", DeprecationWarning, stacklevel=3)
+
+
+def _positional_tail(base, args, kw, name):
+    """The old generated classes took their own last field after the base rule's fields: (base args, kw)."""
+    n = len([f for f in dataclasses.fields(base) if f.init])
+    if len(args) > n + 1:
+        raise TypeError(f"too many positional arguments ({len(args)})")
+    if len(args) == n + 1:
+        if name in kw:
+            raise TypeError(f"got multiple values for argument {name!r}")
+        kw[name] = args[n]
+    return args[:n], kw
+
+
+def _positive_alias(base):
+    name = "Positive" + base.__name__
+
+    def __init__(self, *args, **kwargs):
+        args, kwargs = _positional_tail(base, args, kwargs, "cfg_scale")
+        _deprecated(name, f"PositiveMode({base.__name__}(...), cfg_scale)")
+        cfg_scale = kwargs.pop("cfg_scale", 1.0)
+        PositiveMode.__init__(self, base(*args, **kwargs), cfg_scale)
+
+    doc = (f"Deprecated: ``PositiveMode({base.__name__}(...), cfg_scale=...)``, which it builds (the same rule, "
+           f"under this type name; a :class:`PositiveMode`). Takes {base.__name__}'s arguments and ``cfg_scale``.")
+    cls = type(name, (PositiveMode,), {"__init__": __init__, "__doc__": doc, "__module__": __name__,
+                                       "__qualname__": name})
+    return rule_class(cls)
+
+
+PositiveNegativePrompting = _positive_alias(NegativePrompting)
+PositiveSafeLatentDiffusion = _positive_alias(SafeLatentDiffusion)
+PositiveDynamicNegativeGuidance = _positive_alias(DynamicNegativeGuidance)
+PositiveExactDynamicNegativeGuidance = _positive_alias(ExactDynamicNegativeGuidance)
+
+
+@rule_class
+class MultiConceptDynamicNegativeGuidance(MultiConcept):
+    """Deprecated: ``MultiConcept(DynamicNegativeGuidance(...), num_concepts=K)``, which it builds (the same rule,
+    under this type name; a :class:`MultiConcept`). Takes DynamicNegativeGuidance's arguments and ``num_concepts``."""
+
+    def __init__(self, *args, **kwargs):
+        args, kwargs = _positional_tail(DynamicNegativeGuidance, args, kwargs, "num_concepts")
+        _deprecated("MultiConceptDynamicNegativeGuidance", "MultiConcept(DynamicNegativeGuidance(...), num_concepts)")
+        num_concepts = kwargs.pop("num_concepts", 2)
+        _check_concepts(num_concepts)
+        MultiConcept.__init__(self, DynamicNegativeGuidance(*args, **kwargs), num_concepts)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .denoiser import Denoiser, as_denoiser, to_eps
-from .guidance import GuidanceRule, NoGuidance, Step, Tangents, step_mean
+from .guidance import NoGuidance, PositiveMode, Rule, Step, Tangents, follows_protocol, member, step_mean
 from .schedules import Schedule
 
 Array = jnp.ndarray
@@ -160,7 +160,7 @@ def chain_steps(schedule: Schedule, noise: str = "beta", eta: Optional[float] = 
                 mean_x0_prev=x0_prev)
 
 
-def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: GuidanceRule,
+def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Rule,
                  schedule: Schedule, keys: Array, shape: Tuple[int, ...], return_trace: bool, noise: str,
                  eta: Optional[float], x_T: Optional[Array] = None, solver: Optional[str] = None):
     batch = keys.shape[0]
@@ -174,14 +174,16 @@ def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Gui
     state = rule.init(x)
     steps = jax.tree.map(lambda a: a[::-1], chain_steps(schedule, noise, eta, solver))   # noisiest step first
 
-    spec = rule.tangent_spec()
+    spec = member(rule, "tangent_spec")()
+    second, k_cond = member(rule, "needs_second_prediction"), member(rule, "num_conditions")
+    probe_hint, update, posterior = (member(rule, n) for n in ("probe_hint", "update", "posterior"))
 
     def predictions(x, t, step):
         """(eps_u, eps_c): the predictions the rule combines (the second network call only if it needs one)."""
         eps_u = _prediction("denoiser_u", denoiser_u, x, t, step)
-        if not rule.needs_second_prediction:
+        if not second:
             return eps_u, eps_u
-        if rule.num_conditions is None:
+        if k_cond is None:
             return eps_u, _prediction("denoiser_c", denoiser_c, x, t, step)
         return eps_u, tuple(_prediction(f"denoiser_c[{k}]", d, x, t, step) for k, d in enumerate(denoiser_c))
 
@@ -197,7 +199,7 @@ def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Gui
         elif spec[0] == "finite_difference":
             # eps(x + delta v) - eps(x), delta = FD_STEP sqrt(1 - alpha_bar): one batch of (K + 1) B images
             probes, weight = _probes(("hutchinson", spec[1]), jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys[:, 1]),
-                                     x, rule.probe_hint(state))
+                                     x, probe_hint(state))
             k = probes.shape[0]
             delta = FD_STEP * jnp.sqrt(step.one_minus_alpha_bar)
             xs = jnp.concatenate([x[None], x[None] + delta * probes]).reshape((-1,) + x.shape[1:])
@@ -209,18 +211,18 @@ def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Gui
             extra = {"tangents": Tangents(probes, fd(big_u), jax.tree.map(fd, big_c), weight)}
         else:
             probes, weight = _probes(spec, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys[:, 1]), x,
-                                     rule.probe_hint(state))
+                                     probe_hint(state))
             f = lambda y: predictions(y, t, step)
             (eps_u, eps_c), (du, dc) = jax.vmap(lambda v: jax.jvp(f, (x,), (v,)), out_axes=(None, 0))(probes)
             extra = {"tangents": Tangents(probes, du, dc, weight)}
         # 2. the guided prediction, and the posterior the rule used for it (traces)
         eps, lam, state = rule.guide(state, x, eps_u, eps_c, step, **extra)
-        p = rule.posterior(state, batch)
+        p = posterior(state, batch)
         # 3. the step x_t -> x_{t-1} (ancestral DDPM, DDIM or DPM-Solver++(2M)): its mean plus noise (none at the end)
         z = normal(keys[:, 1])
         x_next = step_mean(x, eps, step, x0_prev) + jnp.sqrt(step.noise_variance) * z
         # 4. the rule sees the transition it caused (DNG's posterior update)
-        state = rule.update(state, x, x_next, eps_u, eps_c, step, **extra)
+        state = update(state, x, x_next, eps_u, eps_c, step, **extra)
         # the x_0 prediction of this step, for the multistep solver's next step (only it carries one)
         x0 = None if x0_prev is None else (x - jnp.sqrt(step.one_minus_alpha_bar) * eps) / jnp.sqrt(step.alpha_bar)
         # samples with a non-finite value after this step (reported, never hidden)
@@ -257,19 +259,85 @@ def _probes(spec, keys: Array, x: Array, hint: Optional[Array] = None):
     return v, 1.0 / k
 
 
-def _grid_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, grid_names, x_T=None,
-               solver=None):
-    """``_sample_impl`` vmapped over the rule leaves named in grid_names (none: no vmap)."""
+class _RuleSplit(NamedTuple):
+    """What of a rule is a compile-time constant (hashable): its tree structure (static fields included), its
+    leaves that are no arrays (functions, strings, an object that is no pytree) by position, and for each
+    array leaf whether a grid maps it."""
+
+    treedef: Any
+    constants: Tuple[Tuple[int, Any], ...]
+    mapped: Tuple[bool, ...]
+
+    def merge(self, arrays: Sequence[Any]):
+        leaves = list(arrays)
+        for i, leaf in self.constants:                      # ascending positions
+            leaves.insert(i, leaf)
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def _is_array_leaf(leaf) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex))
+
+
+def _split_rule(rule, grid_names: Tuple[str, ...] = ()) -> Tuple[list, _RuleSplit]:
+    """(array leaves, the rest) of a rule: the arrays are traced arguments of the compiled sampler, the rest
+    is static, so any object that follows the :class:`~dngjax.guidance.Rule` protocol can be passed."""
+    leaves, treedef = jax.tree_util.tree_flatten(rule)
+    arrays = [i for i, leaf in enumerate(leaves) if _is_array_leaf(leaf)]
+    constants = tuple((i, leaf) for i, leaf in enumerate(leaves) if not _is_array_leaf(leaf))
+    mapped = (False,) * len(arrays)
+    if grid_names:
+        names = tuple(member(rule, "leaf_names"))
+        if len(names) != len(leaves):
+            raise ValueError(f"{type(rule).__name__}.leaf_names names {len(names)} leaves, its pytree has "
+                             f"{len(leaves)}: a grid needs the names of its leaves, in order")
+        mapped = tuple(names[i] in grid_names for i in arrays)
+    try:
+        hash(constants)
+    except TypeError:
+        raise TypeError(f"rule {type(rule).__name__}: its parts that are no arrays (here "
+                        f"{[type(c).__name__ for _, c in constants]}) are compile-time constants and must be "
+                        "hashable (make the rule a pytree whose hyperparameters are array leaves, or "
+                        "hashable)") from None
+    return [leaves[i] for i in arrays], _RuleSplit(treedef, constants, mapped)
+
+
+def _grid_impl(denoiser_u, denoiser_c, rule_arrays, schedule, keys, shape, return_trace, noise, eta, grid_names,
+               x_T=None, solver=None, rule_split: Optional[_RuleSplit] = None):
+    """``_sample_impl`` vmapped over the rule leaves named in grid_names (none: no vmap); the rule is
+    ``rule_split.merge(rule_arrays)`` (see :func:`_split_rule`)."""
+    run = lambda arrays: _sample_impl(denoiser_u, denoiser_c, rule_split.merge(arrays), schedule, keys, shape,
+                                      return_trace, noise, eta, x_T, solver)
     if not grid_names:
-        return _sample_impl(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, x_T, solver)
-    axes = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(rule),
-                                        [0 if name in grid_names else None for name in rule.leaf_names])
-    run = lambda r: _sample_impl(denoiser_u, denoiser_c, r, schedule, keys, shape, return_trace, noise, eta, x_T,
-                                 solver)
-    return jax.vmap(run, in_axes=(axes,))(rule)
+        return run(rule_arrays)
+    return jax.vmap(run, in_axes=([0 if m else None for m in rule_split.mapped],))(rule_arrays)
 
 
-_grid_jit = jax.jit(_grid_impl, static_argnames=("shape", "return_trace", "noise", "eta", "grid_names", "solver"))
+_grid_impl_jit = jax.jit(_grid_impl, static_argnames=("shape", "return_trace", "noise", "eta", "grid_names", "solver",
+                                                      "rule_split"))
+
+
+class _GridJit:
+    """The compiled sampler, called with a rule: ``_grid_jit(denoiser_u, denoiser_c, rule, schedule, keys, shape,
+    return_trace, noise, eta, grid_names, x_T=None, solver=None)`` (and ``.lower`` with the same arguments).
+    The rule's array leaves are traced, the rest of it is static (:func:`_split_rule`)."""
+
+    @staticmethod
+    def _args(denoiser_u, denoiser_c, rule, *args, **kwargs):
+        names = kwargs["grid_names"] if "grid_names" in kwargs else args[6]
+        arrays, split = _split_rule(rule, names)
+        return (denoiser_u, denoiser_c, arrays) + args, dict(kwargs, rule_split=split)
+
+    def __call__(self, *args, **kwargs):
+        args, kwargs = self._args(*args, **kwargs)
+        return _grid_impl_jit(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        args, kwargs = self._args(*args, **kwargs)
+        return _grid_impl_jit.lower(*args, **kwargs)
+
+
+_grid_jit = _GridJit()
 
 #: ``solver=`` of :func:`sample`: the chain's step (see :func:`chain_steps`). None: ancestral DDPM, or DDIM
 #: when ``eta`` is given. "euler" and "euler_ancestral" are DDIM at eta = 0 and 1 (the same steps).
@@ -313,26 +381,27 @@ def _check_eta(eta, noise, solver=None):
 def _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta, solver=None):
     eta, solver = _check_eta(eta, noise, solver)
     denoiser_u = as_denoiser(denoiser_u)
-    if not isinstance(rule, GuidanceRule):
-        raise TypeError(f"rule must be a guidance rule from dngjax.guidance, got {type(rule).__name__}")
-    rule.check_sampler(noise, 0.0 if solver == "dpmpp_2m" else eta)   # (DPM-Solver++ is deterministic)
-    if rule.needs_second_prediction:
+    if not follows_protocol(rule):
+        raise TypeError(f"rule must follow the dngjax.Rule protocol (init(x) and guide(state, x_t, eps_u, eps_c, "
+                        f"step) at least; e.g. a rule of dngjax.guidance), got {type(rule).__name__}")
+    member(rule, "check_sampler")(noise, 0.0 if solver == "dpmpp_2m" else eta)   # (DPM-Solver++ is deterministic)
+    if member(rule, "needs_second_prediction"):
         if denoiser_c is None:
             raise ValueError(f"{type(rule).__name__} combines two predictions: pass denoiser_c "
                              "(the unwanted concept's denoiser for NP/SLD/DNG, the condition's for CFG)")
         many = isinstance(denoiser_c, (list, tuple))
-        k = rule.num_conditions
+        k = member(rule, "num_conditions")
         if k is None:
             if many:
                 raise ValueError(f"{type(rule).__name__} takes one denoiser_c, got a sequence of {len(denoiser_c)} "
-                                 "(several concepts: MultiConceptDynamicNegativeGuidance; c+ and c-: the "
-                                 "Positive... rules)")
+                                 "(several concepts: MultiConcept(DynamicNegativeGuidance(...), K); c+ and c-: "
+                                 "PositiveMode(rule))")
             denoiser_c = as_denoiser(denoiser_c)
         else:
             if not many or len(denoiser_c) != k:
                 got = f"{len(denoiser_c)} denoisers" if many else "one denoiser"
                 raise ValueError(f"{type(rule).__name__} needs denoiser_c = a sequence of {k} denoisers "
-                                 f"({'c+ and c-' if type(rule).__name__.startswith('Positive') else 'one per concept'}); "
+                                 f"({'c+ and c-' if isinstance(rule, PositiveMode) else 'one per concept'}); "
                                  f"got {got}")
             denoiser_c = tuple(as_denoiser(d) for d in denoiser_c)
     else:
@@ -343,24 +412,25 @@ def _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta, solver=None):
         raise ValueError(f"shape must be the per-sample shape, a sequence of ints, got {shape!r}") from None
     if not shape or min(shape) < 1:
         raise ValueError(f"shape must be a non-empty per-sample shape of positive sizes, got {shape}")
-    spec = rule.tangent_spec()
+    spec = member(rule, "tangent_spec")()
     if spec is not None and spec[0] == "exact" and int(np.prod(shape)) > EXACT_DIVERGENCE_MAX_DIM:
         raise ValueError(f"divergence='exact' costs one jvp per dimension: {int(np.prod(shape))} for shape {shape}, "
                          f"above {EXACT_DIVERGENCE_MAX_DIM}; use divergence='hutchinson' (probes=K)")
     return denoiser_u, denoiser_c, shape, eta, solver
 
 
-def grid_rules(rule: GuidanceRule, grid: Optional[Mapping[str, Any]]) -> Tuple[GuidanceRule, int, Tuple[str, ...]]:
+def grid_rules(rule: Rule, grid: Optional[Mapping[str, Any]]) -> Tuple[Rule, int, Tuple[str, ...]]:
     """``rule`` with the leaves named in ``grid`` replaced by (K,) arrays: (rule, K, sorted names).
 
     An empty grid is the rule itself: K = 1, no names.
     """
     if not grid:
         return rule, 1, ()
-    unknown = [n for n in grid if n not in rule.leaf_names]
+    leaf_names = member(rule, "leaf_names")
+    unknown = [n for n in grid if n not in leaf_names]
     if unknown:
         raise ValueError(f"{type(rule).__name__} has no hyperparameter {unknown}; "
-                         f"choose among {list(rule.leaf_names)}")
+                         f"choose among {list(leaf_names)}")
     values = {n: np.asarray(v) for n, v in grid.items()}
     bad = {n: v.shape for n, v in values.items() if v.ndim != 1 or v.shape[0] == 0}
     if bad:
@@ -369,11 +439,11 @@ def grid_rules(rule: GuidanceRule, grid: Optional[Mapping[str, Any]]) -> Tuple[G
     if len(set(lengths.values())) != 1:
         raise ValueError(f"grid leaves have mismatched lengths {lengths}: every swept "
                          "hyperparameter needs one value per grid point")
-    return rule.replace(**values), next(iter(lengths.values())), tuple(sorted(grid))
+    return member(rule, "replace")(**values), next(iter(lengths.values())), tuple(sorted(grid))
 
 
 def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
-                  rule: GuidanceRule = NoGuidance(), denoiser_c=None, grid: Optional[Mapping[str, Any]] = None,
+                  rule: Rule = NoGuidance(), denoiser_c=None, grid: Optional[Mapping[str, Any]] = None,
                   chunk_size: Optional[int] = None, noise: str = "beta", eta: Optional[float] = None,
                   solver: Optional[str] = None,
                   return_trace: bool = False, progress: bool = False, desc: Optional[str] = None,
@@ -473,7 +543,7 @@ def _gather(chunks: Iterator[Chunk], axis: int, return_trace: bool):
 
 
 def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
-           rule: GuidanceRule = NoGuidance(), denoiser_c=None, noise: str = "beta", eta: Optional[float] = None,
+           rule: Rule = NoGuidance(), denoiser_c=None, noise: str = "beta", eta: Optional[float] = None,
            solver: Optional[str] = None,
            return_trace: bool = False, chunk_size: Optional[int] = None, progress: bool = False, x_T=None):
     """Ancestral DDPM (or DDIM) sampling from x_T ~ N(0, I) with a guidance rule, one sample per key.
@@ -488,7 +558,9 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
       schedule: the chain, e.g. ``respace(linear_schedule(), 100)``.
       keys: (N,) PRNG keys, one per sample (see :func:`keys_from_seeds`).
       shape: per-sample shape, e.g. (28, 28, 1) or (d,).
-      rule: guidance rule (default: none).
+      rule: the guidance rule (default: none): a rule of :mod:`dngjax.guidance`, a composition of them
+        (:class:`~dngjax.guidance.PositiveMode`, :class:`~dngjax.guidance.MultiConcept`) or any object
+        that follows the :class:`~dngjax.guidance.Rule` protocol.
       denoiser_c: the second denoiser (c- for NP/SLD/DNG, c for CFG); unused by NoGuidance; for a
         multi-concept or positive-mode rule a sequence of ``rule.num_conditions`` denoisers.
       noise: the reverse step's noise variance sigma_t^2: ``"beta"`` (default) beta_t, DDPM's
@@ -533,7 +605,7 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
     return _gather(chunks, 0, return_trace)
 
 
-def sweep(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *, rule: GuidanceRule,
+def sweep(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *, rule: Rule,
           grid: Optional[Mapping[str, Any]], denoiser_c=None, noise: str = "beta", eta: Optional[float] = None,
           solver: Optional[str] = None,
           return_trace: bool = False, chunk_size: Optional[int] = None, progress: bool = False, x_T=None):

@@ -1,17 +1,18 @@
 """Text-to-image guidance with Stable Diffusion 1.x / 2.x, loaded from a local diffusers folder.
 
 The paper's section 4.2: DNG (or NP, SLD) in the positive-prompt mode, with three predictions per
-step -- eps(x | ""), eps(x | prompt) and eps(x | negative prompt) -- combined by a ``Positive...``
-rule of :mod:`dngjax.guidance`: classifier-free guidance toward the prompt (``cfg_scale``) plus the
-negative guidance, whose "unconditional" prediction is the prompt's. The baseline beside it is the
-negative prompt as diffusers runs it: ``dj.ClassifierFreeGuidance(scale)`` with a negative prompt, two
+step -- eps(x | ""), eps(x | prompt) and eps(x | negative prompt) -- combined by a rule in the positive
+mode (``dj.PositiveMode(rule, cfg_scale)`` of :mod:`dngjax.guidance`): classifier-free guidance toward the
+prompt (``cfg_scale``) plus the rule's negative guidance, whose "unconditional" prediction is the prompt's.
+The baseline beside it is the negative prompt as diffusers runs it: ``dj.ClassifierFreeGuidance(scale)`` with a negative prompt, two
 predictions per step, the negative prompt's in place of the unconditional one (see :func:`generate`).
 The latents are sampled by the core scan sampler (one compiled trajectory, vmapped over guidance
 scales, chunked over seeds) and decoded by the VAE.
 
     from dngjax import stable_diffusion as sd
     pipe = sd.load("stable-diffusion-2-base")        # model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
-    rule = dj.PositiveDynamicNegativeGuidance(scale=1.0, cfg_scale=7.5, prior=0.01, temperature=0.2, offset=0.004)
+    rule = dj.PositiveMode(dj.DynamicNegativeGuidance(scale=1.0, prior=0.01, temperature=0.2, offset=0.004),
+                           cfg_scale=7.5)
     images, trace = sd.generate(pipe, "A Medieval Feast", "Chalices, candles", seeds=range(4), rule=rule,
                                 grid={"scale": [0.0, 27.0]}, steps=50, return_trace=True)
     # images: (K = 2 scales, N = 4 seeds, 512, 512, 3) uint8; scale 0 is plain CFG toward the prompt
@@ -315,8 +316,8 @@ def generate(pipe: StableDiffusion, prompt: str, negative_prompt: Optional[str],
       eps(negative_prompt), or eps("") without one: diffusers' ``guidance_scale`` and ``negative_prompt``
       (``StableDiffusionPipeline(prompt, negative_prompt=..., guidance_scale=scale)``), the negative
       prompt replacing the unconditional prediction;
-    * a positive-mode rule [3] (``dj.PositiveDynamicNegativeGuidance``, ``PositiveNegativePrompting``,
-      ``PositiveSafeLatentDiffusion``): predictions "", prompt and negative prompt (required), CFG
+    * a rule in the positive mode [3] (``dj.PositiveMode(rule, cfg_scale)`` over ``dj.DynamicNegativeGuidance``,
+      ``NegativePrompting`` or ``SafeLatentDiffusion``): predictions "", prompt and negative prompt (required), CFG
       toward the prompt with ``cfg_scale`` and the rule's negative guidance relative to the prompt's
       prediction (the paper's section 4.2);
     * ``dj.NoGuidance()`` [1]: the prompt's model alone (no negative prompt).
@@ -358,10 +359,12 @@ def generate(pipe: StableDiffusion, prompt: str, negative_prompt: Optional[str],
         raise ValueError(f"{name} needs a negative prompt (predictions '', prompt and negative prompt)")
     if isinstance(rule, NoGuidance) and negative_prompt is not None:
         raise ValueError(f"NoGuidance samples the prompt's model alone and does not use a negative prompt: "
-                         "ClassifierFreeGuidance(scale) with it is diffusers' negative prompt, a Positive... "
-                         "rule (e.g. dj.PositiveDynamicNegativeGuidance) guides away from it in three passes")
+                         "ClassifierFreeGuidance(scale) with it is diffusers' negative prompt, a rule in the positive "
+                         "mode (e.g. dj.PositiveMode(dj.DynamicNegativeGuidance(...))) guides away from it in three "
+                         "passes")
     if not isinstance(rule, (NoGuidance, ClassifierFreeGuidance)) and not positive:
-        raise ValueError(f"{name}: text-to-image takes a positive-mode rule (e.g. dj.PositiveDynamicNegativeGuidance), "
+        raise ValueError(f"{name}: text-to-image takes a rule in the positive mode (e.g. "
+                         "dj.PositiveMode(dj.DynamicNegativeGuidance(...))), "
                          "ClassifierFreeGuidance (with a negative prompt: diffusers' negative prompt) or NoGuidance")
     for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if text is not None and not isinstance(text, str):

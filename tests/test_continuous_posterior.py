@@ -257,7 +257,7 @@ def test_hold_below_freezes_the_posterior_at_low_noise_and_log_r_starts_at_0(est
 
 def test_several_concepts_refuse_the_continuous_estimators():
     with pytest.raises(ValueError, match="paper's update only"):
-        dj.MultiConceptDynamicNegativeGuidance(1.0, prior=0.2, estimator="stratonovich")
+        dj.MultiConcept(dj.DynamicNegativeGuidance(1.0, prior=0.2, estimator="stratonovich"), num_concepts=2)
 
 
 def test_positive_mode_tracks_the_posterior_relative_to_the_positive_prediction():
@@ -266,7 +266,8 @@ def test_positive_mode_tracks_the_posterior_relative_to_the_positive_prediction(
     sched, lab = _lab(2, 20)
     keys = dj.keys_from_seeds(np.arange(64))
     kw = dict(prior=lab.forget_weight, temperature=1.0, estimator="stratonovich", divergence="exact")
-    a = dj.sample(lab.denoiser_remember, sched, keys, (2,), rule=dj.PositiveDynamicNegativeGuidance(1.0, **kw),
+    positive = dj.PositiveMode(dj.DynamicNegativeGuidance(1.0, **kw))
+    a = dj.sample(lab.denoiser_remember, sched, keys, (2,), rule=positive,
                   denoiser_c=(lab.denoiser_full, lab.denoiser_forget), solver="ddim", return_trace=True)
     b = dj.sample(lab.denoiser_full, sched, keys, (2,), rule=dj.DynamicNegativeGuidance(1.0, **kw),
                   denoiser_c=lab.denoiser_forget, solver="ddim", return_trace=True)

@@ -1,4 +1,7 @@
 
+from typing import Any, Callable, NamedTuple
+
+import chex
 import numpy as np
 import pytest
 import jax
@@ -215,7 +218,8 @@ def test_sweep_matches_single_calls_and_compiles_once(schedule):
         x, tr = dj.sweep(eps_u, sched, keys, SHAPE, rule=rule, grid={"scale": scales}, denoiser_c=eps_c,
                          chunk_size=3, return_trace=True)
     assert len(compiles) == 1, "3 chunks (one padded) must share one compilation"
-    assert x.shape == (4, 7) + SHAPE and tr.lam.shape == (4, 17, 7) and tr.p.shape == (4, 17, 7)
+    chex.assert_shape(x, (4, 7) + SHAPE)
+    chex.assert_shape([tr.lam, tr.p], (4, 17, 7))
     for k in (0, 2, 3):
         for n in (0, 4, 6):
             single = dj.sample(eps_u, sched, keys[n:n + 1], SHAPE, rule=rule.replace(scale=scales[k]), denoiser_c=eps_c)
@@ -231,7 +235,7 @@ def test_sweep_over_two_leaves_and_clear_grid_errors(schedule):
     keys = dj.keys_from_seeds(np.arange(2))
     x = dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"scale": [0.1, 0.5], "threshold": [0.0, 0.04]},
                  denoiser_c=eps_c)
-    assert x.shape == (2, 2) + SHAPE
+    chex.assert_shape(x, (2, 2) + SHAPE)
     with pytest.raises(ValueError, match="mismatched lengths"):
         dj.sweep(eps_u, schedule, keys, SHAPE, rule=rule, grid={"scale": [0.1, 0.5], "threshold": [0.0]}, denoiser_c=eps_c)
     with pytest.raises(ValueError, match="no hyperparameter"):
@@ -300,7 +304,9 @@ def test_chunked_sample_and_empty_grid_sweep_equal_one_call(schedule):
     x, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, return_trace=True)
     xc, trc = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, return_trace=True,
                         chunk_size=2)
-    assert isinstance(xc, np.ndarray) and xc.shape == (5,) + SHAPE and trc.p.shape == tr.p.shape
+    assert isinstance(xc, np.ndarray)
+    chex.assert_shape(xc, (5,) + SHAPE)
+    chex.assert_equal_shape([trc.p, tr.p])
     np.testing.assert_allclose(xc, np.asarray(x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(trc.p, np.asarray(tr.p), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(trc.t, np.asarray(tr.t))
@@ -335,3 +341,82 @@ def test_given_x_T_replaces_only_the_starting_draw(schedule):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"x_T must be one starting sample per key, shape \(5, 3, 2\)"):
         dj.sample(eps_u, schedule, keys, SHAPE, x_T=other[:4])
+
+
+class _Functions(NamedTuple):
+    """A rule as a pair of pure functions (as optax writes a transformation), no GuidanceRule: the sampler
+    takes the protocol's defaults for the rest (no update, no posterior, ...)."""
+
+    init: Callable
+    guide: Callable
+
+
+def _np_as_functions(scale):
+    return _Functions(init=lambda x: (),
+                      guide=lambda state, x_t, eps_u, eps_c, step: (
+                          eps_u - scale * (eps_c - eps_u), jnp.full((x_t.shape[0],), scale, jnp.float32), state))
+
+
+class _CountingNP(NamedTuple):
+    """Negative prompting written from scratch, with a traced hyperparameter (its leaf, swept by name), a state
+    (the steps taken) and a 'posterior' that reports it (steps taken / 100)."""
+
+    scale: Any = 1.0
+
+    def init(self, x):
+        return jnp.zeros((x.shape[0],), jnp.float32)
+
+    def guide(self, state, x_t, eps_u, eps_c, step):
+        scale = jnp.asarray(self.scale, jnp.float32)
+        return eps_u - scale * (eps_c - eps_u), jnp.broadcast_to(scale, (x_t.shape[0],)), state
+
+    def update(self, state, x_t, x_next, eps_u, eps_c, step):
+        return state + 1.0
+
+    def posterior(self, state, batch):
+        return state / 100.0
+
+
+def test_any_rule_that_follows_the_protocol_samples_and_sweeps(schedule):
+    """dj.sample and dj.sweep take objects that follow dj.Rule without subclassing GuidanceRule."""
+    keys = dj.keys_from_seeds(np.arange(4))
+    ref, ref_tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(0.7), denoiser_c=eps_c,
+                            return_trace=True)
+    fns = _np_as_functions(0.7)
+    assert not isinstance(fns, dj.GuidanceRule) and not isinstance(_CountingNP(), dj.GuidanceRule)
+    x, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=fns, denoiser_c=eps_c, return_trace=True)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(ref), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(tr.lam), np.asarray(ref_tr.lam))
+    assert np.all(np.isnan(np.asarray(tr.p)))                               # the default posterior: none
+    xs = dj.sweep(eps_u, schedule, keys, SHAPE, rule=fns, grid={}, denoiser_c=eps_c, chunk_size=3)
+    chex.assert_shape(xs, (1, 4) + SHAPE)
+    np.testing.assert_allclose(xs[0], np.asarray(ref), rtol=1e-5, atol=1e-5)
+    # a pytree rule of one's own: its leaf is traced and swept by name, its update and posterior are used
+    x, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=_CountingNP(0.7), denoiser_c=eps_c, return_trace=True)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(ref), rtol=1e-6, atol=1e-7)
+    steps = schedule.num_steps
+    np.testing.assert_allclose(np.asarray(tr.p), np.broadcast_to(np.arange(steps)[:, None] / 100.0, (steps, 4)),
+                               rtol=1e-6)
+    xs, trs = dj.sweep(eps_u, schedule, keys, SHAPE, rule=_CountingNP(), grid={"scale": [0.0, 0.7]},
+                       denoiser_c=eps_c, chunk_size=3, return_trace=True)
+    chex.assert_shape(xs, (2, 4) + SHAPE)
+    chex.assert_shape([trs.lam, trs.p], (2, steps, 4))
+    np.testing.assert_allclose(xs[1], np.asarray(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(xs[0], np.asarray(dj.sample(eps_u, schedule, keys, SHAPE)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(trs.lam[1], 0.7)
+    with pytest.raises(ValueError, match="no hyperparameter"):
+        dj.sweep(eps_u, schedule, keys, SHAPE, rule=_CountingNP(), grid={"prior": [0.1]}, denoiser_c=eps_c)
+    with pytest.raises(TypeError, match="must follow the dngjax.Rule protocol"):
+        dj.sample(eps_u, schedule, keys, SHAPE, rule=object(), denoiser_c=eps_c)
+
+    class Unhashable:
+        __hash__ = None
+
+        def init(self, x):
+            return ()
+
+        def guide(self, state, x_t, eps_u, eps_c, step):
+            return eps_u, jnp.zeros((x_t.shape[0],)), state
+
+    with pytest.raises(TypeError, match="must be hashable"):
+        dj.sample(eps_u, schedule, keys, SHAPE, rule=Unhashable(), denoiser_c=eps_c)

@@ -46,7 +46,8 @@ def test_two_positive_dng_steps_match_a_pytorch_reference(tiny):
     _, torch_pipe, pipe = tiny
     # a small temperature: the random tiny networks disagree a lot, and the update must not hit the clamp
     scale, cfg, prior, tau, delta = 4.0, 3.0, 0.3, 5e-5, 1e-3
-    rule = dj.PositiveDynamicNegativeGuidance(scale=scale, cfg_scale=cfg, prior=prior, temperature=tau, offset=delta)
+    rule = dj.PositiveMode(dj.DynamicNegativeGuidance(scale=scale, prior=prior, temperature=tau, offset=delta),
+                           cfg_scale=cfg)
     seeds = [3, 4]
     x_T = np.random.default_rng(0).standard_normal((2,) + pipe.latent_shape).astype(np.float32)
     chain = dj.respace(pipe.schedule, 2)
@@ -92,7 +93,7 @@ def test_two_positive_dng_steps_match_a_pytorch_reference(tiny):
 
 def test_generate_scale_zero_is_cfg_and_decodes_like_diffusers(tiny):
     _, torch_pipe, pipe = tiny
-    rule = dj.PositiveNegativePrompting(scale=1.0, cfg_scale=2.0)
+    rule = dj.PositiveMode(dj.NegativePrompting(scale=1.0), cfg_scale=2.0)
     images, latents = sd.generate(pipe, PROMPT, NEGATIVE, seeds=[0, 1, 2], rule=rule, grid={"scale": [0.0, 2.0]},
                                   steps=4, chunk_size=2, return_latents=True)
     assert images.shape == (2, 3, 16, 16, 3) and images.dtype == np.uint8
@@ -115,8 +116,8 @@ def test_generate_runs_dng_with_the_continuous_posterior_on_dpm_solver(tiny):
     """Positive-mode DNG on 4 DPM-Solver++(2M) steps: scale 0 is CFG on the same solver, the posterior is
     tracked (finite, moving), and eta = 0 runs without naming the noise."""
     _, _, pipe = tiny
-    rule = dj.PositiveDynamicNegativeGuidance(scale=1.0, prior=0.1, temperature=1.0, cfg_scale=2.0,
-                                              estimator="stratonovich")
+    rule = dj.PositiveMode(dj.DynamicNegativeGuidance(scale=1.0, prior=0.1, temperature=1.0, estimator="stratonovich"),
+                           cfg_scale=2.0)
     _, latents, trace = sd.generate(pipe, PROMPT, NEGATIVE, seeds=[0, 1], rule=rule, grid={"scale": [0.0, 3.0]},
                                     steps=4, solver="dpmpp_2m", return_latents=True, return_trace=True)
     _, cfg = sd.generate(pipe, PROMPT, None, seeds=[0, 1], steps=4, solver="dpmpp_2m", return_latents=True,
