@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -229,14 +229,54 @@ def _check_tree(raw, template, where: str, prefix: str = "") -> None:
     walk(raw, tmpl, prefix)
 
 
+class DiffusionModel(NamedTuple):
+    """A loaded diffusion-model folder. Its card decides everything a tool needs: the architecture
+    (``module``), the training chain (:attr:`schedule`), the prediction type and the class labels."""
+
+    module: Any
+    params: Any
+    card: Dict[str, Any]
+    path: str
+
+    @property
+    def schedule(self) -> Schedule:
+        """The full training chain (T steps) of the card's ``diffusion`` entry (:func:`schedule_of`)."""
+        return schedule_of(self.card)
+
+    @property
+    def prediction(self) -> str:
+        """What the network predicts: ``eps``, ``x0`` or ``v`` (the card's ``diffusion.prediction``)."""
+        return (self.card.get("diffusion") or {}).get("prediction", "eps")
+
+    @property
+    def num_classes(self) -> int:
+        """Class labels of a class-conditional UNet (label ``num_classes`` is the null label); 0 if none."""
+        return int(getattr(self.module, "num_classes", 0) or 0)
+
+    def denoiser(self, label: int | None = None) -> Denoiser:
+        """``eps(x, t)`` of this model (``label``: a class-conditional model's label, ``num_classes`` for
+        the unconditional prediction); the card's prediction type is converted to eps."""
+        if label is not None and not 0 <= int(label) <= self.num_classes:
+            raise CheckpointError(f"{self.path}: label {label} is not one of this model's labels "
+                                  + (f"0..{self.num_classes}" if self.num_classes else "(it takes none)"))
+        return denoiser(self.module, self.params, label=label, prediction=self.prediction)
+
+
+def load_diffusion_model(path: str) -> DiffusionModel:
+    """The one way the tools load a DDPM folder: its module, parameters and card (which then decides the
+    schedule, prediction type and labels); raises :class:`CheckpointError` on any problem."""
+    module, params, card = load_model(path, expect_kind="unet")
+    model = DiffusionModel(module, params, card, path)
+    if model.prediction not in PREDICTIONS:
+        raise CheckpointError(f"{path}: card's diffusion.prediction={model.prediction!r} is not one of {PREDICTIONS}")
+    schedule_of(card)                                  # an unknown schedule is refused at load time
+    return model
+
+
 def load_denoiser(path: str, label: int | None = None) -> Denoiser:
     """The denoiser of a saved DDPM (``label`` only for class-conditional UNets); its ``prediction``
     (eps, x0 or v) is the card's ``diffusion.prediction``, so samplers convert it to eps."""
-    module, params, card = load_model(path, expect_kind="unet")
-    prediction = (card.get("diffusion") or {}).get("prediction", "eps")
-    if prediction not in PREDICTIONS:
-        raise CheckpointError(f"{path}: card's diffusion.prediction={prediction!r} is not one of {PREDICTIONS}")
-    return denoiser(module, params, label=label, prediction=prediction)
+    return load_diffusion_model(path).denoiser(label)
 
 
 def schedule_of(card: Mapping[str, Any]) -> Schedule:

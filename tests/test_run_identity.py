@@ -95,9 +95,9 @@ def test_config_json_records_every_file_read_with_its_sha256_and_the_software(fi
     assert f"uncond/params.msgpack {rec['inputs']['uncond/params.msgpack']['sha256'][:12]}" in summary
     assert f"jax {jax.__version__}" in summary
     # versions and the commit are recorded, not compared: another commit is the same run
-    from dngjax.tools.sample import class_removal
+    from dngjax.tools.sample import run_store
     other = dict(rec, environment=dict(env, git_commit="0" * 40, jax="0.0.0"), overwrite=True, progress=True)
-    assert class_removal.differences(rec, other) == []
+    assert run_store.differences(rec, other) == []
 
 
 def test_a_replaced_model_file_is_another_run_refused_then_moved_aside(tiny_checkpoints, tmp_path, capsys):
@@ -206,7 +206,7 @@ def test_an_interrupted_run_of_another_config_is_refused_and_moved_aside_never_d
 def test_finished_run_is_moved_aside_not_deleted_when_replaced_by_another_identity(tiny_checkpoints, tmp_path):
     """The last step (the complete work folder renamed to outdir) never deletes another run there,
     even one that appeared after the checks."""
-    from dngjax.tools.sample import class_removal
+    from dngjax.tools.sample import run_store
     out = tmp_path / "run"
     out.mkdir()
     (out / "results.json").write_text("[]")
@@ -214,7 +214,7 @@ def test_finished_run_is_moved_aside_not_deleted_when_replaced_by_another_identi
     work = tmp_path / "run.partial"
     (work / "points").mkdir(parents=True)
     (work / "config.json").write_text(json.dumps({"n": 8}))
-    class_removal._publish(str(work), str(out), {"n": 8})
+    run_store.publish(str(work), str(out), {"n": 8})
     (aside,) = glob.glob(str(out) + ".old-*")
     assert json.loads(open(os.path.join(aside, "config.json")).read()) == {"n": 99}
     assert json.loads((out / "config.json").read_text()) == {"n": 8} and not work.exists()
@@ -241,14 +241,14 @@ def test_scorer_flags_non_finite_samples_instead_of_clipping_them(tiny_checkpoin
 def test_non_finite_samples_count_as_unsafe_and_leave_kl_and_fd_to_the_finite_ones():
     from ml_collections import ConfigDict
     from dngjax import metrics
-    from dngjax.tools.sample import class_removal
+    from dngjax.tools.sample import scoring
     config = ConfigDict(dict(dataset="mnist", removed_class=1, also_remove=(), kl_pseudo_count=0.5,
                              bootstrap=5, seed=0))
     labels = np.array([1, 1, 0, 2, -1, -1, 3, 4])
     feats = np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32)
     feats[labels < 0] = np.nan
     ref = (np.zeros(3), np.eye(3))
-    r = class_removal.score_labels(labels, feats, ref, config)
+    r = scoring.score_labels(labels, feats, ref, config)
     assert r["safety_pct"] == 50.0                     # 2 class-1 + 2 non-finite of 8
     assert r["nonfinite"] == 2 and r["valid"] is False and sum(r["histogram"]) == 6
     assert r["kl"] == metrics.kl_to_ideal(metrics.class_histogram(labels[labels >= 0], 10), 1, 0.5)
@@ -292,34 +292,34 @@ def test_the_data_set_file_is_recorded_when_read_but_the_reference_it_makes_deci
     """Computing missing reference statistics reads the data set: its file is recorded (inputs), but the
     identity holds the reference file it makes, so the same run resumed later (reference on disk, data
     set not read) is the same run."""
-    from dngjax.tools.sample import class_removal
+    from dngjax.tools.sample import run_store
     data = tmp_path / "data"
     data.mkdir()
     (data / "mnist.npz").write_bytes(b"stand-in")
     c = _config(tiny_checkpoints, tmp_path / "run", reference_stats=str(tmp_path / "missing.npz"),
                 compute_reference=True, data_dir=str(data))
-    files = class_removal.input_files(c)
+    files = run_store.input_files(c)
     assert files["dataset"] == str(data / "mnist.npz") and "reference_stats" not in files
-    first = class_removal.run_record(c, files)
+    first = run_store.run_record(c, files)
     (tmp_path / "missing.npz").write_bytes(b"the statistics")
-    later = class_removal.run_record(c, class_removal.input_files(c))
+    later = run_store.run_record(c, run_store.input_files(c))
     assert "dataset" not in later["inputs"] and "reference_stats" in later["inputs"]
     first["inputs"]["reference_stats"] = later["inputs"]["reference_stats"]
-    assert class_removal.differences(first, later) == []
+    assert run_store.differences(first, later) == []
     c.compute_reference = False
-    assert "dataset" not in class_removal.input_files(c)
+    assert "dataset" not in run_store.input_files(c)
 
 
 def test_a_field_added_to_the_config_at_its_default_is_no_difference_from_older_records(tmp_path):
     """A rule hyperparameter added later (absent from an older config.json) at its default value keeps the
     older run's points usable; at another value it is a difference, named."""
-    from dngjax.tools.sample import class_removal
+    from dngjax.tools.sample import run_store
     c = _config(tmp_path, tmp_path / "out")
-    new = class_removal._config_json(c)
+    new = run_store.config_json(c)
     new["inputs"] = None
     old = json.loads(json.dumps(new))
     del old["dng"]["hold_below"]
-    assert class_removal.differences(old, new) == []
-    assert class_removal.differences(new, old) == []
+    assert run_store.differences(old, new) == []
+    assert run_store.differences(new, old) == []
     new["dng"]["hold_below"] = 0.2
-    assert class_removal.differences(old, new) == ["dng.hold_below: (absent) -> 0.2"]
+    assert run_store.differences(old, new) == ["dng.hold_below: (absent) -> 0.2"]

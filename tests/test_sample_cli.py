@@ -127,21 +127,22 @@ def test_cli_end_to_end_writes_every_file(tiny_checkpoints, tmp_path):
 
 
 def test_resolve_path_and_bad_method(tmp_path):
-    from dngjax.tools.sample import class_removal as sm
+    from dngjax.tools.sample import inputs
+    from dngjax.tools.sample import methods
     from dngjax.tools.sample.configs import mnist
 
     c = mnist.get_config("tiny")
     c.checkpoints = "checkpoints/mnist"
     c.removed_class = 2
-    assert sm.resolve_path(c.forget, c).endswith(os.path.join("checkpoints", "mnist", "forget_2"))
-    assert sm.resolve_path(c.reference_stats, c).endswith("train_without_2.npz")
+    assert inputs.resolve_path(c.forget, c).endswith(os.path.join("checkpoints", "mnist", "forget_2"))
+    assert inputs.resolve_path(c.reference_stats, c).endswith("train_without_2.npz")
     with pytest.raises(ValueError, match="unknown method"):
-        sm.build_rule("CFG", c)
+        methods.build_rule("CFG", c)
     with pytest.raises(ValueError, match="only DNG has variants"):
-        sm.build_rule("NP:beta", c)
-    rule, h = sm.build_rule("DNG:beta", c)
+        methods.build_rule("NP:beta", c)
+    rule, h = methods.build_rule("DNG:beta", c)
     assert rule.variance == "beta" and h["variance"] == "beta" and h["prior"] == 0.25
-    assert sm.build_rule("DNG", c)[0].variance == c.dng.variance
+    assert methods.build_rule("DNG", c)[0].variance == c.dng.variance
     with pytest.raises(ValueError, match="unknown config"):
         mnist.get_config("huge")
 
@@ -190,24 +191,24 @@ def test_removing_two_classes_with_the_conditional_model(tiny_checkpoints, tmp_p
 
 
 def test_method_overrides_parse_validate_and_name_files():
-    from dngjax.tools.sample import class_removal as sm
+    from dngjax.tools.sample import methods
     from dngjax.tools.sample.configs import mnist
 
     c = mnist.get_config("tiny")
-    rule, h = sm.build_rule("DNG[prior=0.1, temperature=0.5]", c)
+    rule, h = methods.build_rule("DNG[prior=0.1, temperature=0.5]", c)
     assert float(rule.prior) == pytest.approx(0.1) and float(rule.temperature) == pytest.approx(0.5)
     assert h["offset"] == c.dng.offset and h["variance"] == c.dng.variance
-    rule, h = sm.build_rule("DNG:posterior[prior=0.05]", c)
+    rule, h = methods.build_rule("DNG:posterior[prior=0.05]", c)
     assert rule.variance == "posterior" and float(rule.prior) == pytest.approx(0.05)
-    assert float(sm.build_rule("SLD[threshold=0.02]", c)[0].threshold) == pytest.approx(0.02)
-    assert sm.method_key("DNG:beta[prior=0.1,temperature=0.25]") == "DNG-beta-prior0.1-temperature0.25"
-    assert sm.method_key("NP") == "NP"
+    assert float(methods.build_rule("SLD[threshold=0.02]", c)[0].threshold) == pytest.approx(0.02)
+    assert methods.method_key("DNG:beta[prior=0.1,temperature=0.25]") == "DNG-beta-prior0.1-temperature0.25"
+    assert methods.method_key("NP") == "NP"
     for bad, message in [("DNG[prior=abc]", "is not key=number"), ("DNG[prior]", "is not key=number"),
                          ("DNG[prior=0.1", "NAME\\[key=value"), ("NP[scale=2]", "NP has no hyperparameter"),
                          ("DNG[scale=2]", "swept by config.grid"), ("DNG[priors=0.1]", "has no hyperparameter"),
                          ("DNG[prior=1.5]", "prior must be in")]:
         with pytest.raises(ValueError, match=message):
-            sm.build_rule(bad, c)
+            methods.build_rule(bad, c)
 
 
 def _row(method, scale, safety, kl, fd, c=0):
@@ -300,22 +301,22 @@ def test_selection_ceiling_rules_out_curves_that_never_reach_one_percent(tmp_pat
     assert f"Out by the ceiling (no grid reaches 1 % of the removed class in some class): {t}." in md
     assert "add the scales listed" not in md
     # the ceiling is read by --job=select only: changing it keeps every finished point reusable
-    from dngjax.tools.sample import class_removal as sm
+    from dngjax.tools.sample import run_store
     from dngjax.tools.sample.configs import mnist
     c1, c2 = mnist.get_config("select"), mnist.get_config("select")
     c2.select_ceiling = 50.0
-    assert sm._sampling_identity(c1) == sm._sampling_identity(c2)
+    assert run_store._sampling_identity(c1) == run_store._sampling_identity(c2)
 
 
 def test_method_grids_give_a_method_its_own_scales():
     """config.method_grids overrides the base's grid for the methods it names; bad entries fail before any work."""
-    from dngjax.tools.sample import class_removal as sm
+    from dngjax.tools.sample import methods
     from dngjax.tools.sample.configs import mnist
 
     c = mnist.get_config("tiny")
     c.methods = ("NP", "DNG", "DNG[prior=0.5]")
     c.method_grids = (("DNG[prior=0.5]", (0.5, 1.5)),)
-    grids = {m: scales for m, _, _, scales in sm.build_methods(c)}
+    grids = {m: scales for m, _, _, scales in methods.build_methods(c)}
     assert grids == {"NP": [0.5, 2.0], "DNG": [5.0], "DNG[prior=0.5]": [0.5, 1.5]}
     cases = [([("DNG[prior=0.1]", (1.0,))], "not in config.methods"),
              ([("DNG", (1.0,)), ("DNG", (2.0,))], "two grids"),
@@ -324,12 +325,12 @@ def test_method_grids_give_a_method_its_own_scales():
     for bad, match in cases:
         c.method_grids = tuple(bad)
         with pytest.raises(ValueError, match=match):
-            sm.build_methods(c)
+            methods.build_methods(c)
     # the select config: every setting starts with the same guidance lambda_T = scale * odds(prior)
     s = mnist.get_config("select")
-    grids = {m: scales for m, _, hyper, scales in sm.build_methods(s)}
+    grids = {m: scales for m, _, hyper, scales in methods.build_methods(s)}
     by_temp = {}
-    for m, _, hyper, scales in sm.build_methods(s):
+    for m, _, hyper, scales in methods.build_methods(s):
         odds = hyper["prior"] / (1 - hyper["prior"])
         by_temp.setdefault(hyper["temperature"], set()).add(tuple(round(x * odds * 3, 2) for x in scales))
     assert all(len(v) == 1 for v in by_temp.values()) and len(grids) == 6

@@ -28,7 +28,7 @@ def validate(target_pct: float, confidence: float) -> None:
 
 
 def unwanted(labels, c: int):
-    """The removed class, or a non-finite sample (label ``class_removal.NONFINITE``): never a safe one."""
+    """The removed class, or a non-finite sample (label ``scoring.NONFINITE``): never a safe one."""
     import numpy as np
     labels = np.asarray(labels)
     return (labels == c) | (labels < 0)

@@ -48,14 +48,14 @@ def extension_config(run: str, n_total: int, high_safety: Optional[float] = None
     earlier top-ups, merged), so a second call adds only points that became deciding. ``high_safety``:
     the run's own (its config.json) unless given."""
     from ml_collections import ConfigDict
-    from dngjax.tools.sample.class_removal import RECORD_KEYS
+    from dngjax.tools.sample.run_store import RECORD_KEYS
     config = report.run_config(run)
     if config is None or not os.path.isfile(os.path.join(run, "labels.npz")):
         raise ValueError(f"{run}: not a class-removal run with config.json and labels.npz")
     recorded = config.get("inputs")
     config = {k: v for k, v in config.items() if k not in RECORD_KEYS}   # the config's fields only
     if recorded is not None:                        # its model and reference files must be the same still
-        from dngjax.tools.sample.class_removal import differences, input_files, run_record
+        from dngjax.tools.sample.run_store import differences, input_files, run_record
         now = ConfigDict(config)
         changed = differences({"inputs": recorded}, {"inputs": run_record(now, input_files(now))["inputs"]})
         if changed:

@@ -51,9 +51,7 @@ def define_flags():
         "Config file, path[:name] (default: sample/configs/mnist.py, the 'quick' main job; "
         "text_to_image: sample/configs/sd.py).",
         lock_config=True)
-    flags.DEFINE_enum("job", "class_removal", ["class_removal", "posterior_check", "report", "summary", "select",
-                                               "extend", "archive", "calibrate", "text_to_image"],
-                      "What to run.")
+    flags.DEFINE_enum("job", "class_removal", list(JOBS), "What to run.")
     flags.DEFINE_list("classes", None, "posterior_check: removed classes to check (default: the config's).")
     flags.DEFINE_list("runs", None, "report, select, extend: class-removal output folders, or folders of them; "
                                     "summary: folders holding a report.json; archive: one folder to archive.")
@@ -87,97 +85,128 @@ def _check_out(path, flag):
         cli.check_writable_folder(path, flag)
 
 
+def run_text_to_image(config):
+    from dngjax.tools.sample import text_to_image
+    with cli.user_errors():
+        _check_out(config.get("outdir") or os.path.join("outputs", "text_to_image"), "--config.outdir")
+        job = text_to_image.prepare(config)
+    cli.on_interrupt(f"{job.outdir} is incomplete and nothing resumes: rerunning the same command starts again")
+    text_to_image.execute(job)
+
+
+def run_class_removal(config):
+    from dngjax.tools.sample import class_removal
+    with cli.user_errors():
+        class_removal.validate_config(config)
+        _check_out(class_removal.choose_outdir(config), "--config.outdir")
+        job = class_removal.prepare(config)
+        check_chunk_memory(job, trace=True)
+    cli.on_interrupt(resume_note(job))
+    class_removal.execute(job)
+
+
+def run_calibrate(config):
+    from dngjax.tools.sample import calibrate, class_removal
+    out = FLAGS.out or "outputs/calibration"
+    with cli.user_errors():
+        calibrate.validate(FLAGS.target, FLAGS.confidence)
+        _check_out(out, "--out")
+        job = class_removal.prepare(config)
+        check_chunk_memory(job, trace=False)
+    calibrate.execute(job, FLAGS.target, FLAGS.confidence, out)
+
+
+def run_posterior_check(config):
+    from dngjax.tools.sample import posterior_check
+    out = FLAGS.out or "outputs/posterior_check"
+    with cli.user_errors():
+        try:
+            classes = [int(c) for c in (FLAGS.classes or [config.removed_class])]
+        except ValueError:
+            raise ValueError(f"--classes={','.join(FLAGS.classes)}: class numbers, e.g. --classes=0,1,2") from None
+        _check_out(out, "--out")
+        job = posterior_check.prepare(config, classes, out)
+    posterior_check.execute(job)
+
+
+def run_extend(config):
+    from dngjax.tools.sample import class_removal, extend, report
+    with cli.user_errors():
+        runs = [r for r in report.find_runs(_runs("extend")) if not extend.is_top_up(r)]
+        jobs = {run: extend.extension_config(run, FLAGS.n, progress=config.progress) for run in runs}
+        for cfg in jobs.values():
+            if cfg is not None:
+                _check_out(cfg.outdir, "the top-up folder of --runs")
+        jobs = {run: class_removal.prepare(cfg) for run, cfg in jobs.items() if cfg is not None}
+        for job in jobs.values():
+            check_chunk_memory(job, trace=True)
+    cli.on_interrupt("the finished points of the top-up being sampled are kept in its <folder>.partial: "
+                     "rerun the same command to resume (finished top-ups are not sampled again)")
+    for run in runs:
+        job = jobs.get(run)
+        while job is not None:          # again while the larger samples make another point deciding
+            class_removal.execute(job)
+            cfg = extend.extension_config(run, FLAGS.n, progress=config.progress)
+            job = None if cfg is None else class_removal.prepare(cfg)
+        print(f"{run}: its deciding points have n >= {FLAGS.n}", flush=True)
+
+
+def run_archive(config):
+    from dngjax.tools.sample import archive
+    with cli.user_errors():
+        if not FLAGS.runs or len(FLAGS.runs) != 1 or not FLAGS.out:
+            raise ValueError("--job=archive needs one --runs=FOLDER and --out=COPY (e.g. docs/runs/NAME)")
+        _check_out(FLAGS.out, "--out")
+        paths = archive.plan(FLAGS.runs[0], FLAGS.out)
+    copied = archive.archive(FLAGS.runs[0], FLAGS.out, paths)
+    for path, size in copied:
+        print(f"{size:>9,d} B  {os.path.join(FLAGS.out, path)}")
+    print(f"archived {len(copied)} file(s), {sum(s for _, s in copied):,d} B, from {FLAGS.runs[0]} into {FLAGS.out}")
+
+
+def run_summary(config):
+    from dngjax.tools.sample import summary
+    with cli.user_errors():
+        runs = _runs("summary", "folders holding a report.json")
+        _check_out(FLAGS.out, "--out")
+        groups, high_safety = summary.load(runs)     # every report.json there and alike
+    summary.write_summary(groups, high_safety, runs, FLAGS.out)
+
+
+def run_select(config):
+    from dngjax.tools.sample import report, selection
+    with cli.user_errors():
+        wanted = _runs("select")
+        _check_out(FLAGS.out, "--out")
+        runs = report.find_runs(wanted)
+        selection.write_selection(runs, FLAGS.out, config.high_safety, config.select_ceiling)
+
+
+def run_report(config):
+    from dngjax.tools.sample import report
+    with cli.user_errors():
+        wanted = _runs("report")
+        _check_out(FLAGS.out, "--out")
+        runs = report.find_runs(wanted)
+    report.write_report(runs, FLAGS.out, config.high_safety)
+
+
+def _runs(job: str, what: str = "") -> list:
+    """--runs, required by ``job``."""
+    if not FLAGS.runs:
+        raise ValueError(f"--job={job} needs --runs=FOLDER[,FOLDER...]" + (f" ({what})" if what else ""))
+    return list(FLAGS.runs)
+
+
+#: --job=NAME -> the function that runs it on the config
+JOBS = {"class_removal": run_class_removal, "posterior_check": run_posterior_check, "report": run_report,
+        "summary": run_summary, "select": run_select, "extend": run_extend, "archive": run_archive,
+        "calibrate": run_calibrate, "text_to_image": run_text_to_image}
+
+
 def main(argv):
     logging.set_verbosity(logging.WARNING)
-    config = FLAGS.config
-    if FLAGS.job == "text_to_image":
-        from dngjax.tools.sample import text_to_image
-        with cli.user_errors():
-            _check_out(config.get("outdir") or os.path.join("outputs", "text_to_image"), "--config.outdir")
-            job = text_to_image.prepare(config)
-        cli.on_interrupt(f"{job.outdir} is incomplete and nothing resumes: rerunning the same command starts again")
-        text_to_image.execute(job)
-    elif FLAGS.job == "class_removal":
-        from dngjax.tools.sample import class_removal
-        with cli.user_errors():
-            class_removal.validate_config(config)
-            _check_out(class_removal.choose_outdir(config), "--config.outdir")
-            job = class_removal.prepare(config)
-            check_chunk_memory(job, trace=True)
-        cli.on_interrupt(resume_note(job))
-        class_removal.execute(job)
-    elif FLAGS.job == "calibrate":
-        from dngjax.tools.sample import calibrate, class_removal
-        out = FLAGS.out or "outputs/calibration"
-        with cli.user_errors():
-            calibrate.validate(FLAGS.target, FLAGS.confidence)
-            _check_out(out, "--out")
-            job = class_removal.prepare(config)
-            check_chunk_memory(job, trace=False)
-        calibrate.execute(job, FLAGS.target, FLAGS.confidence, out)
-    elif FLAGS.job == "posterior_check":
-        from dngjax.tools.sample import posterior_check
-        out = FLAGS.out or "outputs/posterior_check"
-        with cli.user_errors():
-            try:
-                classes = [int(c) for c in (FLAGS.classes or [config.removed_class])]
-            except ValueError:
-                raise ValueError(f"--classes={','.join(FLAGS.classes)}: class numbers, e.g. --classes=0,1,2") from None
-            _check_out(out, "--out")
-            job = posterior_check.prepare(config, classes, out)
-        posterior_check.execute(job)
-    elif FLAGS.job == "extend":
-        from dngjax.tools.sample import class_removal, extend, report
-        with cli.user_errors():
-            if not FLAGS.runs:
-                raise ValueError("--job=extend needs --runs=FOLDER[,FOLDER...]")
-            runs = [r for r in report.find_runs(FLAGS.runs) if not extend.is_top_up(r)]
-            jobs = {run: extend.extension_config(run, FLAGS.n, progress=config.progress) for run in runs}
-            for cfg in jobs.values():
-                if cfg is not None:
-                    _check_out(cfg.outdir, "the top-up folder of --runs")
-            jobs = {run: class_removal.prepare(cfg) for run, cfg in jobs.items() if cfg is not None}
-            for job in jobs.values():
-                check_chunk_memory(job, trace=True)
-        cli.on_interrupt("the finished points of the top-up being sampled are kept in its <folder>.partial: "
-                         "rerun the same command to resume (finished top-ups are not sampled again)")
-        for run in runs:
-            job = jobs.get(run)
-            while job is not None:          # again while the larger samples make another point deciding
-                class_removal.execute(job)
-                cfg = extend.extension_config(run, FLAGS.n, progress=config.progress)
-                job = None if cfg is None else class_removal.prepare(cfg)
-            print(f"{run}: its deciding points have n >= {FLAGS.n}", flush=True)
-    elif FLAGS.job == "archive":
-        from dngjax.tools.sample import archive
-        with cli.user_errors():
-            if not FLAGS.runs or len(FLAGS.runs) != 1 or not FLAGS.out:
-                raise ValueError("--job=archive needs one --runs=FOLDER and --out=COPY (e.g. docs/runs/NAME)")
-            _check_out(FLAGS.out, "--out")
-            paths = archive.plan(FLAGS.runs[0], FLAGS.out)
-        copied = archive.archive(FLAGS.runs[0], FLAGS.out, paths)
-        for path, size in copied:
-            print(f"{size:>9,d} B  {os.path.join(FLAGS.out, path)}")
-        print(f"archived {len(copied)} file(s), {sum(s for _, s in copied):,d} B, from {FLAGS.runs[0]} into {FLAGS.out}")
-    elif FLAGS.job == "summary":
-        from dngjax.tools.sample import summary
-        with cli.user_errors():
-            if not FLAGS.runs:
-                raise ValueError("--job=summary needs --runs=FOLDER[,FOLDER...] (folders holding a report.json)")
-            _check_out(FLAGS.out, "--out")
-            groups, high_safety = summary.load(FLAGS.runs)     # every report.json there and alike
-        summary.write_summary(groups, high_safety, FLAGS.runs, FLAGS.out)
-    else:
-        from dngjax.tools.sample import report, selection
-        with cli.user_errors():
-            if not FLAGS.runs:
-                raise ValueError(f"--job={FLAGS.job} needs --runs=FOLDER[,FOLDER...]")
-            _check_out(FLAGS.out, "--out")
-            runs = report.find_runs(FLAGS.runs)
-            if FLAGS.job == "select":
-                selection.write_selection(runs, FLAGS.out, config.high_safety, config.select_ceiling)
-        if FLAGS.job == "report":
-            report.write_report(runs, FLAGS.out, config.high_safety)
+    JOBS[FLAGS.job](FLAGS.config)
 
 
 def cli_main():

@@ -48,6 +48,7 @@ def prepare(config, classes, out: str) -> Job:
     import dngjax as dj
     from dngjax import checkpoint, evaluation
     from dngjax.tools.sample import class_removal
+    from dngjax.tools.sample import inputs
 
     class_removal.validate_config(config)
     if not classes:
@@ -60,11 +61,11 @@ def prepare(config, classes, out: str) -> Job:
         with cfg.unlocked():
             cfg.removed_class = int(c)
         class_removal.validate_config(cfg)
-        denoisers.append(class_removal.load_denoisers(cfg))
+        denoisers.append(inputs.load_denoisers(cfg))
     rule = dj.DynamicNegativeGuidance(scale=0.0, **dict(config.dng))
-    cmod, cparams, _ = checkpoint.load_classifier(class_removal.resolve_path(config.classifier, config))
+    cmod, cparams, _ = checkpoint.load_classifier(inputs.resolve_path(config.classifier, config))
     scorer = evaluation.make_scorer(cmod, cparams, batch_size=config.eval_batch)
-    full = dj.linear_schedule(config.T)
+    full = inputs.training_chain(config)
     schedule = full if config.steps >= config.T else dj.respace(full, config.steps)
     return Job(config, [int(c) for c in classes], out, lambda x: scorer(x).labels, denoisers, rule, schedule)
 

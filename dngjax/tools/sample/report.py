@@ -25,7 +25,7 @@ import numpy as np
 def find_runs(paths: List[str]) -> List[str]:
     """The run folders among ``paths`` and their sub-folders (runs moved aside by config.overwrite,
     ``<outdir>.old-<UTC time>``, only where named themselves)."""
-    from dngjax.tools.sample.class_removal import is_moved_aside
+    from dngjax.tools.sample.run_store import is_moved_aside
     runs = []
     for p in paths:
         if os.path.isfile(os.path.join(p, "results.json")):
@@ -57,7 +57,7 @@ def best_at_high_safety(rows: List[Dict], high_safety: float = 1.0) -> Dict[str,
 def point_keys(rows: List[Dict]) -> List[str]:
     """The labels.npz / features.npz key of each row of a results.json: ``none_0``, then
     ``<method>_<k>`` with k the row's index among its method's rows (the run's grid order)."""
-    from dngjax.tools.sample.class_removal import method_key
+    from dngjax.tools.sample.methods import method_key
     seen: Dict[str, int] = {}
     keys = []
     for r in rows:
@@ -68,7 +68,7 @@ def point_keys(rows: List[Dict]) -> List[str]:
 
 
 # config fields that do not change how a point is sampled or scored: runs whose identity
-# (dngjax.tools.sample.class_removal.identity: the config and the sha256 of its model and reference files) differs
+# (dngjax.tools.sample.run_store.identity: the config and the sha256 of its model and reference files) differs
 # only in these (and in their seeds) hold samples of the same points and are merged (extend's top-ups)
 _NOT_GROUP = ("n", "seed", "save_samples")
 
@@ -85,7 +85,7 @@ def _identity(run: str) -> str:
     config = run_config(run)
     if config is None:
         return "run:" + os.path.abspath(run)           # no config: a group of its own
-    from dngjax.tools.sample.class_removal import identity
+    from dngjax.tools.sample.run_store import identity
     return json.dumps({k: v for k, v in identity(config).items() if k not in _NOT_GROUP}, sort_keys=True)
 
 
@@ -111,7 +111,8 @@ class PerSample:
 
     def __init__(self, runs: List[str]):
         from ml_collections import ConfigDict
-        from dngjax.tools.sample.class_removal import method_key, score_labels
+        from dngjax.tools.sample.methods import method_key
+        from dngjax.tools.sample.scoring import score_labels
 
         if isinstance(runs, str):
             runs = [runs]
@@ -129,7 +130,7 @@ class PerSample:
                                  "they cannot be merged")
             self.rows = first
             return
-        from dngjax.tools.sample.class_removal import RECORD_KEYS
+        from dngjax.tools.sample.run_store import RECORD_KEYS
         config = {k: v for k, v in run_config(runs[0]).items() if k not in RECORD_KEYS}   # the config's fields
         self.config = ConfigDict(config)
         self.removed = first[0].get("removed_classes", first[0]["removed_class"])
@@ -185,7 +186,7 @@ class PerSample:
         """``key`` ("safety", "kl" or "fd") of the row's samples at indices ``idx`` (into its seeds, in
         seed order)."""
         from dngjax import metrics
-        from dngjax.tools.sample.class_removal import fd_of, kl_of, safety_pct
+        from dngjax.tools.sample.scoring import fd_of, kl_of, safety_pct
         d = self.data[id(row)]
         removed = self._removed
         lab = d["labels"][idx]                         # NONFINITE (-1): a non-finite sample
@@ -453,7 +454,7 @@ def markdown(per_samples: List[PerSample], summaries: List[Dict], high_safety: f
                          + ", ".join(f"`{r}`" for r in g["runs"]) + "\n")
         lines.append(f"Sampling time: {g['sample_hours']:.2f} h (wall clock, the points' sampling summed, "
                      "top-up included; compilation and scoring not counted).\n")
-        from dngjax.tools.sample.class_removal import provenance_text
+        from dngjax.tools.sample.run_store import provenance_text
         for run in per_sample.runs:
             record = run_config(run)
             if record is not None:

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from dngjax.tools.sample import report
-from dngjax.tools.sample.class_removal import parse_method
+from dngjax.tools.sample.methods import parse_method
 
 KL_TIE = 1e-3
 

@@ -133,10 +133,11 @@ def reference_stats(out, classes, data_dir):
         print(f"wrote {path} (n={int(keep.sum())}, {time.time() - t0:.0f}s)")
 
 
-def _sample(module, params, shape, n, seed, steps, chunk, noise, label=None):
+def _sample(model, n, seed, steps, chunk, noise, label=None):
+    """n samples of a loaded model (:class:`dngjax.checkpoint.DiffusionModel`) on its card's chain, respaced."""
     import dngjax as dj
-    return dj.sample(dj.denoiser(module, params, label=label), dj.respace(dj.linear_schedule(), steps),
-                     dj.keys_from_seeds(np.arange(n) + seed), tuple(shape), noise=noise, chunk_size=chunk)
+    return dj.sample(model.denoiser(label), dj.respace(model.schedule, steps), dj.keys_from_seeds(np.arange(n) + seed),
+                     tuple(model.card["input_shape"]), noise=noise, chunk_size=chunk)
 
 
 def _unconditional_quality(x, score, train_stats, train_hist, real_fd):
@@ -189,11 +190,12 @@ def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chu
             print(f"skip {name}: its card has its quality (a new model is copied without; --reeval or --only "
                   "measures again)")
             continue
-        module, params, card = checkpoint.load_model(d, expect_kind="unet")
+        model = checkpoint.load_diffusion_model(d)
+        card = model.card
         t0 = time.time()
         q = dict(common)
         if name == "ddpm" or name == "cond":
-            x = _sample(module, params, card["input_shape"], n_uncond, seed, steps, min(chunk, n_uncond), noise)
+            x = _sample(model, n_uncond, seed, steps, min(chunk, n_uncond), noise)
             q.update(_unconditional_quality(x, score, train_stats, train_hist, fd_real(n_uncond)))
             print(f"{name}{' (null label)' if name == 'cond' else ''}: {_fmt_uncond(q)}  hist={q['class_histogram']}")
             grid = x[:64]
@@ -201,7 +203,7 @@ def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chu
             q = {**common, "null_label": q, "per_label": {}}
             rows = []
             for c in range(10):
-                xc = _sample(module, params, card["input_shape"], n_per_class, seed, steps, min(chunk, n_per_class), noise, label=c)
+                xc = _sample(model, n_per_class, seed, steps, min(chunk, n_per_class), noise, label=c)
                 share = float(np.mean(score(xc).labels == c))
                 q["per_label"][str(c)] = {"num_samples": n_per_class, "fraction_classified_as_label": round(share, 4)}
                 rows.append(xc[:10])
@@ -212,7 +214,7 @@ def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chu
             grid = np.concatenate(rows)
         elif name.startswith("forget_"):
             c = card["only_class"]
-            x = _sample(module, params, card["input_shape"], n_forget, seed, steps, min(chunk, n_forget), noise)
+            x = _sample(model, n_forget, seed, steps, min(chunk, n_forget), noise)
             labels = score(x).labels
             frac = float(np.mean(labels == c))
             q.update({"num_samples": int(n_forget), "class_histogram": np.bincount(labels, minlength=10).tolist(),

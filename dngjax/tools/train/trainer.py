@@ -44,8 +44,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dngjax import checkpoint as ckpt
 from dngjax import data as data_lib
 from dngjax import memory
-from dngjax.models.classifier import Classifier
-from dngjax.models.unet import UNet
 from dngjax.schedules import linear_schedule, respace
 from dngjax.tools.train import integrity
 
@@ -53,13 +51,15 @@ from dngjax.tools.train import integrity
 # --------------------------------------------------------------------------- model / data
 
 def build_model(config):
+    """The network ``config.model`` describes, built as a model card's ``arch`` entry is
+    (:func:`dngjax.checkpoint.build_module`: one constructor for training and loading)."""
     m = config.model
-    kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in m.kwargs.items()}
-    if m.kind == "unet":
-        return UNet(**kwargs)
-    if m.kind == "classifier":
-        return Classifier(**kwargs)
-    raise ValueError(f"unknown model kind {m.kind!r}")
+    if m.kind not in ckpt.ARCHS:
+        raise ValueError(f"unknown model kind {m.kind!r}")
+    try:
+        return ckpt.build_module({"kind": m.kind, "kwargs": dict(m.kwargs)})
+    except ckpt.CheckpointError as e:                  # a config typo: a user error, not a corrupt folder
+        raise ValueError(f"config.model.kwargs: {e}") from None
 
 
 def _opt_class(c) -> int | None:
@@ -213,14 +213,15 @@ def make_train_step(module, opt, config, alpha_bars):
 
 # --------------------------------------------------------------------------- sampling / evaluation
 
-def sample_images(module, params, n: int, seed: int, input_shape, num_steps: int = 100,
+def sample_images(module, params, schedule, n: int, seed: int, input_shape, num_steps: int = 100,
                   batch_size: int = 256) -> np.ndarray:
-    """n samples (float [-1,1]) of a DDPM with the project's ancestral sampler on a respaced chain."""
+    """n samples (float [-1,1]) of a DDPM trained on ``schedule`` (its full chain), with the project's
+    ancestral sampler on that chain respaced to ``num_steps``."""
     from dngjax.denoiser import denoiser
     from dngjax.sampler import keys_from_seeds, sample
 
     seeds = np.arange(n) + seed * 1_000_003
-    return sample(denoiser(module, params), respace(linear_schedule(), num_steps), keys_from_seeds(seeds),
+    return sample(denoiser(module, params), respace(schedule, num_steps), keys_from_seeds(seeds),
                   tuple(input_shape), chunk_size=batch_size)
 
 
@@ -534,7 +535,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
                                                        "loss_avg": np.float32(loss_avg)}, repl))
                 save_verified(mngr, ckpt_dir, step, state)
             if kind == "unet" and config.sample_every and step % config.sample_every == 0 and step < config.num_steps:
-                xs = sample_images(module, state["ema_params"], 64, 0, input_shape, config.sample_steps)
+                xs = sample_images(module, state["ema_params"], sched, 64, 0, input_shape, config.sample_steps)
                 save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), xs)
         pbar.close()
         mngr.wait_until_finished()
@@ -585,7 +586,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
         out = os.path.join(workdir, "model")
         ckpt.save_model(out, module, params_out, card)
         if kind == "unet" and config.get("final_samples", 64):
-            xs = sample_images(module, params_out, int(config.final_samples), 0, input_shape, config.sample_steps)
+            xs = sample_images(module, params_out, sched, int(config.final_samples), 0, input_shape, config.sample_steps)
             save_grid(os.path.join(workdir, "samples", "final.png"), xs)
         logging.info("model written to %s", out)
         return ckpt.load_card(out)

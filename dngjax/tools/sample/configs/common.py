@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Sampling: N samples per grid point, the same seeds seed..seed+N-1 at every point.
     c.n = 256
     c.seed = 0
-    c.T = 1000                   # training chain: linear betas 1e-4 .. 0.02
+    c.T = 1000                   # training chain length: the models' cards decide the schedule; checked against them
     c.steps = 50                 # sampled chain: respaced to this many steps (= T: no respacing)
     c.chunk_size = 128           # seeds per compiled call (times the grid size of the method)
     c.noise = "beta"             # the reverse step's noise variance: "beta" (beta_t) or "posterior" (beta_tilde_t)
