@@ -49,3 +49,9 @@ def test_split_step_lever_is_the_whole_batch_step():
     s(2)  # whole lever steps: draws, two micro-batch calls, the update (the warm-up's first lr is 0)
     assert int(s.state["step"]) == 2
     assert any(not np.allclose(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(s.state["params"])))
+
+
+def test_sd_unet_pass_bench_starts_and_rejects_an_unknown_size(tmp_path):
+    r = _run("sd_unet_pass.py", "--sizes", "tiny,nope", cwd=str(tmp_path))
+    assert r.returncode != 0
+    assert "--sizes nope unknown; known: tiny, small, medium, narrow, full" in r.stderr, r.stderr[-2000:]
