@@ -43,7 +43,7 @@ from flax import struct
 
 from .denoiser import Denoiser
 from .guidance import (DynamicNegativeGuidance, ExactDynamicNegativeGuidance, ExactMultiConceptDynamicNegativeGuidance,
-                       MultiConceptDynamicNegativeGuidance)
+                       MultiConcept)
 from .schedules import Schedule
 
 Array = jnp.ndarray
@@ -414,12 +414,12 @@ class ConceptSplit:
                                                         num_concepts=len(self.concepts))
 
     def approximate_dng(self, scale=1.0, temperature=1.0, offset=0.0, p_min=1e-6, p_max=0.99,
-                        variance: str = "beta") -> MultiConceptDynamicNegativeGuidance:
+                        variance: str = "beta") -> MultiConcept:
         """Multi-concept DNG with tracked posteriors; prior = the concepts' mean weight (equal weights: exact)."""
         prior = float(np.mean([c.forget_weight for c in self.concepts]))
-        return MultiConceptDynamicNegativeGuidance(scale=scale, prior=prior, temperature=temperature, offset=offset,
-                                                   p_min=p_min, p_max=p_max, variance=variance,
-                                                   num_concepts=len(self.concepts))
+        return MultiConcept(DynamicNegativeGuidance(scale=scale, prior=prior, temperature=temperature, offset=offset,
+                                                    p_min=p_min, p_max=p_max, variance=variance),
+                            num_concepts=len(self.concepts))
 
 
 # --------------------------------------------------------------------------- the lab's mixtures

@@ -393,7 +393,7 @@ def test_positive_mode_exact_dng_samples_the_prompt_without_the_negative():
     keys = dj.keys_from_seeds(np.arange(N_2D))
     run = lambda rule, dc: np.asarray(dj.sample(null, sched, keys, (2,), rule=rule, denoiser_c=dc, chunk_size=N_2D))
     comp = lambda x: np.bincount(np.asarray(mixture.classify(jnp.asarray(x))), minlength=4) / len(x)
-    rule = dj.PositiveExactDynamicNegativeGuidance(1.0, posterior_fn=pos.posterior_fn, log_space=True)
+    rule = dj.PositiveMode(dj.ExactDynamicNegativeGuidance(1.0, posterior_fn=pos.posterior_fn, log_space=True))
     x = run(rule, (pos.denoiser_full, pos.denoiser_forget))
     assert comp(x)[0] > 0.995, comp(x)
     target = pos.remember_mixture
@@ -403,7 +403,7 @@ def test_positive_mode_exact_dng_samples_the_prompt_without_the_negative():
     direct = np.asarray(dj.sample(pos.denoiser_remember, sched, keys, (2,), chunk_size=N_2D))
     dist = np.abs(x - direct).max(-1)
     assert np.quantile(dist, 0.999) < 1e-3 and dist.max() < 0.1
-    tracked = dj.PositiveDynamicNegativeGuidance(1.0, prior=0.5, temperature=1.0, variance="beta")
+    tracked = dj.PositiveMode(dj.DynamicNegativeGuidance(1.0, prior=0.5, temperature=1.0, variance="beta"))
     forb = comp(run(tracked, (pos.denoiser_full, pos.denoiser_forget)))[2]
     assert forb < 0.07, forb                                   # from 0.5 within c+; measured 0.035
     standin = comp(run(tracked, (pos.denoiser_full, mixture_denoiser(mixture.subset([2, 3]), sched))))[2]
@@ -452,14 +452,14 @@ def test_multi_concept_dng_with_one_concept_is_dng():
     keys = dj.keys_from_seeds(np.arange(64))
     one = dj.sample(lab.denoiser_full, lab.schedule, keys, (1,), rule=lab.approximate_dng(2.0),
                     denoiser_c=lab.denoiser_forget)
-    multi = dj.MultiConceptDynamicNegativeGuidance(2.0, prior=lab.forget_weight, temperature=1.0,
-                                                   variance="beta", num_concepts=1)
+    multi = dj.MultiConcept(dj.DynamicNegativeGuidance(2.0, prior=lab.forget_weight, temperature=1.0,
+                                                       variance="beta"), num_concepts=1)
     got = dj.sample(lab.denoiser_full, lab.schedule, keys, (1,), rule=multi, denoiser_c=[lab.denoiser_forget])
     np.testing.assert_allclose(np.asarray(got), np.asarray(one), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="must sum below p_max"):
-        dj.MultiConceptDynamicNegativeGuidance(prior=0.5, num_concepts=2)
+        dj.MultiConcept(dj.DynamicNegativeGuidance(prior=0.5), num_concepts=2)
     with pytest.raises(ValueError, match="num_concepts must be an integer"):
-        dj.MultiConceptDynamicNegativeGuidance(num_concepts=0)
+        dj.MultiConcept(dj.DynamicNegativeGuidance(), num_concepts=0)
 
 
 # --------------------------------------------------------------------------- sampling (slow)

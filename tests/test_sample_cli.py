@@ -150,6 +150,7 @@ def test_resolve_path_and_bad_method(tmp_path):
 def test_removing_two_classes_with_the_conditional_model(tiny_checkpoints, tmp_path):
     """config.also_remove: multi-concept DNG with eps(x | c) per removed class, metrics over both classes,
     reference statistics of the data without both (computed here from tiny stand-in stats)."""
+    import dngjax as dj
     from dngjax import metrics
     from dngjax.tools.sample import class_removal
     from dngjax.tools.sample.configs import mnist
@@ -166,7 +167,8 @@ def test_removing_two_classes_with_the_conditional_model(tiny_checkpoints, tmp_p
     job = class_removal.prepare(c)
     assert isinstance(job.denoiser_c, list) and [int(d.label) for d in job.denoiser_c] == [1, 2]
     rule = job.methods[0][1]
-    assert type(rule).__name__ == "MultiConceptDynamicNegativeGuidance" and rule.num_concepts == 2
+    assert isinstance(rule, dj.MultiConcept) and isinstance(rule.rule, dj.DynamicNegativeGuidance)
+    assert rule.num_concepts == 2
     assert job.outdir.endswith("two_1+2")
     assert class_removal.estimate_cost(job)["passes"] == c.n * c.steps * (1 + 2 * 3)   # baseline + 2 points x 3 nets
     class_removal.execute(job)

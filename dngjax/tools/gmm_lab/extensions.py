@@ -90,19 +90,19 @@ def run(args):
     pos = ForgetSplit(mixture.subset([0, 2]), [1], sched)
     null = mixture_denoiser(mixture, sched)
     standin = mixture_denoiser(mixture.subset([2, 3]), sched)
-    tracked = dj.PositiveDynamicNegativeGuidance(1.0, prior=0.5, temperature=1.0, variance="beta")
+    tracked = dj.PositiveMode(dj.DynamicNegativeGuidance(1.0, prior=0.5, temperature=1.0, variance="beta"))
     positive = {
         "c+": ("c+ alone (no negative)", draw(pos.denoiser_full)),
         "exact": ("positive DNG, exact p(c-|x,c+), neg = eps(x|c+,c-), lambda0=1",
-                  draw(null, dj.PositiveExactDynamicNegativeGuidance(1.0, posterior_fn=pos.posterior_fn,
-                                                                      log_space=True),
+                  draw(null, dj.PositiveMode(dj.ExactDynamicNegativeGuidance(1.0, posterior_fn=pos.posterior_fn,
+                                                                              log_space=True)),
                        (pos.denoiser_full, pos.denoiser_forget))),
         "tracked": ("positive DNG, tracked, neg = eps(x|c+,c-), lambda0=1",
                     draw(null, tracked, (pos.denoiser_full, pos.denoiser_forget))),
         "standin": ("positive DNG, tracked, neg = eps(x|c-) (text-to-image stand-in), lambda0=1",
                     draw(null, tracked, (pos.denoiser_full, standin))),
         "np": ("positive NP, neg = eps(x|c-), lambda=1",
-               draw(null, dj.PositiveNegativePrompting(1.0), (pos.denoiser_full, standin))),
+               draw(null, dj.PositiveMode(dj.NegativePrompting(1.0)), (pos.denoiser_full, standin))),
     }
     rows_p = []
     for key, (label, (x, sec)) in positive.items():

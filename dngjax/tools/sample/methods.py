@@ -78,7 +78,7 @@ def build_rule(method: str, config):
         return dj.SafeLatentDiffusion(scale=1.0, **h), h
     k = len(removed_classes(config))
     if k > 1:                                         # several classes removed together: one concept each
-        return dj.MultiConceptDynamicNegativeGuidance(scale=1.0, num_concepts=k, **h), h
+        return dj.MultiConcept(dj.DynamicNegativeGuidance(scale=1.0, **h), num_concepts=k), h
     return dj.DynamicNegativeGuidance(scale=1.0, **h), h
 
 

@@ -40,8 +40,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-RULES = {"diffusers-NP": "ClassifierFreeGuidance", "NP": "PositiveNegativePrompting",
-         "DNG": "PositiveDynamicNegativeGuidance", "SLD": "PositiveSafeLatentDiffusion"}
+RULES = {"diffusers-NP": "ClassifierFreeGuidance", "NP": "PositiveMode(NegativePrompting)",
+         "DNG": "PositiveMode(DynamicNegativeGuidance)", "SLD": "PositiveMode(SafeLatentDiffusion)"}
 #: UNet passes per step of each method (diffusers-NP: negative prompt and prompt; the others: "", both)
 PASSES = {"diffusers-NP": 2, "NP": 3, "DNG": 3, "SLD": 3}
 
@@ -178,12 +178,12 @@ def build_rule(method: str, row: tuple, config):
     if method == "diffusers-NP":                       # the negative prompt in place of "": 2 passes
         return dj.ClassifierFreeGuidance(scale=config.cfg_scale)
     if method == "NP":
-        return dj.PositiveNegativePrompting(scale=float(np_scale), cfg_scale=config.cfg_scale)
+        return dj.PositiveMode(dj.NegativePrompting(scale=float(np_scale)), cfg_scale=config.cfg_scale)
     if method == "DNG":
-        return dj.PositiveDynamicNegativeGuidance(scale=float(dng_scale), cfg_scale=config.cfg_scale,
-                                                  temperature=float(temperature), offset=float(offset),
-                                                  **dict(config.dng))
-    return dj.PositiveSafeLatentDiffusion(cfg_scale=config.cfg_scale, **dict(config.sld))
+        return dj.PositiveMode(dj.DynamicNegativeGuidance(scale=float(dng_scale), temperature=float(temperature),
+                                                          offset=float(offset), **dict(config.dng)),
+                               cfg_scale=config.cfg_scale)
+    return dj.PositiveMode(dj.SafeLatentDiffusion(**dict(config.sld)), cfg_scale=config.cfg_scale)
 
 
 def estimate_seconds(job: Job) -> Dict[str, float]:

@@ -22,7 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "mnist"
     c.removed_class = 0
     # More classes removed together with removed_class, e.g. (2,): one concept per class, DNG only
-    # (MultiConceptDynamicNegativeGuidance), with the class-conditional model (config.conditional).
+    # (dj.MultiConcept over DynamicNegativeGuidance), with the class-conditional model (config.conditional).
     # Paths' "{c}" then reads "0+2" (reference statistics: compute_reference=True computes them).
     c.also_remove = ()
     # Models. "{root}" is replaced by `checkpoints`, "{c}" by the removed class. Relative paths
@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.uncond = "{root}/ddpm"
     c.forget = "{root}/forget_{c}"
     c.classifier = "{root}/classifier"
-    # One class-conditional model instead of the two above (issue 12's setup b): eps_u = eps(x | null
+    # One class-conditional model instead of the two above (one network, both predictions): eps_u = eps(x | null
     # label), eps_c = eps(x | removed class), e.g. "{root}/cond". Empty: the unconditional + forget pair.
     c.conditional = ""
     # Reference Gaussian statistics (mu, sigma) of the training set without the removed class,
