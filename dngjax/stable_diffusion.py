@@ -18,7 +18,7 @@ scales, chunked over seeds) and decoded by the VAE.
     # images: (K = 2 scales, N = 4 seeds, 512, 512, 3) uint8; scale 0 is plain CFG toward the prompt
 
 Nothing is downloaded: the folder is the user's (``huggingface-cli download stabilityai/stable-diffusion-2-base
---local-dir ...``, see the README). The UNet, VAE and CLIP text encoder are this project's Flax modules
+--local-dir ...``, see docs/text_to_image.md). The UNet, VAE and CLIP text encoder are this project's Flax modules
 (:mod:`dngjax.models.sd_unet`, :mod:`~dngjax.models.vae`, :mod:`~dngjax.models.clip`), parity-tested
 against diffusers / transformers; the tokenizer is transformers' CLIP tokenizer on the folder's files.
 """

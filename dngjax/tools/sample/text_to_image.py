@@ -58,7 +58,7 @@ class Job:
 def validate_config(config) -> None:
     if not config.folder:
         raise ValueError("config.folder is required: a diffusers Stable Diffusion folder "
-                         "(--config.folder=PATH; the README says how to download one)")
+                         "(--config.folder=PATH; docs/text_to_image.md says how to download one)")
     if config.n < 1 or config.steps < 2:
         raise ValueError(f"config.n must be >= 1 and config.steps >= 2, got {config.n}, {config.steps}")
     unknown = [m for m in config.methods if m not in RULES]
