@@ -172,7 +172,9 @@ def prepare(config) -> Job:
     return Job(config, pipe, clip, [tuple(config.prompts[int(r)]) for r in config.rows], outdir)
 
 
-def build_rule(method: str, row: tuple, config):
+def prompt_rule(method: str, row: tuple, config):
+    """The rule of ``method`` for one prompt row of the paper's table (its temperature, offset and scales);
+    NP, SLD and DNG in the positive-prompt mode, diffusers-NP as classifier-free guidance."""
     import dngjax as dj
     _, _, _, temperature, offset, np_scale, dng_scale = row
     if method == "diffusers-NP":                       # the negative prompt in place of "": 2 passes
@@ -237,7 +239,7 @@ def _execute(job: Job, clock: CompileClock) -> str:
                              "methods": {}}
         emb_u = q_metric.image_embeddings(*job.clip, unguided) if job.clip else None
         for m in c.methods:
-            rule = build_rule(m, row, c)
+            rule = prompt_rule(m, row, c)
             embs, info = {}, {"scale": float(rule.scale)}
             for kind, negative in (("related", related), ("unrelated", unrelated)):
                 imgs, trace = sd.generate(pipe, prompt, negative, seeds, rule=rule, **common)
