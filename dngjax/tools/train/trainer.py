@@ -423,16 +423,18 @@ def restore_verified(mngr: ocp.CheckpointManager, ckpt_dir: str, workdir: str, a
     return state, step
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str):
-    """Validate the config, load the data and model, restore the newest checkpoint of ``workdir`` that passes
-    its sha256 manifest (:func:`restore_verified`).
+class _Setup:
+    """What a run needs besides its train state: the config and workdir, the network, optimiser and chain,
+    the (not yet compiled) step, the data and its shardings, the checkpoint manager and the file paths."""
 
-    Everything that can fail because of the input fails here, before any training step. Returns
-    ``run()``, which trains to ``config.num_steps`` (or ``max_steps_this_run`` steps) and returns
-    the model card (``{"step", "halted": True}`` when stopped early).
-    """
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def _set_up(config: ml_collections.ConfigDict, workdir: str) -> _Setup:
+    """Validate the config; build the network, optimiser, chain and jitted step; check ``init_from``;
+    create ``workdir``; load the training data; lay the devices out; open the checkpoint manager."""
     validate_config(config)
-    kind = config.model.kind
     input_shape = data_lib.SHAPES[config.dataset]
     module = build_model(config)
     opt = make_optimizer(config)
@@ -443,152 +445,218 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
     os.makedirs(workdir, exist_ok=True)
 
     x_train, y_train = load_training_data(config)
-    n_ex = len(x_train)
-    logging.info("%s train examples: %d (only_class=%s)", config.dataset, n_ex, config.only_class)
+    logging.info("%s train examples: %d (only_class=%s)", config.dataset, len(x_train), config.only_class)
+    repl, data_sh = _shardings(config)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    return _Setup(config=config, workdir=workdir, kind=config.model.kind, input_shape=input_shape, module=module,
+                  opt=opt, sched=sched, step_fn=step_fn, init_params=init_params, init_card=init_card,
+                  x_train=x_train, y_train=y_train, n_ex=len(x_train), repl=repl, data_sh=data_sh,
+                  ckpt_dir=ckpt_dir, mngr=checkpoint_manager(ckpt_dir, int(config.get("keep_checkpoints", 2))),
+                  metrics_path=os.path.join(workdir, "metrics.jsonl"), base_key=jax.random.PRNGKey(config.seed))
 
+
+def _shardings(config):
+    """``(replicated, data)`` shardings on a 1-D mesh of the local devices: the batch is split over the
+    devices when there are several and they divide it, else replicated."""
     devices = jax.local_devices()
     n_dev = len(devices)
     mesh = Mesh(np.asarray(devices), ("data",))
     repl = NamedSharding(mesh, P())
     data_sh = NamedSharding(mesh, P("data")) if n_dev > 1 and config.batch_size % n_dev == 0 else repl
+    return repl, data_sh
 
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    mngr = checkpoint_manager(ckpt_dir, int(config.get("keep_checkpoints", 2)))
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+def _resume(s: _Setup):
+    """The train state to start from, on the devices: the newest verified checkpoint (metrics.jsonl cut back
+    to its step), else a fresh state (``init_from``'s parameters if set; a stale metrics.jsonl removed)."""
     # only the state's structure is needed: nothing is initialised on a resume
-    state, latest = restore_verified(mngr, ckpt_dir, workdir,
-                                     lambda: _abstract_state(module, opt, config, input_shape))
+    state, latest = restore_verified(s.mngr, s.ckpt_dir, s.workdir,
+                                     lambda: _abstract_state(s.module, s.opt, s.config, s.input_shape))
     if latest is not None:
-        _truncate_metrics(metrics_path, latest)
+        _truncate_metrics(s.metrics_path, latest)
     else:
-        logging.warning("no checkpoint in %s: training from step 0", ckpt_dir)
-        state = _init_state(module, opt, config, input_shape, init_params)
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)  # a run killed before its first save: its lines are not in any state
-    state = jax.device_put(state, repl)
+        logging.warning("no checkpoint in %s: training from step 0", s.ckpt_dir)
+        state = _init_state(s.module, s.opt, s.config, s.input_shape, s.init_params)
+        if os.path.exists(s.metrics_path):
+            os.remove(s.metrics_path)  # a run killed before its first save: its lines are not in any state
+    return jax.device_put(state, s.repl)
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str):
+    """Validate the config, load the data and model, restore the newest checkpoint of ``workdir`` that passes
+    its sha256 manifest (:func:`restore_verified`).
+
+    Everything that can fail because of the input fails here, before any training step. Returns
+    ``run()``, which trains to ``config.num_steps`` (or ``max_steps_this_run`` steps) and returns
+    the model card (``{"step", "halted": True}`` when stopped early).
+    """
+    s = _set_up(config, workdir)
+    state = _resume(s)
     start = int(state["step"])
+    return lambda: _run(s, state, start)
 
-    base_key = jax.random.PRNGKey(config.seed)
 
-    def run() -> Dict[str, Any]:
-        nonlocal state, step_fn
-        stop = config.num_steps
-        if config.get("max_steps_this_run", 0):  # a long job split over several runs (resumed)
-            stop = min(stop, start + config.max_steps_this_run)
+def _run(s: _Setup, state, start: int) -> Dict[str, Any]:
+    """Train from ``state`` (at step ``start``) to ``config.num_steps`` (or ``max_steps_this_run`` steps
+    further); the model card, or ``{"step", "halted": True}`` when stopped early."""
+    config = s.config
+    stop = config.num_steps
+    if config.get("max_steps_this_run", 0):  # a long job split over several runs (resumed)
+        stop = min(stop, start + config.max_steps_this_run)
+    step_fn = _compile_step(s, state, start)
+    if start < stop:
+        record_run(s.workdir, config, start, stop)
+    state, step, loss_avg, wall = _train_loop(s, state, step_fn, start, stop)
+    s.mngr.wait_until_finished()
+    s.mngr.close()
+    if step < config.num_steps:
+        logging.warning("stopped at step %d of %d (max_steps_this_run=%d, saved): rerun the same command to "
+                        "continue", step, config.num_steps, config.max_steps_this_run)
+        return {"step": step, "halted": True}
+    return _write_model(s, state, step, loss_avg, wall)
 
-        def batch(step):
-            idx = data_lib.batch_indices(n_ex, config.batch_size, step, config.seed)
-            return (jax.device_put(data_lib.to_model_space(x_train[idx]), data_sh),
-                    jax.device_put(y_train[idx], data_sh), jax.random.fold_in(base_key, step))
 
-        # Compiled once, ahead of time, for this run's shapes and shardings: a later call with other
-        # shardings (e.g. host scalars put into the state at a save) raises instead of recompiling.
-        # Lowered on the batch's shapes (no batch is made yet), then checked against the memory free:
-        # a batch too large is refused here (memory.TooLarge), before the first step and any write.
-        t_compile = time.time()
-        b = int(config.batch_size)
-        specs = (jax.ShapeDtypeStruct((b, *input_shape), jnp.float32, sharding=data_sh),
-                 jax.ShapeDtypeStruct((b,), y_train.dtype, sharding=data_sh))
-        step_fn = step_fn.lower(state, *specs, jax.random.fold_in(base_key, start)).compile()
-        logging.warning("train step compiled in %.1f s", time.time() - t_compile)
-        state_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(state))
-        micro = int(config.get("micro_batch", 0) or 0)
-        memory.check_fits(step_fn, what="one training step", size_flag="--config.batch_size", size=b,
-                          extra_bytes=b * (4 * int(np.prod(input_shape)) + y_train.dtype.itemsize),
-                          fixed_bytes=state_bytes, multiple=micro or 1,
-                          hint=f" (a multiple of --config.micro_batch={micro}, or --config.micro_batch=0)" if micro else "")
-        if start < stop:
-            record_run(workdir, config, start, stop)
+def _compile_step(s: _Setup, state, start: int):
+    """The train step compiled once, ahead of time, for this run's shapes and shardings: a later call with
+    other shardings (e.g. host scalars put into the state at a save) raises instead of recompiling.
+    Lowered on the batch's shapes (no batch is made yet), then checked against the memory free: a batch
+    too large is refused here (memory.TooLarge), before the first step and any write."""
+    config = s.config
+    t_compile = time.time()
+    b = int(config.batch_size)
+    specs = (jax.ShapeDtypeStruct((b, *s.input_shape), jnp.float32, sharding=s.data_sh),
+             jax.ShapeDtypeStruct((b,), s.y_train.dtype, sharding=s.data_sh))
+    step_fn = s.step_fn.lower(state, *specs, jax.random.fold_in(s.base_key, start)).compile()
+    logging.warning("train step compiled in %.1f s", time.time() - t_compile)
+    state_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(state))
+    micro = int(config.get("micro_batch", 0) or 0)
+    memory.check_fits(step_fn, what="one training step", size_flag="--config.batch_size", size=b,
+                      extra_bytes=b * (4 * int(np.prod(s.input_shape)) + s.y_train.dtype.itemsize),
+                      fixed_bytes=state_bytes, multiple=micro or 1,
+                      hint=f" (a multiple of --config.micro_batch={micro}, or --config.micro_batch=0)" if micro else "")
+    return step_fn
 
-        from tqdm import tqdm
-        pbar = tqdm(total=config.num_steps, initial=start, desc=config.get("name", kind), unit="step",
-                    disable=not config.get("progress", True), dynamic_ncols=True, mininterval=2.0)
-        wall0 = float(state["wall_time"])
-        t_start = time.time()
-        loss_avg = float(state["loss_avg"])
-        last_metrics = {}
-        step = start
-        pending = []
-        while step < stop:
-            state, metrics = step_fn(state, *batch(step))
-            step += 1
-            pending.append(metrics)
-            if step % config.log_every == 0 or step == stop:
-                for m in jax.device_get(pending):
-                    loss_avg = float(m["loss"]) if loss_avg == 0.0 else 0.98 * loss_avg + 0.02 * float(m["loss"])
-                last_metrics = {k: float(v) for k, v in jax.device_get(pending[-1]).items()}
-                pending = []
-                if step - start == config.log_every or (step == stop and step - start < config.log_every):
-                    per_step = (time.time() - t_start) / (step - start)
-                    left = config.num_steps - step
-                    logging.warning("measured %.3f s/step: the remaining %d steps take ~%.0f min (~%.2f CPU core-hours "
-                                    "on %d core(s))", per_step, left, left * per_step / 60,
-                                    left * per_step * _cores_used() / 3600, _cores_used())
-                pbar.set_postfix(loss=f"{last_metrics['loss']:.4f}", avg=f"{loss_avg:.4f}")
-                pbar.update(config.log_every if step % config.log_every == 0 else step - pbar.n)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": step, "loss_avg": loss_avg, **last_metrics,
-                                        "elapsed_s": wall0 + time.time() - t_start}) + "\n")
-            if step % config.checkpoint_every == 0 or step == stop:
-                # Host scalars go in with the state's (replicated) sharding, so the compiled step accepts them.
-                state = dict(state, **jax.device_put({"wall_time": np.float32(wall0 + time.time() - t_start),
-                                                       "loss_avg": np.float32(loss_avg)}, repl))
-                save_verified(mngr, ckpt_dir, step, state)
-            if kind == "unet" and config.sample_every and step % config.sample_every == 0 and step < config.num_steps:
-                xs = sample_images(module, state["ema_params"], sched, 64, 0, input_shape, config.sample_steps)
-                save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), xs)
-        pbar.close()
-        mngr.wait_until_finished()
-        mngr.close()
-        wall = wall0 + time.time() - t_start
-        if step < config.num_steps:
-            logging.warning("stopped at step %d of %d (max_steps_this_run=%d, saved): rerun the same command to "
-                            "continue", step, config.num_steps, config.max_steps_this_run)
-            return {"step": step, "halted": True}
 
-        card = {
-            "name": config.get("name", kind),
-            "kind": "ddpm" if kind == "unet" else "classifier",
-            "dataset": config.dataset,
-            "input_shape": list(input_shape),
-            "only_class": _opt_class(config.only_class),
-            "init_from": config.get("init_from", "") or None,
-            "init_from_model": ({k: init_card[k] for k in INIT_CARD_KEYS if k in init_card}
-                                if init_card is not None else None),
-            "steps": int(step),
-            "training_runs": read_runs(workdir, step),
-            "batch_size": int(config.batch_size),
-            "train_examples": int(n_ex),
-            "wall_time_s": round(wall, 1),
-            "cpu_core_hours": round(wall * _cores_used() / 3600, 2) if jax.default_backend() == "cpu" else None,
-            "cpu_core_hours_note": "training wall time x the CPU cores the process could use (its affinity)",
-            "hardware": hardware_description(),
-            "final_loss": round(loss_avg, 5),
-            "final_loss_note": "exponential moving average (0.98) of the training loss",
-            "params": "EMA of the parameters",
-            "config": config_to_dict(config),
-        }
-        if kind == "unet":
-            card["diffusion"] = {"num_timesteps": config.diffusion.num_timesteps,
-                                 "beta_start": config.diffusion.beta_start, "beta_end": config.diffusion.beta_end,
-                                 "schedule": "linear", "prediction": "eps"}
-        params_out = state["ema_params"]
-        if kind == "classifier":
-            x_test, y_test = data_lib.load_dataset(config.dataset, "test", data_dir=config.data_dir or None,
-                                                   as_float=False)
-            acc_ema = classifier_accuracy(module, state["ema_params"], x_test, y_test)
-            acc_raw = classifier_accuracy(module, state["params"], x_test, y_test)
-            if acc_raw > acc_ema:
-                params_out, card["params"] = state["params"], "raw parameters (scored higher than the EMA)"
-            card["test_accuracy"] = max(acc_ema, acc_raw)
-            card["test_accuracy_ema"], card["test_accuracy_raw"] = acc_ema, acc_raw
-            logging.info("test accuracy: ema %.4f raw %.4f", acc_ema, acc_raw)
-        out = os.path.join(workdir, "model")
-        ckpt.save_model(out, module, params_out, card)
-        if kind == "unet" and config.get("final_samples", 64):
-            xs = sample_images(module, params_out, sched, int(config.final_samples), 0, input_shape, config.sample_steps)
-            save_grid(os.path.join(workdir, "samples", "final.png"), xs)
-        logging.info("model written to %s", out)
-        return ckpt.load_card(out)
+def _batch(s: _Setup, step: int):
+    """The batch and key of ``step``: functions of (seed, step) only, put on the data sharding."""
+    idx = data_lib.batch_indices(s.n_ex, s.config.batch_size, step, s.config.seed)
+    return (jax.device_put(data_lib.to_model_space(s.x_train[idx]), s.data_sh),
+            jax.device_put(s.y_train[idx], s.data_sh), jax.random.fold_in(s.base_key, step))
 
-    return run
+
+def _train_loop(s: _Setup, state, step_fn, start: int, stop: int):
+    """Steps ``start`` -> ``stop``: metrics logged every ``log_every`` steps, checkpoints every
+    ``checkpoint_every`` steps and at ``stop``, preview grids every ``sample_every`` steps.
+    Returns ``(state, step, loss_avg, wall_time_s)``."""
+    config = s.config
+    from tqdm import tqdm
+    pbar = tqdm(total=config.num_steps, initial=start, desc=config.get("name", s.kind), unit="step",
+                disable=not config.get("progress", True), dynamic_ncols=True, mininterval=2.0)
+    wall0 = float(state["wall_time"])
+    t_start = time.time()
+    loss_avg = float(state["loss_avg"])
+    step = start
+    pending = []
+    while step < stop:
+        state, metrics = step_fn(state, *_batch(s, step))
+        step += 1
+        pending.append(metrics)
+        if step % config.log_every == 0 or step == stop:
+            loss_avg = _log_metrics(s, pbar, pending, loss_avg, step, start, stop, wall0, t_start)
+            pending = []
+        if step % config.checkpoint_every == 0 or step == stop:
+            # Host scalars go in with the state's (replicated) sharding, so the compiled step accepts them.
+            state = dict(state, **jax.device_put({"wall_time": np.float32(wall0 + time.time() - t_start),
+                                                   "loss_avg": np.float32(loss_avg)}, s.repl))
+            save_verified(s.mngr, s.ckpt_dir, step, state)
+        if s.kind == "unet" and config.sample_every and step % config.sample_every == 0 and step < config.num_steps:
+            xs = sample_images(s.module, state["ema_params"], s.sched, 64, 0, s.input_shape, config.sample_steps)
+            save_grid(os.path.join(s.workdir, "samples", f"step_{step:07d}.png"), xs)
+    pbar.close()
+    return state, step, loss_avg, wall0 + time.time() - t_start
+
+
+def _log_metrics(s: _Setup, pbar, pending, loss_avg: float, step: int, start: int, stop: int,
+                 wall0: float, t_start: float) -> float:
+    """Fold the ``pending`` steps' losses into the moving average, estimate the time left (once, after the
+    run's first ``log_every`` steps), update the progress bar, append a line to metrics.jsonl; the new average.
+    ``wall0``: the training time of the runs before this one; ``t_start``: when this run's loop started."""
+    config = s.config
+    for m in jax.device_get(pending):
+        loss_avg = float(m["loss"]) if loss_avg == 0.0 else 0.98 * loss_avg + 0.02 * float(m["loss"])
+    last_metrics = {k: float(v) for k, v in jax.device_get(pending[-1]).items()}
+    if step - start == config.log_every or (step == stop and step - start < config.log_every):
+        per_step = (time.time() - t_start) / (step - start)
+        left = config.num_steps - step
+        logging.warning("measured %.3f s/step: the remaining %d steps take ~%.0f min (~%.2f CPU core-hours "
+                        "on %d core(s))", per_step, left, left * per_step / 60,
+                        left * per_step * _cores_used() / 3600, _cores_used())
+    pbar.set_postfix(loss=f"{last_metrics['loss']:.4f}", avg=f"{loss_avg:.4f}")
+    pbar.update(config.log_every if step % config.log_every == 0 else step - pbar.n)
+    with open(s.metrics_path, "a") as f:
+        f.write(json.dumps({"step": step, "loss_avg": loss_avg, **last_metrics,
+                            "elapsed_s": wall0 + time.time() - t_start}) + "\n")
+    return loss_avg
+
+
+def _final_card(s: _Setup, step: int, loss_avg: float, wall: float) -> Dict[str, Any]:
+    """The model card of a finished run (before a classifier's test accuracy)."""
+    config, kind, init_card = s.config, s.kind, s.init_card
+    card = {
+        "name": config.get("name", kind),
+        "kind": "ddpm" if kind == "unet" else "classifier",
+        "dataset": config.dataset,
+        "input_shape": list(s.input_shape),
+        "only_class": _opt_class(config.only_class),
+        "init_from": config.get("init_from", "") or None,
+        "init_from_model": ({k: init_card[k] for k in INIT_CARD_KEYS if k in init_card}
+                            if init_card is not None else None),
+        "steps": int(step),
+        "training_runs": read_runs(s.workdir, step),
+        "batch_size": int(config.batch_size),
+        "train_examples": int(s.n_ex),
+        "wall_time_s": round(wall, 1),
+        "cpu_core_hours": round(wall * _cores_used() / 3600, 2) if jax.default_backend() == "cpu" else None,
+        "cpu_core_hours_note": "training wall time x the CPU cores the process could use (its affinity)",
+        "hardware": hardware_description(),
+        "final_loss": round(loss_avg, 5),
+        "final_loss_note": "exponential moving average (0.98) of the training loss",
+        "params": "EMA of the parameters",
+        "config": config_to_dict(config),
+    }
+    if kind == "unet":
+        card["diffusion"] = {"num_timesteps": config.diffusion.num_timesteps,
+                             "beta_start": config.diffusion.beta_start, "beta_end": config.diffusion.beta_end,
+                             "schedule": "linear", "prediction": "eps"}
+    return card
+
+
+def _score_classifier(s: _Setup, state, card: Dict[str, Any]):
+    """A classifier's test accuracy, EMA and raw parameters, into ``card``; the parameters that scored higher
+    (the EMA on a tie)."""
+    config, module = s.config, s.module
+    x_test, y_test = data_lib.load_dataset(config.dataset, "test", data_dir=config.data_dir or None, as_float=False)
+    acc_ema = classifier_accuracy(module, state["ema_params"], x_test, y_test)
+    acc_raw = classifier_accuracy(module, state["params"], x_test, y_test)
+    params_out = state["ema_params"]
+    if acc_raw > acc_ema:
+        params_out, card["params"] = state["params"], "raw parameters (scored higher than the EMA)"
+    card["test_accuracy"] = max(acc_ema, acc_raw)
+    card["test_accuracy_ema"], card["test_accuracy_raw"] = acc_ema, acc_raw
+    logging.info("test accuracy: ema %.4f raw %.4f", acc_ema, acc_raw)
+    return params_out
+
+
+def _write_model(s: _Setup, state, step: int, loss_avg: float, wall: float) -> Dict[str, Any]:
+    """Write ``WORKDIR/model`` (parameters and card) and, for a DDPM, the final sample grid; the card as read back."""
+    config = s.config
+    card = _final_card(s, step, loss_avg, wall)
+    params_out = _score_classifier(s, state, card) if s.kind == "classifier" else state["ema_params"]
+    out = os.path.join(s.workdir, "model")
+    ckpt.save_model(out, s.module, params_out, card)
+    if s.kind == "unet" and config.get("final_samples", 64):
+        xs = sample_images(s.module, params_out, s.sched, int(config.final_samples), 0, s.input_shape,
+                           config.sample_steps)
+        save_grid(os.path.join(s.workdir, "samples", "final.png"), xs)
+    logging.info("model written to %s", out)
+    return ckpt.load_card(out)
