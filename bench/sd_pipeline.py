@@ -11,8 +11,8 @@ median of ``--repeats`` after a warm-up call (compilation excluded):
 * diffusers with a negative prompt (its classifier-free guidance with the negative prompt in place of
   the empty one: 2 UNet passes per step, batched as one call of 2B), ``DDPMScheduler``;
 * dngjax ``stable_diffusion.generate`` with diffusers' negative prompt (``ClassifierFreeGuidance`` with
-  a negative prompt: 2 passes per step, two calls of B), with ``PositiveNegativePrompting`` and with
-  ``PositiveDynamicNegativeGuidance`` (3 UNet passes per step: "", prompt, negative prompt).
+  a negative prompt: 2 passes per step, two calls of B), with ``PositiveMode(NegativePrompting)`` and with
+  ``PositiveMode(DynamicNegativeGuidance)`` (3 UNet passes per step: "", prompt, negative prompt).
 
 ``--unet small``: the folder's UNet replaced by one of SD 2 base's structure at a quarter of its widths
 (80, 160, 320, 320; 59 M parameters; ``bench/sd_unet_pass.py``'s "small") on 32 x 32 latents (64 x 64
@@ -112,10 +112,10 @@ def main(argv=None):
         "dngjax, negative prompt (2 passes/step)": (2, lambda: sd.generate(
             pipe, prompt, negative, range(b), rule=dj.ClassifierFreeGuidance(7.5), steps=s, height=px, width=px)),
         "dngjax, positive NP (3 passes/step)": (3, lambda: sd.generate(
-            pipe, prompt, negative, range(b), rule=dj.PositiveNegativePrompting(scale=1.0, cfg_scale=7.5), steps=s,
-            height=px, width=px)),
+            pipe, prompt, negative, range(b), rule=dj.PositiveMode(dj.NegativePrompting(scale=1.0), cfg_scale=7.5),
+            steps=s, height=px, width=px)),
         "dngjax, positive DNG (3 passes/step)": (3, lambda: sd.generate(
-            pipe, prompt, negative, range(b), rule=dj.PositiveDynamicNegativeGuidance(scale=5.0, cfg_scale=7.5),
+            pipe, prompt, negative, range(b), rule=dj.PositiveMode(dj.DynamicNegativeGuidance(scale=5.0), cfg_scale=7.5),
             steps=s, height=px, width=px)),
     }
     timer = _timer(args.threads)
@@ -157,7 +157,7 @@ def _real_size(args):
     apply = sd._UNetWithText(unet)
     dens = [dj.Denoiser(apply_fn=apply, params=(params, c)) for c in ctx]
     schedule = dj.respace(dj.scaled_linear_schedule(), args.steps)
-    rule = dj.PositiveDynamicNegativeGuidance(scale=5.0, cfg_scale=7.5, prior=0.01)
+    rule = dj.PositiveMode(dj.DynamicNegativeGuidance(scale=5.0, prior=0.01), cfg_scale=7.5)
     keys = dj.keys_from_seeds(range(args.batch))
     run = lambda: np.asarray(dj.sample(dens[0], schedule, keys, (64, 64, 4), rule=rule, denoiser_c=dens[1:],
                                        noise="posterior"))
@@ -218,7 +218,7 @@ def _memory_case(args):
     out = dict(case=args.memory_case, params_gib=dict(unet=nbytes(pipe.unet_params), vae=nbytes(pipe.vae_params),
                                                       text=nbytes(pipe.text_params)), after_load=_status())
     if what != "weights":
-        rule = (dj.PositiveDynamicNegativeGuidance(scale=5.0, cfg_scale=7.5) if what == "dng"
+        rule = (dj.PositiveMode(dj.DynamicNegativeGuidance(scale=5.0), cfg_scale=7.5) if what == "dng"
                 else dj.ClassifierFreeGuidance(7.5))
         try:                                    # reset VmHWM to the current RSS: the peak of generate alone
             with open("/proc/self/clear_refs", "w") as f:
