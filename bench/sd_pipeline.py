@@ -30,7 +30,7 @@ loading and the peak while loading; then, the peak reset after loading (Linux's 
 passes per step) for batch 1 and 2 (diffusers' negative prompt makes the same calls of batch B, two per
 step); ``--memory_cases`` picks cases. ``F``: a real SD folder; by default a random one of SD 2 base's
 sizes (UNet 865 M, VAE 84 M, OpenCLIP-H text encoder 340 M parameters, the tiny tokenizer) is written
-to a temporary folder (5 GB).
+to a temporary folder (5 GB), removed at the end.
 
 ``--real_size``: no PyTorch side; a random-weight UNet of SD 2 base's size (865 M parameters, 64 x 64
 latents, 1024-wide text features) with the tiny folder's VAE and text encoder replaced by random text
@@ -233,16 +233,26 @@ def _memory_case(args):
 
 
 def _memory(args):
+    folder, made = args.folder, None
+    if folder is None:
+        made = tempfile.mkdtemp(prefix="dngjax-sd-mem-")
+        folder = os.path.join(made, "sd2-base-random")
+        t0 = time.perf_counter()
+        _full_size_folder(folder)
+        print(f"random SD 2 base-size folder written in {time.perf_counter() - t0:.0f} s: {folder}", flush=True)
+    try:
+        _memory_cases(args, folder)
+    finally:
+        if made is not None:                                  # the 5 GB random folder (and its tokenizer files)
+            import shutil
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _memory_cases(args, folder):
     import json
     import subprocess
     import sys
 
-    folder = args.folder
-    if folder is None:
-        folder = os.path.join(tempfile.mkdtemp(prefix="dngjax-sd-mem-"), "sd2-base-random")
-        t0 = time.perf_counter()
-        _full_size_folder(folder)
-        print(f"random SD 2 base-size folder written in {time.perf_counter() - t0:.0f} s: {folder}", flush=True)
     cases = args.memory_cases.split(";")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
     print(f"{'case (what, UNet dtype, batch)':34s} {'params GiB (unet/vae/text)':>28s} {'RSS after load':>15s} "
