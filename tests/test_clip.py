@@ -103,6 +103,10 @@ def test_tokenizer_pads_truncates_and_brackets_prompts(tmp_path):
     assert ids[0].tolist()[:4] == [0, vocab["a</w>"], vocab["cat</w>"], 1]          # merges applied
     assert ids[1, 0] == 0 and ids[1, -1] == 1                                      # truncated, still closed
     assert encode("a cat").shape == (1, 8)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
+    with pytest.raises(ValueError, match="model_max_length=16 differs from the text encoder's max_position_embeddings=8"):
+        load_tokenizer(str(folder), max_length=8)                # diffusers would pad to 16
+    assert load_tokenizer(str(folder), max_length=16)("a cat").shape == (1, 16)
     with pytest.raises(FileNotFoundError, match="merges.txt is missing"):
         (folder / "merges.txt").unlink()
         load_tokenizer(str(folder))

@@ -244,6 +244,12 @@ def load_tokenizer(folder: str, max_length: int = 77):
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the CLIP tokenizer needs transformers (pip install transformers; torch is not needed)") from e
     tok = CLIPTokenizer.from_pretrained(folder)
+    # Every tokenizer_config.json key is read by transformers' CLIPTokenizer, the tokenizer diffusers uses;
+    # the one this function sets itself is the padded length: diffusers pads to model_max_length.
+    if tok.model_max_length < int(1e20) and tok.model_max_length != max_length:     # set in the config
+        raise ValueError(f"{folder}: tokenizer_config.json's model_max_length={tok.model_max_length} differs from "
+                         f"the text encoder's max_position_embeddings={max_length}: diffusers would pad prompts to "
+                         "the former, the text encoder takes the latter; refused")
 
     def encode(prompts) -> np.ndarray:
         if isinstance(prompts, str):
