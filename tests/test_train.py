@@ -228,7 +228,7 @@ def test_gpu_and_cpu_sizes_build():
 
 def test_sample_grid_png(tmp_path):
     x = np.random.default_rng(0).uniform(-1, 1, (10, 28, 28, 1)).astype(np.float32)
-    trainer.save_grid(str(tmp_path / "g.png"), x)
+    trainer.write_png_grid(x, str(tmp_path / "g.png"))
     from PIL import Image
     assert Image.open(tmp_path / "g.png").size[0] > 28 * 3
 

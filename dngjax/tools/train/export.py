@@ -158,7 +158,7 @@ def _fmt_uncond(q):
 def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chunk, seed, noise, only=(),
              reeval=False):
     from dngjax import checkpoint, data
-    from dngjax.tools.train.trainer import save_grid
+    from dngjax.tools.train.trainer import write_png_grid
 
     score = _scorer(out)
     _, y_train = data.load_dataset("mnist", "train", data_dir=data_dir, as_float=False)
@@ -223,7 +223,7 @@ def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chu
             print(f"{name}: {100 * frac:.1f}% classified as {c}  hist={q['class_histogram']}")
             grid = x[:64]
         q["sampling_wall_time_s"] = round(time.time() - t0, 1)
-        save_grid(os.path.join(d, "samples.png"), grid, nrow=10 if name == "cond" else 8)
+        write_png_grid(grid, os.path.join(d, "samples.png"), nrow=10 if name == "cond" else 8)
         card = _read(d)
         card["quality"] = q
         card["samples_png"] = "samples.png"

@@ -225,7 +225,7 @@ def sample_images(module, params, schedule, n: int, seed: int, input_shape, num_
                   tuple(input_shape), chunk_size=batch_size)
 
 
-def save_grid(path: str, x: np.ndarray, nrow: int | None = None) -> None:
+def write_png_grid(x: np.ndarray, path: str, nrow: int | None = None) -> None:
     """Save images (N,H,W,C) float in [-1,1] as a PNG grid, ``nrow`` images per row (default: a square)."""
     from PIL import Image
 
@@ -571,7 +571,7 @@ def _train_loop(s: _Setup, state, step_fn, start: int, stop: int):
             save_verified(s.mngr, s.ckpt_dir, step, state)
         if s.kind == "unet" and config.sample_every and step % config.sample_every == 0 and step < config.num_steps:
             xs = sample_images(s.module, state["ema_params"], s.sched, 64, 0, s.input_shape, config.sample_steps)
-            save_grid(os.path.join(s.workdir, "samples", f"step_{step:07d}.png"), xs)
+            write_png_grid(xs, os.path.join(s.workdir, "samples", f"step_{step:07d}.png"))
     pbar.close()
     return state, step, loss_avg, wall0 + time.time() - t_start
 
@@ -657,6 +657,6 @@ def _write_model(s: _Setup, state, step: int, loss_avg: float, wall: float) -> D
     if s.kind == "unet" and config.get("final_samples", 64):
         xs = sample_images(s.module, params_out, s.sched, int(config.final_samples), 0, s.input_shape,
                            config.sample_steps)
-        save_grid(os.path.join(s.workdir, "samples", "final.png"), xs)
+        write_png_grid(xs, os.path.join(s.workdir, "samples", "final.png"))
     logging.info("model written to %s", out)
     return ckpt.load_card(out)
