@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Sampler benchmark (issue 2): prints a table of ratios measured side by side in one run.
+"""Sampler benchmark: prints a table of ratios measured side by side in one run.
 
-    PYTHONPATH=. python bench/sampler.py [--quick] [--batches 1,16,128] [--steps N] [--threads T]
+    python bench/sampler.py [--quick] [--batches 1,16,128] [--steps N] [--threads T]
 
 Model: an MNIST UNet of ``bench/archs.py`` (``--arch``; default ``cpu``, the shipped models' ch 16 x
 (1, 2, 4), 687k parameters; ``gpu`` = ``mnist_unet()``, ch 32, 1.1 M), NHWC, with
@@ -111,7 +111,16 @@ import flax.linen as nn  # noqa: E402
 import dngjax as dj  # noqa: E402
 from dngjax import sampler as dj_sampler  # noqa: E402
 from dngjax.models import unet as dj_unet  # noqa: E402
-from bench import archs  # noqa: E402
+
+
+# bench/'s own modules: ``bench.NAME`` when imported as a package (the tests, ``python -m bench.X``), ``NAME``
+# when run as ``python bench/X.py`` from any folder (bench/ is then first on the path: the project's modules
+# are all under ``dngjax``, so no name of bench/ shadows one)
+def _sibling(name: str):
+    return importlib.import_module(f"{__package__}.{name}" if __package__ else name)
+
+
+archs = _sibling("archs")
 
 if ARGS is not None and ARGS.arch not in archs.ARCHS:  # checked here: parsing ran before jax was imported
     sys.exit(f"bench/sampler.py: --arch {ARGS.arch!r} is unknown; known: {', '.join(archs.ARCHS)}")
@@ -339,7 +348,8 @@ def section_compile(tab, ctx):
 
 def section_torch(tab, ctx):
     import torch
-    from bench.torch_reference import TorchUNet, dng_sample  # noqa: E402
+    ref = _sibling("torch_reference")
+    TorchUNet, dng_sample = ref.TorchUNet, ref.dng_sample
 
     module, pu, pn = ctx["module"], ctx["pu"], ctx["pn"]
     tu, tn = TorchUNet(module, pu).eval(), TorchUNet(module, pn).eval()
@@ -403,7 +413,7 @@ def section_archs(tab, ctx, names=("cpu", "cpu_r2", "cpu_136")):
 def section_variants(tab, ctx):
     """Network-level (one forward pass) comparisons of what might speed up CPU sampling."""
     import torch
-    from bench.torch_reference import TorchUNet  # noqa: E402
+    TorchUNet = _sibling("torch_reference").TorchUNet
 
     module, pu, pn = ctx["module"], ctx["pu"], ctx["pn"]
     reps = ctx["repeats"]

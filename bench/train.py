@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Train-step benchmark (issue 11): dngjax vs an equivalent PyTorch step, where the time goes, what helps.
 
-    PYTHONPATH=. python bench/train.py                  # everything, ~15 min on 2 cores
-    PYTHONPATH=. python bench/train.py --only torch --cores 2 --batches 64,128
-    PYTHONPATH=. python bench/train.py --only cores      # 1 process x 2 cores vs 2 processes x 1 core
+    python bench/train.py                  # everything, ~15 min on 2 cores
+    python bench/train.py --only torch --cores 2 --batches 64,128
+    python bench/train.py --only cores      # 1 process x 2 cores vs 2 processes x 1 core
 
 Every ratio compares two things timed side by side in the same run (interleaved, order
 alternating, medians of ``--repeats``; compilation excluded by a warm-up call). The process is
@@ -100,7 +100,16 @@ from dngjax.models import unet as dj_unet  # noqa: E402
 from dngjax.schedules import linear_schedule  # noqa: E402
 from dngjax.tools.train import trainer as train_lib  # noqa: E402
 from dngjax.tools.train.configs import mnist_ddpm  # noqa: E402
-from bench import archs  # noqa: E402
+
+
+# bench/'s own modules: ``bench.NAME`` when imported as a package (the tests, ``python -m bench.X``), ``NAME``
+# when run as ``python bench/X.py`` from any folder (bench/ is then first on the path: the project's modules
+# are all under ``dngjax``, so no name of bench/ shadows one)
+def _sibling(name: str):
+    return importlib.import_module(f"{__package__}.{name}" if __package__ else name)
+
+
+archs = _sibling("archs")
 
 if ARGS is not None and set(ARGS.archs) - set(archs.ARCHS):  # checked here: parsing ran before jax was imported
     sys.exit(f"bench/train.py: --archs {','.join(a for a in ARGS.archs if a not in archs.ARCHS)} unknown; "
@@ -280,7 +289,7 @@ class TorchStep:
 
     def __init__(self, module, params, batch, micro=0):
         import torch
-        from bench.torch_reference import TorchUNet
+        TorchUNet = _sibling("torch_reference").TorchUNet
         cfg = _train_config(batch)
         self.micro = micro or batch  # > 0: gradient accumulation over micro-batches of this size
         self.torch = torch
@@ -316,7 +325,7 @@ class TorchStep:
 def check_twin(module, params):
     """The PyTorch UNet must compute the Flax UNet's function (same weights), or the comparison means nothing."""
     import torch
-    from bench.torch_reference import TorchUNet
+    TorchUNet = _sibling("torch_reference").TorchUNet
     rng = np.random.default_rng(1)
     x = rng.normal(size=(4, *SHAPE)).astype(np.float32)
     t = np.array([0, 10, 500, 999], np.int32)

@@ -14,7 +14,7 @@ def _run(script, *args, cwd):
 
 
 def test_sampler_bench_finds_the_project_and_rejects_an_unknown_arch(tmp_path):
-    # run as a script, bench/ comes first on sys.path and bench/train.py would shadow the train package
+    # run as a script from another folder: bench/ is first on sys.path, the project is found installed
     r = _run("sampler.py", "--arch", "nope", cwd=str(tmp_path))
     assert r.returncode != 0
     assert "--arch 'nope' is unknown; known: cpu, cpu_v1, gpu, cpu_136, cpu_r2" in r.stderr, r.stderr[-2000:]

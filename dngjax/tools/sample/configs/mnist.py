@@ -80,7 +80,7 @@ def get_config(name: str = "quick"):
         c.grid.NP = (0.5, 1.0, 2.0)
         c.grid.DNG = (4.0, 8.0, 16.0)
     elif name == "protocol":
-        # docs/results.md's second pass (issue 12) on a 2-core CPU: a 100-step chain with the posterior
+        # docs/results.md's second pass on a 2-core CPU: a 100-step chain with the posterior
         # noise (beta_tilde: no residual grain on a respaced chain), DNG's update with the same variance
         # (the exact likelihood ratio of the step taken), n = 512 per point, grids that give every
         # method points at and below 1 % of the removed class. 35 points: about 3.5 M network passes
