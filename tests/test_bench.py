@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,6 +28,7 @@ def test_train_bench_finds_the_project_and_rejects_an_unknown_arch(tmp_path):
     assert "--archs nope unknown; known: cpu, cpu_v1, gpu, cpu_136, cpu_r2" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow                 # ~1 min: a benchmark lever, not the library
 def test_split_step_lever_is_the_whole_batch_step():
     # bench/train.py's SplitStep (one jitted call per micro-batch) must use the gradient the whole
     # batch gives from the same draws, or its timing is not a lever of the library's step

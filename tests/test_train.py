@@ -173,7 +173,7 @@ def test_cifar10_configs_run_a_couple_of_steps(mod, fake_data, tmp_path):
     assert card["input_shape"] == [32, 32, 3]
 
 
-@pytest.mark.parametrize("mod", [mnist_ddpm, mnist_cond, mnist_classifier])
+@pytest.mark.parametrize("mod", [mnist_ddpm, pytest.param(mnist_cond, marks=pytest.mark.slow), mnist_classifier])
 def test_micro_batched_step_computes_the_whole_batch_step(mod):
     # the same random draws, loss and gradient (the mean of equal-sized micro-batch means); only the
     # summation order differs. Adam's first update is ~lr * sign(g), so compare the metrics and the

@@ -127,6 +127,7 @@ def test_micro_batched_denoiser_folds_a_vmapped_grid_into_its_micro_batches():
                                np.asarray(jax.jit(f, static_argnums=1)(p2, None)), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow                 # ~45 s; the forward equality is in the default suite
 def test_micro_batched_denoiser_is_differentiable_like_the_whole_batch():
     # jax.grad (wrt params and x) and jax.jvp through a micro-batched denoiser, also under vmap, give the
     # whole batch's derivatives (custom_vmap alone has no autodiff rule: this failed before)
