@@ -14,8 +14,9 @@ of the batched network: ``sweep(...)[k, n]`` and ``sample`` of seed n agree to
 
 :func:`sample` and :func:`sweep` are the only sampling loops of the project:
 with ``chunk_size`` they process the seeds in chunks of one compiled shape (the
-last chunk padded), shard each chunk's seed axis over the local devices, and
-show a progress bar; :func:`sample_chunks` yields the chunks one by one for
+last chunk padded), shard each chunk's seed axis over the devices (all the
+processes' devices when several processes run the job, see :mod:`dngjax.distributed`),
+and show a progress bar; :func:`sample_chunks` yields the chunks one by one for
 callers that reduce them on the fly.
 """
 
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .denoiser import Denoiser, as_denoiser, to_eps
+from .distributed import put_global, to_host
 from .guidance import NoGuidance, PositiveMode, Rule, Step, Tangents, follows_protocol, member, step_mean
 from .schedules import Schedule
 
@@ -451,8 +453,11 @@ def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
     """The samples of ``keys`` chunk by chunk, as :class:`Chunk` s (numpy), in seed order.
 
     Every chunk has the same compiled shape (``chunk_size`` seeds, rounded up to a multiple of the
-    local device count; the last chunk is padded by wrapping and cut back), so N seeds cost one
-    compilation. With several devices each chunk's seed axis is sharded over them. ``grid``: as in
+    device count; the last chunk is padded by wrapping and cut back), so N seeds cost one
+    compilation. With several devices each chunk's seed axis is sharded over them: over every process's
+    devices when several processes run the job (:mod:`dngjax.distributed`; each process passes the same
+    keys, every process gets the whole chunk back, and each seed's sample is the one a single process
+    makes on as many devices). ``grid``: as in
     :func:`sweep` (then x is (K, m, ...)). ``x_T``: as in :func:`sample`. Arguments are validated
     before the first chunk runs.
     """
@@ -463,14 +468,14 @@ def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
     if n == 0:
         raise ValueError("keys is empty: nothing to sample")
     x_T = _check_x_T(x_T, n, shape)
-    ndev = jax.local_device_count()
+    ndev = jax.device_count()                                  # every process's devices (one process: local)
     chunk = n if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     chunk = -(-min(chunk, n) // ndev) * ndev                   # a multiple of the device count
     sharding = None
     if ndev > 1:
-        sharding = NamedSharding(Mesh(np.asarray(jax.local_devices()), ("n",)), PartitionSpec("n"))
+        sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("n",)), PartitionSpec("n"))
     axis = 1 if names else 0                                   # the seed axis of x (trace: axis + 1)
     t_order = np.asarray(schedule.timesteps)[::-1]            # sampling order
     starts = range(0, n, chunk)
@@ -483,13 +488,13 @@ def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
         kc = keys[idx]
         xc = None if x_T is None else x_T[idx]
         if sharding is not None:
-            kc = jax.device_put(kc, sharding)
-            xc = None if xc is None else jax.device_put(xc, sharding)
+            kc = put_global(kc, sharding)
+            xc = None if xc is None else put_global(xc, sharding)
         out = _grid_jit(denoiser_u, denoiser_c, rules, schedule, kc, shape, return_trace, noise, eta, names, xc,
                         solver)
         m = min(chunk, n - start)
         cut = lambda a, ax: np.take(np.asarray(a), np.arange(m), axis=ax)
-        x, tr = out
+        x, tr = to_host(out)                                   # several processes: every one gets the whole chunk
         flags = cut(tr.nonfinite if return_trace else tr, axis + 1)        # (S, m) or (K, S, m)
         _warn_nonfinite(flags, t_order, start, m)
         if return_trace:
@@ -576,7 +581,7 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
         (k-diffusion's steps: DDIM at eta = 0 / 1); see :func:`chain_steps`.
       return_trace: also return a :class:`Trace` of lambda_t and p_t, (S, N) each.
       chunk_size: process the seeds in chunks of this many (one compilation; sharded over the
-        local devices; see :func:`sample_chunks`). Default: all N in one call.
+        devices; see :func:`sample_chunks`). Default: all N in one call.
       progress: a progress bar over chunks.
       x_T: optional (N, *shape) starting samples instead of the N(0, I) draws of the keys (e.g. the
         latents another implementation started from); the keys still drive the step noise, which is
@@ -587,7 +592,7 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
       ``chunk_size`` is None, no progress bar and one device (usable inside ``jax.jit``); numpy
       arrays gathered from the chunks otherwise.
     """
-    if chunk_size is None and not progress and jax.local_device_count() == 1:
+    if chunk_size is None and not progress and jax.device_count() == 1:
         denoiser_u, denoiser_c, shape, eta, solver = _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta, solver)
         keys = _as_keys(keys)
         x_T = _check_x_T(x_T, keys.shape[0], shape)
