@@ -5,8 +5,11 @@ varies between runs is in the ``ml_collections`` config (see ``train/configs``).
 
 * optax Adam(W) with linear warm-up (then constant or cosine), global-norm clipping;
 * EMA of the parameters (used for sampling and exported);
-* a jitted train step, data-parallel over the local devices (batch sharded on a
-  1-D mesh, parameters replicated) when there are several;
+* a jitted train step, data-parallel over the devices (batch sharded on a 1-D mesh,
+  parameters replicated) when there are several: over every process's devices when several
+  processes run the job (:mod:`dngjax.distributed`; ``config.batch_size`` is the global batch, each
+  process reads only its rows of it; checkpoints are saved and restored by all processes together;
+  logs, metrics, sample grids and the model are written by process 0);
 * orbax ``CheckpointManager``: periodic saves, automatic resume from the latest
   complete save (orbax writes to a temporary folder and renames it when done,
   so a kill -9 leaves no corrupt checkpoint behind); after each save a sha256
@@ -43,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dngjax import checkpoint as ckpt
 from dngjax import data as data_lib
+from dngjax import distributed
 from dngjax import memory
 from dngjax.schedules import linear_schedule, respace
 from dngjax.tools.train import integrity
@@ -77,7 +81,8 @@ def load_training_data(config):
 def hardware_description() -> Dict[str, Any]:
     devs = jax.local_devices()
     return {"platform": devs[0].platform, "device_kind": devs[0].device_kind,
-            "num_devices": len(devs), "cpu_count": os.cpu_count(), "cpu_cores_used": _cores_used(),
+            "num_devices": len(devs), "num_processes": jax.process_count(),
+            "num_devices_total": jax.device_count(), "cpu_count": os.cpu_count(), "cpu_cores_used": _cores_used(),
             "processor": cpu_model_name(), "host": platform.node(), "jax": jax.__version__}
 
 
@@ -139,22 +144,12 @@ def _shift_augment(x, key, max_shift):
     return jax.vmap(crop)(xp, offs)
 
 
-def make_train_step(module, opt, config, alpha_bars):
-    kind = config.model.kind
-    ema_decay = float(config.ema_decay)
+def _make_draw(kind, alpha_bars, num_classes: int, label_dropout: float, shift: int):
+    """draw(x, y, key) -> (batch, dropout key): the step's random inputs for the whole batch
+    (micro-batching does not change them)."""
     num_t = int(alpha_bars.shape[0])
-    shift = int(config.get("augment_shift", 0))
-    num_classes = int(getattr(module, "num_classes", 0) or 0) if kind == "unet" else 0
-    label_dropout = float(config.get("label_dropout", 0.0))
-    if num_classes and not 0.0 < label_dropout < 1.0:
-        raise ValueError(f"a class-conditional DDPM needs 0 < label_dropout < 1 (got {label_dropout}): "
-                         "without dropped labels the network never learns the unconditional eps(x)")
-
-    micro = int(config.get("micro_batch", 0) or 0)
-    n_micro = int(config.batch_size) // micro if micro else 1
 
     def draw(x, y, key):
-        """The step's random inputs for the whole batch (micro-batching does not change them)."""
         k_t, k_n, k_d, k_a = jax.random.split(key, 4)
         if kind == "unet":
             t = jax.random.randint(k_t, (x.shape[0],), 0, num_t)
@@ -168,6 +163,12 @@ def make_train_step(module, opt, config, alpha_bars):
             return {"x": xt, "t": t, "target": noise, "label": label}, k_d
         return {"x": _shift_augment(x, k_a, shift), "label": y}, k_d
 
+    return draw
+
+
+def _make_loss(module, kind, num_classes: int):
+    """loss_fn(params, batch, k_d) -> (loss, aux): the DDPM's eps MSE or the classifier's cross-entropy."""
+
     def loss_fn(params, batch, k_d):
         if kind == "unet":
             extra = (batch["label"],) if num_classes else ()
@@ -176,6 +177,23 @@ def make_train_step(module, opt, config, alpha_bars):
         logits = module.apply(params, batch["x"], train=True, rngs={"dropout": k_d})
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+
+    return loss_fn
+
+
+def make_train_step(module, opt, config, alpha_bars):
+    kind = config.model.kind
+    ema_decay = float(config.ema_decay)
+    num_classes = int(getattr(module, "num_classes", 0) or 0) if kind == "unet" else 0
+    label_dropout = float(config.get("label_dropout", 0.0))
+    if num_classes and not 0.0 < label_dropout < 1.0:
+        raise ValueError(f"a class-conditional DDPM needs 0 < label_dropout < 1 (got {label_dropout}): "
+                         "without dropped labels the network never learns the unconditional eps(x)")
+
+    micro = int(config.get("micro_batch", 0) or 0)
+    n_micro = int(config.batch_size) // micro if micro else 1
+    draw = _make_draw(kind, alpha_bars, num_classes, label_dropout, int(config.get("augment_shift", 0)))
+    loss_fn = _make_loss(module, kind, num_classes)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -258,10 +276,11 @@ def _state_of(params, opt):
             "loss_avg": jnp.asarray(0.0, jnp.float32)}
 
 
-def _abstract_state(module, opt, config, input_shape):
-    """Shapes, dtypes and (single-device) shardings of the train state: what a checkpoint restores into."""
+def _abstract_state(module, opt, config, input_shape, sharding=None):
+    """Shapes, dtypes and shardings (``sharding``, default the first local device) of the train state: what a
+    checkpoint restores into."""
     shapes = jax.eval_shape(lambda: _state_of(_init_params(module, config, input_shape), opt))
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
@@ -286,7 +305,9 @@ RUNS_FILE = "runs.jsonl"
 
 def record_run(workdir: str, config, start: int, stop: int) -> None:
     """Append one run's segment of the training (steps ``start`` -> ``stop`` and the schedule it followed)
-    to ``WORKDIR/runs.jsonl``, so that a run resumed with another schedule keeps its history."""
+    to ``WORKDIR/runs.jsonl``, so that a run resumed with another schedule keeps its history (process 0 only)."""
+    if not distributed.is_main_process():
+        return
     o = config_to_dict(config.optim)
     line = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "start_step": int(start),
             "stop_step": int(stop), "num_steps": int(config.num_steps), "batch_size": int(config.batch_size),
@@ -394,8 +415,9 @@ def save_verified(mngr: ocp.CheckpointManager, ckpt_dir: str, step: int, state) 
     """Save ``state`` as ``step``, then (orbax has committed the step's folder) its sha256 manifest."""
     if mngr.save(step, args=ocp.args.StandardSave(state)):
         mngr.wait_until_finished()
-        if jax.process_index() == 0:
+        if distributed.is_main_process():
             integrity.write_manifest(integrity.step_dir(ckpt_dir, step), step)
+        distributed.barrier(f"checkpoint_manifest_{step}")   # several processes: the step is complete for all
 
 
 def restore_verified(mngr: ocp.CheckpointManager, ckpt_dir: str, workdir: str, abstract_state):
@@ -406,13 +428,16 @@ def restore_verified(mngr: ocp.CheckpointManager, ckpt_dir: str, workdir: str, a
     corrupt, :class:`dngjax.checkpoint.CheckpointError` (nothing is moved). ``abstract_state()``
     gives the structure to restore into."""
     step, status, corrupt = integrity.choose_step(ckpt_dir, mngr.all_steps())
+    distributed.barrier("checkpoint_choose")        # several processes: all chose before any is moved
     if step is None:
         return None, None
     for bad, detail in corrupt:
-        moved = integrity.set_aside(ckpt_dir, bad, workdir)
-        logging.warning("checkpoint step %d is corrupt: %s; moved to %s, falling back to step %d",
-                        bad, detail, moved, step)
+        if distributed.is_main_process():
+            moved = integrity.set_aside(ckpt_dir, bad, workdir)
+            logging.warning("checkpoint step %d is corrupt: %s; moved to %s, falling back to step %d",
+                            bad, detail, moved, step)
     if corrupt:
+        distributed.barrier("checkpoint_set_aside")
         mngr.reload()
     if status == integrity.UNVERIFIED:
         logging.warning("checkpoint step %d in %s has no %s (saved before checkpoints had one, or killed "
@@ -456,10 +481,14 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str) -> _Setup:
 
 
 def _shardings(config):
-    """``(replicated, data)`` shardings on a 1-D mesh of the local devices: the batch is split over the
-    devices when there are several and they divide it, else replicated."""
-    devices = jax.local_devices()
+    """``(replicated, data)`` shardings on a 1-D mesh of the devices (every process's, when several run the
+    job): the batch is split over the devices when there are several and they divide it, else replicated
+    (several processes: they must divide it, each process reads its own rows)."""
+    devices = jax.devices()
     n_dev = len(devices)
+    if jax.process_count() > 1 and config.batch_size % n_dev:
+        raise ValueError(f"config.batch_size={config.batch_size}: with {jax.process_count()} processes it is the "
+                         f"global batch, split over all {n_dev} devices; choose a multiple of {n_dev}")
     mesh = Mesh(np.asarray(devices), ("data",))
     repl = NamedSharding(mesh, P())
     data_sh = NamedSharding(mesh, P("data")) if n_dev > 1 and config.batch_size % n_dev == 0 else repl
@@ -471,14 +500,18 @@ def _resume(s: _Setup):
     to its step), else a fresh state (``init_from``'s parameters if set; a stale metrics.jsonl removed)."""
     # only the state's structure is needed: nothing is initialised on a resume
     state, latest = restore_verified(s.mngr, s.ckpt_dir, s.workdir,
-                                     lambda: _abstract_state(s.module, s.opt, s.config, s.input_shape))
+                                     lambda: _abstract_state(s.module, s.opt, s.config, s.input_shape, s.repl))
+    main = distributed.is_main_process()
     if latest is not None:
-        _truncate_metrics(s.metrics_path, latest)
-    else:
-        logging.warning("no checkpoint in %s: training from step 0", s.ckpt_dir)
-        state = _init_state(s.module, s.opt, s.config, s.input_shape, s.init_params)
-        if os.path.exists(s.metrics_path):
-            os.remove(s.metrics_path)  # a run killed before its first save: its lines are not in any state
+        if main:
+            _truncate_metrics(s.metrics_path, latest)
+        return state
+    logging.warning("no checkpoint in %s: training from step 0", s.ckpt_dir)
+    state = _init_state(s.module, s.opt, s.config, s.input_shape, s.init_params)
+    if main and os.path.exists(s.metrics_path):
+        os.remove(s.metrics_path)  # a run killed before its first save: its lines are not in any state
+    if jax.process_count() > 1:    # the same values on every process, replicated over all their devices
+        state = jax.device_get(state)
     return jax.device_put(state, s.repl)
 
 
@@ -538,10 +571,17 @@ def _compile_step(s: _Setup, state, start: int):
 
 
 def _batch(s: _Setup, step: int):
-    """The batch and key of ``step``: functions of (seed, step) only, put on the data sharding."""
+    """The batch and key of ``step``: functions of (seed, step) only, put on the data sharding. Each process
+    reads only the rows of the (global) batch that its own devices hold."""
     idx = data_lib.batch_indices(s.n_ex, s.config.batch_size, step, s.config.seed)
-    return (jax.device_put(data_lib.to_model_space(s.x_train[idx]), s.data_sh),
-            jax.device_put(s.y_train[idx], s.data_sh), jax.random.fold_in(s.base_key, step))
+    if jax.process_count() == 1:
+        return (jax.device_put(data_lib.to_model_space(s.x_train[idx]), s.data_sh),
+                jax.device_put(s.y_train[idx], s.data_sh), jax.random.fold_in(s.base_key, step))
+    b = len(idx)
+    x = jax.make_array_from_callback((b, *s.input_shape), s.data_sh,
+                                     lambda i: data_lib.to_model_space(s.x_train[idx[i[0]]]))
+    y = jax.make_array_from_callback((b,), s.data_sh, lambda i: s.y_train[idx[i[0]]])
+    return x, y, jax.random.fold_in(s.base_key, step)
 
 
 def _train_loop(s: _Setup, state, step_fn, start: int, stop: int):
@@ -551,7 +591,8 @@ def _train_loop(s: _Setup, state, step_fn, start: int, stop: int):
     config = s.config
     from tqdm import tqdm
     pbar = tqdm(total=config.num_steps, initial=start, desc=config.get("name", s.kind), unit="step",
-                disable=not config.get("progress", True), dynamic_ncols=True, mininterval=2.0)
+                disable=not (config.get("progress", True) and distributed.is_main_process()),
+                dynamic_ncols=True, mininterval=2.0)
     wall0 = float(state["wall_time"])
     t_start = time.time()
     loss_avg = float(state["loss_avg"])
@@ -571,7 +612,8 @@ def _train_loop(s: _Setup, state, step_fn, start: int, stop: int):
             save_verified(s.mngr, s.ckpt_dir, step, state)
         if s.kind == "unet" and config.sample_every and step % config.sample_every == 0 and step < config.num_steps:
             xs = sample_images(s.module, state["ema_params"], s.sched, 64, 0, s.input_shape, config.sample_steps)
-            write_png_grid(xs, os.path.join(s.workdir, "samples", f"step_{step:07d}.png"))
+            if distributed.is_main_process():
+                write_png_grid(xs, os.path.join(s.workdir, "samples", f"step_{step:07d}.png"))
     pbar.close()
     return state, step, loss_avg, wall0 + time.time() - t_start
 
@@ -593,6 +635,8 @@ def _log_metrics(s: _Setup, pbar, pending, loss_avg: float, step: int, start: in
                         left * per_step * _cores_used() / 3600, _cores_used())
     pbar.set_postfix(loss=f"{last_metrics['loss']:.4f}", avg=f"{loss_avg:.4f}")
     pbar.update(config.log_every if step % config.log_every == 0 else step - pbar.n)
+    if not distributed.is_main_process():
+        return loss_avg
     with open(s.metrics_path, "a") as f:
         f.write(json.dumps({"step": step, "loss_avg": loss_avg, **last_metrics,
                             "elapsed_s": wall0 + time.time() - t_start}) + "\n")
@@ -650,13 +694,19 @@ def _score_classifier(s: _Setup, state, card: Dict[str, Any]):
 def _write_model(s: _Setup, state, step: int, loss_avg: float, wall: float) -> Dict[str, Any]:
     """Write ``WORKDIR/model`` (parameters and card) and, for a DDPM, the final sample grid; the card as read back."""
     config = s.config
+    main = distributed.is_main_process()
     card = _final_card(s, step, loss_avg, wall)
+    if jax.process_count() > 1:        # replicated: every process holds the values; scored and saved on the host
+        state = jax.device_get({k: state[k] for k in ("params", "ema_params")})
     params_out = _score_classifier(s, state, card) if s.kind == "classifier" else state["ema_params"]
     out = os.path.join(s.workdir, "model")
-    ckpt.save_model(out, s.module, params_out, card)
+    if main:
+        ckpt.save_model(out, s.module, params_out, card)
     if s.kind == "unet" and config.get("final_samples", 64):
         xs = sample_images(s.module, params_out, s.sched, int(config.final_samples), 0, s.input_shape,
                            config.sample_steps)
-        write_png_grid(xs, os.path.join(s.workdir, "samples", "final.png"))
+        if main:
+            write_png_grid(xs, os.path.join(s.workdir, "samples", "final.png"))
     logging.info("model written to %s", out)
+    distributed.barrier("model_written")
     return ckpt.load_card(out)
