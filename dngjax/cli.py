@@ -172,19 +172,23 @@ def _check_config_loaded(flag) -> None:
 
 def run(main: Callable[[Sequence[str]], None], define_flags: Callable[[], None],
         argv: Optional[Sequence[str]] = None, positional: Sequence[str] = (), doc: str = "",
-        interrupted: str = NO_RESUME) -> None:
+        interrupted: str = NO_RESUME, distributed: bool = False) -> None:
     """Define the tool's flags, parse ``argv`` (default ``sys.argv``) and run ``main`` under absl.
 
     ``positional``: names of the positional arguments the tool takes (exactly these; none by default).
     ``doc``: what ``--help`` prints above the flags (the tool module's docstring).
     ``interrupted``: what ``interrupted: ...`` says on Ctrl-C until the job sets more with
     :func:`on_interrupt`. An interrupt exits with code 130 and that one line, no traceback.
+    ``distributed``: the tool runs as several processes too: the flags of
+    :func:`dngjax.distributed.define_flags` are added, and the processes join
+    (:func:`dngjax.distributed.initialize`, a no-op for one) before ``main`` runs; inconsistent
+    settings are a user error.
     """
     on_interrupt(interrupted)
     if argv is None:                  # the command line: Ctrl-C leaves at once (see _exit_interrupted)
         signal.signal(signal.SIGINT, _exit_interrupted)
     try:
-        _run(main, define_flags, argv, positional, doc)
+        _run(main, define_flags, argv, positional, doc, distributed)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)      # a second Ctrl-C while exiting: no traceback
         print(f"\ninterrupted: {_interrupt_message}", file=sys.stderr, flush=True)
@@ -238,9 +242,12 @@ def _with_packaged_configs(argv: Sequence[str]) -> list:
     return out
 
 
-def _run(main, define_flags, argv, positional, doc) -> None:
+def _run(main, define_flags, argv, positional, doc, distributed=False) -> None:
     with _flag_errors():
         define_flags()
+        if distributed and "num_processes" not in flags.FLAGS:
+            from . import distributed as dist
+            dist.define_flags()
     argv = _with_packaged_configs(sys.argv if argv is None else argv)
 
     def _main(args):
@@ -248,6 +255,10 @@ def _run(main, define_flags, argv, positional, doc) -> None:
             if positional:
                 fail(f"expected {' '.join(positional)}, got {args[1:]} (see --help)")
             fail(f"unexpected arguments {args[1:]}; flags are written --name=value (see --help)")
+        if distributed:
+            from . import distributed as dist
+            with user_errors("several processes"):
+                dist.initialize_from_flags()
         main(args)
 
     app.run(_main, argv=argv, flags_parser=lambda a: _parse(a, doc))

@@ -174,10 +174,14 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Union[i
     _enable_cpu_collectives()
     try:
         jax.distributed.initialize(**kwargs, initialization_timeout=timeout or 300)
-    except RuntimeError as e:
-        if "must be called before" in str(e) or "already" in str(e):
-            raise ValueError(f"the distributed runtime must start before JAX runs anything: {e}") from None
-        raise
+    except Exception as e:                  # the runtime started too late, or the other processes never came
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "before" in first or "already" in first:
+            raise ValueError(f"the distributed runtime must start before JAX runs anything: {first}") from None
+        raise ValueError(f"could not join the other processes (coordinator {kwargs['coordinator_address'] or 'from the cluster'}, "
+                         f"{kwargs['num_processes'] or 'cluster-given'} processes, this one "
+                         f"{kwargs['process_id'] if kwargs['process_id'] is not None else 'cluster-given'}): {first}; "
+                         f"every process must run the same command with its own process id") from None
     _initialized_here = True
     return jax.process_count() > 1
 

@@ -33,6 +33,11 @@ tradeoff.png (KL and FD vs safety, figs. 4/14), class_histogram.png (fig. 13),
 lambda_t.png (figs. 5b/12), samples_overview.png and samples/<method>_scale<s>.png,
 labels.npz (classifier labels of every sample), features.npz and reference.npz (each sample's scoring
 features and the reference statistics, for paired comparisons between points) and optionally samples.npz.
+
+Several processes (:mod:`dngjax.distributed`, docs/multihost.md) run the same job together: each sweep's
+seeds are sharded over every process's devices and every process gets the whole sweep back; process 0
+alone writes the folder (points, chunks, files), the others read its finished points and chunks to resume
+the same way (the folder must be on a file system every process sees).
 """
 
 
@@ -47,6 +52,7 @@ import time
 from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
+from dngjax import distributed
 from dngjax.tools.sample.inputs import check_model_root, load_denoisers, make_scorer, training_chain
 from dngjax.tools.sample.methods import build_methods, class_tag, method_key, parse_method, removed_classes
 from dngjax.tools.sample.run_store import publish, reusable_points, save_point, check_folders, input_files, move_aside, partial_dir, provenance_text, run_record
@@ -104,8 +110,8 @@ def validate_config(config) -> None:
         raise ValueError(f"config.bootstrap must be 0 (none) or >= 2 resamples, got {config.bootstrap}")
     if not config.methods and not config.baseline:
         raise ValueError("nothing to run: config.methods is empty and config.baseline is False")
-    if config.noise not in ("beta", "posterior"):
-        raise ValueError(f"config.noise must be 'beta' or 'posterior', got {config.noise!r}")
+    if config.noise not in ("beta", "beta_tilde", "posterior"):     # "posterior": the older "beta_tilde"
+        raise ValueError(f"config.noise must be 'beta' or 'beta_tilde', got {config.noise!r}")
     from dngjax.sampler import SOLVERS
     if config.solver not in SOLVERS:
         raise ValueError(f"config.solver must be one of {SOLVERS}, got {config.solver!r}")
@@ -167,30 +173,34 @@ def sweep_in_chunks(job: Job, work: str, name: str, rule, scales: List[float]):
     """
     import dngjax as dj
     config = job.config
+    main = distributed.is_main_process()
     folder = os.path.join(work, "chunks", name + "_" + "_".join(f"{s:g}" for s in scales))
-    os.makedirs(folder, exist_ok=True)
+    if main:
+        os.makedirs(folder, exist_ok=True)
     n = len(job.seeds)
     parts, done = [], np.zeros(n, bool)
-    for f in sorted(os.listdir(folder)):
+    for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if f.endswith(".npz") and not f.endswith(".tmp.npz"):
             with np.load(os.path.join(folder, f)) as z:
                 parts.append({k: z[k] for k in ("idx", "x", "lam", "p", "t")})
             done[parts[-1]["idx"]] = True
+    distributed.barrier("class_removal:chunks_read")       # every process resumes from the same chunks
     todo = np.flatnonzero(~done)
-    if len(parts) and len(todo):
+    if len(parts) and len(todo) and main:
         print(f"{name}: resuming at seed index {todo[0]} ({done.sum()} of {n} seeds done)", flush=True)
     if len(todo):
         chunks = dj.sample_chunks(job.denoiser_u, job.schedule, dj.keys_from_seeds(job.seeds[todo]), job.shape,
                                   rule=rule, grid={"scale": list(scales)}, denoiser_c=job.denoiser_c,
                                   chunk_size=config.chunk_size, return_trace=True, noise=config.noise,
                                   solver=config.solver,
-                                  progress=config.progress)
+                                  progress=config.progress and main)
         for ch in chunks:
             part = {"idx": todo[ch.start:ch.start + ch.x.shape[1]], "x": ch.x, "lam": ch.trace.lam,
                     "p": ch.trace.p, "t": ch.trace.t}
-            path = os.path.join(folder, f"{part['idx'][0]:07d}.npz")
-            np.savez(path + ".tmp.npz", **part)
-            os.replace(path + ".tmp.npz", path)
+            if main:
+                path = os.path.join(folder, f"{part['idx'][0]:07d}.npz")
+                np.savez(path + ".tmp.npz", **part)
+                os.replace(path + ".tmp.npz", path)
             parts.append(part)
     k, steps = len(scales), len(parts[0]["t"])
     x = np.empty((k, n) + tuple(job.shape), np.float32)
@@ -271,6 +281,9 @@ def execute(job: Job) -> str:
     t_start = time.time()
     work, done = open_run(job)
     points = sample_points(job, work, done)
+    if not distributed.is_main_process():          # several processes: process 0 writes the run folder
+        distributed.barrier("class_removal:published")
+        return job.outdir
     rows, traces = in_config_order(job, points)
     write_run_files(job, work, rows, points, traces)
     summary = summary_text(job, rows, time.time() - t_start)
@@ -279,6 +292,7 @@ def execute(job: Job) -> str:
     publish(work, job.outdir, job.record)
     print(summary)
     print(f"results in {os.path.abspath(job.outdir)}", flush=True)
+    distributed.barrier("class_removal:published")
     return job.outdir
 
 
@@ -287,21 +301,29 @@ def open_run(job: Job) -> Tuple[str, Dict[str, Any]]:
     aside (``config.overwrite``), and the points it can reuse; prints the estimated cost of the rest."""
     import jax
     work = partial_dir(job.outdir)
-    for folder in job.move_aside:
-        if os.path.isdir(folder):
-            print(f"moved {folder} aside to {move_aside(folder)} (config.overwrite: another run's points, kept)",
-                  flush=True)
-    done = reusable_points(job, work, job.outdir)
-    os.makedirs(os.path.join(work, "samples"), exist_ok=True)
-    print(f"output folder: {os.path.abspath(job.outdir)} (written to {os.path.basename(work)} until complete)",
-          flush=True)
-    with open(os.path.join(work, "config.json.tmp"), "w") as f:     # atomic: a kill leaves the old one
-        json.dump(job.record, f, indent=2)
-    os.replace(os.path.join(work, "config.json.tmp"), os.path.join(work, "config.json"))
+    main = distributed.is_main_process()     # several processes: process 0 prepares and writes the folder,
+    if main:                                 # the others read its finished points once it has
+        for folder in job.move_aside:
+            if os.path.isdir(folder):
+                print(f"moved {folder} aside to {move_aside(folder)} (config.overwrite: another run's points, kept)",
+                      flush=True)
+        done = reusable_points(job, work, job.outdir)
+    distributed.barrier("class_removal:open")
+    if not main:
+        done = reusable_points(job, work, job.outdir, read_only=True)
+    distributed.barrier("class_removal:points_read")
+    if main:
+        os.makedirs(os.path.join(work, "samples"), exist_ok=True)
+        print(f"output folder: {os.path.abspath(job.outdir)} (written to {os.path.basename(work)} until complete)",
+              flush=True)
+        with open(os.path.join(work, "config.json.tmp"), "w") as f:     # atomic: a kill leaves the old one
+            json.dump(job.record, f, indent=2)
+        os.replace(os.path.join(work, "config.json.tmp"), os.path.join(work, "config.json"))
     cost = estimate_cost(job, frozenset(done))
-    print(f"estimated cost: {cost['passes']:,} network passes x {1e3 * cost['seconds_per_pass']:.2f} ms (measured) = "
-          f"{cost['seconds'] / 60:.1f} min, {cost['cpu_core_hours']:.2f} CPU core-hours "
-          f"({jax.default_backend()}), plus compilation", flush=True)
+    if main:
+        print(f"estimated cost: {cost['passes']:,} network passes x {1e3 * cost['seconds_per_pass']:.2f} ms (measured) = "
+              f"{cost['seconds'] / 60:.1f} min, {cost['cpu_core_hours']:.2f} CPU core-hours "
+              f"({jax.default_backend()}), plus compilation", flush=True)
     return work, done
 
 
@@ -335,6 +357,7 @@ def sample_points(job: Job, work: str, done: Dict[str, Any]) -> Points:
     from dngjax.tools.sample import plots
 
     config = job.config
+    main = distributed.is_main_process()
     keys = dj.keys_from_seeds(job.seeds)
     common = dict(n=config.n, seed=config.seed, steps=job.schedule.num_steps, T=config.T, noise=config.noise,
                   solver=config.solver,
@@ -351,13 +374,14 @@ def sample_points(job: Job, work: str, done: Dict[str, Any]) -> Points:
                   "samples are non-finite (NaN or inf): counted as the removed class in safety %, left out of KL "
                   f"and {_fd_name(config)}; the point is marked invalid", flush=True)
         samples = to_uint8(x) if config.save_samples else None
-        save_point(work, row, np.asarray(x[:keep]), curves, samples)
+        if main:
+            save_point(work, row, np.asarray(x[:keep]), curves, samples)
         points.add(row, np.asarray(x[:keep]), curves, samples)
 
     for row, preview, curves, samples in done.values():
         points.add(row, preview, curves, samples)
     total = int(config.baseline) + sum(len(scales) for _, _, _, scales in job.methods)
-    bar = tqdm(total=total, initial=len(done), desc="grid points", unit="point", disable=not config.progress)
+    bar = tqdm(total=total, initial=len(done), desc="grid points", unit="point", disable=not (config.progress and main))
 
     if config.baseline and "none_0" not in points.rows:
         t0 = time.time()
@@ -389,10 +413,12 @@ def sample_points(job: Job, work: str, done: Dict[str, Any]) -> Points:
                             swept_with=[float(v) for v in sweep_scales], **common, **hyper), x[j], curves)
                 bar.update(1)
             bar.set_postfix_str(f"{m} done in {dt:.0f}s")
-            shutil.rmtree(chunks)                     # its points are saved now
+            if main:
+                shutil.rmtree(chunks)                 # its points are saved now
             del x, trace
     bar.close()
-    shutil.rmtree(os.path.join(work, "chunks"), ignore_errors=True)     # chunks of grids no longer asked for
+    if main:
+        shutil.rmtree(os.path.join(work, "chunks"), ignore_errors=True)     # chunks of grids no longer asked for
     return points
 
 

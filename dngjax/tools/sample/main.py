@@ -32,6 +32,11 @@ Every input is validated before sampling starts, output folders before any model
 exits with code 2 and one message. Ctrl-C exits with code 130 and one line that says whether the job
 resumes: a class-removal run (and extend) keeps its finished grid points in ``<outdir>.partial``, and the
 same command (the same --config.outdir) samples only the rest.
+
+The class-removal job also runs as several processes (docs/multihost.md): every process runs the same
+command with --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the DNGJAX_* variables);
+each sweep's seeds are sharded over every process's devices, and process 0 alone writes the run folder
+(which every process reads, to resume: a shared file system).
 """
 
 import os
@@ -204,13 +209,21 @@ JOBS = {"class_removal": run_class_removal, "posterior_check": run_posterior_che
         "calibrate": run_calibrate, "text_to_image": run_text_to_image}
 
 
+#: the jobs that run as several processes (docs/multihost.md); the others are file work for one process
+MULTIPROCESS_JOBS = ("class_removal",)
+
+
 def main(argv):
+    import jax
     logging.set_verbosity(logging.WARNING)
+    if jax.process_count() > 1 and FLAGS.job not in MULTIPROCESS_JOBS:
+        cli.fail(f"--job={FLAGS.job} runs as one process; several processes run --job="
+                 f"{' or --job='.join(MULTIPROCESS_JOBS)} (drop --num_processes and the DNGJAX_* variables)")
     JOBS[FLAGS.job](FLAGS.config)
 
 
 def cli_main():
-    cli.run(main, define_flags, doc=__doc__)
+    cli.run(main, define_flags, doc=__doc__, distributed=True)
 
 
 if __name__ == "__main__":

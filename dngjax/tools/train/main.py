@@ -13,6 +13,12 @@ after the train step is compiled, its memory against the memory available (a bat
 refused, with the size to use).
 --data_dir (or $DNGJAX_DATA_DIR) names an offline folder with mnist.npz / cifar10.npz;
 without one, TensorFlow Datasets is used (pip install 'dngjax[data]').
+
+Several processes (hosts; docs/multihost.md): every process runs the same command with
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (or $DNGJAX_COORDINATOR,
+$DNGJAX_NUM_PROCESSES, $DNGJAX_PROCESS_ID; SLURM, Open MPI and TPU slices supply them); the training is
+data-parallel over every process's devices, config.batch_size the global batch, and --workdir must be
+one folder that every process sees (a shared file system).
 """
 
 import os
@@ -80,7 +86,7 @@ def _remove_if_new(workdir: str, created: bool) -> None:
 
 
 def cli_main():
-    cli.run(main, define_flags, doc=__doc__)
+    cli.run(main, define_flags, doc=__doc__, distributed=True)
 
 
 if __name__ == "__main__":

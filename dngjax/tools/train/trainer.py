@@ -607,8 +607,10 @@ def _train_loop(s: _Setup, state, step_fn, start: int, stop: int):
             pending = []
         if step % config.checkpoint_every == 0 or step == stop:
             # Host scalars go in with the state's (replicated) sharding, so the compiled step accepts them.
-            state = dict(state, **jax.device_put({"wall_time": np.float32(wall0 + time.time() - t_start),
-                                                   "loss_avg": np.float32(loss_avg)}, s.repl))
+            # Several processes: process 0's clock, so that every process puts the same values.
+            scalars = distributed.broadcast_from_main(np.asarray([wall0 + time.time() - t_start, loss_avg], np.float32))
+            state = dict(state, **jax.device_put({"wall_time": np.float32(scalars[0]),
+                                                   "loss_avg": np.float32(scalars[1])}, s.repl))
             save_verified(s.mngr, s.ckpt_dir, step, state)
         if s.kind == "unet" and config.sample_every and step % config.sample_every == 0 and step < config.num_steps:
             xs = sample_images(s.module, state["ema_params"], s.sched, 64, 0, s.input_shape, config.sample_steps)
