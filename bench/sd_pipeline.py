@@ -160,7 +160,7 @@ def _real_size(args):
     rule = dj.PositiveMode(dj.DynamicNegativeGuidance(scale=5.0, prior=0.01), cfg_scale=7.5)
     keys = dj.keys_from_seeds(range(args.batch))
     run = lambda: np.asarray(dj.sample(dens[0], schedule, keys, (64, 64, 4), rule=rule, denoiser_c=dens[1:],
-                                       noise="posterior"))
+                                       noise="beta_tilde"))
     t0 = time.perf_counter()
     run()
     compile_s = time.perf_counter() - t0

@@ -173,13 +173,13 @@ def dng_sample(model_u, model_neg, schedule, n: int, shape=(1, 28, 28), *, scale
     """DNG (or NP with ``rule="np"``) ancestral DDPM sampling as a Python loop, authors' style.
 
     ``schedule``: a :class:`dngjax.Schedule` (its arrays are read once as numpy).
-    Same update as :class:`dngjax.DynamicNegativeGuidance` with ``variance="posterior"``.
+    Same update as :class:`dngjax.DynamicNegativeGuidance` with ``update_variance="beta_tilde"``.
     Returns x_0 of shape (n, *shape) (NCHW).
     """
     timesteps = np.asarray(schedule.timesteps)
     betas = np.asarray(schedule.betas, np.float64)
     alpha_bars = np.asarray(schedule.alpha_bars, np.float64)
-    post_var = np.asarray(schedule.posterior_variances, np.float64)
+    beta_tilde = np.asarray(schedule.beta_tildes, np.float64)
     x = torch.randn((n, *shape), generator=generator)
     log_p = torch.full((n,), math.log(prior))
     for i in reversed(range(len(timesteps))):
@@ -204,7 +204,7 @@ def dng_sample(model_u, model_neg, schedule, n: int, shape=(1, 28, 28), *, scale
             mu_neg = (x - coef * eps_neg) * inv_sqrt_alpha
             sq_neg = (x_next - mu_neg).square().sum(dim=(1, 2, 3))
             sq_u = (x_next - mu_u).square().sum(dim=(1, 2, 3))
-            sigma2 = beta if i == 0 else post_var[i]
+            sigma2 = beta if i == 0 else beta_tilde[i]
             log_p = log_p + (-temperature * (sq_neg - sq_u) + offset) / (2.0 * sigma2)
             log_p = log_p.clamp(math.log(p_min), math.log(p_max))
         x = x_next

@@ -44,6 +44,7 @@ from flax import struct
 from .denoiser import Denoiser
 from .guidance import (DynamicNegativeGuidance, ExactDynamicNegativeGuidance, ExactMultiConceptDynamicNegativeGuidance,
                        MultiConcept)
+from .renames import no_other_keywords, renamed_keyword
 from .schedules import Schedule
 
 Array = jnp.ndarray
@@ -350,16 +351,18 @@ class ForgetSplit:
                                             log_space=True)
 
     def approximate_dng(self, scale=1.0, temperature=1.0, offset=0.0, p_min=1e-6, p_max=0.99,
-                        variance: str = "beta") -> DynamicNegativeGuidance:
+                        update_variance: str = "beta", **deprecated) -> DynamicNegativeGuidance:
         """DNG with the Markov-chain posterior estimate, prior = c_f.
 
         The defaults are the estimator with nothing tuned: the prior is the true forget
         weight, temperature 1 and offset 0 make each update the exact log-likelihood
-        ratio of the two Gaussian transitions, and ``variance="beta"`` uses the variance
-        the sampler really adds (beta_t).
+        ratio of the two Gaussian transitions, and ``update_variance="beta"`` uses the variance
+        the sampler really adds (beta_t). ``variance=`` is the deprecated spelling of ``update_variance=``.
         """
+        update_variance = renamed_keyword(deprecated, "variance", "update_variance", update_variance, "approximate_dng")
+        no_other_keywords(deprecated, "approximate_dng")
         return DynamicNegativeGuidance(scale=scale, prior=self.forget_weight, temperature=temperature,
-                                       offset=offset, p_min=p_min, p_max=p_max, variance=variance)
+                                       offset=offset, p_min=p_min, p_max=p_max, update_variance=update_variance)
 
     def remember_fractions(self, x: Array) -> np.ndarray:
         """Fraction of the samples that are not forbidden assigned to each remembered mode."""
@@ -414,11 +417,13 @@ class ConceptSplit:
                                                         num_concepts=len(self.concepts))
 
     def approximate_dng(self, scale=1.0, temperature=1.0, offset=0.0, p_min=1e-6, p_max=0.99,
-                        variance: str = "beta") -> MultiConcept:
+                        update_variance: str = "beta", **deprecated) -> MultiConcept:
         """Multi-concept DNG with tracked posteriors; prior = the concepts' mean weight (equal weights: exact)."""
+        update_variance = renamed_keyword(deprecated, "variance", "update_variance", update_variance, "approximate_dng")
+        no_other_keywords(deprecated, "approximate_dng")
         prior = float(np.mean([c.forget_weight for c in self.concepts]))
         return MultiConcept(DynamicNegativeGuidance(scale=scale, prior=prior, temperature=temperature, offset=offset,
-                                                    p_min=p_min, p_max=p_max, variance=variance),
+                                                    p_min=p_min, p_max=p_max, update_variance=update_variance),
                             num_concepts=len(self.concepts))
 
 

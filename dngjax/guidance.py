@@ -48,9 +48,12 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from .renames import renamed_fields, variance_value
+
 Array = jnp.ndarray
 
-VARIANCES = ("posterior", "beta", "step")
+#: sigma_t^2 of DNG's paper update (``DynamicNegativeGuidance(update_variance=...)``).
+VARIANCES = ("beta_tilde", "beta", "step")
 
 #: How tracked DNG estimates log p(c- | x_t) along the chain (``DynamicNegativeGuidance(estimator=...)``):
 #: ``"paper"``: Alg. 2, the log-likelihood ratio of two Gaussian transitions (stochastic steps only);
@@ -69,6 +72,7 @@ STARTS = ("prior", "gaussian")
 DIVERGENCES = ("hutchinson", "finite_difference", "exact", "none")
 
 
+@renamed_fields({"posterior_variance": "beta_tilde"})
 @struct.dataclass
 class Step:
     """Quantities of one transition x_t -> x_{t-1} of the chain (scalars; built by
@@ -76,7 +80,8 @@ class Step:
 
     index: position in the chain (0 = least noisy). t: network timestep index.
     beta, alpha_bar, alpha_bar_prev, one_minus_alpha_bar, one_minus_alpha_bar_prev,
-    posterior_variance (beta_tilde): the chain's own values.
+    beta_tilde: the chain's own values (beta_tilde = beta (1 - alpha_bar_prev) / (1 - alpha_bar);
+    ``posterior_variance`` is its deprecated name).
     mean_x, mean_eps: the sampler's step is Gaussian, x_{t-1} ~ N(mean_x x_t + mean_eps eps,
     noise_variance I) (ancestral DDPM or DDIM; see :func:`step_mean`); noise_variance is 0 at the
     final step.
@@ -91,7 +96,7 @@ class Step:
     alpha_bar_prev: Array
     one_minus_alpha_bar: Array
     one_minus_alpha_bar_prev: Array
-    posterior_variance: Array
+    beta_tilde: Array
     mean_x: Array
     mean_eps: Array
     noise_variance: Array
@@ -416,6 +421,7 @@ class SafeLatentDiffusion(GuidanceRule):
         return eps, lam.astype(jnp.float32), momentum
 
 
+@renamed_fields({"variance": "update_variance"})
 @rule_class
 class DynamicNegativeGuidance(GuidanceRule):
     """Dynamic Negative Guidance (Koulischer et al., ICLR 2025, Alg. 1-2), with a choice of posterior estimator.
@@ -427,8 +433,9 @@ class DynamicNegativeGuidance(GuidanceRule):
     ``estimator="paper"`` (default; Alg. 2): after x_t -> x_{t-1}, with mu_u, mu_neg the means of the
     sampler's step (ancestral DDPM or DDIM, :func:`step_mean`) for eps_u, eps_neg at x_t,
         log p += (-temperature (|x_{t-1} - mu_neg|^2 - |x_{t-1} - mu_u|^2) + offset) / (2 sigma_t^2).
-    ``variance`` chooses sigma_t^2:
-      * ``"posterior"`` (default): beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t),
+    ``update_variance`` chooses sigma_t^2 (``variance`` and the value ``"posterior"`` are its deprecated
+    spellings):
+      * ``"beta_tilde"`` (default): beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t),
         and beta_t at the final step (where beta_tilde is 0) -- what the authors' code uses
         and what produced the paper's numbers;
       * ``"beta"``: beta_t, as written in the paper's Alg. 2;
@@ -468,7 +475,7 @@ class DynamicNegativeGuidance(GuidanceRule):
     sigma < hold_below): the identity's terms grow like 1 / sigma^2 while two learned networks' eps differ
     by their own errors there, so at low noise the increments measure the networks, not the concept
     (docs/samplers.md); 0 (the default) tracks to the end. ``temperature`` scales the increments
-    (1 = the identity, the default to use); ``offset`` and ``variance`` belong to the paper's update and
+    (1 = the identity, the default to use); ``offset`` and ``update_variance`` belong to the paper's update and
     must keep their defaults. The state also carries the previous point's x, g and h (Stratonovich).
 
     Degenerate settings: ``temperature=0`` (with offset 0) freezes p at the prior: DNG is then NP with
@@ -482,7 +489,7 @@ class DynamicNegativeGuidance(GuidanceRule):
     p_min: Any = 1e-6
     p_max: Any = 0.99
     hold_below: Any = 0.0
-    variance: str = static("posterior")
+    update_variance: str = static("beta_tilde")
     estimator: str = static("paper")
     divergence: str = static("finite_difference")
     probes: int = static(1)
@@ -597,8 +604,9 @@ def _check_dng_leaves(rule) -> None:
                                                | (np.asarray(rule.prior) < np.asarray(rule.p_min))):
             raise ValueError(f"prior must lie in [p_min, p_max] = [{rule.p_min}, {rule.p_max}] (the clamp of "
                              f"the tracked posterior), got prior={rule.prior}")
-    if rule.variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {VARIANCES}, got {rule.variance!r}")
+    object.__setattr__(rule, "update_variance", variance_value(rule.update_variance, "update_variance", 5))
+    if rule.update_variance not in VARIANCES:
+        raise ValueError(f"update_variance must be one of {VARIANCES}, got {rule.update_variance!r}")
     estimator = getattr(rule, "estimator", "paper")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -612,9 +620,9 @@ def _check_dng_leaves(rule) -> None:
         if _is_concrete(rule.offset) and np.any(np.asarray(rule.offset) != 0):
             raise ValueError(f"offset belongs to the paper's update; estimator={estimator!r} takes none (got "
                              f"offset={rule.offset}): leave it at 0")
-        if rule.variance != "posterior":
-            raise ValueError(f"variance belongs to the paper's update; estimator={estimator!r} takes none (got "
-                             f"variance={rule.variance!r}): leave the default")
+        if rule.update_variance != "beta_tilde":
+            raise ValueError(f"update_variance belongs to the paper's update; estimator={estimator!r} takes none (got "
+                             f"update_variance={rule.update_variance!r}): leave the default")
         if estimator == "stratonovich" and divergence == "none":
             raise ValueError("estimator='stratonovich' needs the divergence at full weight on every path: "
                              "divergence='hutchinson' or 'exact' (only 'ito' on ancestral steps may drop it)")
@@ -639,7 +647,7 @@ def _log_likelihood_ratio(rule, x_t, x_next, eps_u, eps_c, step) -> Array:
     a = x_next - step_mean(x_t, eps_u, step)
     b = -step.mean_eps * (eps_c - eps_u)
     sq_diff = jnp.sum(b * (2.0 * a + b), axis=tuple(range(1, x_t.ndim)))
-    sigma2 = transition_variance(step, rule.variance)
+    sigma2 = transition_variance(step, rule.update_variance)
     # +-inf increments (possible when sigma2 is tiny) are absorbed by the clamp; NaN never arises
     # from finite inputs, but is mapped to "no change" rather than poisoning the chain.
     return _finite_or_zero((-rule.temperature * sq_diff + rule.offset) / (2.0 * sigma2))
@@ -717,7 +725,7 @@ def transition_variance(step: Step, variance: str) -> Array:
         return step.beta
     if variance == "step":
         return jnp.where(step.is_last, step.beta, step.noise_variance)
-    return jnp.where(step.is_last, step.beta, step.posterior_variance)
+    return jnp.where(step.is_last, step.beta, step.beta_tilde)
 
 
 def _odds(log_p: Array) -> Array:

@@ -32,12 +32,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .denoiser import Denoiser, as_denoiser, to_eps
 from .distributed import put_global, to_host
 from .guidance import NoGuidance, PositiveMode, Rule, Step, Tangents, follows_protocol, member, step_mean
+from .renames import variance_value
 from .schedules import Schedule
 
 Array = jnp.ndarray
 
-#: Noise of the reverse step, ``noise=`` of :func:`sample` (see there).
-NOISES = ("beta", "posterior")
+#: Noise variance of the reverse step, ``noise=`` of :func:`sample` (see there; ``"posterior"`` is the
+#: deprecated spelling of ``"beta_tilde"``).
+NOISES = ("beta", "beta_tilde")
 #: Largest sample size (number of values) for which a rule may ask for the exact divergence (one jvp each).
 EXACT_DIVERGENCE_MAX_DIM = 256
 #: divergence="finite_difference": the probe step delta = FD_STEP sqrt(1 - alpha_bar_t), small against the
@@ -113,12 +115,12 @@ def chain_steps(schedule: Schedule, noise: str = "beta", eta: Optional[float] = 
     The step x_t -> x_{t-1} is x_{t-1} = mean_x x_t + mean_eps eps + mean_x0_prev x0_prev + noise of
     variance noise_variance (x0_prev: the previous step's x_0 prediction; 0 but for DPM-Solver++(2M)).
       * ancestral DDPM (``eta=None``): mean_x = 1 / sqrt(alpha_t), mean_eps = -beta_t / (sqrt(1 - ab_t)
-        sqrt(alpha_t)); variance beta_t (``noise="beta"``) or beta_tilde_t (``noise="posterior"``);
+        sqrt(alpha_t)); variance beta_t (``noise="beta"``) or beta_tilde_t (``noise="beta_tilde"``);
       * DDIM (Song et al. 2021, eq. 12) with ``eta`` in [0, 1]: sigma^2 = eta^2 beta_tilde_t,
         x_{t-1} = sqrt(ab_{t-1}) x0_hat + sqrt(1 - ab_{t-1} - sigma^2) eps + sigma z, i.e.
         mean_x = 1 / sqrt(alpha_t), mean_eps = -(sigma^2 + beta_t / alpha_t) / (sqrt(1 - ab_{t-1} - sigma^2)
         + sqrt(1 - ab_t) / sqrt(alpha_t)) (the difference of the two eps terms, written without
-        cancellation). eta = 1 is the ancestral step with ``noise="posterior"``; eta = 0 is deterministic.
+        cancellation). eta = 1 is the ancestral step with ``noise="beta_tilde"``; eta = 0 is deterministic.
         k-diffusion's Euler and Euler ancestral steps are DDIM at eta = 0 and eta = 1 (the same steps,
         written in sigma = sqrt((1 - ab) / ab) and x / sqrt(ab)).
       * DPM-Solver++(2M) (``solver="dpmpp_2m"``; Lu et al. 2022, diffusers' DPMSolverMultistepScheduler with
@@ -128,10 +130,11 @@ def chain_steps(schedule: Schedule, noise: str = "beta", eta: Optional[float] = 
         first order (DDIM at eta = 0) at the first step and at the final step (to sigma = 0).
     No noise at the final step (index 0) in every case. Works on traced schedules (inside jit).
     """
+    noise = variance_value(noise, "noise")
     n = schedule.num_steps
     beta, alpha = schedule.betas, schedule.alphas
     om, om_prev = schedule.one_minus_alpha_bars, schedule.one_minus_alpha_bars_prev
-    post = schedule.posterior_variances
+    beta_tilde = schedule.beta_tildes
     is_last = jnp.arange(n) == 0
     mean_x = 1.0 / jnp.sqrt(alpha)
     x0_prev = jnp.zeros((n,), jnp.float32)
@@ -150,14 +153,14 @@ def chain_steps(schedule: Schedule, noise: str = "beta", eta: Optional[float] = 
         var = jnp.zeros((n,), jnp.float32)
     elif eta is None:
         mean_eps = -beta / (jnp.sqrt(om) * jnp.sqrt(alpha))
-        var = beta if noise == "beta" else post
+        var = beta if noise == "beta" else beta_tilde
     else:
-        var = float(eta) ** 2 * post
+        var = float(eta) ** 2 * beta_tilde
         keep = jnp.maximum(om_prev * (1.0 - float(eta) ** 2 * beta / om), 0.0)   # 1 - ab_{t-1} - sigma^2
         mean_eps = -(var + beta / alpha) / (jnp.sqrt(keep) + jnp.sqrt(om) / jnp.sqrt(alpha))
     return Step(index=jnp.arange(n), t=schedule.timesteps, beta=beta, alpha_bar=schedule.alpha_bars,
                 alpha_bar_prev=schedule.alpha_bars_prev, one_minus_alpha_bar=om, one_minus_alpha_bar_prev=om_prev,
-                posterior_variance=post, mean_x=mean_x, mean_eps=mean_eps,
+                beta_tilde=beta_tilde, mean_x=mean_x, mean_eps=mean_eps,
                 noise_variance=jnp.where(is_last, 0.0, var), steps_taken=n - 1 - jnp.arange(n), is_last=is_last,
                 mean_x0_prev=x0_prev)
 
@@ -376,7 +379,7 @@ def _check_eta(eta, noise, solver=None):
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     if noise != "beta":
         raise ValueError(f"noise={noise!r} sets the ancestral step's variance; DDIM's is eta^2 beta_tilde "
-                         "(eta = 1 is noise='posterior'): pass one of them")
+                         "(eta = 1 is noise='beta_tilde'): pass one of them")
     return eta, None
 
 
@@ -461,6 +464,7 @@ def sample_chunks(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
     :func:`sweep` (then x is (K, m, ...)). ``x_T``: as in :func:`sample`. Arguments are validated
     before the first chunk runs.
     """
+    noise = variance_value(noise, "noise")
     denoiser_u, denoiser_c, shape, eta, solver = _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta, solver)
     rules, k, names = grid_rules(rule, grid)
     keys = _as_keys(keys)
@@ -569,11 +573,12 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
       denoiser_c: the second denoiser (c- for NP/SLD/DNG, c for CFG); unused by NoGuidance; for a
         multi-concept or positive-mode rule a sequence of ``rule.num_conditions`` denoisers.
       noise: the reverse step's noise variance sigma_t^2: ``"beta"`` (default) beta_t, DDPM's
-        upper bound; ``"posterior"`` beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t),
-        the lower bound, which leaves less residual noise on short respaced chains. Both are the
-        chain's own (respaced) values. (Not DNG's ``variance``: that is its update's sigma^2.)
+        upper bound; ``"beta_tilde"`` beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t),
+        the lower bound, which leaves less residual noise on short respaced chains (``"posterior"``:
+        its deprecated spelling). Both are the chain's own (respaced) values. (Not DNG's
+        ``update_variance``: that is its update's sigma^2.)
       eta: None (default) for the ancestral step; a number in [0, 1] for DDIM with noise variance
-        eta^2 beta_tilde_t (eta = 1 equals ``noise="posterior"``; eta = 0 is deterministic, and
+        eta^2 beta_tilde_t (eta = 1 equals ``noise="beta_tilde"``; eta = 0 is deterministic, and
         refused by DNG's paper estimator, whose update needs the step's noise; its continuous-time
         estimators run there).
       solver: None (the ancestral step, or DDIM when ``eta`` is given), or one of "ddpm", "ddim" (eta
@@ -592,6 +597,7 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
       ``chunk_size`` is None, no progress bar and one device (usable inside ``jax.jit``); numpy
       arrays gathered from the chunks otherwise.
     """
+    noise = variance_value(noise, "noise")
     if chunk_size is None and not progress and jax.device_count() == 1:
         denoiser_u, denoiser_c, shape, eta, solver = _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta, solver)
         keys = _as_keys(keys)

@@ -23,9 +23,12 @@ import numpy as np
 import jax.numpy as jnp
 from flax import struct
 
+from .renames import renamed_fields
+
 Array = jnp.ndarray
 
 
+@renamed_fields({"posterior_variances": "beta_tildes"})
 @struct.dataclass
 class Schedule:
     """Per-step quantities of a DDPM chain; all leaves are float32/int32 arrays of shape (S,).
@@ -38,10 +41,12 @@ class Schedule:
       alpha_bars: prod_{j<=i} alpha_j, so x_i = sqrt(alpha_bar_i) x_0 + sqrt(1-alpha_bar_i) eps.
       alpha_bars_prev: alpha_bar_{i-1} (1 for i = 0); in a :func:`chain_schedule` the alpha_bar step i
         goes to, = alpha_bar_i / alpha_i in every case.
-      posterior_variances: beta_tilde_i = beta_i (1 - alpha_bar_{i-1}) / (1 - alpha_bar_i)
+      beta_tildes: beta_tilde_i = beta_i (1 - alpha_bar_{i-1}) / (1 - alpha_bar_i)
         (0 at i = 0 when the chain ends at alpha_bar = 1).
       one_minus_alpha_bars, one_minus_alpha_bars_prev: 1 - alpha_bar_i and 1 - alpha_bar_{i-1},
         computed in float64 (what the samplers' coefficients use).
+
+    ``posterior_variances`` is the deprecated name of ``beta_tildes``.
     """
 
     timesteps: Array
@@ -49,7 +54,7 @@ class Schedule:
     alphas: Array
     alpha_bars: Array
     alpha_bars_prev: Array
-    posterior_variances: Array
+    beta_tildes: Array
     one_minus_alpha_bars: Array
     one_minus_alpha_bars_prev: Array
 
@@ -66,7 +71,7 @@ def _from_betas(betas: np.ndarray, timesteps: np.ndarray) -> Schedule:
     # 1 - prod(1 - beta) without cancellation: -expm1(sum log1p(-beta))
     one_minus = -np.expm1(np.cumsum(np.log1p(-betas)))
     one_minus_prev = np.concatenate([[0.0], one_minus[:-1]])
-    post_var = betas * one_minus_prev / one_minus
+    beta_tildes = betas * one_minus_prev / one_minus
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     return Schedule(
         timesteps=jnp.asarray(timesteps, jnp.int32),
@@ -74,7 +79,7 @@ def _from_betas(betas: np.ndarray, timesteps: np.ndarray) -> Schedule:
         alphas=f32(alphas),
         alpha_bars=f32(alpha_bars),
         alpha_bars_prev=f32(alpha_bars_prev),
-        posterior_variances=f32(post_var),
+        beta_tildes=f32(beta_tildes),
         one_minus_alpha_bars=f32(one_minus),
         one_minus_alpha_bars_prev=f32(one_minus_prev),
     )
@@ -236,7 +241,7 @@ def chain_schedule(timesteps, alpha_bars, alpha_bars_prev) -> Schedule:
         alphas=f32(ab / ab_prev),
         alpha_bars=f32(ab),
         alpha_bars_prev=f32(ab_prev),
-        posterior_variances=f32(betas * one_minus_prev / one_minus),
+        beta_tildes=f32(betas * one_minus_prev / one_minus),
         one_minus_alpha_bars=f32(one_minus),
         one_minus_alpha_bars_prev=f32(one_minus_prev),
     )

@@ -217,7 +217,7 @@ class Chain(NamedTuple):
 
     schedule: the respaced chain (S = steps; index 0 = least noisy step), timesteps as the scheduler's.
     solver: the sampler's ``solver=`` ("ddim", "ddpm", "dpmpp_2m", "euler", "euler_ancestral").
-    eta: DDIM's eta (a float) for "ddim", else None. noise: the sampler's ``noise=`` ("posterior" for
+    eta: DDIM's eta (a float) for "ddim", else None. noise: the sampler's ``noise=`` ("beta_tilde" for
     DDPM's "fixed_small", else "beta"). x_T_scale: the starting latents are x_T_scale * N(0, I) (1 but for
     Euler / Euler ancestral with "linspace" or "trailing" spacing: sqrt(1 - alpha_bar_T)).
     scheduler: the diffusers class whose step this is; config: its full config (defaults filled in).
@@ -353,7 +353,7 @@ def scheduler_chain(config: Mapping[str, Any], steps: int, solver: Optional[str]
     fractional = np.any(ts != np.round(ts))
     timesteps = ts.astype(np.float32) if fractional else ts.astype(np.int64)
     schedule = chain_schedule(timesteps[::-1], ab_t[::-1], ab_prev[::-1])
-    noise = "posterior" if name == "DDPMScheduler" and cfg["variance_type"] in ("fixed_small", None) else "beta"
+    noise = "beta_tilde" if name == "DDPMScheduler" and cfg["variance_type"] in ("fixed_small", None) else "beta"
     x_T_scale = 1.0
     if euler and spacing in ("linspace", "trailing"):
         x_T_scale = float(np.sqrt(1.0 - ab_t[0]))

@@ -24,7 +24,7 @@ def sample_numpy(eps_u, eps_c, schedule, keys, shape, method, hp):
     """Guided ancestral DDPM sampling, one sample at a time, in float64.
 
     method: 'none', 'np', 'cfg', 'sld', 'dng'. hp: dict of hyperparameters; hp['noise'] is the
-    sampler's step variance ('beta', default, or 'posterior' = beta_tilde); hp['eta'] (if given)
+    sampler's step variance ('beta', default, or 'beta_tilde'); hp['update_variance'] DNG's; hp['eta'] (if given)
     replaces the ancestral step by DDIM's (Song et al. 2021, eq. 12), written as in the paper:
     x' = sqrt(ab') x0_hat + sqrt(1 - ab' - sigma^2) eps + sigma z, sigma^2 = eta^2 (1 - ab')/(1 - ab) (1 - ab/ab').
     Returns x0 (B, *shape), lam (S, B), p (S, B) in sampling order.
@@ -79,7 +79,7 @@ def sample_numpy(eps_u, eps_c, schedule, keys, shape, method, hp):
                 noise_var = beta if hp.get("noise", "beta") == "beta" else beta_tilde
             x_next = mean(eps) + (0.0 if i == 0 else np.sqrt(noise_var) * zs[n])
             if method == "dng":
-                variance = hp.get("variance", "posterior")
+                variance = hp.get("update_variance", "beta_tilde")
                 if variance == "beta" or i == 0:
                     sigma2 = beta
                 elif variance == "step":

@@ -56,7 +56,7 @@ def test_forget_model_reproduces_its_card(models, c):
     claimed = q["fraction_classified_as_class"]
     assert q["num_samples"] >= 1000 and claimed >= 0.95 and q["passed"] == (claimed >= 0.99), q
     steps = int(re.search(r"respaced to (\d+) steps", q["sampler"]).group(1))
-    noise = "posterior" if "'posterior'" in q["sampler"] else "beta"
+    noise = "beta_tilde" if "'posterior'" in q["sampler"] or "'beta_tilde'" in q["sampler"] else "beta"
     schedule = dj.respace(dj.linear_schedule(), steps)
     keys = dj.keys_from_seeds(q["seed_first"] + np.arange(QUALITY_SEEDS))
     x = dj.sample(forget[c], schedule, keys, (28, 28, 1), noise=noise)   # compiled once for all c
@@ -74,7 +74,7 @@ def test_dng_high_scale_removes_the_class(models):
     schedule = dj.respace(dj.linear_schedule(), STEPS)
     keys = dj.keys_from_seeds(np.arange(64))
     # the main job's DNG (paper's MNIST hyperparameters; sigma^2 = beta on a respaced chain)
-    rule = dj.DynamicNegativeGuidance(scale=1.0, prior=0.25, temperature=0.25, offset=0.0, variance="beta")
+    rule = dj.DynamicNegativeGuidance(scale=1.0, prior=0.25, temperature=0.25, offset=0.0, update_variance="beta")
     # scale 0 is exactly the unguided model (lambda_t = 0); the same seeds at both points
     x = dj.sweep(eps_u, schedule, keys, (28, 28, 1), rule=rule, grid={"scale": [0.0, 10.0]},
                  denoiser_c=forget[removed], chunk_size=64)

@@ -206,7 +206,7 @@ def test_nonfinite_samples_are_counted_and_warned_about_naming_the_step():
     (dict(), dict(eta=0.0), "estimator='stratonovich'"),
     (dict(), dict(solver="dpmpp_2m"), "estimator='stratonovich'"),
     (dict(estimator="stratonovich", offset=0.1), None, "offset belongs to the paper's update"),
-    (dict(estimator="stratonovich", variance="beta"), None, "variance belongs to the paper's update"),
+    (dict(estimator="stratonovich", update_variance="beta"), None, "variance belongs to the paper's update"),
     (dict(estimator="stratonovich", divergence="none"), None, "needs the divergence"),
     (dict(estimator="kalman"), None, "estimator must be one of"),
     (dict(estimator="ito", divergence="trace"), None, "divergence must be one of"),

@@ -328,7 +328,7 @@ def test_ddim_exact_dng_reproduces_the_remaining_modes_and_tracked_dng_removes_m
         x = run(lab.exact_dng(1.0), eta)
         assert lab.in_forget(x).mean() < 0.005, eta
         assert wasserstein1_1d(x, lab.remember_mixture) < W1_BOUND_FAST, eta
-    x = run(lab.approximate_dng(1.0, variance="step"), 0.5)
+    x = run(lab.approximate_dng(1.0, update_variance="step"), 0.5)
     forb = lab.in_forget(x).mean()
     assert forb < 0.2, forb          # from 0.35 unguided; measured 0.144 (ancestral beta-noise chain: 0.036)
     with pytest.raises(ValueError, match="stochastic step"):
@@ -403,7 +403,7 @@ def test_positive_mode_exact_dng_samples_the_prompt_without_the_negative():
     direct = np.asarray(dj.sample(pos.denoiser_remember, sched, keys, (2,), chunk_size=N_2D))
     dist = np.abs(x - direct).max(-1)
     assert np.quantile(dist, 0.999) < 1e-3 and dist.max() < 0.1
-    tracked = dj.PositiveMode(dj.DynamicNegativeGuidance(1.0, prior=0.5, temperature=1.0, variance="beta"))
+    tracked = dj.PositiveMode(dj.DynamicNegativeGuidance(1.0, prior=0.5, temperature=1.0, update_variance="beta"))
     forb = comp(run(tracked, (pos.denoiser_full, pos.denoiser_forget)))[2]
     assert forb < 0.07, forb                                   # from 0.5 within c+; measured 0.035
     standin = comp(run(tracked, (pos.denoiser_full, mixture_denoiser(mixture.subset([2, 3]), sched))))[2]
@@ -453,7 +453,7 @@ def test_multi_concept_dng_with_one_concept_is_dng():
     one = dj.sample(lab.denoiser_full, lab.schedule, keys, (1,), rule=lab.approximate_dng(2.0),
                     denoiser_c=lab.denoiser_forget)
     multi = dj.MultiConcept(dj.DynamicNegativeGuidance(2.0, prior=lab.forget_weight, temperature=1.0,
-                                                       variance="beta"), num_concepts=1)
+                                                       update_variance="beta"), num_concepts=1)
     got = dj.sample(lab.denoiser_full, lab.schedule, keys, (1,), rule=multi, denoiser_c=[lab.denoiser_forget])
     np.testing.assert_allclose(np.asarray(got), np.asarray(one), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="must sum below p_max"):

@@ -41,8 +41,8 @@ def test_illegal_hyperparameters_raise_naming_the_parameter(ctor, kw, name):
 
 def test_variance_convention_is_checked():
     with pytest.raises(ValueError, match="variance"):
-        dj.DynamicNegativeGuidance(variance="beta_tilde")
-    assert dj.DynamicNegativeGuidance().variance == "posterior"
+        dj.DynamicNegativeGuidance(update_variance="tilde")
+    assert dj.DynamicNegativeGuidance().update_variance == "beta_tilde"
 
 
 def test_exact_needs_callable():
@@ -58,11 +58,11 @@ def test_replace_validates():
 
 
 def test_rules_are_pytrees_with_array_leaves():
-    rule = dj.DynamicNegativeGuidance(2.0, prior=0.1, temperature=0.3, offset=1e-3, variance="beta")
+    rule = dj.DynamicNegativeGuidance(2.0, prior=0.1, temperature=0.3, offset=1e-3, update_variance="beta")
     leaves, treedef = jax.tree_util.tree_flatten(rule)
     assert len(leaves) == 7 and all(isinstance(l, jax.Array) for l in leaves)   # scale .. p_max, hold_below
     back = jax.tree_util.tree_unflatten(treedef, leaves)
-    assert back.variance == "beta" and float(back.prior) == pytest.approx(0.1)
+    assert back.update_variance == "beta" and float(back.prior) == pytest.approx(0.1)
     # jax may build such trees with placeholders (vmap axes): no validation on unflatten
     axes = jax.tree_util.tree_unflatten(treedef, [0] + [None] * 6)
     assert axes.scale == 0
@@ -116,7 +116,7 @@ class RuleUnitTest(chex.TestCase):
         # an ancestral DDPM step (mean (x - beta / sqrt(1 - ab) eps) / sqrt(1 - beta)) with beta_tilde = 0.015
         step = dj.Step(index=jnp.array(3), t=jnp.array(30), beta=jnp.array(0.02), alpha_bar=jnp.array(0.5),
                        alpha_bar_prev=jnp.array(0.51), one_minus_alpha_bar=jnp.array(0.5),
-                       one_minus_alpha_bar_prev=jnp.array(0.49), posterior_variance=jnp.array(0.015),
+                       one_minus_alpha_bar_prev=jnp.array(0.49), beta_tilde=jnp.array(0.015),
                        mean_x=jnp.array(1 / np.sqrt(0.98)), mean_eps=jnp.array(-0.02 / np.sqrt(0.5) / np.sqrt(0.98)),
                        noise_variance=jnp.array(0.02), steps_taken=jnp.array(0), is_last=jnp.array(False))
         eps, lam, state = guide(rule, state, x, eps_u, eps_c, step)
@@ -133,7 +133,7 @@ class RuleUnitTest(chex.TestCase):
         expected = np.clip(expected, np.log(1e-6), np.log(0.99))
         np.testing.assert_allclose(new, [expected], rtol=1e-5)
         # the final step uses beta_t, not beta_tilde_t (which is 0 there)
-        last = step.replace(is_last=jnp.array(True), posterior_variance=jnp.array(0.0))
+        last = step.replace(is_last=jnp.array(True), beta_tilde=jnp.array(0.0))
         new_last = update(rule, state, x, x_next, eps_u, eps_c, last)
         exp_last = np.clip(np.log(0.2) + (-0.5 * d + 0.1) / (2 * 0.02), np.log(1e-6), np.log(0.99))
         np.testing.assert_allclose(new_last, [exp_last], rtol=1e-5)
@@ -254,7 +254,7 @@ POSITIVE = [
     (dj.NegativePrompting, dict(scale=0.7), "PositiveNegativePrompting"),
     (dj.SafeLatentDiffusion, dict(scale=0.6, warmup=2), "PositiveSafeLatentDiffusion"),
     (dj.DynamicNegativeGuidance, dict(scale=2.0, **_DNG), "PositiveDynamicNegativeGuidance"),
-    (dj.DynamicNegativeGuidance, dict(scale=1.5, variance="beta", **_DNG), "PositiveDynamicNegativeGuidance"),
+    (dj.DynamicNegativeGuidance, dict(scale=1.5, update_variance="beta", **_DNG), "PositiveDynamicNegativeGuidance"),
     (dj.DynamicNegativeGuidance, dict(scale=1.5, **_STRAT), "PositiveDynamicNegativeGuidance"),
     (dj.DynamicNegativeGuidance, dict(scale=1.5, **dict(_STRAT, estimator="ito")), "PositiveDynamicNegativeGuidance"),
     (dj.ExactDynamicNegativeGuidance, dict(scale=1.0, posterior_fn=_post), "PositiveExactDynamicNegativeGuidance"),
@@ -312,7 +312,7 @@ class ComposedEqualsFormerTest(chex.TestCase):
     def test_multi_concept_equals_the_former_class(self):
         run = self.variant(_chain_of_calls)
         for k, kw in [(1, dict(scale=2.0, **_DNG)), (2, dict(scale=2.0, **_DNG)),
-                      (3, dict(scale=3.0, prior=0.1, temperature=0.5, variance="step"))]:
+                      (3, dict(scale=3.0, prior=0.1, temperature=0.5, update_variance="step"))]:
             legacy = LegacyMultiConcept(**kw, num_concepts=k)
             composed = dj.MultiConcept(dj.DynamicNegativeGuidance(**kw), num_concepts=k)
             with pytest.warns(DeprecationWarning, match="MultiConceptDynamicNegativeGuidance is deprecated"):
@@ -349,7 +349,7 @@ def test_composed_rules_replace_read_and_refuse():
     dng = dj.DynamicNegativeGuidance(2.0, prior=0.2)
     pos = dj.PositiveMode(dng, cfg_scale=3.0)
     assert pos.leaf_names == dng.leaf_names + ("cfg_scale",) and pos.num_conditions == 2
-    assert float(pos.prior) == pytest.approx(0.2) and pos.variance == "posterior"    # the inner rule's, read through
+    assert float(pos.prior) == pytest.approx(0.2) and pos.update_variance == "beta_tilde"    # the inner rule's, read through
     new = pos.replace(scale=5.0, cfg_scale=1.5)
     assert type(new) is dj.PositiveMode and float(new.rule.scale) == 5.0 and float(new.cfg_scale) == 1.5
     assert float(pos.scale) == 2.0                                                       # pos itself unchanged

@@ -141,8 +141,8 @@ def test_resolve_path_and_bad_method(tmp_path):
     with pytest.raises(ValueError, match="only DNG has variants"):
         methods.build_rule("NP:beta", c)
     rule, h = methods.build_rule("DNG:beta", c)
-    assert rule.variance == "beta" and h["variance"] == "beta" and h["prior"] == 0.25
-    assert methods.build_rule("DNG", c)[0].variance == c.dng.variance
+    assert rule.update_variance == "beta" and h["update_variance"] == "beta" and h["prior"] == 0.25
+    assert methods.build_rule("DNG", c)[0].update_variance == c.dng.update_variance
     with pytest.raises(ValueError, match="unknown config"):
         mnist.get_config("huge")
 
@@ -199,9 +199,9 @@ def test_method_overrides_parse_validate_and_name_files():
     c = mnist.get_config("tiny")
     rule, h = methods.build_rule("DNG[prior=0.1, temperature=0.5]", c)
     assert float(rule.prior) == pytest.approx(0.1) and float(rule.temperature) == pytest.approx(0.5)
-    assert h["offset"] == c.dng.offset and h["variance"] == c.dng.variance
+    assert h["offset"] == c.dng.offset and h["update_variance"] == c.dng.update_variance
     rule, h = methods.build_rule("DNG:posterior[prior=0.05]", c)
-    assert rule.variance == "posterior" and float(rule.prior) == pytest.approx(0.05)
+    assert rule.update_variance == "beta_tilde" and float(rule.prior) == pytest.approx(0.05)
     assert float(methods.build_rule("SLD[threshold=0.02]", c)[0].threshold) == pytest.approx(0.02)
     assert methods.method_key("DNG:beta[prior=0.1,temperature=0.25]") == "DNG-beta-prior0.1-temperature0.25"
     assert methods.method_key("NP") == "NP"

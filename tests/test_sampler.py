@@ -44,13 +44,13 @@ CASES = [
     ("sld", dj.SafeLatentDiffusion(0.6, warmup=3),
      {"scale": 0.6, "threshold": 0.04, "s_s": 100.0, "beta_m": 0.2, "s_m": 0.1, "warmup": 3}),
     ("dng", dj.DynamicNegativeGuidance(3.0, prior=0.3, temperature=0.25, offset=1e-4),
-     {"scale": 3.0, "prior": 0.3, "temperature": 0.25, "offset": 1e-4, "variance": "posterior"}),
-    ("dng", dj.DynamicNegativeGuidance(3.0, prior=0.3, temperature=0.25, offset=1e-4, variance="beta"),
-     {"scale": 3.0, "prior": 0.3, "temperature": 0.25, "offset": 1e-4, "variance": "beta"}),
+     {"scale": 3.0, "prior": 0.3, "temperature": 0.25, "offset": 1e-4, "update_variance": "beta_tilde"}),
+    ("dng", dj.DynamicNegativeGuidance(3.0, prior=0.3, temperature=0.25, offset=1e-4, update_variance="beta"),
+     {"scale": 3.0, "prior": 0.3, "temperature": 0.25, "offset": 1e-4, "update_variance": "beta"}),
 ]
 
 
-@pytest.mark.parametrize("method,rule,hp", CASES, ids=[c[0] + "-" + c[2].get("variance", "") for c in CASES])
+@pytest.mark.parametrize("method,rule,hp", CASES, ids=[c[0] + "-" + c[2].get("update_variance", "") for c in CASES])
 def test_scan_matches_numpy_loop(schedule, method, rule, hp):
     keys = dj.keys_from_seeds(np.arange(4))
     x, tr = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, return_trace=True)
@@ -73,17 +73,17 @@ def test_scan_matches_numpy_loop(schedule, method, rule, hp):
 
 
 @pytest.mark.parametrize("method,rule,hp", [CASES[0], CASES[4]], ids=["none", "dng"])
-def test_posterior_variance_noise_matches_numpy_loop(schedule, method, rule, hp):
-    """noise="posterior": sigma_t^2 = beta_tilde_t in the step, against the numpy loop."""
+def test_beta_tilde_noise_matches_numpy_loop(schedule, method, rule, hp):
+    """noise="beta_tilde": sigma_t^2 = beta_tilde_t in the step, against the numpy loop."""
     keys = dj.keys_from_seeds(np.arange(4))
-    x = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, noise="posterior")
-    x_ref = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, method, dict(hp, noise="posterior"))[0]
+    x = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, noise="beta_tilde")
+    x_ref = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, method, dict(hp, noise="beta_tilde"))[0]
     np.testing.assert_allclose(np.asarray(x), x_ref, rtol=1e-4, atol=1e-4)
     x_beta = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, method, hp)[0]
     assert np.abs(x_ref - x_beta).max() > 1e-2, "the two variances must give different samples"
     xs = dj.sweep(eps_u, schedule, keys, SHAPE, rule=dj.NegativePrompting(0.0), grid={"scale": [0.0, 0.7]},
-                  denoiser_c=eps_c, noise="posterior")
-    np_ref = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, "np", {"scale": 0.7, "noise": "posterior"})[0]
+                  denoiser_c=eps_c, noise="beta_tilde")
+    np_ref = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, "np", {"scale": 0.7, "noise": "beta_tilde"})[0]
     np.testing.assert_allclose(xs[1], np_ref, rtol=1e-4, atol=1e-4)
 
 
@@ -91,12 +91,12 @@ DDIM_CASES = [("none", dj.NoGuidance(), {}, 0.0), ("none", dj.NoGuidance(), {}, 
               ("np", dj.NegativePrompting(0.7), {"scale": 0.7}, 0.0),
               ("dng", dj.DynamicNegativeGuidance(3.0, prior=0.3, offset=1e-4),
                {"scale": 3.0, "prior": 0.3, "temperature": 0.25, "offset": 1e-4}, 0.5),
-              ("dng", dj.DynamicNegativeGuidance(3.0, prior=0.3, offset=1e-4, variance="step"),
-               {"scale": 3.0, "prior": 0.3, "temperature": 0.25, "offset": 1e-4, "variance": "step"}, 0.7)]
+              ("dng", dj.DynamicNegativeGuidance(3.0, prior=0.3, offset=1e-4, update_variance="step"),
+               {"scale": 3.0, "prior": 0.3, "temperature": 0.25, "offset": 1e-4, "update_variance": "step"}, 0.7)]
 
 
 @pytest.mark.parametrize("method,rule,hp,eta", DDIM_CASES,
-                         ids=[f"{c[0]}-{c[2].get('variance', '')}-eta{c[3]}" for c in DDIM_CASES])
+                         ids=[f"{c[0]}-{c[2].get('update_variance', '')}-eta{c[3]}" for c in DDIM_CASES])
 def test_ddim_matches_numpy_loop(schedule, method, rule, hp, eta):
     """eta: the DDIM step of Song et al.'s eq. 12 (the numpy loop writes it as in the paper)."""
     keys = dj.keys_from_seeds(np.arange(4))
@@ -106,7 +106,7 @@ def test_ddim_matches_numpy_loop(schedule, method, rule, hp, eta):
     if method == "dng":          # the last row divides by a tiny variance (see test_scan_matches_numpy_loop)
         np.testing.assert_allclose(np.asarray(tr.p)[:-1], p_ref[:-1], rtol=2e-4, atol=1e-7)
         assert np.ptp(p_ref) > 0.05
-    ancestral = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, method, dict(hp, noise="posterior"))[0]
+    ancestral = sample_numpy(_eps_u_np, _eps_c_np, schedule, keys, SHAPE, method, dict(hp, noise="beta_tilde"))[0]
     assert np.abs(x_ref - ancestral).max() > 1e-2, "eta < 1 must differ from the ancestral chain"
 
 
@@ -114,10 +114,10 @@ def test_ddim_eta_one_is_the_ancestral_posterior_noise_chain(schedule):
     keys = dj.keys_from_seeds(np.arange(4))
     rule = dj.DynamicNegativeGuidance(3.0, prior=0.3)
     a = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, eta=1.0)
-    b = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, noise="posterior")
+    b = dj.sample(eps_u, schedule, keys, SHAPE, rule=rule, denoiser_c=eps_c, noise="beta_tilde")
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     steps = dj.chain_steps(schedule, eta=1.0)
-    ref = dj.chain_steps(schedule, noise="posterior")
+    ref = dj.chain_steps(schedule, noise="beta_tilde")
     np.testing.assert_allclose(steps.mean_eps, ref.mean_eps, rtol=1e-6)
     np.testing.assert_allclose(steps.noise_variance, ref.noise_variance, rtol=1e-6)
 
@@ -129,7 +129,7 @@ def test_eta_errors_before_sampling(schedule):
     with pytest.raises(ValueError, match="eta must be a number"):
         dj.sample(eps_u, schedule, keys, SHAPE, eta="ddim")
     with pytest.raises(ValueError, match="pass one of them"):
-        dj.sample(eps_u, schedule, keys, SHAPE, eta=0.5, noise="posterior")
+        dj.sample(eps_u, schedule, keys, SHAPE, eta=0.5, noise="beta_tilde")
     with pytest.raises(ValueError, match="stochastic step"):
         dj.sample(eps_u, schedule, keys, SHAPE, rule=dj.DynamicNegativeGuidance(), denoiser_c=eps_c, eta=0.0)
 
@@ -177,7 +177,7 @@ def test_dng_static_limit_equals_np(schedule):
 @pytest.mark.parametrize("kw", [
     dict(scale=1e3, prior=1e-8, p_min=1e-9, p_max=0.999999, temperature=0.25, offset=1e6),
     dict(scale=1e3, prior=0.999, p_min=1e-30, p_max=0.999999, temperature=1e3, offset=-1e6),
-    dict(scale=1e3, prior=0.5, p_min=1e-6, p_max=0.999999, temperature=1e3, offset=0.0, variance="beta"),
+    dict(scale=1e3, prior=0.5, p_min=1e-6, p_max=0.999999, temperature=1e3, offset=0.0, update_variance="beta"),
 ])
 def test_dng_extreme_settings_stay_finite_and_clamped(kw):
     schedule = dj.respace(dj.linear_schedule(), 20)

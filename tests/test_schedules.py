@@ -12,8 +12,8 @@ def test_linear_schedule_values():
     np.testing.assert_allclose(s.betas, b, rtol=1e-6)
     ab = np.cumprod(1 - b)
     np.testing.assert_allclose(s.alpha_bars, ab, rtol=1e-5)
-    np.testing.assert_allclose(s.posterior_variances[1:], b[1:] * (1 - ab[:-1]) / (1 - ab[1:]), rtol=1e-5)
-    assert float(s.posterior_variances[0]) == 0.0
+    np.testing.assert_allclose(s.beta_tildes[1:], b[1:] * (1 - ab[:-1]) / (1 - ab[1:]), rtol=1e-5)
+    assert float(s.beta_tildes[0]) == 0.0
     np.testing.assert_array_equal(s.timesteps, np.arange(1000))
 
 
@@ -27,7 +27,7 @@ def test_respace_keeps_marginals_and_indices():
     # beta'_i = 1 - abar_{tau_i} / abar_{tau_{i-1}}
     ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[ts]
     np.testing.assert_allclose(r.betas[1:], 1 - ab[1:] / ab[:-1], rtol=1e-4)
-    np.testing.assert_allclose(r.posterior_variances[1:],
+    np.testing.assert_allclose(r.beta_tildes[1:],
                                np.asarray(r.betas[1:]) * (1 - ab[:-1]) / (1 - ab[1:]), rtol=1e-4)
     full = dj.respace(s, 1000)
     np.testing.assert_allclose(full.betas, s.betas, rtol=1e-5)

@@ -190,7 +190,7 @@ def test_training_schedule_and_card_agree_with_the_model_card_reader():
     for cfg, ref in ((SD_BETAS, scaled_linear_schedule()), ({}, linear_schedule())):
         schedule, _ = training_schedule(cfg)
         card_schedule = checkpoint.schedule_of({"diffusion": card_diffusion(cfg)})
-        for field in ("betas", "alpha_bars", "one_minus_alpha_bars", "posterior_variances"):
+        for field in ("betas", "alpha_bars", "one_minus_alpha_bars", "beta_tildes"):
             np.testing.assert_array_equal(getattr(schedule, field), getattr(ref, field), err_msg=field)
             np.testing.assert_array_equal(getattr(card_schedule, field), getattr(ref, field), err_msg=field)
     np.testing.assert_array_equal(beta_schedule("squaredcos_cap_v2", 50).betas, beta_schedule("cosine", 50).betas)

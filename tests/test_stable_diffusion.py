@@ -54,7 +54,7 @@ def test_two_positive_dng_steps_match_a_pytorch_reference(tiny):
     d_null, (d_pos, d_neg) = sd.denoisers(pipe, PROMPT, NEGATIVE)
     keys = dj.keys_from_seeds(seeds)
     x0, trace = dj.sample(d_null, chain, keys, pipe.latent_shape, rule=rule, denoiser_c=(d_pos, d_neg),
-                          noise="posterior", x_T=x_T, return_trace=True)
+                          noise="beta_tilde", x_T=x_T, return_trace=True)
 
     # the schedule from diffusers, the step noise z of these keys from a run with eps = 0
     ab_all = torch_pipe.scheduler.alphas_cumprod.double().numpy()
@@ -63,7 +63,7 @@ def test_two_positive_dng_steps_match_a_pytorch_reference(tiny):
     a1, a0 = ab1 / ab0, ab0                                     # alpha of each step (ab_prev = 1 at the end)
     var1 = (1 - a1) * (1 - ab0) / (1 - ab1)
     zero = lambda x, t: jnp.zeros_like(x)
-    x0_zero = np.asarray(dj.sample(zero, chain, keys, pipe.latent_shape, noise="posterior", x_T=x_T), np.float64)
+    x0_zero = np.asarray(dj.sample(zero, chain, keys, pipe.latent_shape, noise="beta_tilde", x_T=x_T), np.float64)
     z = (x0_zero * np.sqrt(a0) - x_T / np.sqrt(a1)) / np.sqrt(var1)
 
     def mean(x, eps, ab, a):

@@ -2,7 +2,7 @@
 
     python -m experiments.gmm --figure=all --out=outputs/gmm     # figs. 1, 3 and 7-9, documented sizes
     python -m experiments.gmm --figure=fig1 [--n=... --steps=... --replot]
-    python -m experiments.gmm --figure=fig3 [--n_track=... --variance=posterior --p_max=...]
+    python -m experiments.gmm --figure=fig3 [--n_track=... --update_variance=beta_tilde --p_max=...]
     python -m experiments.gmm --figure=appendix [--n=0: fields only]      # figs. 7-9
     python -m experiments.gmm --figure=chain     # DNG's posterior against chain length (1000 .. 25 steps)
     python -m experiments.gmm --figure=ddim      # DNG on DDIM steps: eta x chain length
@@ -12,6 +12,7 @@
 """
 
 import os
+import sys
 import types
 
 from absl import flags
@@ -38,7 +39,9 @@ def define_flags():
     flags.DEFINE_bool("progress", True, "Progress bars.")
     flags.DEFINE_bool("replot", False, "fig1: reuse the samples saved by the last run (OUT/fig1_samples.npz).")
     flags.DEFINE_integer("n_track", 50_000, "fig3: trajectories for panel (a).", lower_bound=1)
-    flags.DEFINE_enum("variance", "beta", ["beta", "posterior"], "fig3, chain: sigma_t^2 of DNG's posterior update.")
+    flags.DEFINE_enum("update_variance", "beta", ["beta", "beta_tilde"], "fig3, chain: sigma_t^2 of DNG's posterior update.")
+    flags.DEFINE_enum("variance", None, ["beta", "beta_tilde", "posterior"],
+                      "Deprecated spelling of --update_variance ('posterior': 'beta_tilde').")
     flags.DEFINE_float("p_max", 0.99, "fig3 (panel b), chain, ddim: clamp of the posterior estimate.",
                        lower_bound=1e-6, upper_bound=1 - 1e-9)
 
@@ -48,7 +51,15 @@ def args_for(figure: str) -> types.SimpleNamespace:
     return types.SimpleNamespace(out=FLAGS.out, n=N_DEFAULT[figure] if FLAGS.n is None else FLAGS.n,
                                  steps=FLAGS.steps, chunk=FLAGS.chunk, seed=FLAGS.seed,
                                  no_progress=not FLAGS.progress, replot=FLAGS.replot, n_track=FLAGS.n_track,
-                                 variance=FLAGS.variance, p_max=FLAGS.p_max)
+                                 update_variance=_update_variance(), p_max=FLAGS.p_max)
+
+
+def _update_variance() -> str:
+    if FLAGS.variance is None:
+        return FLAGS.update_variance
+    new = {"posterior": "beta_tilde"}.get(FLAGS.variance, FLAGS.variance)
+    print(f"--variance is deprecated: use --update_variance={new}", file=sys.stderr)
+    return new
 
 
 def main(argv):

@@ -7,7 +7,7 @@ good as the chain is fine. On the 1-D lab of fig. 1/3 (forbidden mode of weight 
 of 1000 (the full linear schedule), 250, 100, 50 and 25 respaced steps, from the same seeds:
 
 * DNG with the Markov-chain posterior (lambda0 = 1, prior = 0.35, temperature 1, offset 0,
-  the --variance convention, p clamped to [1e-6, --p_max]): forbidden mass and W1 to the target;
+  the --update_variance convention, p clamped to [1e-6, --p_max]): forbidden mass and W1 to the target;
 * DNG with the exact posterior (lambda0 = 1): the control, exact at every chain length up to the
   discretisation of the sampler itself;
 * no guidance: the forbidden mass the guidance starts from (0.35 on a fine chain).
@@ -36,7 +36,7 @@ def run(args):
         lab = lab_1d(sched)
         rules = {"none": (lab.approximate_dng(0.0), lab.denoiser_forget),
                  "dng_exact": (lab.exact_dng(1.0), lab.denoiser_forget),
-                 "dng_approx": (lab.approximate_dng(1.0, p_max=args.p_max, variance=args.variance),
+                 "dng_approx": (lab.approximate_dng(1.0, p_max=args.p_max, update_variance=args.update_variance),
                                 lab.denoiser_forget)}
         for m, (rule, denoiser_c) in rules.items():
             with Timer() as tm:
@@ -46,7 +46,7 @@ def run(args):
     cols = [("steps", "chain steps", "d"), ("label", "method", ""), ("forbidden", "forbidden mass", ".4f"),
             ("W1", "W1 to target", ".4f"), ("w_left", "w(-3) among kept", ".4f"), ("seconds", "seconds", ".0f")]
     table = print_table(f"Chain length - 1-D lab, n = {args.n} per point, same seeds everywhere; DNG's update "
-                        f"sigma^2 = {args.variance!r}, p_max = {args.p_max} (target weights among kept modes "
+                        f"sigma^2 = {args.update_variance!r}, p_max = {args.p_max} (target weights among kept modes "
                         "0.3846 / 0.6154, unguided forbidden mass 0.35)", rows, cols)
     with open(os.path.join(out, "chain_table.md"), "w") as f:
         f.write(table + "\n")
@@ -75,7 +75,7 @@ def plot(rows, path, args):
         ax.set_xlabel("chain length (respaced steps of the T = 1000 schedule)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"DNG on short chains, 1-D lab, n = {args.n} per point (sigma^2 = {args.variance}, "
+    fig.suptitle(f"DNG on short chains, 1-D lab, n = {args.n} per point (sigma^2 = {args.update_variance}, "
                  f"p_max = {args.p_max})", fontsize=10)
     fig.tight_layout()
     save_png(fig, path, dpi=110)

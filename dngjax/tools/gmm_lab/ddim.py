@@ -8,8 +8,8 @@ fig. 1/3 (forbidden mode of weight 0.35), for eta in ETAS and chains of STEPS re
 the same seeds:
 
 * tracked DNG (lambda0 = 1, prior = 0.35, temperature 1, offset 0, p clamped to [1e-6, --p_max])
-  with the update's sigma^2 = the step's own variance eta^2 beta_tilde (``variance="step"``, the
-  exact likelihood ratio of the step) and with beta_tilde whatever eta is (``"posterior"``, a floor);
+  with the update's sigma^2 = the step's own variance eta^2 beta_tilde (``update_variance="step"``, the
+  exact likelihood ratio of the step) and with beta_tilde whatever eta is (``"beta_tilde"``, a floor);
 * exact DNG (lambda0 = 1): the control;
 * no guidance.
 At eta = 0 the step is deterministic: x_{t-1} - mu_u is the guidance's own shift, the update sees no
@@ -44,8 +44,8 @@ def run(args):
         for eta in ETAS:
             rules = {"none": NoGuidance(), "dng_exact": lab.exact_dng(1.0)}
             if eta > 0:
-                rules["dng_step"] = lab.approximate_dng(1.0, p_max=args.p_max, variance="step")
-                rules["dng_floor"] = lab.approximate_dng(1.0, p_max=args.p_max, variance="posterior")
+                rules["dng_step"] = lab.approximate_dng(1.0, p_max=args.p_max, update_variance="step")
+                rules["dng_floor"] = lab.approximate_dng(1.0, p_max=args.p_max, update_variance="beta_tilde")
             for m, rule in rules.items():
                 with Timer() as tm:
                     x = sample_chunked(lab, rule, lab.denoiser_forget, sched, args.n, seed0=args.seed,

@@ -63,7 +63,7 @@ def run(args):
     prog = not args.no_progress
 
     # (a) tracking at lambda = 0
-    approx0 = lab.approximate_dng(0.0, p_min=1e-6, p_max=1 - 1e-6, variance=args.variance)
+    approx0 = lab.approximate_dng(0.0, p_min=1e-6, p_max=1 - 1e-6, update_variance=args.update_variance)
     exact0 = lab.exact_dng(0.0)
     ga, ge = _GroupStats(lab), _GroupStats(lab)
     with Timer() as tm_a:
@@ -96,12 +96,12 @@ def run(args):
                   ("end_approx", "approx mean @t=0", ".4f"), ("end_exact", "exact mean @t=0", ".4f")]
     t1 = print_table(
         f"Fig. 3a - posterior tracking at lambda = 0, n = {args.n_track}, chain = {sched.num_steps} steps, "
-        f"estimate: prior {lab.forget_weight:.2f}, temperature 1, offset 0, variance {args.variance!r} "
+        f"estimate: prior {lab.forget_weight:.2f}, temperature 1, offset 0, variance {args.update_variance!r} "
         f"(same trajectories: max abs dx0 between the two runs = {same_traj:.1e}; per-sample mean abs(p_approx - p_exact) "
         f"over all steps = {per_sample_mae:.4f}; {tm_a.s:.0f} s)", track_rows, track_cols)
 
     # (b) DNG with the estimate at lambda0 = 1
-    rule = lab.approximate_dng(1.0, p_max=args.p_max, variance=args.variance)
+    rule = lab.approximate_dng(1.0, p_max=args.p_max, update_variance=args.update_variance)
     with Timer() as tm_b:
         xb = sample_chunked(lab, rule, lab.denoiser_forget, sched, args.n, seed0=args.seed, chunk=args.chunk,
                             progress=prog, desc="DNG (Markov-chain posterior), lambda0 = 1")
@@ -158,7 +158,7 @@ def plot(lab, t, ma, me, pa_all, forb, xb, row_b, path, args, steps):
                  f"forbidden mass = {100 * row_b['forbidden']:.2f}%", fontsize=10)
     bx.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"1-D mixture (forbidden middle mode), DDPM {steps} steps; estimate: prior $c_f$ = "
-                 f"{lab.forget_weight:.2f}, temperature 1, offset 0, $\\sigma_t^2$ = {args.variance}",
+                 f"{lab.forget_weight:.2f}, temperature 1, offset 0, $\\sigma_t^2$ = {args.update_variance}",
                  fontsize=11)
     fig.tight_layout()
     save_png(fig, path, dpi=110)

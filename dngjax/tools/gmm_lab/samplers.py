@@ -36,7 +36,7 @@ from dngjax.gmm import ForgetSplit, GaussianMixture, wasserstein1_1d
 from .common import Timer, chain, lab_1d, lab_2d, prepare_out, print_table, save_png
 
 STEPS = (10, 25, 50, 100, 1000)
-SAMPLERS = {"ddim": dict(solver="ddim"), "dpmpp_2m": dict(solver="dpmpp_2m"), "ancestral": dict(noise="posterior")}
+SAMPLERS = {"ddim": dict(solver="ddim"), "dpmpp_2m": dict(solver="dpmpp_2m"), "ancestral": dict(noise="beta_tilde")}
 SAMPLER_LABELS = {"ddim": "DDIM eta=0", "dpmpp_2m": "DPM-Solver++(2M)", "ancestral": "ancestral (beta_tilde)"}
 ESTIMATORS = {"paper": "paper (Alg. 2)", "continuous": "continuous time (1 finite-difference probe)", "exact": "exact posterior"}
 

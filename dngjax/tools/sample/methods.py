@@ -20,10 +20,15 @@ def class_tag(config) -> str:
     return "+".join(str(c) for c in removed_classes(config))
 
 
-def parse_method(method: str) -> Tuple[str, str, Dict[str, float]]:
-    """A method string -> (base, DNG variance variant, hyperparameter overrides).
+#: DNG method variants spelled the older way -> the update variance they set
+VARIANT_VALUES = {"posterior": "beta_tilde"}
 
-    ``"DNG"`` -> ("DNG", "", {}); ``"DNG:beta"`` -> ("DNG", "beta", {}) (a variance-convention variant);
+
+def parse_method(method: str) -> Tuple[str, str, Dict[str, float]]:
+    """A method string -> (base, DNG update-variance variant, hyperparameter overrides).
+
+    ``"DNG"`` -> ("DNG", "", {}); ``"DNG:beta"`` -> ("DNG", "beta", {}) (an update-variance variant: "beta",
+    "beta_tilde", "step"; "DNG:posterior" is the older spelling of "DNG:beta_tilde", the label of archived runs);
     ``"DNG[prior=0.1,temperature=0.5]"`` -> ("DNG", "", {"prior": 0.1, "temperature": 0.5}): the method
     with those hyperparameters instead of config.dng's / config.sld's (hyperparameter studies run many
     settings in one job; same rule type, so one compilation serves them all).
@@ -43,10 +48,10 @@ def parse_method(method: str) -> Tuple[str, str, Dict[str, float]]:
                 raise ValueError(f"method {method!r}: {item.strip()!r} is not key=number")
     base, _, variant = head.partition(":")
     if base not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose among {METHODS} (DNG also as DNG:posterior / DNG:beta, "
+        raise ValueError(f"unknown method {method!r}; choose among {METHODS} (DNG also as DNG:beta_tilde / DNG:beta, "
                          "any method with overrides as NAME[key=value,...])")
     if variant and base != "DNG":
-        raise ValueError(f"only DNG has variants (DNG:posterior, DNG:beta), got {method!r}")
+        raise ValueError(f"only DNG has variants (DNG:beta_tilde, DNG:beta), got {method!r}")
     if overrides and base == "NP":
         raise ValueError(f"NP has no hyperparameter besides its scale (the grid), got {method!r}")
     if "scale" in overrides:
@@ -73,7 +78,7 @@ def build_rule(method: str, config):
         raise ValueError(f"method {method!r}: {base} has no hyperparameter {unknown}; choose among {sorted(h)}")
     h.update(overrides)
     if variant:
-        h["variance"] = variant
+        h["update_variance"] = VARIANT_VALUES.get(variant, variant)
     if base == "SLD":
         return dj.SafeLatentDiffusion(scale=1.0, **h), h
     k = len(removed_classes(config))

@@ -21,8 +21,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"none": "black", "NP": "tab:blue", "SLD": "tab:orange", "DNG": "tab:green",
-          "DNG:beta": "tab:green", "DNG:posterior": "tab:olive"}
-MARKERS = {"none": "*", "NP": "o", "SLD": "s", "DNG": "^", "DNG:beta": "<", "DNG:posterior": "v"}
+          "DNG:beta": "tab:green", "DNG:beta_tilde": "tab:olive",
+          "DNG:posterior": "tab:olive"}
+MARKERS = {"none": "*", "NP": "o", "SLD": "s", "DNG": "^", "DNG:beta": "<", "DNG:beta_tilde": "v",
+           "DNG:posterior": "v"}   # DNG:posterior: the older label of DNG:beta_tilde
 # for the other method strings (e.g. DNG[prior=0.1]), in order of appearance; no red (the ideal's colour)
 SPARE_STYLES = tuple(zip(("tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:gray", "navy", "goldenrod",
                           "teal"), "DPXhp>d<"))
@@ -119,7 +121,7 @@ def plot_tradeoff(rows: Sequence[Mapping], path: str, high_safety: float = 1.0,
                 ax.scatter(xs, ys, marker="*", s=160, color="black", zorder=5, label="unguided")
                 continue
             ax.plot(xs, ys, marker=style[m][1], color=style[m][0], label=m,
-                    ls="--" if m == "DNG:posterior" else "-")
+                    ls="--" if m in ("DNG:beta_tilde", "DNG:posterior") else "-")
             for r in pts:
                 ax.annotate(f"{r['scale']:g}", (r["safety_pct"], r[key]), textcoords="offset points",
                             xytext=(4, 3), fontsize=7, color=style[m][0])

@@ -100,7 +100,7 @@ def execute(job: Job) -> str:
         S = len(r["t"])
         picks = sorted({0, S // 4, S // 2, (3 * S) // 4, S - 1})
         est = config.dng.get("estimator", "paper")
-        how = (f"variance={config.dng.variance}" if est == "paper" else f"estimator={est}, "
+        how = (f"update_variance={config.dng.update_variance}" if est == "paper" else f"estimator={est}, "
                f"{config.get('solver') or 'ancestral'} steps, prior {config.dng.prior}")
         print(f"\nremoved class {c}: {r['n_removed_class']} of {r['n']} unguided samples are class {c} "
               f"(DNG posterior tracked with scale 0, {how}; {models})")

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from dngjax.renames import VARIANCE_VALUES
 from dngjax.tools import SOURCE_ROOT as REPO_ROOT
 from dngjax.tools.sample.inputs import resolve_path
 from dngjax.tools.sample.methods import method_key
@@ -146,11 +147,32 @@ def identity(record: Dict[str, Any], skip: Tuple[str, ...] = ()) -> Dict[str, An
     """What a finished grid point depends on, from a config.json (:func:`run_record`): the config without
     the choice of points, and the sha256 of every model and reference file (``inputs``: None for runs
     that did not record them). Two runs with the same identity share every point they have in common
-    (same method and scale); versions and the git commit are recorded, not compared."""
-    d = {k: v for k, v in record.items() if k not in NOT_IDENTITY + RECORD_KEYS}
+    (same method and scale); versions and the git commit are recorded, not compared. Fields are compared
+    in today's spelling (:func:`respelled`): a record written with an older name or value is the same run."""
+    d = {k: v for k, v in respelled(record).items() if k not in NOT_IDENTITY + RECORD_KEYS}
     inputs = record.get("inputs")
     d["inputs"] = None if inputs is None else {
         k: v.get("sha256") for k, v in inputs.items() if k not in _RECORD_ONLY_INPUTS + tuple(skip)}
+    return d
+
+
+#: config fields renamed since runs were recorded: {old: new} within config.json's sections ("" = top level)
+RENAMED_FIELDS = {"dng": {"variance": "update_variance"}}
+#: fields whose values were respelled: {(section, field): {old value: new value}}
+RESPELLED_VALUES = {("", "noise"): VARIANCE_VALUES, ("dng", "update_variance"): VARIANCE_VALUES}
+
+
+def respelled(record: Dict[str, Any]) -> Dict[str, Any]:
+    """A config.json record (a copy) with its older field names and values in today's spelling
+    (``dng.variance`` -> ``dng.update_variance``, the variance value ``"posterior"`` -> ``"beta_tilde"``)."""
+    d = dict(record)
+    for section, names in RENAMED_FIELDS.items():
+        if isinstance(d.get(section), dict):
+            d[section] = {names.get(k, k): v for k, v in d[section].items()}
+    for (section, name), values in RESPELLED_VALUES.items():
+        part = d if not section else d.get(section)
+        if isinstance(part, dict) and isinstance(part.get(name), str) and part[name] in values:
+            part[name] = values[part[name]]
     return d
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from dngjax.tools.sample.methods import removed_classes
 
 
-HYPER_COLUMNS = ("prior", "temperature", "offset", "p_min", "p_max", "variance",
+HYPER_COLUMNS = ("prior", "temperature", "offset", "p_min", "p_max", "update_variance",
                  "threshold", "s_s", "beta_m", "s_m", "warmup")
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from absl import flags
 
 from dngjax import cli
+from dngjax.renames import VARIANCE_VALUES
 
 FLAGS = flags.FLAGS
 
@@ -55,8 +56,9 @@ def define_flags():
     flags.DEFINE_integer("n_per_class", 200, "Samples of cond per label.", lower_bound=1)
     flags.DEFINE_integer("n_forget", 1000, "Samples of each forget-class model.", lower_bound=1)
     flags.DEFINE_integer("steps", 100, "Respaced chain length for the quality samples.", lower_bound=1)
-    flags.DEFINE_enum("noise", "posterior", ["beta", "posterior"],
-                      "Noise of the reverse step (dngjax.sample's noise=): sigma_t^2 = beta_t or beta_tilde_t.")
+    flags.DEFINE_enum("noise", "beta_tilde", ["beta", "beta_tilde", "posterior"],
+                      "Noise of the reverse step (dngjax.sample's noise=): sigma_t^2 = beta_t or beta_tilde_t "
+                      "('posterior': the older spelling of 'beta_tilde').")
     flags.DEFINE_integer("chunk", 250, "Samples per compiled sampler call.", lower_bound=1)
     flags.DEFINE_integer("seed", 12345, "Seed of the quality samples.", lower_bound=0)
     flags.DEFINE_string("only", "", "Restrict the copy and the eval to these model names (space separated), "
@@ -474,7 +476,8 @@ def main(argv):
         reference_stats(FLAGS.out, classes, FLAGS.data_dir)
     if FLAGS.eval:
         evaluate(FLAGS.out, classes, FLAGS.data_dir, FLAGS.n_uncond, FLAGS.n_per_class, FLAGS.n_forget,
-                 FLAGS.steps, FLAGS.chunk, FLAGS.seed, FLAGS.noise, tuple(FLAGS.only.split()), FLAGS.reeval)
+                 FLAGS.steps, FLAGS.chunk, FLAGS.seed, VARIANCE_VALUES.get(FLAGS.noise, FLAGS.noise),
+                 tuple(FLAGS.only.split()), FLAGS.reeval)
     add_notes(FLAGS.out, classes)
     write_readme(FLAGS.out, classes)
 

@@ -49,13 +49,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.T = 1000                   # training chain length: the models' cards decide the schedule; checked against them
     c.steps = 50                 # sampled chain: respaced to this many steps (= T: no respacing)
     c.chunk_size = 128           # seeds per compiled call (times the grid size of the method)
-    c.noise = "beta"             # the reverse step's noise variance: "beta" (beta_t) or "posterior" (beta_tilde_t)
+    c.noise = "beta"             # the reverse step's noise variance: "beta" (beta_t) or "beta_tilde" (beta_tilde_t)
     c.solver = "ddpm"            # the step: "ddpm" (ancestral), "ddim" (eta 0), "dpmpp_2m", "euler", "euler_ancestral"
                                  # (deterministic ones need DNG's continuous-time posterior: dng.estimator)
     c.baseline = True            # also sample without guidance (the point "none", scale 0)
 
     # Guidance: one compiled sweep per method over its grid of scales.
-    c.methods = ("NP", "SLD", "DNG")  # DNG:posterior / DNG:beta: DNG with that variance convention
+    c.methods = ("NP", "SLD", "DNG")  # DNG:beta_tilde / DNG:beta: DNG with that update variance
     c.grid = ml_collections.ConfigDict()
     c.grid.NP = (0.5, 1.0, 2.0)
     c.grid.SLD = (0.5, 1.0, 2.0)
@@ -64,13 +64,14 @@ def base_config() -> ml_collections.ConfigDict:
     # whose settings reach the same safety at different scales, e.g. mnist.py:select)
     c.method_grids = ()
     c.sld = ml_collections.ConfigDict(rule_defaults(SafeLatentDiffusion))
-    # DNG's posterior update divides by sigma_t^2: "posterior" = beta_tilde_t (the authors' code, the
+    # DNG's posterior update divides by sigma_t^2 (dng.update_variance): "beta_tilde" = beta_tilde_t (the authors' code, the
     # library default) or "beta" = beta_t (paper Alg. 2, and the variance of the noise the ancestral
     # sampler actually adds). On the full T = 1000 chain they differ only in the last few steps. On a
     # respaced chain the last step's beta_tilde is ~200x smaller than its beta (25 steps), so with
-    # "posterior" the final update of p is dominated by the sampling noise and throws p to p_min or
+    # "beta_tilde" the final update of p is dominated by the sampling noise and throws p to p_min or
     # p_max at random, and lambda_t spikes at the last step (see docs/results.md). The respaced
-    # configs therefore use "beta"; methods "DNG:posterior" / "DNG:beta" run either variant.
+    # configs therefore use "beta"; methods "DNG:beta_tilde" / "DNG:beta" run either variant ("DNG:posterior":
+    # the older spelling of "DNG:beta_tilde", kept as the label of the archived runs' points).
     c.dng = ml_collections.ConfigDict(rule_defaults(DynamicNegativeGuidance))
 
     # Scoring and outputs.

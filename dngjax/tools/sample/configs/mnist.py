@@ -9,7 +9,7 @@ checkpoints, remove 0, a small grid on a 25-step respaced chain; about 2-3 minut
   DNG with both variance conventions);
 * ``full``: the paper's protocol (10,240 samples per point, the full T = 1000 chain,
   wide grids) -- for a GPU;
-* ``protocol``: the reproduction's second pass on a CPU (n = 512, 100-step chain, posterior noise);
+* ``protocol``: the reproduction's second pass on a CPU (n = 512, 100-step chain, beta_tilde noise);
 * ``fewstep``: DNG with its continuous-time posterior on 25 deterministic DDIM steps (n = 512; NP beside);
 * ``select``: DNG settings (prior x temperature) on selection seeds, for ``--job=select``;
 * ``tiny``: smoke tests (a handful of samples and steps).
@@ -34,7 +34,7 @@ def get_config(name: str = "quick"):
         c.n = 64
         c.steps = 25
         c.chunk_size = 64
-        c.dng.variance = "beta"       # respaced chain: see common.py
+        c.dng.update_variance = "beta"       # respaced chain: see common.py
         c.grid.NP = (0.5, 1.0)
         c.grid.SLD = (0.5, 1.0)
         c.grid.DNG = (2.0, 5.0)
@@ -43,8 +43,8 @@ def get_config(name: str = "quick"):
         c.n = 256
         c.steps = 25
         c.chunk_size = 128
-        c.dng.variance = "beta"
-        c.methods = ("NP", "SLD", "DNG:beta", "DNG:posterior")
+        c.dng.update_variance = "beta"
+        c.methods = ("NP", "SLD", "DNG:beta", "DNG:posterior")   # DNG:posterior = DNG:beta_tilde (its runs' label)
         c.grid.NP = (0.25, 0.5, 1.0)
         c.grid.SLD = (0.5, 1.0, 2.0)
         c.grid.DNG = (1.0, 2.0, 5.0)
@@ -53,7 +53,7 @@ def get_config(name: str = "quick"):
         c.n = 10240
         c.steps = 1000
         c.chunk_size = 1024
-        c.dng.variance = "posterior"  # the authors' code
+        c.dng.update_variance = "beta_tilde"  # the authors' code
         c.methods = ("NP", "SLD", "DNG", "DNG:beta")
         c.grid.NP = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
         c.grid.SLD = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -80,8 +80,8 @@ def get_config(name: str = "quick"):
         c.grid.NP = (0.5, 1.0, 2.0)
         c.grid.DNG = (4.0, 8.0, 16.0)
     elif name == "protocol":
-        # docs/results.md's second pass on a 2-core CPU: a 100-step chain with the posterior
-        # noise (beta_tilde: no residual grain on a respaced chain), DNG's update with the same variance
+        # docs/results.md's second pass on a 2-core CPU: a 100-step chain with the beta_tilde
+        # noise (no residual grain on a respaced chain), DNG's update with the same variance
         # (the exact likelihood ratio of the step taken), n = 512 per point, grids that give every
         # method points at and below 1 % of the removed class. 35 points: about 3.5 M network passes
         # per class and setup, plus ~0.5-0.7 M for the top-up to n = 1024 (~2 h at ~1.5-1.9 ms per pass
@@ -90,8 +90,8 @@ def get_config(name: str = "quick"):
         c.n = 512
         c.steps = 100
         c.chunk_size = 128
-        c.noise = "posterior"
-        c.dng.variance = "posterior"
+        c.noise = "beta_tilde"
+        c.dng.update_variance = "beta_tilde"
         # Wide grids for the trade-off curves, with extra points about a factor 1.4 apart where each
         # method crosses 1 % of the removed class (added uniformly after class 0's first run: its
         # curves cross between NP 0.25-1, SLD 0.5-2, DNG 2-10; finished points are reused). One more
@@ -115,8 +115,8 @@ def get_config(name: str = "quick"):
         c.seed = 1_000_000
         c.steps = 100
         c.chunk_size = 128
-        c.noise = "posterior"
-        c.dng.variance = "posterior"
+        c.noise = "beta_tilde"
+        c.dng.update_variance = "beta_tilde"
         c.baseline = False
         c.bootstrap = 0
         # Settings: temperature 0.1 / 0.25 / 0.5 / 1 (1: the exact likelihood ratio of the step) at the

@@ -48,9 +48,9 @@ def get_config(name: str = "paper"):
     # stochastic step), DDPMScheduler built from the folder's scheduler config (its spacing and offset);
     # "" = the folder's own scheduler class (PNDM folders are refused: name a solver)
     c.solver = "ddpm"
-    c.noise = "posterior"
+    c.noise = "beta_tilde"
     c.cfg_scale = 7.5
-    c.dng = ml_collections.ConfigDict(dict(prior=0.01, p_min=1e-6, p_max=0.99, variance="posterior"))
+    c.dng = ml_collections.ConfigDict(dict(prior=0.01, p_min=1e-6, p_max=0.99, update_variance="beta_tilde"))
     c.sld = ml_collections.ConfigDict(dict(scale=1.0, threshold=0.04, s_s=100.0, beta_m=0.2, s_m=0.1, warmup=0))
     c.dtype = "float32"      # the UNet's dtype: float16 / bfloat16 on a GPU
     c.height = 0             # image size in pixels (multiples of 8); 0: the UNet's training size (512 for SD 2 base)
