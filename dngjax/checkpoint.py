@@ -6,8 +6,10 @@ of a training run) is deliberately simple and loads fast:
 * ``params.msgpack``: ``flax.serialization.to_bytes`` of the parameters used
   for inference (the EMA parameters for DDPMs);
 * ``card.json``: the model card. Its ``arch`` entry (``{"kind": "unet" |
-  "classifier", "kwargs": {...}}``) rebuilds the module; ``params_sha256`` and
-  ``num_params`` detect a corrupt or mismatched parameter file.
+  "classifier", "kwargs": {...}}``: the network's architecture) rebuilds the module;
+  ``model_type`` says what the model is for (``"ddpm"`` or ``"classifier"``;
+  :func:`model_type`: cards written before it was named so say ``kind``);
+  ``params_sha256`` and ``num_params`` detect a corrupt or mismatched parameter file.
 
 ``load_model(path)`` accepts such a folder, a training workdir (uses
 ``WORKDIR/model``) or the path of ``card.json`` itself. Every failure raises
@@ -167,6 +169,12 @@ def load_card(path: str) -> Dict[str, Any]:
     if not isinstance(card, dict) or "arch" not in card:
         raise CheckpointError(f"model card {os.path.join(d, CARD_FILE)} has no 'arch' entry")
     return card
+
+
+def model_type(card: Mapping[str, Any]) -> str | None:
+    """What a card's model is for: ``"ddpm"`` or ``"classifier"`` (its ``model_type``; older cards, the
+    shipped ones among them, say ``kind``). Not ``arch["kind"]``, the network's architecture."""
+    return card.get("model_type", card.get("kind"))
 
 
 def load_model(path: str, expect_kind: str | None = None) -> Tuple[Any, Any, Dict[str, Any]]:

@@ -71,7 +71,7 @@ def save_converted(out_dir: str, module: UNet, params: Any, src: str = "", confi
     hgt, wid = (size, size) if isinstance(size, int) else tuple(size)
     in_ch = config.get("in_channels", DIFFUSERS_DEFAULTS["in_channels"])
     diffusion = dict(diffusion) if diffusion is not None else (_diffusion_of(src) if src else dict(DEFAULT_DIFFUSION))
-    card = {"name": os.path.basename(os.path.abspath(src)) if src else "converted", "kind": "ddpm",
+    card = {"name": os.path.basename(os.path.abspath(src)) if src else "converted", "model_type": "ddpm",
             "input_shape": [int(hgt), int(wid), int(in_ch)], "source": "diffusers UNet2DModel",
             "converted_from": os.path.abspath(src) if src else None, "diffusion": diffusion,
             "params": "as released (converted to Flax layout)"}

@@ -201,14 +201,14 @@ def _interrupt(cmd, cwd, env, ready, also=lambda: True, timeout=300):
 
 @pytest.mark.slow
 def test_ctrl_c_during_training_says_how_to_resume_and_the_rerun_does(tmp_path, fake_data):
-    cmd = [sys.executable, *TRAIN, TINY_DDPM, "--workdir=w", "--config.num_steps=100000",
+    cmd = [sys.executable, *TRAIN, TINY_DDPM, "--workdir=w", "--config.num_train_steps=100000",
            "--config.checkpoint_every=1"]
     saved = lambda: [d for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit()]
     res = _interrupt(cmd, str(tmp_path), _env(fake_data), ready="measured", also=lambda: bool(saved()))
     line = assert_one_line(res, "interrupted:", 130)
     assert "rerun the same command to resume from the last checkpoint in" in line, line
     saved = saved()
-    res = subprocess.run(cmd[:-2] + [f"--config.num_steps={max(map(int, saved)) + 1}"], capture_output=True,
+    res = subprocess.run(cmd[:-2] + [f"--config.num_train_steps={max(map(int, saved)) + 1}"], capture_output=True,
                          text=True, cwd=str(tmp_path), env=_env(fake_data), timeout=300)
     assert res.returncode == 0 and "resumed from step" in res.stderr, res.stderr[-3000:]
 

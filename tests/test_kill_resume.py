@@ -104,7 +104,7 @@ def kill_and_rerun(cmd, env, logs, marker, loop_s, fractions, remaining, state):
 def train_cmd(workdir, data, *extra):
     return [sys.executable, os.path.join(REPO, "train", "main.py"),
             "--config=" + os.path.join(REPO, "train/configs/mnist_ddpm.py:tiny"),
-            f"--workdir={workdir}", f"--data_dir={data}", f"--config.num_steps={TRAIN_STEPS}", *extra]
+            f"--workdir={workdir}", f"--data_dir={data}", f"--config.num_train_steps={TRAIN_STEPS}", *extra]
 
 
 def train_result(workdir):
@@ -206,7 +206,7 @@ def test_a_corrupt_checkpoint_falls_back_and_none_good_exits_2(env, train_data, 
 
     for s in (before, last):
         _flip_byte(_data_file(os.path.join(ckpts, s)), 0.25)
-    r = subprocess.run(train_cmd(w, train_data, f"--config.num_steps={TRAIN_STEPS + 2}"), capture_output=True,
+    r = subprocess.run(train_cmd(w, train_data, f"--config.num_train_steps={TRAIN_STEPS + 2}"), capture_output=True,
                        text=True, env=env, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]

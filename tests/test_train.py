@@ -70,12 +70,12 @@ def test_ddpm_tiny_trains_loss_falls_resumes_identically_and_compiles_once_per_r
 
     from compile_count import count_compiles
 
-    cfg = _cfg(mnist_ddpm, fake_data, num_steps=8, checkpoint_every=4)
+    cfg = _cfg(mnist_ddpm, fake_data, num_train_steps=8, checkpoint_every=4)
     full = str(tmp_path / "full")
     with count_compiles("train_step") as compiles:
         card = trainer.train_and_evaluate(cfg, full)
         assert len(compiles) == 1, compiles               # the save at step 4 did not recompile
-    assert card["steps"] == 8 and card["kind"] == "ddpm"
+    assert card["steps"] == 8 and checkpoint.model_type(card) == "ddpm"
     for key in ("config", "wall_time_s", "hardware", "final_loss", "arch", "num_params"):
         assert key in card
     losses = _losses(full)
@@ -85,7 +85,7 @@ def test_ddpm_tiny_trains_loss_falls_resumes_identically_and_compiles_once_per_r
     # interrupted after 4 steps (as if killed right after the save), then the same command again
     part = str(tmp_path / "part")
     with count_compiles("train_step") as compiles:
-        halted = trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=8, checkpoint_every=4,
+        halted = trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_train_steps=8, checkpoint_every=4,
                                                max_steps_this_run=5), part)
         assert halted["halted"] and halted["step"] == 5
         assert not os.path.exists(os.path.join(part, "model"))
@@ -109,7 +109,7 @@ def test_ddpm_tiny_trains_loss_falls_resumes_identically_and_compiles_once_per_r
 
 
 def test_class_conditional_ddpm_trains_with_label_dropout(fake_data, tmp_path):
-    cfg = _cfg(mnist_cond, fake_data, num_steps=4, checkpoint_every=4)
+    cfg = _cfg(mnist_cond, fake_data, num_train_steps=4, checkpoint_every=4)
     assert cfg.model.kwargs.num_classes == 10 and 0.1 <= cfg.label_dropout <= 0.2
     card = trainer.train_and_evaluate(cfg, str(tmp_path / "cond"))
     assert card["arch"]["kwargs"]["num_classes"] == 10
@@ -122,15 +122,15 @@ def test_class_conditional_ddpm_trains_with_label_dropout(fake_data, tmp_path):
                       ["params"]["label_emb"]["embedding"])   # jitted: eager init compiles op by op
     assert not np.allclose(emb, init)
     assert jax.eval_shape(module.apply, params, x, t, label=np.array([3, 10])).shape == x.shape
-    bad = _cfg(mnist_cond, fake_data, num_steps=2, label_dropout=0.0)
+    bad = _cfg(mnist_cond, fake_data, num_train_steps=2, label_dropout=0.0)
     with pytest.raises(ValueError, match="label_dropout"):
         trainer.train_and_evaluate(bad, str(tmp_path / "bad"))
 
 
 def test_classifier_tiny_trains_and_card_has_accuracy(fake_data, tmp_path):
-    cfg = _cfg(mnist_classifier, fake_data, num_steps=30, checkpoint_every=15)
+    cfg = _cfg(mnist_classifier, fake_data, num_train_steps=30, checkpoint_every=15)
     card = trainer.train_and_evaluate(cfg, str(tmp_path / "clf"))
-    assert card["kind"] == "classifier"
+    assert checkpoint.model_type(card) == "classifier"
     assert 0.0 <= card["test_accuracy"] <= 1.0
     losses = _losses(str(tmp_path / "clf"))
     assert np.mean(losses[-2:]) < losses[0]
@@ -141,7 +141,7 @@ def test_classifier_tiny_trains_and_card_has_accuracy(fake_data, tmp_path):
 
 
 def test_forget_config_trains_only_on_its_class(fake_data, tmp_path):
-    cfg = _cfg(mnist_forget, fake_data, num_steps=2, only_class=3)
+    cfg = _cfg(mnist_forget, fake_data, num_train_steps=2, only_class=3)
     x, y = trainer.load_training_data(cfg)
     assert len(y) == 30 and np.all(y == 3)
 
@@ -149,15 +149,15 @@ def test_forget_config_trains_only_on_its_class(fake_data, tmp_path):
 @pytest.mark.slow
 def test_init_from_a_trained_model(fake_data, tmp_path):
     src = str(tmp_path / "src")
-    trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=2), src)
-    cfg = _cfg(mnist_forget, fake_data, num_steps=2, only_class=1, init_from=os.path.join(src, "model"))
+    trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_train_steps=2), src)
+    cfg = _cfg(mnist_forget, fake_data, num_train_steps=2, only_class=1, init_from=os.path.join(src, "model"))
     card = trainer.train_and_evaluate(cfg, str(tmp_path / "ft"))
     assert card["init_from"].endswith("model")
     # the card keeps its predecessor's record: a fine-tune of the ddpm (another class), not a continuation
     assert card["init_from_model"]["steps"] == 2 and card["init_from_model"]["only_class"] is None
     from dngjax.tools.train import export
     assert not export.is_continuation(card) and export.totals(card)["steps"] == 2
-    bad = _cfg(mnist_forget, fake_data, num_steps=2)
+    bad = _cfg(mnist_forget, fake_data, num_train_steps=2)
     bad.model.kwargs.ch = 16
     bad.init_from = os.path.join(src, "model")
     with pytest.raises(ValueError, match="architecture"):
@@ -218,7 +218,7 @@ def test_gpu_and_cpu_sizes_build():
     for mod in (mnist_ddpm, mnist_forget, mnist_classifier, mnist_cond):
         for size in ("gpu", "cpu", "tiny"):
             c = mod.get_config(size)
-            assert c.num_steps > 0
+            assert c.num_train_steps > 0
             trainer.build_model(c)
     for mod in (cifar10_ddpm, cifar10_forget, cifar10_classifier):
         trainer.build_model(mod.get_config("gpu"))
@@ -246,7 +246,7 @@ def test_main_reports_missing_data_clearly(tmp_path):
 
 
 @pytest.mark.parametrize("config,args,message", [
-    ("mnist_ddpm", ["--config.num_steps=0"], "config.num_steps must be >= 1"),
+    ("mnist_ddpm", ["--config.num_train_steps=0"], "config.num_train_steps must be >= 1"),
     ("mnist_ddpm", ["--config.only_class=12"], "config.only_class=12: mnist has classes 0..9"),
     ("mnist_cond", ["--config.label_dropout=0.0"], "needs 0 < label_dropout < 1"),
     ("mnist_ddpm", ["--config.batch_siz=3"], "unknown config field 'batch_siz'"),
@@ -274,10 +274,10 @@ def test_main_cli_trains_and_resumes(fake_data, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO)
     cmd = [sys.executable, os.path.join(REPO, "train", "main.py"),
            "--config=" + os.path.join(REPO, "train/configs/mnist_ddpm.py:tiny"),
-           f"--workdir={tmp_path / 'w'}", f"--data_dir={fake_data}", "--config.num_steps=4"]
+           f"--workdir={tmp_path / 'w'}", f"--data_dir={fake_data}", "--config.num_train_steps=4"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run(cmd[:-1] + ["--config.num_steps=6"], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(cmd[:-1] + ["--config.num_train_steps=6"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from step 4" in r.stderr
     assert checkpoint.load_card(str(tmp_path / "w"))["steps"] == 6
@@ -291,7 +291,7 @@ import sys, numpy as np, jax
 assert jax.local_device_count() == 2
 from dngjax.tools.train import trainer
 from dngjax.tools.train.configs import mnist_ddpm
-c = mnist_ddpm.get_config('tiny'); c.data_dir = {fake_data!r}; c.num_steps = 3
+c = mnist_ddpm.get_config('tiny'); c.data_dir = {fake_data!r}; c.num_train_steps = 3
 card = trainer.train_and_evaluate(c, sys.argv[1])
 print('OK', card['hardware']['num_devices'])
 """
@@ -300,7 +300,7 @@ print('OK', card['hardware']['num_devices'])
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "OK 2" in r.stdout
-    one = trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_steps=3), str(tmp_path / "one"))
+    one = trainer.train_and_evaluate(_cfg(mnist_ddpm, fake_data, num_train_steps=3), str(tmp_path / "one"))
     _, p2, _ = checkpoint.load_model(str(tmp_path / "dp"))
     _, p1, _ = checkpoint.load_model(str(tmp_path / "one"))
     for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):

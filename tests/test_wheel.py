@@ -79,9 +79,9 @@ def test_installed_train_finds_the_packaged_config_by_its_checkout_path(installe
     (its validation then refuses the bad field, before anything is built)."""
     _, target, elsewhere, _ = installed
     r = _run(installed, str(target / "bin" / "dngjax-train"), "--config=train/configs/mnist_ddpm.py:cpu",
-             f"--workdir={elsewhere / 'w'}", "--config.num_steps=0")
+             f"--workdir={elsewhere / 'w'}", "--config.num_train_steps=0")
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "config.num_steps must be >= 1" in r.stderr, r.stderr[-2000:]
+    assert "config.num_train_steps must be >= 1" in r.stderr, r.stderr[-2000:]
     assert not (elsewhere / "w").exists()
 
 

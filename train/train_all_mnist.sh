@@ -29,7 +29,7 @@ if [ "$SIZE" = gpu ]; then FROM_SCRATCH=${FORGET_FROM_SCRATCH:-0}; else FROM_SCR
 LANE0=${FORGET_LANE0-"0 1"}   # set empty (FORGET_LANE0= FORGET_LANE1=) to train only ddpm and cond
 LANE1=${FORGET_LANE1-"2 3"}
 mkdir -p "$WORKDIR"
-steps() { [ -n "${1:-}" ] && echo "--config.num_steps=$1" || true; }
+steps() { [ -n "${1:-}" ] && echo "--config.num_train_steps=$1" || true; }
 
 run() {  # run <name> <core or -> <args...>
   local name=$1 core=$2; shift 2

@@ -290,7 +290,7 @@ NOTES = {
                   "1500 steps x 128 with +-2 pixel shift augmentation.",
     "ddpm": "train/configs/mnist_ddpm.py:cpu, trained from scratch: {arch}, {steps:,} steps x 64 "
             "(~{epochs:.1f} epochs), EMA decay 0.999 (unless a segment names another); {schedule}. Resumable: the same "
-            "command with a larger --config.num_steps continues it.",
+            "command with a larger --config.num_train_steps continues it.",
     "cond": "train/configs/mnist_cond.py:cpu, trained from scratch: the ddpm's architecture and schedule with a "
             "label embedding (labels 0-9 and the null label 10), trained with label dropout (each label replaced by "
             "the null label with the probability given per segment below); {steps:,} steps x 64 (~{epochs:.1f} epochs); {schedule}. Resumable like ddpm.",
@@ -319,11 +319,20 @@ def is_continuation(card) -> bool:
 def _runs_of(card) -> list:
     """The card's training segments (``training_runs``, else one segment from its config)."""
     if card.get("training_runs"):
-        return card["training_runs"]
+        return [_new_names(r) for r in card["training_runs"]]
     c = card.get("config") or {}
-    return [{"start_step": 0, "end_step": int(card.get("steps", 0)), "num_steps": int(c.get("num_steps", card.get("steps", 0))),
+    return [{"start_step": 0, "end_step": int(card.get("steps", 0)),
+             "num_train_steps": int(c.get("num_train_steps", c.get("num_steps", card.get("steps", 0)))),
              "batch_size": int(card.get("batch_size", c.get("batch_size", 0))), "optim": c.get("optim") or {},
              "label_dropout": float(c.get("label_dropout", 0.0) or 0.0), "init_from": c.get("init_from") or None}]
+
+
+def _new_names(r) -> dict:
+    """A training segment with today's field names (cards written before the rename say ``num_steps``)."""
+    r = dict(r)
+    if "num_steps" in r:
+        r.setdefault("num_train_steps", r.pop("num_steps"))
+    return r
 
 
 def _same_ema(p, r) -> bool:
@@ -342,8 +351,8 @@ def _merge_runs(runs) -> list:
         if out and not r.get("init_from"):
             p = out[-1]
             steps = np.arange(p["start_step"], p["end_step"])
-            same_lr = np.allclose(np.asarray(lr_schedule(p["optim"], p["num_steps"])(steps)),
-                                  np.asarray(lr_schedule(r["optim"], r["num_steps"])(steps)), rtol=1e-6, atol=0)
+            same_lr = np.allclose(np.asarray(lr_schedule(p["optim"], p["num_train_steps"])(steps)),
+                                  np.asarray(lr_schedule(r["optim"], r["num_train_steps"])(steps)), rtol=1e-6, atol=0)
             rest = ("b1", "b2", "weight_decay", "grad_clip")
             if (same_lr and p["label_dropout"] == r["label_dropout"] and p["batch_size"] == r["batch_size"]
                     and _same_ema(p, r) and all(p["optim"].get(k) == r["optim"].get(k) for k in rest)):
@@ -357,11 +366,11 @@ def _reaches_decay(r) -> bool:
     """Whether the segment ``r`` ran into the decay of its learning rate (a cosine over the whole run, or a
     cosine over the run's last ``decay_steps`` steps that starts before the segment's end)."""
     decay = int(r["optim"].get("decay_steps", 0) or 0)
-    return r["optim"].get("schedule") == "cosine" or (decay > 0 and r["num_steps"] - decay < r["end_step"])
+    return r["optim"].get("schedule") == "cosine" or (decay > 0 and r["num_train_steps"] - decay < r["end_step"])
 
 
 def _run_note(r, restart: bool) -> str:
-    o, a, b, n = r["optim"], r["start_step"], r["end_step"], r["num_steps"]
+    o, a, b, n = r["optim"], r["start_step"], r["end_step"], r["num_train_steps"]
     lr = o.get("lr", 1e-3)
     s = f"steps {a:,}-{b:,}: Adam lr {lr:g}"
     if restart:

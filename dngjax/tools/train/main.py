@@ -23,6 +23,7 @@ one folder that every process sees (a shared file system).
 
 import os
 import shutil
+import sys
 
 from absl import flags, logging
 
@@ -85,7 +86,25 @@ def _remove_if_new(workdir: str, created: bool) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+#: training config flags renamed: ``--config.OLD=...`` still works, with a message naming the new one
+#: (``num_steps`` is the sampler's chain length elsewhere; the training's is ``num_train_steps``)
+RENAMED_CONFIG_FLAGS = {"num_steps": "num_train_steps"}
+
+
+def renamed_flags(argv):
+    """``argv`` with the old ``--config.OLD`` flags spelled the new way (a line on stderr for each)."""
+    out = []
+    for a in argv:
+        for old, new in RENAMED_CONFIG_FLAGS.items():
+            if a == f"--config.{old}" or a.startswith(f"--config.{old}="):
+                print(f"--config.{old} is deprecated: use --config.{new}", file=sys.stderr)
+                a = f"--config.{new}" + a[len(f"--config.{old}"):]
+        out.append(a)
+    return out
+
+
 def cli_main():
+    sys.argv[:] = renamed_flags(sys.argv)
     cli.run(main, define_flags, doc=__doc__, distributed=True)
 
 

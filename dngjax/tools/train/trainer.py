@@ -48,6 +48,7 @@ from dngjax import checkpoint as ckpt
 from dngjax import data as data_lib
 from dngjax import distributed
 from dngjax import memory
+from dngjax.renames import warn_renamed
 from dngjax.schedules import linear_schedule, respace
 from dngjax.tools.train import integrity
 
@@ -102,26 +103,26 @@ def _cores_used() -> int:
 
 # --------------------------------------------------------------------------- optimiser
 
-def lr_schedule(o, num_steps: int):
+def lr_schedule(o, num_train_steps: int):
     """The learning rate as a function of the step, for ``config.optim`` ``o`` (a ConfigDict or the dict of a
-    card) and a run of ``num_steps`` steps."""
+    card) and a run of ``num_train_steps`` training steps."""
     warm = max(int(o["warmup_steps"]), 1)
     if o["schedule"] == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, o["lr"], warm, max(num_steps, warm + 1),
+        return optax.warmup_cosine_decay_schedule(0.0, o["lr"], warm, max(num_train_steps, warm + 1),
                                                   end_value=o["lr"] * 0.01)
     # warm-up, constant, then (decay_steps > 0) a cosine decay over the run's last decay_steps steps;
-    # the schedule is a function of the step count alone, so a resumed run (num_steps raised) follows it
+    # the schedule is a function of the step count alone, so a resumed run (num_train_steps raised) follows it
     pieces, bounds = [optax.linear_schedule(0.0, o["lr"], warm), optax.constant_schedule(o["lr"])], [warm]
     decay = int(o.get("decay_steps", 0) or 0)
     if decay > 0:
         pieces.append(optax.cosine_decay_schedule(o["lr"], decay, alpha=0.01))
-        bounds.append(num_steps - decay)
+        bounds.append(num_train_steps - decay)
     return optax.join_schedules(pieces, bounds)
 
 
 def make_optimizer(config):
     o = config.optim
-    lr = lr_schedule(o, config.num_steps)
+    lr = lr_schedule(o, config.num_train_steps)
     if o.weight_decay > 0:
         opt = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
     else:
@@ -310,7 +311,7 @@ def record_run(workdir: str, config, start: int, stop: int) -> None:
         return
     o = config_to_dict(config.optim)
     line = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "start_step": int(start),
-            "stop_step": int(stop), "num_steps": int(config.num_steps), "batch_size": int(config.batch_size),
+            "stop_step": int(stop), "num_train_steps": int(config.num_train_steps), "batch_size": int(config.batch_size),
             "micro_batch": int(config.get("micro_batch", 0) or 0), "optim": o, "ema_decay": float(config.ema_decay),
             "label_dropout": float(config.get("label_dropout", 0.0)),
             "init_from": (config.get("init_from", "") or None) if start == 0 else None,
@@ -332,6 +333,8 @@ def read_runs(workdir: str, final_step: int) -> list:
         for line in f:
             if line.strip():
                 r = json.loads(line)
+                if "num_steps" in r:                    # a line written before the field was renamed
+                    r["num_train_steps"] = r.pop("num_steps")
                 runs = [q for q in runs if q["start_step"] < r["start_step"]] + [r]
     runs = [r for r in runs if r["start_step"] < final_step]
     for r, nxt in zip(runs, runs[1:] + [None]):
@@ -370,11 +373,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     return prepare(config, workdir)()
 
 
+#: training config fields renamed: {old: new} (``num_steps``: the sampler's chain length elsewhere)
+RENAMED_CONFIG_FIELDS = {"num_steps": "num_train_steps"}
+
+
+def read_old_names(config: ml_collections.ConfigDict) -> None:
+    """A config written with the old field names (:data:`RENAMED_CONFIG_FIELDS`) gets the new ones, with a
+    DeprecationWarning; a config that sets both keeps the new one's value."""
+    for old, new in RENAMED_CONFIG_FIELDS.items():
+        if old in config:
+            warn_renamed(f"config.{old}", f"config.{new}")
+            with config.unlocked():
+                if new not in config:
+                    config[new] = config[old]
+                del config[old]
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError for settings that cannot train (before any data is loaded)."""
     if config.dataset not in data_lib.SHAPES:
         raise ValueError(f"config.dataset must be one of {sorted(data_lib.SHAPES)}, got {config.dataset!r}")
-    for name in ("num_steps", "batch_size", "log_every", "checkpoint_every"):
+    read_old_names(config)
+    for name in ("num_train_steps", "batch_size", "log_every", "checkpoint_every"):
         if int(config[name]) < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
     micro = int(config.get("micro_batch", 0) or 0)
@@ -391,9 +411,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if o.schedule not in ("constant", "cosine"):
         raise ValueError(f"config.optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}")
     decay = int(o.get("decay_steps", 0))
-    if decay < 0 or decay > int(config.num_steps) - max(int(o.warmup_steps), 1):
+    if decay < 0 or decay > int(config.num_train_steps) - max(int(o.warmup_steps), 1):
         raise ValueError(f"config.optim.decay_steps={decay}: must be >= 0 and leave the warm-up "
-                         f"({o.warmup_steps} steps) inside num_steps={config.num_steps}")
+                         f"({o.warmup_steps} steps) inside num_train_steps={config.num_train_steps}")
     if decay and o.schedule != "constant":
         raise ValueError("config.optim.decay_steps applies to schedule='constant' (cosine decays over the whole run)")
     if config.get("max_steps_this_run", 0) < 0:
@@ -520,7 +540,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
     its sha256 manifest (:func:`restore_verified`).
 
     Everything that can fail because of the input fails here, before any training step. Returns
-    ``run()``, which trains to ``config.num_steps`` (or ``max_steps_this_run`` steps) and returns
+    ``run()``, which trains to ``config.num_train_steps`` (or ``max_steps_this_run`` steps) and returns
     the model card (``{"step", "halted": True}`` when stopped early).
     """
     s = _set_up(config, workdir)
@@ -530,10 +550,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
 
 
 def _run(s: _Setup, state, start: int) -> Dict[str, Any]:
-    """Train from ``state`` (at step ``start``) to ``config.num_steps`` (or ``max_steps_this_run`` steps
+    """Train from ``state`` (at step ``start``) to ``config.num_train_steps`` (or ``max_steps_this_run`` steps
     further); the model card, or ``{"step", "halted": True}`` when stopped early."""
     config = s.config
-    stop = config.num_steps
+    stop = config.num_train_steps
     if config.get("max_steps_this_run", 0):  # a long job split over several runs (resumed)
         stop = min(stop, start + config.max_steps_this_run)
     step_fn = _compile_step(s, state, start)
@@ -542,9 +562,9 @@ def _run(s: _Setup, state, start: int) -> Dict[str, Any]:
     state, step, loss_avg, wall = _train_loop(s, state, step_fn, start, stop)
     s.mngr.wait_until_finished()
     s.mngr.close()
-    if step < config.num_steps:
+    if step < config.num_train_steps:
         logging.warning("stopped at step %d of %d (max_steps_this_run=%d, saved): rerun the same command to "
-                        "continue", step, config.num_steps, config.max_steps_this_run)
+                        "continue", step, config.num_train_steps, config.max_steps_this_run)
         return {"step": step, "halted": True}
     return _write_model(s, state, step, loss_avg, wall)
 
@@ -590,7 +610,7 @@ def _train_loop(s: _Setup, state, step_fn, start: int, stop: int):
     Returns ``(state, step, loss_avg, wall_time_s)``."""
     config = s.config
     from tqdm import tqdm
-    pbar = tqdm(total=config.num_steps, initial=start, desc=config.get("name", s.kind), unit="step",
+    pbar = tqdm(total=config.num_train_steps, initial=start, desc=config.get("name", s.kind), unit="step",
                 disable=not (config.get("progress", True) and distributed.is_main_process()),
                 dynamic_ncols=True, mininterval=2.0)
     wall0 = float(state["wall_time"])
@@ -612,7 +632,7 @@ def _train_loop(s: _Setup, state, step_fn, start: int, stop: int):
             state = dict(state, **jax.device_put({"wall_time": np.float32(scalars[0]),
                                                    "loss_avg": np.float32(scalars[1])}, s.repl))
             save_verified(s.mngr, s.ckpt_dir, step, state)
-        if s.kind == "unet" and config.sample_every and step % config.sample_every == 0 and step < config.num_steps:
+        if s.kind == "unet" and config.sample_every and step % config.sample_every == 0 and step < config.num_train_steps:
             xs = sample_images(s.module, state["ema_params"], s.sched, 64, 0, s.input_shape, config.sample_steps)
             if distributed.is_main_process():
                 write_png_grid(xs, os.path.join(s.workdir, "samples", f"step_{step:07d}.png"))
@@ -631,7 +651,7 @@ def _log_metrics(s: _Setup, pbar, pending, loss_avg: float, step: int, start: in
     last_metrics = {k: float(v) for k, v in jax.device_get(pending[-1]).items()}
     if step - start == config.log_every or (step == stop and step - start < config.log_every):
         per_step = (time.time() - t_start) / (step - start)
-        left = config.num_steps - step
+        left = config.num_train_steps - step
         logging.warning("measured %.3f s/step: the remaining %d steps take ~%.0f min (~%.2f CPU core-hours "
                         "on %d core(s))", per_step, left, left * per_step / 60,
                         left * per_step * _cores_used() / 3600, _cores_used())
@@ -650,7 +670,7 @@ def _final_card(s: _Setup, step: int, loss_avg: float, wall: float) -> Dict[str,
     config, kind, init_card = s.config, s.kind, s.init_card
     card = {
         "name": config.get("name", kind),
-        "kind": "ddpm" if kind == "unet" else "classifier",
+        "model_type": "ddpm" if kind == "unet" else "classifier",
         "dataset": config.dataset,
         "input_shape": list(s.input_shape),
         "only_class": _opt_class(config.only_class),

@@ -24,14 +24,14 @@ def get_config(size: str = "gpu"):
     c.final_samples = 0
     if size == "gpu":
         c.batch_size = 256
-        c.num_steps = 20_000
+        c.num_train_steps = 20_000
         c.checkpoint_every = 2000
         c.log_every = 100
     elif size == "tiny":
         c.model.kwargs.widths = (4, 8)
         c.model.kwargs.feature_dim = 16
         c.batch_size = 4
-        c.num_steps = 2
+        c.num_train_steps = 2
         c.optim.warmup_steps = 1
         c.checkpoint_every = 1
         c.log_every = 1

@@ -19,7 +19,7 @@ def get_config(size: str = "gpu"):
         c.model.kwargs = unet_kwargs(ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                                      dropout=0.1, groups=32)
         c.batch_size = 128
-        c.num_steps = 200_000
+        c.num_train_steps = 200_000
         c.optim.lr = 2e-4
         c.optim.warmup_steps = 5000
         c.checkpoint_every = 5000
@@ -30,7 +30,7 @@ def get_config(size: str = "gpu"):
         c.model.kwargs = unet_kwargs(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                                      dropout=0.0, groups=4)
         c.batch_size = 4
-        c.num_steps = 2
+        c.num_train_steps = 2
         c.optim.warmup_steps = 1
         c.checkpoint_every = 1
         c.log_every = 1

@@ -12,6 +12,6 @@ def get_config(size: str = "gpu"):
     c.name = "cifar10_forget"
     c.only_class = 0  # airplane
     if size == "gpu":
-        c.num_steps = 50_000
+        c.num_train_steps = 50_000
         c.optim.warmup_steps = 1000
     return c

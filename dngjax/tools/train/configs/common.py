@@ -14,7 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.batch_size = 64
     c.micro_batch = 0  # > 0: the gradient is accumulated over micro-batches of this size (same result, less time on CPU)
-    c.num_steps = 1000
+    c.num_train_steps = 1000
     c.log_every = 50
     c.checkpoint_every = 200
     c.keep_checkpoints = 2

@@ -23,20 +23,20 @@ def get_config(size: str = "gpu"):
     c.final_samples = 0
     if size == "gpu":
         c.batch_size = 256
-        c.num_steps = 3000
+        c.num_train_steps = 3000
         c.checkpoint_every = 1000
         c.log_every = 100
     elif size == "cpu":
         c.model.kwargs.widths = (16, 32)
         c.batch_size = 128
-        c.num_steps = 1500
+        c.num_train_steps = 1500
         c.checkpoint_every = 100
         c.log_every = 10
     elif size == "tiny":
         c.model.kwargs.widths = (4, 8)
         c.model.kwargs.feature_dim = 16
         c.batch_size = 16
-        c.num_steps = 20
+        c.num_train_steps = 20
         c.optim.warmup_steps = 2
         c.checkpoint_every = 10
         c.log_every = 5

@@ -2,7 +2,7 @@
 
 ``--config=train/configs/mnist_ddpm.py`` (GPU size: the project's ``mnist_unet()``,
 ch 32, ~1.1 M parameters) or ``...mnist_ddpm.py:cpu`` (ch 16 x (1, 2, 4), 687k parameters,
-trained from scratch on a 2-core CPU, one core per run; resumable, so ``--config.num_steps``
+trained from scratch on a 2-core CPU, one core per run; resumable, so ``--config.num_train_steps``
 can be raised between runs) or ``:tiny`` (tests).
 A forget-class model is the same config with ``--config.only_class=C``
 (see ``mnist_forget.py``).
@@ -20,7 +20,7 @@ def get_config(size: str = "gpu"):
         c.model.kwargs = unet_kwargs(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
                                      dropout=0.1, groups=8)
         c.batch_size = 128
-        c.num_steps = 6000
+        c.num_train_steps = 6000
         c.optim.lr = 5e-4
         c.optim.warmup_steps = 200
         c.checkpoint_every = 1000
@@ -37,7 +37,7 @@ def get_config(size: str = "gpu"):
         # 4 micro-batches of 16, unrolled in the step: the same gradient, ~20 % less time per step on
         # one CPU core (docs/benchmarks.md); any batch the config is given must be a multiple of 16
         c.micro_batch = 16
-        c.num_steps = 30_000
+        c.num_train_steps = 30_000
         c.optim.lr = 1e-3
         c.optim.warmup_steps = 200
         c.optim.decay_steps = 5000   # the shipped ddpm and cond: a cosine decay over each run's last 5000 steps
@@ -49,7 +49,7 @@ def get_config(size: str = "gpu"):
         c.model.kwargs = unet_kwargs(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                                      dropout=0.0, groups=4)
         c.batch_size = 8
-        c.num_steps = 6
+        c.num_train_steps = 6
         c.optim.lr = 1e-3
         c.optim.warmup_steps = 1
         c.checkpoint_every = 2

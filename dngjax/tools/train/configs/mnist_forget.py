@@ -14,11 +14,11 @@ def get_config(size: str = "gpu"):
     c.name = "mnist_forget"
     c.only_class = 0
     if size == "gpu":
-        c.num_steps = 1000
+        c.num_train_steps = 1000
         c.optim.lr = 2e-4
         c.optim.warmup_steps = 50
         c.sample_every = 0
     elif size == "cpu":
-        c.num_steps = 8000
+        c.num_train_steps = 8000
         c.optim.decay_steps = 0   # the shipped forget models: constant lr after the warm-up
     return c
