@@ -6,11 +6,11 @@ two forced host devices (``--xla_force_host_platform_device_count=2``), the sett
 
 * a DNG sweep of two processes (4 devices) equals, bit for bit, the sweep of one process on 4 devices,
   and every process holds the whole result;
-* ``train/main.py`` as two processes (the tiny DDPM, global batch 8 over 4 devices, each process reading
+* ``train/main.py`` as two processes (the tiny classifier, global batch 16 over 4 devices, each process reading
   its own rows) ends with the parameters and per-step losses of one process with the same batch on one
   device, to float32 reduction-order tolerance; only process 0 writes metrics, runs.jsonl and the model;
 * the two-process run killed (SIGKILL, both processes) after its first checkpoint and rerun ends with the
-  uninterrupted two-process run's parameters;
+  uninterrupted two-process run's parameters (marked slow);
 * inconsistent settings are refused with one line before anything starts.
 
 Every process has a timeout: a hung group fails its test (the processes are killed) instead of hanging.
@@ -33,6 +33,7 @@ from dngjax import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240        # seconds for one group of processes (two busy cores)
+CONFIG = "train/configs/mnist_classifier.py:tiny"     # 20 steps of batch 16, checkpoints at 10 and 20
 
 SWEEP = textwrap.dedent("""
     import sys, numpy as np
@@ -199,7 +200,7 @@ def train_data(tmp_path_factory):
 
 def train_cmd(workdir, data):
     return [sys.executable, os.path.join(REPO, "train", "main.py"),
-            "--config=" + os.path.join(REPO, "train/configs/mnist_ddpm.py:tiny"),
+            "--config=" + os.path.join(REPO, CONFIG),
             f"--workdir={workdir}", f"--data_dir={data}"]
 
 
@@ -230,7 +231,7 @@ def test_two_process_training_equals_one_process(two_process_training):
     p2, m2, card = train_result(two)
     p1, m1, _ = train_result(one)
     assert card["hardware"]["num_processes"] == 2 and card["hardware"]["num_devices_total"] == 4
-    assert [s for s, _ in m2] == [s for s, _ in m1] == list(range(1, card["steps"] + 1))   # written once
+    assert [s for s, _ in m2] == [s for s, _ in m1] == [5, 10, 15, 20] == [5, 10, 15, card["steps"]]  # once each
     np.testing.assert_allclose([l for _, l in m2], [l for _, l in m1], rtol=1e-4)
     assert p2.keys() == p1.keys()
     for k in p1:
@@ -239,11 +240,12 @@ def test_two_process_training_equals_one_process(two_process_training):
         assert len([line for line in f if line.strip()]) == 1
 
 
+@pytest.mark.slow       # ~60 s more on two busy cores: a killed group and its rerun
 def test_two_process_training_killed_and_resumed(base_env, train_data, two_process_training, tmp_path):
     work = tmp_path / "run"
     logs = str(tmp_path / "killed")
     procs = start_group(train_cmd(work, train_data), base_env, logs)
-    manifest = work / "checkpoints" / "2" / "sha256_manifest.json"
+    manifest = work / "checkpoints" / "10" / "sha256_manifest.json"
     end = time.monotonic() + TIMEOUT
     try:
         while not manifest.exists():
