@@ -7,8 +7,9 @@ prompt (``cfg_scale``) plus the rule's negative guidance, whose "unconditional" 
 The baseline beside it is the negative prompt as diffusers runs it: ``dj.ClassifierFreeGuidance(scale)`` with a negative prompt, two
 predictions per step, the negative prompt's in place of the unconditional one (see :func:`generate`).
 The latents are sampled by the core scan sampler (one compiled trajectory, vmapped over guidance
-scales, chunked over seeds) and decoded by the VAE.
+scales, chunked over seeds) and decoded by the VAE::
 
+    import dngjax as dj
     from dngjax import stable_diffusion as sd
     pipe = sd.load("stable-diffusion-2-base")        # model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
     rule = dj.PositiveMode(dj.DynamicNegativeGuidance(scale=1.0, prior=0.01, temperature=0.2, offset=0.004),
@@ -255,7 +256,7 @@ def latent_size(pipe: StableDiffusion, height: Optional[int] = None, width: Opti
             raise ValueError(f"x_T must be starting latents (N, h, w, {c}), one per seed; got {got}")
         xs = tuple(int(s) for s in x_T.shape)
         if xs[-1] != c:
-            hint = (f" (channels first, as diffusers' latents: pass x_T.transpose(0, 2, 3, 1))" if xs[1] == c
+            hint = (" (channels first, as diffusers' latents: pass x_T.transpose(0, 2, 3, 1))" if xs[1] == c
                     else " (images? x_T are latents, 1/%d of the image size)" % d if xs[-1] == 3 else "")
             raise ValueError(f"x_T must be channels-last latents (N, h, w, {c}); got shape {xs}{hint}")
         if n is not None and xs[0] != n:
@@ -358,7 +359,7 @@ def generate(pipe: StableDiffusion, prompt: str, negative_prompt: Optional[str],
     if positive and negative_prompt is None:
         raise ValueError(f"{name} needs a negative prompt (predictions '', prompt and negative prompt)")
     if isinstance(rule, NoGuidance) and negative_prompt is not None:
-        raise ValueError(f"NoGuidance samples the prompt's model alone and does not use a negative prompt: "
+        raise ValueError("NoGuidance samples the prompt's model alone and does not use a negative prompt: "
                          "ClassifierFreeGuidance(scale) with it is diffusers' negative prompt, a rule in the positive "
                          "mode (e.g. dj.PositiveMode(dj.DynamicNegativeGuidance(...))) guides away from it in three "
                          "passes")

@@ -22,7 +22,6 @@ Parity with diffusers' PyTorch AutoencoderKL: ``tests/test_vae.py`` (tiny random
 
 from __future__ import annotations
 
-import re
 from typing import Any, Dict, Tuple
 
 import numpy as np
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from .sd_unet import Sampler2x, attend
-from .torch_weights import assemble_torch, read_folder, template
+from .torch_weights import assemble_torch, current_attention_names, read_folder, template
 from .unet import GroupNorm
 
 Array = jnp.ndarray
@@ -228,17 +227,9 @@ def encoder_from_config(cfg: Dict[str, Any], dtype: Any = None) -> VAEEncoder:
     return VAEEncoder(dtype=dtype, **_check_config(cfg))
 
 
-_OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
 def _renamed(state: Dict[str, np.ndarray], prefixes: Tuple[str, ...]) -> Dict[str, np.ndarray]:
     """The entries under ``prefixes``, attention names of older diffusers checkpoints renamed."""
-    out = {}
-    for k, v in state.items():
-        if k.startswith(prefixes):
-            out[re.sub(r"\.attentions\.0\.(query|key|value|proj_attn)\.",
-                       lambda m: f".attentions.0.{_OLD_ATTENTION[m.group(1)]}.", k)] = v
-    return out
+    return current_attention_names({k: v for k, v in state.items() if k.startswith(prefixes)})
 
 
 def _load(folder: str, make, prefixes: Tuple[str, ...], example, what: str, dtype):
