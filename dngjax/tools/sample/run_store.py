@@ -301,24 +301,27 @@ def _point_file(method: str, scale: float) -> str:
     return f"{name}_s{scale:g}.npz"
 
 
-def reusable_points(job, work: str, outdir: str) -> Dict[str, Any]:
+def reusable_points(job, work: str, outdir: str, read_only: bool = False) -> Dict[str, Any]:
     """Finished grid points for this config, by their key in it (``NP_0``, ...), from an interrupted run
     (``work``) or a finished one (``outdir``) with the same sampling identity, whatever their grids were.
 
     A finished run's point files are copied into ``work`` (kept even where this config's grid no longer
     has them, so that a later, larger grid reuses them too). Folders of another identity were refused
     or moved aside by :func:`prepare` / :func:`execute`; an interrupted run of another identity that
-    finished nothing is replaced. Points are matched by method and scale, never by position in the grid."""
+    finished nothing is replaced. Points are matched by method and scale, never by position in the grid.
+    ``read_only``: only read ``work``'s points (the other processes of a multi-process run, once process 0
+    has prepared ``work``)."""
     config = job.config
-    if os.path.isdir(work):
+    if os.path.isdir(work) and not read_only:
         old = _read_record(work)
         if old is None or differences(old, job.record):
             if _holds_work(work):                     # prepare refuses these: it changed since
                 raise RuntimeError(f"{work} now holds another run's points; not touched")
             print(f"replacing {work}: an interrupted run of another config that finished no point", flush=True)
             shutil.rmtree(work)
-    os.makedirs(os.path.join(work, "points"), exist_ok=True)
-    old = _read_record(outdir) if _is_previous_run(outdir) else None
+    if not read_only:
+        os.makedirs(os.path.join(work, "points"), exist_ok=True)
+    old = _read_record(outdir) if _is_previous_run(outdir) and not read_only else None
     if os.path.isdir(os.path.join(outdir, "points")) and old is not None and not differences(old, job.record):
         for name in os.listdir(os.path.join(outdir, "points")):
             dst = os.path.join(work, "points", name)
@@ -340,7 +343,7 @@ def reusable_points(job, work: str, outdir: str) -> Dict[str, Any]:
         if key is not None:
             row["key"] = key
             done[key] = (row, preview, trace_part, samples)
-    if found:
+    if found and not read_only:
         print(f"reusing {len(done)} finished grid point(s) of {len(wanted)} "
               f"({found} on disk for this config and the same model and reference files)", flush=True)
     return done
