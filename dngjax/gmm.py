@@ -9,8 +9,8 @@ Everything the DNG paper needs is therefore exact and cheap:
 
 * the score ``grad log p_t`` and the noise prediction
   ``eps(x, t) = -sqrt(1 - alpha_bar_t) grad log p_t(x)`` of the full mixture, of the
-  to-forget sub-mixture and of the to-remember sub-mixture (weights renormalised);
-* the posterior of the forbidden concept ``p(c- | x, t) = c_f p_f,t(x) / p_t(x)``.
+  negative concept's sub-mixture and of the to-remember sub-mixture (weights renormalised);
+* the posterior of the negative concept ``p(c- | x, t) = c_- p_-,t(x) / p_t(x)``.
 
 All of it is computed in log space with log-sum-exp (no underflow far from the
 modes), is pure, and works under ``jit`` / ``vmap`` / ``grad``.
@@ -18,15 +18,15 @@ modes), is pure, and works under ``jit`` / ``vmap`` / ``grad``.
 Typical use with the sampler::
 
     sched = linear_schedule()
-    lab = ForgetSplit(*toy_1d(), sched)                 # modes -3 / 0 / 3, forget the middle one
+    lab = NegativeSplit(*toy_1d(), sched)               # modes -3 / 0 / 3, the middle one negative
     keys = keys_from_seeds(range(10_000))
-    x0 = sample(lab.denoiser_full, sched, keys, (1,), rule=lab.exact_dng(1.0), denoiser_c=lab.denoiser_forget)
+    x0 = sample(lab.denoiser_full, sched, keys, (1,), rule=lab.exact_dng(1.0), denoiser_c=lab.denoiser_neg)
 
 The denoisers are :class:`dngjax.denoiser.Denoiser` objects whose ``params`` are the
 mixture and an alpha_bar table (pytree leaves, so nothing is baked into the compiled
 program and a new mixture of the same shape does not recompile). ``posterior_fn``
 must be hashable for :class:`~dngjax.guidance.ExactDynamicNegativeGuidance` (it is a
-static field there), so :class:`ExactForgetPosterior` holds concrete numpy copies and
+static field there), so :class:`ExactNegativePosterior` holds concrete numpy copies and
 hashes them by value.
 """
 
@@ -44,7 +44,7 @@ from flax import struct
 from .denoiser import Denoiser
 from .guidance import (DynamicNegativeGuidance, ExactDynamicNegativeGuidance, ExactMultiConceptDynamicNegativeGuidance,
                        MultiConcept)
-from .renames import no_other_keywords, renamed_keyword
+from .renames import no_other_keywords, renamed_keyword, warn_renamed
 from .schedules import Schedule
 
 Array = jnp.ndarray
@@ -265,24 +265,24 @@ def mixture_score_fn(mixture: GaussianMixture, schedule: Schedule) -> Denoiser:
     return Denoiser(apply_fn=_mixture_score, params=(mixture, alpha_bar_table(schedule)))
 
 
-def log_posterior(mixture: GaussianMixture, forget: Sequence[int], x: Array, alpha_bar) -> Array:
-    """log p(c- | x_t) = log(c_f p_f,t(x)) - log p_t(x) (B,), c_f the forget components' weight."""
-    forget = np.asarray(forget, np.int64).reshape(-1)
+def log_posterior(mixture: GaussianMixture, negative: Sequence[int], x: Array, alpha_bar) -> Array:
+    """log p(c- | x_t) = log(c_- p_-,t(x)) - log p_t(x) (B,), c_- the negative components' weight."""
+    negative = np.asarray(negative, np.int64).reshape(-1)
     joint = mixture._terms(x, alpha_bar)[2]                                      # (K, B)
     lse = jax.scipy.special.logsumexp
-    return jnp.minimum(lse(joint[forget], axis=0) - lse(joint, axis=0), 0.0)
+    return jnp.minimum(lse(joint[negative], axis=0) - lse(joint, axis=0), 0.0)
 
 
-class ExactForgetPosterior:
+class ExactNegativePosterior:
     """Hashable ``posterior_fn(x, t) -> log p(c- | x_t)`` for ExactDynamicNegativeGuidance.
 
     Use with ``log_space=True``. The mixture and the alpha_bar table are held as numpy
     copies (compile-time constants; hashed by value, so equal labs share one compilation).
     """
 
-    def __init__(self, mixture: GaussianMixture, forget: Sequence[int], schedule_or_table):
+    def __init__(self, mixture: GaussianMixture, negative: Sequence[int], schedule_or_table):
         self.mixture = jax.tree.map(lambda a: np.asarray(a, np.float32), mixture)
-        self.forget = tuple(int(i) for i in np.asarray(forget).reshape(-1))
+        self.negative = tuple(int(i) for i in np.asarray(negative).reshape(-1))
         table = (alpha_bar_table(schedule_or_table) if isinstance(schedule_or_table, Schedule)
                  else schedule_or_table)
         self.table = np.asarray(table, np.float32)
@@ -290,60 +290,65 @@ class ExactForgetPosterior:
         for a in (self.mixture.log_weights, self.mixture.means, self.mixture.stds, self.table):
             h.update(np.ascontiguousarray(a).tobytes())
             h.update(str(a.shape).encode())
-        h.update(str(self.forget).encode())
+        h.update(str(self.negative).encode())
         self._key = h.hexdigest()
 
     def __hash__(self):
         return hash(self._key)
 
     def __eq__(self, other):
-        return isinstance(other, ExactForgetPosterior) and other._key == self._key
+        return isinstance(other, ExactNegativePosterior) and other._key == self._key
 
     def __call__(self, x: Array, t: Array) -> Array:
         mixture = jax.tree.map(jnp.asarray, self.mixture)
         ab = jnp.asarray(self.table)[t]
-        return log_posterior(mixture, self.forget, x.reshape(x.shape[0], -1), ab)
+        return log_posterior(mixture, self.negative, x.reshape(x.shape[0], -1), ab)
 
     def __repr__(self):
-        return f"ExactForgetPosterior(K={self.mixture.means.shape[0]}, forget={self.forget})"
+        return f"ExactNegativePosterior(K={self.mixture.means.shape[0]}, negative={self.negative})"
 
 
 # --------------------------------------------------------------------------- a lab
 
-class ForgetSplit:
-    """A mixture split into components to forget (c-) and to remember, under one schedule.
+class NegativeSplit:
+    """A mixture split into the negative concept's components (c-) and the components to remember, under
+    one schedule.
 
     Attributes:
-      full, forget_mixture, remember_mixture: the mixtures (sub-mixtures renormalised).
-      forget_weight: c_f, the prior probability of the forbidden concept.
-      denoiser_full, denoiser_forget, denoiser_remember: exact Denoisers eps(x, t).
+      full, negative_mixture, remember_mixture: the mixtures (sub-mixtures renormalised).
+      negative: the negative components; remember: the others.
+      negative_weight: c_-, the prior probability of the negative concept.
+      denoiser_full, denoiser_neg, denoiser_remember: exact Denoisers eps(x, t).
       posterior_fn: hashable log p(c- | x_t) for ExactDynamicNegativeGuidance(log_space=True).
+
+    ``ForgetSplit`` and the attributes ``forget``, ``forget_mixture``, ``forget_weight``, ``denoiser_forget``,
+    ``in_forget`` are the deprecated names of this class and of these.
     """
 
-    def __init__(self, mixture: GaussianMixture, forget: Sequence[int], schedule: Schedule):
+    def __init__(self, mixture: GaussianMixture, negative: Sequence[int], schedule: Schedule):
         k = mixture.num_components
-        forget = sorted({int(i) for i in np.asarray(forget).reshape(-1)})
-        if not forget or any(i < 0 or i >= k for i in forget) or len(forget) == k:
-            raise ValueError(f"forget must name some but not all of the {k} components, got {forget}")
+        negative = sorted({int(i) for i in np.asarray(negative).reshape(-1)})
+        if not negative or any(i < 0 or i >= k for i in negative) or len(negative) == k:
+            raise ValueError(f"negative must name some but not all of the {k} components, got {negative}")
         self.full = mixture
-        self.forget = tuple(forget)
-        self.remember = tuple(i for i in range(k) if i not in forget)
-        self.forget_mixture = mixture.subset(self.forget)
+        self.negative = tuple(negative)
+        self.remember = tuple(i for i in range(k) if i not in negative)
+        self.negative_mixture = mixture.subset(self.negative)
         self.remember_mixture = mixture.subset(self.remember)
-        self.forget_weight = float(np.exp(np.asarray(mixture.log_weights))[list(self.forget)].sum())
+        self.negative_weight = float(np.exp(np.asarray(mixture.log_weights))[list(self.negative)].sum())
         self.schedule = schedule
         self.denoiser_full = mixture_denoiser(mixture, schedule)
-        self.denoiser_forget = mixture_denoiser(self.forget_mixture, schedule)
+        self.denoiser_neg = mixture_denoiser(self.negative_mixture, schedule)
         self.denoiser_remember = mixture_denoiser(self.remember_mixture, schedule)
-        self.posterior_fn = ExactForgetPosterior(mixture, self.forget, schedule)
+        self.posterior_fn = ExactNegativePosterior(mixture, self.negative, schedule)
 
     def log_posterior(self, x: Array, alpha_bar) -> Array:
-        return log_posterior(self.full, self.forget, x, alpha_bar)
+        return log_posterior(self.full, self.negative, x, alpha_bar)
 
-    def in_forget(self, x: Array) -> np.ndarray:
-        """Whether each x_0 is closest (most probable component at t = 0) to a forbidden mode."""
+    def in_negative(self, x: Array) -> np.ndarray:
+        """Whether each x_0 is closest (most probable component at t = 0) to a negative mode."""
         comp = np.asarray(self.full.classify(jnp.asarray(x).reshape(x.shape[0], -1)))
-        return np.isin(comp, self.forget)
+        return np.isin(comp, self.negative)
 
     def exact_dng(self, scale=1.0, p_max=1.0 - 1e-6) -> ExactDynamicNegativeGuidance:
         """DNG with this lab's exact posterior (log space); at scale 1 eps == denoiser_remember."""
@@ -352,20 +357,20 @@ class ForgetSplit:
 
     def approximate_dng(self, scale=1.0, temperature=1.0, offset=0.0, p_min=1e-6, p_max=0.99,
                         update_variance: str = "beta", **deprecated) -> DynamicNegativeGuidance:
-        """DNG with the Markov-chain posterior estimate, prior = c_f.
+        """DNG with the Markov-chain posterior estimate, prior = c_-.
 
-        The defaults are the estimator with nothing tuned: the prior is the true forget
+        The defaults are the estimator with nothing tuned: the prior is the true negative
         weight, temperature 1 and offset 0 make each update the exact log-likelihood
         ratio of the two Gaussian transitions, and ``update_variance="beta"`` uses the variance
         the sampler really adds (beta_t). ``variance=`` is the deprecated spelling of ``update_variance=``.
         """
         update_variance = renamed_keyword(deprecated, "variance", "update_variance", update_variance, "approximate_dng")
         no_other_keywords(deprecated, "approximate_dng")
-        return DynamicNegativeGuidance(scale=scale, prior=self.forget_weight, temperature=temperature,
+        return DynamicNegativeGuidance(scale=scale, prior=self.negative_weight, temperature=temperature,
                                        offset=offset, p_min=p_min, p_max=p_max, update_variance=update_variance)
 
     def remember_fractions(self, x: Array) -> np.ndarray:
-        """Fraction of the samples that are not forbidden assigned to each remembered mode."""
+        """Fraction of the samples that are not negative assigned to each remembered mode."""
         comp = np.asarray(self.full.classify(jnp.asarray(x).reshape(x.shape[0], -1)))
         counts = np.array([(comp == i).sum() for i in self.remember], np.float64)
         return counts / max(counts.sum(), 1.0)
@@ -374,7 +379,7 @@ class ForgetSplit:
 class ExactConceptPosteriors:
     """Hashable ``posterior_fn(x, t) -> log p(c_k | x_t)`` (B, K) for ExactMultiConceptDynamicNegativeGuidance."""
 
-    def __init__(self, posteriors: Sequence[ExactForgetPosterior]):
+    def __init__(self, posteriors: Sequence[ExactNegativePosterior]):
         self.posteriors = tuple(posteriors)
 
     def __hash__(self):
@@ -388,12 +393,12 @@ class ExactConceptPosteriors:
 
 
 class ConceptSplit:
-    """A mixture with K disjoint forbidden concepts (each a set of components), under one schedule.
+    """A mixture with K disjoint negative concepts (each a set of components), under one schedule.
 
     Attributes:
-      concepts: one :class:`ForgetSplit` per concept (its denoiser_forget is eps(x | c_k), its
+      concepts: one :class:`NegativeSplit` per concept (its denoiser_neg is eps(x | c_k), its
         posterior_fn log p(c_k | x_t)).
-      union: the :class:`ForgetSplit` of all forbidden components together: its remember_mixture is
+      union: the :class:`NegativeSplit` of all negative components together: its remember_mixture is
         the target p(x | none of the concepts), its denoiser_remember that target's exact eps.
       denoisers_concepts: the K concept denoisers, as the sampler's ``denoiser_c``.
     """
@@ -404,11 +409,11 @@ class ConceptSplit:
         if len(sets) < 1 or any(not c for c in sets) or len(flat) != len(set(flat)):
             raise ValueError(f"concepts must be non-empty, disjoint sets of components, got {sets}")
         self.full = mixture
-        self.concepts = tuple(ForgetSplit(mixture, c, schedule) for c in sets)
-        self.union = ForgetSplit(mixture, flat, schedule)
+        self.concepts = tuple(NegativeSplit(mixture, c, schedule) for c in sets)
+        self.union = NegativeSplit(mixture, flat, schedule)
         self.schedule = schedule
         self.denoiser_full = self.union.denoiser_full
-        self.denoisers_concepts = tuple(c.denoiser_forget for c in self.concepts)
+        self.denoisers_concepts = tuple(c.denoiser_neg for c in self.concepts)
         self.posterior_fn = ExactConceptPosteriors([c.posterior_fn for c in self.concepts])
 
     def exact_dng(self, scale=1.0, p_max=1.0 - 1e-6) -> ExactMultiConceptDynamicNegativeGuidance:
@@ -421,7 +426,7 @@ class ConceptSplit:
         """Multi-concept DNG with tracked posteriors; prior = the concepts' mean weight (equal weights: exact)."""
         update_variance = renamed_keyword(deprecated, "variance", "update_variance", update_variance, "approximate_dng")
         no_other_keywords(deprecated, "approximate_dng")
-        prior = float(np.mean([c.forget_weight for c in self.concepts]))
+        prior = float(np.mean([c.negative_weight for c in self.concepts]))
         return MultiConcept(DynamicNegativeGuidance(scale=scale, prior=prior, temperature=temperature, offset=offset,
                                                     p_min=p_min, p_max=p_max, update_variance=update_variance),
                             num_concepts=len(self.concepts))
@@ -430,7 +435,7 @@ class ConceptSplit:
 # --------------------------------------------------------------------------- the lab's mixtures
 
 def toy_1d() -> Tuple[GaussianMixture, Tuple[int, ...]]:
-    """The 1-D lab mixture: modes at -3, 0, 3 (weights .25/.35/.40, stds .35/.50/.40); forget the middle.
+    """The 1-D lab mixture: modes at -3, 0, 3 (weights .25/.35/.40, stds .35/.50/.40); the middle one negative.
 
     The remembered modes keep weights .3846/.6154; the exact target puts 2.9e-4 of its
     mass closer to the forbidden mode (the classification floor of every "forbidden
@@ -446,6 +451,36 @@ def toy_2d_two_concepts() -> Tuple[GaussianMixture, Tuple[Tuple[int, ...], ...]]
 
 
 def toy_2d() -> Tuple[GaussianMixture, Tuple[int, ...]]:
-    """The 2-D lab mixture: three equal modes (std .5) at (-2, -1.2), (2, -1.2), (0, 2); forget the top one."""
+    """The 2-D lab mixture: three equal modes (std .5) at (-2, -1.2), (2, -1.2), (0, 2); the top one negative."""
     return GaussianMixture.create([1 / 3, 1 / 3, 1 / 3], [[-2.0, -1.2], [2.0, -1.2], [0.0, 2.0]],
                                   [0.5, 0.5, 0.5]), (2,)
+
+
+# --------------------------------------------------------------------------- deprecated names
+
+def _deprecated_attribute(old: str, new: str):
+    def read(self):
+        warn_renamed(f"{type(self).__name__}.{old}", f"{type(self).__name__}.{new}")
+        return getattr(self, new)
+    return property(read)
+
+
+for _old, _new in (("forget", "negative"), ("forget_mixture", "negative_mixture"), ("forget_weight", "negative_weight"),
+                   ("denoiser_forget", "denoiser_neg"), ("in_forget", "in_negative")):
+    setattr(NegativeSplit, _old, _deprecated_attribute(_old, _new))
+
+
+class ForgetSplit(NegativeSplit):
+    """Deprecated name of :class:`NegativeSplit`."""
+
+    def __init__(self, *args, **kwargs):
+        warn_renamed("dngjax.gmm.ForgetSplit", "dngjax.gmm.NegativeSplit")
+        super().__init__(*args, **kwargs)
+
+
+class ExactForgetPosterior(ExactNegativePosterior):
+    """Deprecated name of :class:`ExactNegativePosterior`."""
+
+    def __init__(self, *args, **kwargs):
+        warn_renamed("dngjax.gmm.ExactForgetPosterior", "dngjax.gmm.ExactNegativePosterior")
+        super().__init__(*args, **kwargs)

@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 
 import dngjax as dj
-from dngjax.gmm import ForgetSplit, toy_1d, toy_2d
+from dngjax.gmm import NegativeSplit, toy_1d, toy_2d
 
 
 def _lab(dim: int, steps: int):
     sched = dj.linear_schedule() if steps >= 1000 else dj.respace(dj.linear_schedule(), steps)
     mixture, forget = toy_1d() if dim == 1 else toy_2d()
-    return sched, ForgetSplit(mixture, forget, sched)
+    return sched, NegativeSplit(mixture, forget, sched)
 
 
 def test_the_identity_for_log_r_holds_on_an_analytic_mixture():
@@ -28,8 +28,8 @@ def test_the_identity_for_log_r_holds_on_an_analytic_mixture():
     Both sides from the exact 2-D mixture: the left by autodiff through alpha_bar = exp(-lambda), the right
     from the scores and the Hessian's trace: an independent check of the Fokker-Planck derivation."""
     mixture, forget = toy_2d()
-    lab = ForgetSplit(mixture, forget, dj.linear_schedule())
-    full, neg = lab.full, lab.forget_mixture
+    lab = NegativeSplit(mixture, forget, dj.linear_schedule())
+    full, neg = lab.full, lab.negative_mixture
     log_r = lambda x, lam: neg.log_prob(x[None], jnp.exp(-lam))[0] - full.log_prob(x[None], jnp.exp(-lam))[0]
     rng = np.random.default_rng(0)
     for lam in (0.05, 0.5, 2.0, 6.0):
@@ -50,15 +50,15 @@ def test_tracked_posterior_follows_the_exact_one_along_the_chain(dim, solver, et
     stays within a few 1e-3 of the exact posterior at every step; the paper's update (ancestral) drifts."""
     sched, lab = _lab(dim, 100)
     keys = dj.keys_from_seeds(np.arange(2000))
-    kw = dict(denoiser_c=lab.denoiser_forget, eta=eta, solver=solver, return_trace=True)
-    tracked = dj.DynamicNegativeGuidance(0.0, prior=lab.forget_weight, temperature=1.0, p_min=1e-30,
+    kw = dict(denoiser_c=lab.denoiser_neg, eta=eta, solver=solver, return_trace=True)
+    tracked = dj.DynamicNegativeGuidance(0.0, prior=lab.negative_weight, temperature=1.0, p_min=1e-30,
                                          p_max=1 - 1e-7, estimator="stratonovich", divergence="exact",
                                          start="gaussian")
     _, tr = dj.sample(lab.denoiser_full, sched, keys, (dim,), rule=tracked, **kw)
     if eta == 0.0 and dim == 2:   # log r_T = 0 (Alg. 1's start) is off by the exact p_T's distance from the
         # prior (0.0036 on average here), and a deterministic path keeps that error to the end
         _, pr = dj.sample(lab.denoiser_full, sched, keys, (dim,), rule=tracked.replace(start="prior"), **kw)
-        np.testing.assert_allclose(np.asarray(pr.p)[0], lab.forget_weight, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(pr.p)[0], lab.negative_weight, rtol=1e-6)
         assert 0.003 < np.abs(np.asarray(pr.p)[-30] - np.asarray(tr.p)[-30]).mean() < 0.01
     _, ex = dj.sample(lab.denoiser_full, sched, keys, (dim,), rule=lab.exact_dng(0.0, p_max=1 - 1e-7), **kw)
     err = np.abs(np.asarray(tr.p) - np.asarray(ex.p)).mean(axis=1)           # (S,) mean |p - p_exact|
@@ -66,7 +66,7 @@ def test_tracked_posterior_follows_the_exact_one_along_the_chain(dim, solver, et
     assert err.max() < bound, err.max()
     assert float(np.asarray(ex.p)[-1].std()) > 0.3                          # the posterior really moved
     if eta == 1.0:                                                           # the paper's update on the same chain
-        paper = dj.DynamicNegativeGuidance(0.0, prior=lab.forget_weight, temperature=1.0, p_min=1e-30,
+        paper = dj.DynamicNegativeGuidance(0.0, prior=lab.negative_weight, temperature=1.0, p_min=1e-30,
                                            p_max=1 - 1e-7)
         _, pa = dj.sample(lab.denoiser_full, sched, keys, (dim,), rule=paper, **kw)
         assert np.abs(np.asarray(pa.p) - np.asarray(ex.p)).mean(axis=1).max() > 2 * err.max()
@@ -75,15 +75,15 @@ def test_tracked_posterior_follows_the_exact_one_along_the_chain(dim, solver, et
 def test_dng_with_the_continuous_posterior_removes_the_mode_on_25_deterministic_steps():
     sched, lab = _lab(1, 25)
     keys = dj.keys_from_seeds(np.arange(20_000))
-    rule = dj.DynamicNegativeGuidance(1.0, prior=lab.forget_weight, temperature=1.0, p_max=0.99,
+    rule = dj.DynamicNegativeGuidance(1.0, prior=lab.negative_weight, temperature=1.0, p_max=0.99,
                                       estimator="stratonovich")
     for solver in ("ddim", "dpmpp_2m"):
-        x = np.asarray(dj.sample(lab.denoiser_full, sched, keys, (1,), rule=rule, denoiser_c=lab.denoiser_forget,
+        x = np.asarray(dj.sample(lab.denoiser_full, sched, keys, (1,), rule=rule, denoiser_c=lab.denoiser_neg,
                                  solver=solver))
-        assert lab.in_forget(x).mean() < 0.012, (solver, lab.in_forget(x).mean())      # unguided: 0.35
+        assert lab.in_negative(x).mean() < 0.012, (solver, lab.in_negative(x).mean())      # unguided: 0.35
         x_np = np.asarray(dj.sample(lab.denoiser_full, sched, keys, (1,), rule=dj.NegativePrompting(0.0),
-                                    denoiser_c=lab.denoiser_forget, solver=solver))
-        assert lab.in_forget(x_np).mean() > 0.3
+                                    denoiser_c=lab.denoiser_neg, solver=solver))
+        assert lab.in_negative(x_np).mean() > 0.3
 
 
 def test_hutchinson_divergence_is_unbiased_and_exact_for_one_probe_direction_per_dim():
@@ -160,8 +160,8 @@ def test_dpmpp_2m_and_euler_match_diffusers_schedulers():
         sch.set_timesteps(12)
         ts = sch.timesteps.numpy().astype(np.int64)
         sched = dj.respace(base, timesteps=ts)
-        lab = ForgetSplit(mixture, forget, sched)
-        full_lab = ForgetSplit(mixture, forget, base)                       # eps at the original indices
+        lab = NegativeSplit(mixture, forget, sched)
+        full_lab = NegativeSplit(mixture, forget, base)                       # eps at the original indices
         eps = lambda y, t: np.asarray(full_lab.denoiser_full(jnp.asarray(y, jnp.float32),
                                                              jnp.full((len(y),), int(t))))
         x = torch.tensor(x_T, dtype=torch.float64) * float(sch.init_noise_sigma)
@@ -237,14 +237,14 @@ def test_hold_below_freezes_the_posterior_at_low_noise_and_log_r_starts_at_0(est
     untouched run's p before it (the lab's exact scores: the increments there are far from 0)."""
     sched, lab = _lab(2, 20)
     keys = dj.keys_from_seeds(np.arange(300))
-    kw = dict(denoiser_c=lab.denoiser_forget, solver=solver, eta=None if solver else 1.0, return_trace=True)
-    base = dict(prior=lab.forget_weight, temperature=1.0, p_min=1e-30, p_max=1 - 1e-7, estimator=estimator,
+    kw = dict(denoiser_c=lab.denoiser_neg, solver=solver, eta=None if solver else 1.0, return_trace=True)
+    base = dict(prior=lab.negative_weight, temperature=1.0, p_min=1e-30, p_max=1 - 1e-7, estimator=estimator,
                 divergence="exact" if estimator == "stratonovich" else "none")
     _, free = dj.sample(lab.denoiser_full, sched, keys, (2,), rule=dj.DynamicNegativeGuidance(0.0, **base), **kw)
     _, held = dj.sample(lab.denoiser_full, sched, keys, (2,),
                         rule=dj.DynamicNegativeGuidance(0.0, hold_below=0.5, **base), **kw)
     p_free, p_held = np.asarray(free.p), np.asarray(held.p)                  # (S, N), noisiest first
-    np.testing.assert_allclose(p_free[0], lab.forget_weight, rtol=1e-6)      # log r_T = 0
+    np.testing.assert_allclose(p_free[0], lab.negative_weight, rtol=1e-6)      # log r_T = 0
     sigma = np.sqrt(np.asarray(sched.one_minus_alpha_bars))[::-1]            # noisiest first, as the trace
     # the trace's p at step k is the posterior that guided step k, the last increment's segment ending at x_k
     # (stratonovich: updated at x_k; ito: after the step that reached x_k)
@@ -265,11 +265,11 @@ def test_positive_mode_tracks_the_posterior_relative_to_the_positive_prediction(
     (cfg_scale 1: eps_null unused beyond its call)."""
     sched, lab = _lab(2, 20)
     keys = dj.keys_from_seeds(np.arange(64))
-    kw = dict(prior=lab.forget_weight, temperature=1.0, estimator="stratonovich", divergence="exact")
+    kw = dict(prior=lab.negative_weight, temperature=1.0, estimator="stratonovich", divergence="exact")
     positive = dj.PositiveMode(dj.DynamicNegativeGuidance(1.0, **kw))
     a = dj.sample(lab.denoiser_remember, sched, keys, (2,), rule=positive,
-                  denoiser_c=(lab.denoiser_full, lab.denoiser_forget), solver="ddim", return_trace=True)
+                  denoiser_c=(lab.denoiser_full, lab.denoiser_neg), solver="ddim", return_trace=True)
     b = dj.sample(lab.denoiser_full, sched, keys, (2,), rule=dj.DynamicNegativeGuidance(1.0, **kw),
-                  denoiser_c=lab.denoiser_forget, solver="ddim", return_trace=True)
+                  denoiser_c=lab.denoiser_neg, solver="ddim", return_trace=True)
     np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(a[1].p), np.asarray(b[1].p), rtol=1e-4, atol=1e-6)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from scipy.stats import ks_2samp, norm
 
 import dngjax as dj
-from dngjax.gmm import (ExactForgetPosterior, ForgetSplit, GaussianMixture, alpha_bar_table,
+from dngjax.gmm import (ExactNegativePosterior, NegativeSplit, GaussianMixture, alpha_bar_table,
                         log_posterior, mixture_denoiser, toy_1d, toy_2d, wasserstein1_1d)
 from compile_count import count_compiles
 
@@ -51,7 +51,7 @@ def _chain(steps):
 @functools.lru_cache(maxsize=None)
 def _lab(steps):
     mixture, forget = toy_1d()
-    return ForgetSplit(mixture, forget, _chain(steps))
+    return NegativeSplit(mixture, forget, _chain(steps))
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,11 +62,11 @@ def _run(method, steps, n, seed0=0, trace=False):
         "none": (dj.NoGuidance(), None),
         "target": (dj.NoGuidance(), None),                          # denoiser_remember, unguided
         "cfg": (dj.ClassifierFreeGuidance(1.0), lab.denoiser_remember),
-        "np": (dj.NegativePrompting(1.0), lab.denoiser_forget),
-        "dng_exact": (lab.exact_dng(1.0), lab.denoiser_forget),
-        "dng_approx": (lab.approximate_dng(1.0), lab.denoiser_forget),
-        "track_exact": (lab.exact_dng(0.0), lab.denoiser_forget),
-        "track_approx": (lab.approximate_dng(0.0, p_max=1 - 1e-6), lab.denoiser_forget),
+        "np": (dj.NegativePrompting(1.0), lab.denoiser_neg),
+        "dng_exact": (lab.exact_dng(1.0), lab.denoiser_neg),
+        "dng_approx": (lab.approximate_dng(1.0), lab.denoiser_neg),
+        "track_exact": (lab.exact_dng(0.0), lab.denoiser_neg),
+        "track_approx": (lab.approximate_dng(0.0, p_max=1 - 1e-6), lab.denoiser_neg),
     }
     rule, eps_c = rules[method]
     eps_u = lab.denoiser_remember if method == "target" else lab.denoiser_full
@@ -153,12 +153,12 @@ def test_log_prob_is_the_diffused_mixture():
 
 def test_sub_mixtures_and_posterior_follow_bayes():
     lab = _lab(STEPS_FAST)
-    assert lab.forget == (1,) and lab.remember == (0, 2)
-    assert abs(lab.forget_weight - 0.35) < 1e-6
+    assert lab.negative == (1,) and lab.remember == (0, 2)
+    assert abs(lab.negative_weight - 0.35) < 1e-6
     np.testing.assert_allclose(np.asarray(lab.remember_mixture.weights), KEPT_WEIGHTS, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(lab.forget_mixture.weights), [1.0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(lab.negative_mixture.weights), [1.0], rtol=1e-6)
     x = jnp.linspace(-6, 6, 97)[:, None]
-    parts = jax.jit(lambda ab: (lab.forget_mixture.log_prob(x, ab), lab.full.log_prob(x, ab),
+    parts = jax.jit(lambda ab: (lab.negative_mixture.log_prob(x, ab), lab.full.log_prob(x, ab),
                                 lab.remember_mixture.log_prob(x, ab), lab.log_posterior(x, ab)))
     for ab in (0.9999, 0.9, 0.4, 0.01):
         lf, lu, lr, lp = (np.asarray(a, np.float64) for a in parts(jnp.float32(ab)))
@@ -199,20 +199,20 @@ def test_denoisers_posterior_fn_and_compile_cache():
     lp = np.asarray(lab.posterior_fn(x, t))
     np.testing.assert_allclose(lp, np.asarray(log_posterior(lab.full, (1,), x, ab)), rtol=1e-6, atol=1e-7)
     # equal labs give equal (hashable) posterior functions: no recompilation
-    other = ForgetSplit(*toy_1d(), sched)
+    other = NegativeSplit(*toy_1d(), sched)
     assert other.posterior_fn == lab.posterior_fn and hash(other.posterior_fn) == hash(lab.posterior_fn)
-    assert ExactForgetPosterior(lab.full, (0,), sched) != lab.posterior_fn
+    assert ExactNegativePosterior(lab.full, (0,), sched) != lab.posterior_fn
     keys = dj.keys_from_seeds(np.arange(8))
-    dj.sample(lab.denoiser_full, sched, keys, (1,), rule=lab.exact_dng(1.0), denoiser_c=lab.denoiser_forget)
+    dj.sample(lab.denoiser_full, sched, keys, (1,), rule=lab.exact_dng(1.0), denoiser_c=lab.denoiser_neg)
     with count_compiles("_grid_impl") as compiles:
-        dj.sample(other.denoiser_full, sched, keys, (1,), rule=other.exact_dng(2.0), denoiser_c=other.denoiser_forget)
+        dj.sample(other.denoiser_full, sched, keys, (1,), rule=other.exact_dng(2.0), denoiser_c=other.denoiser_neg)
     assert compiles == []
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eps_all(lab, x, t):
     tt = jnp.full((x.shape[0],), t, jnp.int32)
-    return lab.denoiser_full(x, tt), lab.denoiser_forget(x, tt), lab.denoiser_remember(x, tt), lab.posterior_fn(x, tt)
+    return lab.denoiser_full(x, tt), lab.denoiser_neg(x, tt), lab.denoiser_remember(x, tt), lab.posterior_fn(x, tt)
 
 
 @pytest.mark.parametrize("t", [0, 10, 100, 300, 600, 999])
@@ -266,7 +266,7 @@ def test_exact_dng_reproduces_the_remaining_modes():
     x = _run("dng_exact", STEPS_FAST, N_FAST)
     w1 = wasserstein1_1d(x, lab.remember_mixture)
     assert w1 < W1_BOUND_FAST, w1
-    assert lab.in_forget(x).mean() < 0.005
+    assert lab.in_negative(x).mean() < 0.005
     assert np.all(np.abs(_kept_weights(lab, x) - KEPT_WEIGHTS) < 0.03)
     # the same seeds through CFG (lambda = 1, i.e. plain sampling with eps_r): the same paths
     y = _run("cfg", STEPS_FAST, N_FAST)
@@ -279,7 +279,7 @@ def test_unguided_and_np_do_not_reproduce_the_target():
     lab = _lab(STEPS_FAST)
     w1_dng = wasserstein1_1d(_run("dng_exact", STEPS_FAST, N_FAST), lab.remember_mixture)
     x_none = _run("none", STEPS_FAST, N_FAST)
-    assert abs(lab.in_forget(x_none).mean() - 0.35) < 0.02
+    assert abs(lab.in_negative(x_none).mean() - 0.35) < 0.02
     x_np = _run("np", STEPS_FAST, N_FAST)
     w1_np = wasserstein1_1d(x_np, lab.remember_mixture)
     assert w1_np > 5 * W1_BOUND_FAST and w1_np > 15 * w1_dng, (w1_np, w1_dng)
@@ -294,8 +294,8 @@ def test_markov_chain_posterior_tracks_the_exact_one():
     pa, pe = pa.astype(np.float64), pe.astype(np.float64)
     # lambda = 0: the same trajectories (up to float rounding: the two programs compile differently)
     assert np.abs(xa - xe).max() < 1e-3
-    forb = lab.in_forget(xe)
-    assert np.mean(forb != lab.in_forget(xa)) < 1e-4
+    forb = lab.in_negative(xe)
+    assert np.mean(forb != lab.in_negative(xa)) < 1e-4
     assert 0.3 < forb.mean() < 0.4
     ma = np.stack([pa[:, forb].mean(1), pa[:, ~forb].mean(1)])
     me = np.stack([pe[:, forb].mean(1), pe[:, ~forb].mean(1)])
@@ -309,7 +309,7 @@ def test_markov_chain_posterior_tracks_the_exact_one():
 def test_approximate_dng_removes_most_forbidden_mass():
     lab = _lab(STEPS_FAST)
     x = _run("dng_approx", STEPS_FAST, N_FAST)
-    forb = lab.in_forget(x).mean()
+    forb = lab.in_negative(x).mean()
     assert forb < 0.06, forb                              # from 0.35 unguided; measured 0.036
     w = _kept_weights(lab, x)
     assert np.all(np.abs(w - KEPT_WEIGHTS) < 0.02), w     # measured |dw| = 0.010
@@ -323,13 +323,13 @@ def test_ddim_exact_dng_reproduces_the_remaining_modes_and_tracked_dng_removes_m
     lab = _lab(STEPS_FAST)
     keys = dj.keys_from_seeds(np.arange(N_FAST))
     run = lambda rule, eta: np.asarray(dj.sample(lab.denoiser_full, lab.schedule, keys, (1,), rule=rule,
-                                                 denoiser_c=lab.denoiser_forget, eta=eta, chunk_size=N_FAST))
+                                                 denoiser_c=lab.denoiser_neg, eta=eta, chunk_size=N_FAST))
     for eta in (0.0, 0.5):
         x = run(lab.exact_dng(1.0), eta)
-        assert lab.in_forget(x).mean() < 0.005, eta
+        assert lab.in_negative(x).mean() < 0.005, eta
         assert wasserstein1_1d(x, lab.remember_mixture) < W1_BOUND_FAST, eta
     x = run(lab.approximate_dng(1.0, update_variance="step"), 0.5)
-    forb = lab.in_forget(x).mean()
+    forb = lab.in_negative(x).mean()
     assert forb < 0.2, forb          # from 0.35 unguided; measured 0.144 (ancestral beta-noise chain: 0.036)
     with pytest.raises(ValueError, match="stochastic step"):
         run(lab.approximate_dng(1.0), 0.0)
@@ -356,7 +356,7 @@ def test_multi_concept_dng_exact_removes_both_concepts_and_equals_cfg_toward_the
                                                 denoiser_c=dc, chunk_size=N_2D))
     x = run(lab.exact_dng(1.0), lab.denoisers_concepts)
     target = lab.union.remember_mixture
-    assert lab.union.in_forget(x).mean() < 0.005
+    assert lab.union.in_negative(x).mean() < 0.005
     ref = np.asarray(target.sample(jax.random.key(7), N_2D))       # the sampling error of N exact draws
     for d in ([1, 0], [0, 1], [1, 1]):
         floor = _marginal_w1(ref, target, d)
@@ -366,13 +366,13 @@ def test_multi_concept_dng_exact_removes_both_concepts_and_equals_cfg_toward_the
     assert np.quantile(dist, 0.999) < 1e-3 and dist.max() < 0.1
     # tracked posteriors, one per concept; the unguided chain leaves half the mass in the two concepts
     none = run(dj.NoGuidance(), None)
-    assert abs(lab.union.in_forget(none).mean() - 0.5) < 0.02
+    assert abs(lab.union.in_negative(none).mean() - 0.5) < 0.02
     tracked, tr = dj.sample(lab.denoiser_full, lab.schedule, keys, (2,), rule=lab.approximate_dng(1.0),
                             denoiser_c=lab.denoisers_concepts, chunk_size=N_2D, return_trace=True)
-    forb = lab.union.in_forget(np.asarray(tracked))
+    forb = lab.union.in_negative(np.asarray(tracked))
     assert forb.mean() < 0.06, forb.mean()
     for c in lab.concepts:                                   # each concept removed, not only their sum
-        assert c.in_forget(np.asarray(tracked)).mean() < 0.04
+        assert c.in_negative(np.asarray(tracked)).mean() < 0.04
     assert np.all(np.asarray(tr.p) <= 0.99 + 1e-6)          # P = sum_k p_k capped at p_max
     with pytest.raises(ValueError, match="sequence of 2 denoisers \\(one per concept"):
         run(lab.approximate_dng(1.0), lab.denoisers_concepts[0])
@@ -388,13 +388,13 @@ def test_positive_mode_exact_dng_samples_the_prompt_without_the_negative():
     from dngjax.gmm import mixture_denoiser, toy_2d_two_concepts
     mixture, _ = toy_2d_two_concepts()
     sched = _chain(STEPS_FAST)
-    pos = ForgetSplit(mixture.subset([0, 2]), [1], sched)     # within c+: forget mode 2 (= c+ and c-)
+    pos = NegativeSplit(mixture.subset([0, 2]), [1], sched)     # within c+: forget mode 2 (= c+ and c-)
     null = mixture_denoiser(mixture, sched)
     keys = dj.keys_from_seeds(np.arange(N_2D))
     run = lambda rule, dc: np.asarray(dj.sample(null, sched, keys, (2,), rule=rule, denoiser_c=dc, chunk_size=N_2D))
     comp = lambda x: np.bincount(np.asarray(mixture.classify(jnp.asarray(x))), minlength=4) / len(x)
     rule = dj.PositiveMode(dj.ExactDynamicNegativeGuidance(1.0, posterior_fn=pos.posterior_fn, log_space=True))
-    x = run(rule, (pos.denoiser_full, pos.denoiser_forget))
+    x = run(rule, (pos.denoiser_full, pos.denoiser_neg))
     assert comp(x)[0] > 0.995, comp(x)
     target = pos.remember_mixture
     ref = np.asarray(target.sample(jax.random.key(7), N_2D))
@@ -404,7 +404,7 @@ def test_positive_mode_exact_dng_samples_the_prompt_without_the_negative():
     dist = np.abs(x - direct).max(-1)
     assert np.quantile(dist, 0.999) < 1e-3 and dist.max() < 0.1
     tracked = dj.PositiveMode(dj.DynamicNegativeGuidance(1.0, prior=0.5, temperature=1.0, update_variance="beta"))
-    forb = comp(run(tracked, (pos.denoiser_full, pos.denoiser_forget)))[2]
+    forb = comp(run(tracked, (pos.denoiser_full, pos.denoiser_neg)))[2]
     assert forb < 0.07, forb                                   # from 0.5 within c+; measured 0.035
     standin = comp(run(tracked, (pos.denoiser_full, mixture_denoiser(mixture.subset([2, 3]), sched))))[2]
     assert forb < standin < 0.35, standin                      # measured 0.24
@@ -420,7 +420,7 @@ def test_calibrate_finds_the_smallest_scale_meeting_the_target_with_a_bound():
     keys = dj.keys_from_seeds(np.arange(2000))
     scales = [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
     cal = dj.calibrate(lab.denoiser_full, lab.schedule, keys, (1,), rule=dj.NegativePrompting(), scales=scales[::-1],
-                       is_unwanted=lab.in_forget, target=0.05, denoiser_c=lab.denoiser_forget, chunk_size=2000)
+                       is_unwanted=lab.in_negative, target=0.05, denoiser_c=lab.denoiser_neg, chunk_size=2000)
     np.testing.assert_array_equal(cal.scales, scales)                # sorted
     assert cal.n == 2000 and abs(cal.rate[0] - 0.35) < 0.04          # unguided: the forbidden mode's weight
     assert cal.met and cal.scale in scales[1:]
@@ -430,18 +430,18 @@ def test_calibrate_finds_the_smallest_scale_meeting_the_target_with_a_bound():
     np.testing.assert_allclose(cal.upper[k], stats.beta.ppf(0.95, cal.unwanted[k] + 1, 2000 - cal.unwanted[k]))
     # the same samples as a plain sweep
     x = dj.sweep(lab.denoiser_full, lab.schedule, keys, (1,), rule=dj.NegativePrompting(), grid={"scale": [cal.scale]},
-                 denoiser_c=lab.denoiser_forget, chunk_size=2000)
-    assert int(lab.in_forget(x[0]).sum()) == cal.unwanted[k]
+                 denoiser_c=lab.denoiser_neg, chunk_size=2000)
+    assert int(lab.in_negative(x[0]).sum()) == cal.unwanted[k]
     assert "smallest scale meeting 5 %" in cal.table()
     # k = 0 of n: the bound is 1 - (1 - c)^(1/n)
     np.testing.assert_allclose(dj.calibration.upper_bound(np.array([0]), 300, 0.95), 1 - 0.05 ** (1 / 300), rtol=1e-9)
     none = dj.calibrate(lab.denoiser_full, lab.schedule, keys[:200], (1,), rule=dj.NegativePrompting(), scales=[0.0],
-                        is_unwanted=lab.in_forget, target=0.05, denoiser_c=lab.denoiser_forget)
+                        is_unwanted=lab.in_negative, target=0.05, denoiser_c=lab.denoiser_neg)
     assert not none.met and "no candidate scale" in none.table()
     for kw, message in [({"target": 5.0}, "target must be a rate"), ({"confidence": 0.3}, "confidence must"),
                         ({"scales": []}, "scales is empty"), ({"scales": [-1.0]}, "scale must be >= 0")]:
-        args = dict(rule=dj.NegativePrompting(), scales=[1.0], is_unwanted=lab.in_forget, target=0.05,
-                    denoiser_c=lab.denoiser_forget)
+        args = dict(rule=dj.NegativePrompting(), scales=[1.0], is_unwanted=lab.in_negative, target=0.05,
+                    denoiser_c=lab.denoiser_neg)
         args.update(kw)
         with pytest.raises(ValueError, match=message):
             dj.calibrate(lab.denoiser_full, lab.schedule, keys[:10], (1,), **args)
@@ -451,10 +451,10 @@ def test_multi_concept_dng_with_one_concept_is_dng():
     lab = _lab(STEPS_FAST)
     keys = dj.keys_from_seeds(np.arange(64))
     one = dj.sample(lab.denoiser_full, lab.schedule, keys, (1,), rule=lab.approximate_dng(2.0),
-                    denoiser_c=lab.denoiser_forget)
-    multi = dj.MultiConcept(dj.DynamicNegativeGuidance(2.0, prior=lab.forget_weight, temperature=1.0,
+                    denoiser_c=lab.denoiser_neg)
+    multi = dj.MultiConcept(dj.DynamicNegativeGuidance(2.0, prior=lab.negative_weight, temperature=1.0,
                                                        update_variance="beta"), num_concepts=1)
-    got = dj.sample(lab.denoiser_full, lab.schedule, keys, (1,), rule=multi, denoiser_c=[lab.denoiser_forget])
+    got = dj.sample(lab.denoiser_full, lab.schedule, keys, (1,), rule=multi, denoiser_c=[lab.denoiser_neg])
     np.testing.assert_allclose(np.asarray(got), np.asarray(one), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="must sum below p_max"):
         dj.MultiConcept(dj.DynamicNegativeGuidance(prior=0.5), num_concepts=2)
@@ -469,7 +469,7 @@ def test_slow_exact_dng_full_chain_100k():
     lab = _lab(STEPS_SLOW)
     x = _run("dng_exact", STEPS_SLOW, N_SLOW)
     assert wasserstein1_1d(x, lab.remember_mixture) < W1_BOUND_SLOW
-    assert lab.in_forget(x).mean() < 0.005
+    assert lab.in_negative(x).mean() < 0.005
     # CFG on other seeds: statistically indistinguishable from DNG
     y = _run("cfg", STEPS_SLOW, N_SLOW, seed0=10 ** 6)
     assert wasserstein1_1d(y, lab.remember_mixture) < W1_BOUND_SLOW
@@ -485,10 +485,10 @@ def test_slow_tracking_and_approximate_dng_full_chain():
     xa, pa = _run("track_approx", STEPS_SLOW, n, trace=True)
     xe, pe = _run("track_exact", STEPS_SLOW, n, trace=True)
     pa, pe = pa.astype(np.float64), pe.astype(np.float64)
-    forb = lab.in_forget(xe)
+    forb = lab.in_negative(xe)
     gap = max(np.abs(pa[:, forb].mean(1) - pe[:, forb].mean(1)).max(),
               np.abs(pa[:, ~forb].mean(1) - pe[:, ~forb].mean(1)).max())
     assert gap < 0.07, gap
     x = _run("dng_approx", STEPS_SLOW, N_SLOW)
-    assert lab.in_forget(x).mean() < 0.03
+    assert lab.in_negative(x).mean() < 0.03
     assert np.all(np.abs(_kept_weights(lab, x) - KEPT_WEIGHTS) < 0.01)

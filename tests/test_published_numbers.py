@@ -222,7 +222,7 @@ def test_gmm_chain_length_short_chains(steps):
     lab = common.lab_1d(sched)
     rules = {"none": lab.approximate_dng(0.0), "dng_exact": lab.exact_dng(1.0),
              "dng_approx": lab.approximate_dng(1.0, p_max=0.99, update_variance="beta")}
-    s = {m: common.summarize_1d(lab, common.sample_chunked(lab, rule, lab.denoiser_forget, sched, 100_000,
+    s = {m: common.summarize_1d(lab, common.sample_chunked(lab, rule, lab.denoiser_neg, sched, 100_000,
                                                            seed0=0, chunk=25_000, progress=False))
          for m, rule in rules.items()}
     got = [s["none"]["forbidden"], s["dng_exact"]["forbidden"], s["dng_exact"]["W1"],

@@ -98,3 +98,23 @@ def test_a_card_says_model_type_and_older_cards_kind():
     assert "model_type" not in old and checkpoint.model_type(old) == "ddpm" and old["arch"]["kind"] == "unet"
     assert checkpoint.model_type(checkpoint.load_card(os.path.join(root, "classifier"))) == "classifier"
     assert checkpoint.model_type({"model_type": "ddpm", "arch": {"kind": "unet"}}) == "ddpm"
+
+
+def test_the_gmm_lab_names_the_negative_concept():
+    """The lab's negative concept: ``NegativeSplit`` with ``negative``, ``negative_weight``, ``denoiser_neg``...;
+    the older ``ForgetSplit`` and ``forget*`` names still work."""
+    from dngjax import gmm
+    sched = dj.linear_schedule(50)
+    new = gmm.NegativeSplit(*gmm.toy_1d(), sched)
+    with pytest.warns(DeprecationWarning, match="NegativeSplit"):
+        old = gmm.ForgetSplit(*gmm.toy_1d(), sched)
+    assert isinstance(old, gmm.NegativeSplit) and old.posterior_fn == new.posterior_fn
+    for name, now in (("forget", "negative"), ("forget_weight", "negative_weight"), ("forget_mixture", "negative_mixture"),
+                      ("denoiser_forget", "denoiser_neg")):
+        with pytest.warns(DeprecationWarning, match=f"NegativeSplit.{now}"):
+            assert getattr(new, name) is getattr(new, now)
+    x = np.array([[-3.0], [0.0], [3.0]])
+    with pytest.warns(DeprecationWarning):
+        np.testing.assert_array_equal(new.in_forget(x), new.in_negative(x))
+    with pytest.warns(DeprecationWarning):
+        assert gmm.ExactForgetPosterior(new.full, new.negative, sched) == new.posterior_fn

@@ -71,9 +71,9 @@ def fields(lab, x, t):
     ab = alpha_bar_at(lab, t)
     x = np.asarray(x, np.float64)
     joint, s_u = _np_terms(lab.full, x, ab)
-    jf, s_f = _np_terms(lab.forget_mixture, x, ab)
+    jf, s_f = _np_terms(lab.negative_mixture, x, ab)
     jr, s_r = _np_terms(lab.remember_mixture, x, ab)
-    log_p = np.minimum(logsumexp(joint[:, list(lab.forget)], axis=1) - logsumexp(joint, axis=1), 0.0)
+    log_p = np.minimum(logsumexp(joint[:, list(lab.negative)], axis=1) - logsumexp(joint, axis=1), 0.0)
     with np.errstate(divide="ignore"):
         log_1mp = np.log(-np.expm1(log_p))
     undefined = log_1mp < np.log(1e-12)
@@ -128,7 +128,7 @@ def _figure(lab, rows, path, suptitle, bg_kind):
             q = ax.quiver(gx.ravel()[ok], gy.ravel()[ok], u[ok, 0], u[ok, 1], np.log10(mag[ok]), cmap="viridis",
                           norm=norm, scale=30, width=0.0045, pivot="mid")
             for k, m in enumerate(np.asarray(lab.full.means)):
-                forb = k in lab.forget
+                forb = k in lab.negative
                 ax.plot(*m, marker="X" if forb else "o", color="red" if forb else "white", mec="k", ms=9, mew=1.2)
             ax.set_xlim(*XLIM)
             ax.set_ylim(*YLIM)
@@ -150,7 +150,7 @@ def _at_modes(lab, t, m):
     ab = alpha_bar_at(lab, t)
     centres = np.sqrt(ab) * np.asarray(lab.full.means, np.float64)
     g = _norm(fields(lab, centres, t)["g"][m])
-    return float(np.mean(g[list(lab.remember)])), float(np.mean(g[list(lab.forget)]))
+    return float(np.mean(g[list(lab.remember)])), float(np.mean(g[list(lab.negative)]))
 
 
 def field_table(lab, n=4000):
@@ -166,7 +166,7 @@ def field_table(lab, n=4000):
             return np.asarray(jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * jax.random.normal(k3, x0.shape))
 
         at = {"kept": fields(lab, diffused(lab.remember_mixture, k1), t),
-              "forb": fields(lab, diffused(lab.forget_mixture, k2), t)}
+              "forb": fields(lab, diffused(lab.negative_mixture, k2), t)}
         for m in ("cfg", "np", "dng_exact"):
             r = {"t": t, "method": METHOD_LABELS[m]}
             for where, f in at.items():
@@ -242,7 +242,7 @@ def run(args):
                                    progress=not args.no_progress, desc=m)
             fr = lab.remember_fractions(x)
             comp = np.asarray(lab.full.classify(jnp.asarray(x)))
-            srows.append({"method": METHOD_LABELS[m], "forbidden": float(lab.in_forget(x).mean()),
+            srows.append({"method": METHOD_LABELS[m], "forbidden": float(lab.in_negative(x).mean()),
                           "w0": float(fr[0]), "w1": float(fr[1]),
                           "r": float(np.median(np.linalg.norm(x - means[comp], axis=-1))), "seconds": tm.s})
         t2 = print_table(f"Appendix A - 2-D samples, n = {args.n} per rule, chain = {sched.num_steps} steps "

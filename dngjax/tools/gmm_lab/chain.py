@@ -34,10 +34,10 @@ def run(args):
     for steps in STEPS:
         sched = chain(steps)
         lab = lab_1d(sched)
-        rules = {"none": (lab.approximate_dng(0.0), lab.denoiser_forget),
-                 "dng_exact": (lab.exact_dng(1.0), lab.denoiser_forget),
+        rules = {"none": (lab.approximate_dng(0.0), lab.denoiser_neg),
+                 "dng_exact": (lab.exact_dng(1.0), lab.denoiser_neg),
                  "dng_approx": (lab.approximate_dng(1.0, p_max=args.p_max, update_variance=args.update_variance),
-                                lab.denoiser_forget)}
+                                lab.denoiser_neg)}
         for m, (rule, denoiser_c) in rules.items():
             with Timer() as tm:
                 x = sample_chunked(lab, rule, denoiser_c, sched, args.n, seed0=args.seed, chunk=args.chunk,

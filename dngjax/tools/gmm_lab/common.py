@@ -10,7 +10,7 @@ import numpy as np
 
 from dngjax import (NoGuidance, NegativePrompting, ClassifierFreeGuidance, linear_schedule, respace,
                     sample_chunks, keys_from_seeds)
-from dngjax.gmm import ForgetSplit, toy_1d, toy_2d, wasserstein1_1d
+from dngjax.gmm import NegativeSplit, toy_1d, toy_2d, wasserstein1_1d
 
 METHOD_LABELS = {
     "none": "no guidance",
@@ -27,32 +27,32 @@ def chain(steps: int):
     return base if steps >= base.num_steps else respace(base, steps)
 
 
-def lab_1d(schedule) -> ForgetSplit:
-    mixture, forget = toy_1d()
-    return ForgetSplit(mixture, forget, schedule)
+def lab_1d(schedule) -> NegativeSplit:
+    mixture, negative = toy_1d()
+    return NegativeSplit(mixture, negative, schedule)
 
 
-def lab_2d(schedule) -> ForgetSplit:
-    mixture, forget = toy_2d()
-    return ForgetSplit(mixture, forget, schedule)
+def lab_2d(schedule) -> NegativeSplit:
+    mixture, negative = toy_2d()
+    return NegativeSplit(mixture, negative, schedule)
 
 
-def rule_for(lab: ForgetSplit, method: str, scale: float = 1.0, **kw):
+def rule_for(lab: NegativeSplit, method: str, scale: float = 1.0, **kw):
     """(rule, eps_c) for a method name (see METHOD_LABELS)."""
     if method == "none":
         return NoGuidance(), None
     if method == "cfg":
         return ClassifierFreeGuidance(scale), lab.denoiser_remember
     if method == "np":
-        return NegativePrompting(scale), lab.denoiser_forget
+        return NegativePrompting(scale), lab.denoiser_neg
     if method == "dng_exact":
-        return lab.exact_dng(scale), lab.denoiser_forget
+        return lab.exact_dng(scale), lab.denoiser_neg
     if method == "dng_approx":
-        return lab.approximate_dng(scale, **kw), lab.denoiser_forget
+        return lab.approximate_dng(scale, **kw), lab.denoiser_neg
     raise ValueError(f"unknown method {method!r}; choose among {list(METHOD_LABELS)}")
 
 
-def sample_chunked(lab: ForgetSplit, rule, eps_c, schedule, n: int, *, seed0: int = 0,
+def sample_chunked(lab: NegativeSplit, rule, eps_c, schedule, n: int, *, seed0: int = 0,
                    chunk: int = 25_000, progress: bool = True, desc: str = "",
                    trace_reducer=None, eta=None):
     """Samples for seeds seed0 .. seed0+n-1 via :func:`dngjax.sample_chunks` (one compilation).
@@ -73,11 +73,11 @@ def sample_chunked(lab: ForgetSplit, rule, eps_c, schedule, n: int, *, seed0: in
     return np.concatenate(xs, axis=0)
 
 
-def summarize_1d(lab: ForgetSplit, x: np.ndarray) -> Dict[str, float]:
+def summarize_1d(lab: NegativeSplit, x: np.ndarray) -> Dict[str, float]:
     """W1 to the remaining-modes law, forbidden mass, the remembered modes' relative weights."""
     fr = lab.remember_fractions(x)
     return {"W1": wasserstein1_1d(x[:, 0], lab.remember_mixture),
-            "forbidden": float(lab.in_forget(x).mean()),
+            "forbidden": float(lab.in_negative(x).mean()),
             "w_left": float(fr[0]), "w_right": float(fr[1]),
             "mean": float(x.mean()), "std": float(x.std())}
 

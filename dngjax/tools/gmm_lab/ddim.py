@@ -48,7 +48,7 @@ def run(args):
                 rules["dng_floor"] = lab.approximate_dng(1.0, p_max=args.p_max, update_variance="beta_tilde")
             for m, rule in rules.items():
                 with Timer() as tm:
-                    x = sample_chunked(lab, rule, lab.denoiser_forget, sched, args.n, seed0=args.seed,
+                    x = sample_chunked(lab, rule, lab.denoiser_neg, sched, args.n, seed0=args.seed,
                                        chunk=args.chunk, progress=not args.no_progress, eta=eta,
                                        desc=f"{m}, {steps} steps, eta {eta}")
                 rows.append({"steps": steps, "eta": eta, "method": m, "label": METHODS[m],

@@ -28,7 +28,7 @@ import textwrap
 import numpy as np
 
 import dngjax as dj
-from dngjax.gmm import (ConceptSplit, ForgetSplit, GaussianMixture, mixture_denoiser, toy_2d_two_concepts,
+from dngjax.gmm import (ConceptSplit, NegativeSplit, GaussianMixture, mixture_denoiser, toy_2d_two_concepts,
                         wasserstein1_1d)
 
 from .common import Timer, chain, lab_1d, prepare_out, print_table, save_png
@@ -87,7 +87,7 @@ def run(args):
                       ("W1x", "W1 of x-marginal", ".4f"), ("W1y", "W1 of y-marginal", ".4f"), ("s", "seconds", ".0f")])
 
     # ---- positive-prompt mode
-    pos = ForgetSplit(mixture.subset([0, 2]), [1], sched)
+    pos = NegativeSplit(mixture.subset([0, 2]), [1], sched)
     null = mixture_denoiser(mixture, sched)
     standin = mixture_denoiser(mixture.subset([2, 3]), sched)
     tracked = dj.PositiveMode(dj.DynamicNegativeGuidance(1.0, prior=0.5, temperature=1.0, variance="beta"))
@@ -96,9 +96,9 @@ def run(args):
         "exact": ("positive DNG, exact p(c-|x,c+), neg = eps(x|c+,c-), lambda0=1",
                   draw(null, dj.PositiveMode(dj.ExactDynamicNegativeGuidance(1.0, posterior_fn=pos.posterior_fn,
                                                                               log_space=True)),
-                       (pos.denoiser_full, pos.denoiser_forget))),
+                       (pos.denoiser_full, pos.denoiser_neg))),
         "tracked": ("positive DNG, tracked, neg = eps(x|c+,c-), lambda0=1",
-                    draw(null, tracked, (pos.denoiser_full, pos.denoiser_forget))),
+                    draw(null, tracked, (pos.denoiser_full, pos.denoiser_neg))),
         "standin": ("positive DNG, tracked, neg = eps(x|c-) (text-to-image stand-in), lambda0=1",
                     draw(null, tracked, (pos.denoiser_full, standin))),
         "np": ("positive NP, neg = eps(x|c-), lambda=1",
@@ -120,8 +120,8 @@ def run(args):
     lab1 = lab_1d(sched)
     rows_c = []
     for name, rule, grid in (("NP", dj.NegativePrompting(), NP_GRID), ("DNG (tracked)", lab1.approximate_dng(), DNG_GRID)):
-        cal = dj.calibrate(lab1.denoiser_full, sched, keys, (1,), rule=rule, scales=grid, is_unwanted=lab1.in_forget,
-                           target=0.01, denoiser_c=lab1.denoiser_forget, chunk_size=args.chunk)
+        cal = dj.calibrate(lab1.denoiser_full, sched, keys, (1,), rule=rule, scales=grid, is_unwanted=lab1.in_negative,
+                           target=0.01, denoiser_c=lab1.denoiser_neg, chunk_size=args.chunk)
         print(f"\n{name}:\n{cal.table()}")
         k = None if cal.scale is None else list(cal.scales).index(cal.scale)
         rows_c.append({"label": name, "grid": " ".join(f"{s:g}" for s in grid),

@@ -76,7 +76,7 @@ def plot(lab, samples, rows, path, n, steps):
     p0 = lab.full.density_1d(grid)
     target = lab.remember_mixture.density_1d(grid)
     bins = np.linspace(lo, hi, 141)
-    forb_region = lab.in_forget(grid[:, None])       # where the forbidden mode is the most probable one
+    forb_region = lab.in_negative(grid[:, None])       # where the forbidden mode is the most probable one
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True, sharey=True)
     for ax, m, r in zip(axes.ravel(), METHODS, rows):
         x = samples[m][:, 0]

@@ -34,7 +34,7 @@ class _GroupStats:
         self.p = []
 
     def __call__(self, x0, t, p, lam):
-        forb = self.lab.in_forget(x0)
+        forb = self.lab.in_negative(x0)
         self.t = t
         self.x0.append(x0)
         # kept for the quantile bands and the per-sample error (S x n x 4 bytes)
@@ -67,10 +67,10 @@ def run(args):
     exact0 = lab.exact_dng(0.0)
     ga, ge = _GroupStats(lab), _GroupStats(lab)
     with Timer() as tm_a:
-        xa = sample_chunked(lab, approx0, lab.denoiser_forget, sched, args.n_track, seed0=args.seed,
+        xa = sample_chunked(lab, approx0, lab.denoiser_neg, sched, args.n_track, seed0=args.seed,
                             chunk=chunk_tr, progress=prog, desc="track: Markov-chain posterior",
                             trace_reducer=ga)
-        xe = sample_chunked(lab, exact0, lab.denoiser_forget, sched, args.n_track, seed0=args.seed,
+        xe = sample_chunked(lab, exact0, lab.denoiser_neg, sched, args.n_track, seed0=args.seed,
                             chunk=chunk_tr, progress=prog, desc="track: exact posterior",
                             trace_reducer=ge)
     same_traj = float(np.abs(xa - xe).max())
@@ -78,7 +78,7 @@ def run(args):
     gap = np.abs(ma - me)                                       # (2, S)
     pa_all, pe_all = ga.all_p().astype(np.float32), ge.all_p().astype(np.float32)
     per_sample_mae = float(np.mean(np.abs(pa_all - pe_all)))
-    forb = lab.in_forget(xe)
+    forb = lab.in_negative(xe)
     t = ga.t
     track_rows = []
     for gi, name in enumerate(("ends in forbidden mode", "ends in a kept mode")):
@@ -96,14 +96,14 @@ def run(args):
                   ("end_approx", "approx mean @t=0", ".4f"), ("end_exact", "exact mean @t=0", ".4f")]
     t1 = print_table(
         f"Fig. 3a - posterior tracking at lambda = 0, n = {args.n_track}, chain = {sched.num_steps} steps, "
-        f"estimate: prior {lab.forget_weight:.2f}, temperature 1, offset 0, variance {args.update_variance!r} "
+        f"estimate: prior {lab.negative_weight:.2f}, temperature 1, offset 0, variance {args.update_variance!r} "
         f"(same trajectories: max abs dx0 between the two runs = {same_traj:.1e}; per-sample mean abs(p_approx - p_exact) "
         f"over all steps = {per_sample_mae:.4f}; {tm_a.s:.0f} s)", track_rows, track_cols)
 
     # (b) DNG with the estimate at lambda0 = 1
     rule = lab.approximate_dng(1.0, p_max=args.p_max, update_variance=args.update_variance)
     with Timer() as tm_b:
-        xb = sample_chunked(lab, rule, lab.denoiser_forget, sched, args.n, seed0=args.seed, chunk=args.chunk,
+        xb = sample_chunked(lab, rule, lab.denoiser_neg, sched, args.n, seed0=args.seed, chunk=args.chunk,
                             progress=prog, desc="DNG (Markov-chain posterior), lambda0 = 1")
     import jax
     xt = np.asarray(lab.remember_mixture.sample(jax.random.key(args.seed + 12345), args.n))
@@ -136,7 +136,7 @@ def plot(lab, t, ma, me, pa_all, forb, xb, row_b, path, args, steps):
         ax.fill_between(t, q10, q90, color=colors[gi], alpha=0.12, lw=0)
         ax.plot(t, me[gi], color=colors[gi], lw=2.0, label=f"exact $p(c^-|x_t)$, {names[gi]}")
         ax.plot(t, ma[gi], color=colors[gi], lw=1.6, ls="--", label=f"Markov-chain estimate, {names[gi]}")
-    ax.axhline(lab.forget_weight, color="k", lw=0.6, ls=":")
+    ax.axhline(lab.negative_weight, color="k", lw=0.6, ls=":")
     ax.set_xlim(t.max(), t.min())
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("diffusion time t (sampling runs right-ward, from t = 999 to 0)")
@@ -158,7 +158,7 @@ def plot(lab, t, ma, me, pa_all, forb, xb, row_b, path, args, steps):
                  f"forbidden mass = {100 * row_b['forbidden']:.2f}%", fontsize=10)
     bx.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"1-D mixture (forbidden middle mode), DDPM {steps} steps; estimate: prior $c_f$ = "
-                 f"{lab.forget_weight:.2f}, temperature 1, offset 0, $\\sigma_t^2$ = {args.update_variance}",
+                 f"{lab.negative_weight:.2f}, temperature 1, offset 0, $\\sigma_t^2$ = {args.update_variance}",
                  fontsize=11)
     fig.tight_layout()
     save_png(fig, path, dpi=110)

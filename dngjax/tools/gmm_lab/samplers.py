@@ -31,7 +31,7 @@ import numpy as np
 import jax.numpy as jnp
 
 import dngjax as dj
-from dngjax.gmm import ForgetSplit, GaussianMixture, wasserstein1_1d
+from dngjax.gmm import NegativeSplit, GaussianMixture, wasserstein1_1d
 
 from .common import Timer, chain, lab_1d, lab_2d, prepare_out, print_table, save_png
 
@@ -41,14 +41,14 @@ SAMPLER_LABELS = {"ddim": "DDIM eta=0", "dpmpp_2m": "DPM-Solver++(2M)", "ancestr
 ESTIMATORS = {"paper": "paper (Alg. 2)", "continuous": "continuous time (1 finite-difference probe)", "exact": "exact posterior"}
 
 
-def highdim_lab(schedule, d: int = 784) -> ForgetSplit:
+def highdim_lab(schedule, d: int = 784) -> NegativeSplit:
     """The 1-D lab's modes (-3, 0, 3; weights .25/.35/.40; stds .35/.50/.40) along a smooth unit pattern u in d dims."""
     side = int(round(np.sqrt(d)))
     yy, xx = np.mgrid[0:side, 0:side] / (side - 1)
     u = (np.sin(2 * np.pi * xx) * np.cos(np.pi * yy) + 0.5 * np.exp(-((xx - .5) ** 2 + (yy - .4) ** 2) / .05)).ravel()[:d]
     u = u / np.linalg.norm(u)
     means = np.stack([-3.0 * u, 0.0 * u, 3.0 * u])
-    return ForgetSplit(GaussianMixture.create([0.25, 0.35, 0.40], means, [0.35, 0.50, 0.40]), (1,), schedule), u
+    return NegativeSplit(GaussianMixture.create([0.25, 0.35, 0.40], means, [0.35, 0.50, 0.40]), (1,), schedule), u
 
 
 def _labs(schedule):
@@ -56,10 +56,10 @@ def _labs(schedule):
     return {"1-D": (lab_1d(schedule), None), "2-D": (lab_2d(schedule), None), "784-D": (hd, u)}
 
 
-def _rule(estimator: str, lab: ForgetSplit, scale: float, p_max: float):
+def _rule(estimator: str, lab: NegativeSplit, scale: float, p_max: float):
     if estimator == "exact":
         return lab.exact_dng(scale, p_max=1 - 1e-6 if scale else 1 - 1e-7)
-    kw = dict(prior=lab.forget_weight, temperature=1.0, p_min=1e-6, p_max=p_max)
+    kw = dict(prior=lab.negative_weight, temperature=1.0, p_min=1e-6, p_max=p_max)
     if estimator == "paper":
         return dj.DynamicNegativeGuidance(scale, variance="step", **kw)
     # exact scores: log r_T from the Gaussian estimate (exact to O(alpha_bar_T); the default start, log r_T = 0,
@@ -73,16 +73,16 @@ def _along(m: GaussianMixture, u: np.ndarray) -> GaussianMixture:
     return GaussianMixture.create(np.exp(np.asarray(m.log_weights)), np.asarray(m.means) @ u, np.asarray(m.stds))
 
 
-def _forbidden(lab: ForgetSplit, x: np.ndarray, u) -> float:
+def _forbidden(lab: NegativeSplit, x: np.ndarray, u) -> float:
     """Share of samples nearest a forbidden mode; 784-D: nearest along the pattern u (the modes' positions),
     not by the spread of all 784 coordinates, which short chains of any estimator leave slightly off."""
     if u is None:
-        return float(lab.in_forget(x).mean())
+        return float(lab.in_negative(x).mean())
     comp = np.asarray(_along(lab.full, u).classify(jnp.asarray((x @ u)[:, None], jnp.float32)))
-    return float(np.isin(comp, lab.forget).mean())
+    return float(np.isin(comp, lab.negative).mean())
 
 
-def _w1(lab: ForgetSplit, x: np.ndarray, u) -> float:
+def _w1(lab: NegativeSplit, x: np.ndarray, u) -> float:
     if u is None and x.shape[1] == 1:
         return wasserstein1_1d(x[:, 0], lab.remember_mixture)
     if u is None:
@@ -114,7 +114,7 @@ def run(args):
             n = args.n if u is None else max(args.n // 10, 500)
             d = lab.full.dim
             keys = dj.keys_from_seeds(np.arange(args.seed, args.seed + n))
-            kw = dict(denoiser_c=lab.denoiser_forget, chunk_size=min(n, args.chunk if u is None else 500),
+            kw = dict(denoiser_c=lab.denoiser_neg, chunk_size=min(n, args.chunk if u is None else 500),
                       **SAMPLERS[sampler])
             with Timer() as tm:
                 x = np.asarray(dj.sample(lab.denoiser_full, sched, keys, (d,), rule=_rule(est, lab, 1.0, args.p_max), **kw))
