@@ -17,7 +17,7 @@ def _blocks_after(path: str, heading: str, lang: str = "python", n: int = 1):
 def test_readme_example_runs_and_prints_what_the_readme_shows():
     code, = _blocks_after("README.md", "## Guide your own model")
     text = open(os.path.join(ROOT, "README.md")).read()
-    shown = re.search(r"prints\n\n```\n(.*?)```", text[text.index("## Guide your own model"):], re.S).group(1)
+    shown = re.search(r"prints\n\n```text\n(.*?)```", text[text.index("## Guide your own model"):], re.S).group(1)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), {})
