@@ -11,6 +11,8 @@ two forced host devices (``--xla_force_host_platform_device_count=2``), the sett
   device, to float32 reduction-order tolerance; only process 0 writes metrics, runs.jsonl and the model;
 * the two-process run killed (SIGKILL, both processes) after its first checkpoint and rerun ends with the
   uninterrupted two-process run's parameters (marked slow);
+* ``sample/main.py``'s class-removal job as two processes writes one run folder (process 0) equal to
+  one process's (marked slow);
 * inconsistent settings are refused with one line before anything starts.
 
 Every process has a timeout: a hung group fails its test (the processes are killed) instead of hanging.
@@ -30,6 +32,7 @@ import numpy as np
 import pytest
 
 from dngjax import distributed
+from test_sample_cli import tiny_checkpoints  # noqa: F401  (module fixture: the tiny sampling models)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240        # seconds for one group of processes (two busy cores)
@@ -264,3 +267,36 @@ def test_two_process_training_killed_and_resumed(base_env, train_data, two_proce
     np.testing.assert_allclose([l for _, l in m_resumed], [l for _, l in m_ref], rtol=1e-6)
     for k in p_ref:
         np.testing.assert_allclose(p_resumed[k], p_ref[k], rtol=1e-6, atol=1e-7, err_msg="/".join(k))
+
+
+# --------------------------------------------------------------------------- the class-removal job
+
+@pytest.mark.slow       # ~2 min on two busy cores: the tiny class-removal job as two processes and as one
+def test_class_removal_of_two_processes_equals_one_process(base_env, tiny_checkpoints, tmp_path):
+    """Two processes (4 devices) write one run folder (process 0) whose labels equal those of one process on
+    4 devices, and its lambda_t curves and scores to float32 rounding (XLA:CPU's convolutions may block
+    their sums by the threads of a process: two devices per process vs four); the folder is complete."""
+    def cmd(out):
+        return [sys.executable, os.path.join(REPO, "sample", "main.py"),
+                f"--config={os.path.join(REPO, 'sample', 'configs', 'mnist.py')}:tiny",
+                f"--config.checkpoints={tiny_checkpoints}", "--config.removed_class=1", f"--config.outdir={out}",
+                "--config.progress=False"]
+    two = start_group(cmd(tmp_path / "two"), base_env, str(tmp_path / "two"), use_flags=True)
+    one = start_group(cmd(tmp_path / "one"), base_env, str(tmp_path / "one"), n=1, devices=4)
+    wait_group(two, str(tmp_path / "two"))
+    wait_group(one, str(tmp_path / "one"))
+    assert not os.path.exists(str(tmp_path / "two") + ".partial")
+    assert "results in" in open(str(tmp_path / "two") + "_0.log").read()
+    assert "results in" not in open(str(tmp_path / "two") + "_1.log").read()      # process 0 reports
+    for name in ("labels.npz", "lambda_t.npz"):
+        a, b = np.load(tmp_path / "two" / name), np.load(tmp_path / "one" / name)
+        assert sorted(a.files) == sorted(b.files)
+        for k in a.files:
+            if name == "labels.npz":
+                np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}: {k}")
+            else:
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {k}")
+    rows = lambda p: json.loads((p / "results.json").read_text())
+    for r2, r1 in zip(rows(tmp_path / "two"), rows(tmp_path / "one"), strict=True):
+        assert (r2["method"], r2["scale"], r2["safety_pct"]) == (r1["method"], r1["scale"], r1["safety_pct"])
+        assert r2["kl"] == pytest.approx(r1["kl"], rel=1e-6) and r2["fd"] == pytest.approx(r1["fd"], rel=1e-4)
