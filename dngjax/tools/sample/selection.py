@@ -113,8 +113,8 @@ def choose(per_class_rows: Dict[int, List[Dict]], high_safety: float = 1.0,
             "chosen": chosen, "complete": all(s["qualified"] or not s["add_scale"] for s in settings)}
 
 
-def write_selection(runs: List[str], out: Optional[str], high_safety: float,
-                    ceiling: Optional[float] = None) -> Optional[str]:
+def _load_runs(runs: List[str]):
+    """({removed class: its rows}, {(first seed, n)}) of the selection runs (one run per class)."""
     per_class: Dict[int, List[Dict]] = {}
     seeds = set()
     for run in runs:
@@ -124,14 +124,13 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float,
             raise ValueError(f"two runs remove class {c}: {runs}")
         per_class[c] = rows
         seeds.add((rows[0]["seed"], rows[0]["n"]))
-    result = choose(per_class, high_safety, ceiling)
-    common = os.path.commonpath([os.path.abspath(r) for r in runs])
-    out = out or (os.path.dirname(common) if len(runs) == 1 else common)      # next to the run folders
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "selection.json"), "w") as f:
-        json.dump(dict(result, runs=[os.path.abspath(r) for r in runs], seeds=sorted(map(str, seeds))), f, indent=1)
+    return per_class, seeds
+
+
+def _table_lines(result, n_runs: int, seeds, high_safety: float, ceiling: Optional[float]) -> List[str]:
+    """selection.md's title, rule and table of the settings."""
     classes = result["classes"]
-    lines = [f"# DNG hyperparameter selection ({len(runs)} run(s), classes {classes})", "",
+    lines = [f"# DNG hyperparameter selection ({n_runs} run(s), classes {classes})", "",
              f"Rule (dngjax/tools/sample/selection.py): every curve read at exactly {high_safety:g} % of the removed class "
              f"(interpolated between the two grid points that bracket it); lowest mean KL over the classes, "
              f"ties within {KL_TIE} by mean FD"
@@ -151,6 +150,12 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float,
                          f"not bracketed: add a scale {s['add_scale'][c]}")
         lines.append(f"| {s['method']} | {fmt(s['mean_kl'], 4)} | {fmt(s['mean_fd'], 2)} | " + " | ".join(cells)
                      + f" | {'**yes**' if s['method'] == result['chosen'] else ''} |")
+    return lines
+
+
+def _advice_lines(result, runs: List[str], per_class, high_safety: float) -> List[str]:
+    """selection.md's paragraphs after the table: what to run next, settings out by the ceiling, incompleteness."""
+    lines: List[str] = []
     base = (report.run_config(runs[0]) or {}).get("dng")      # the runs' own DNG hyperparameters
     overrides = parse_method(result["chosen"])[2] if result["chosen"] is not None else {}
     if result["chosen"] is not None and base and all(abs(float(base[k]) - v) < 1e-12 for k, v in overrides.items()):
@@ -172,6 +177,19 @@ def write_selection(runs: List[str], out: Optional[str], high_safety: float,
         lines += ["", f"{sum(s['qualified'] for s in result['settings'])} of {len(result['settings'])} settings "
                   f"bracket {high_safety:g} % in every class: add the scales listed to config.method_grids and "
                   "rerun the selection runs (finished points are reused) before taking the choice."]
+    return lines
+
+
+def write_selection(runs: List[str], out: Optional[str], high_safety: float,
+                    ceiling: Optional[float] = None) -> Optional[str]:
+    per_class, seeds = _load_runs(runs)
+    result = choose(per_class, high_safety, ceiling)
+    common = os.path.commonpath([os.path.abspath(r) for r in runs])
+    out = out or (os.path.dirname(common) if len(runs) == 1 else common)      # next to the run folders
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "selection.json"), "w") as f:
+        json.dump(dict(result, runs=[os.path.abspath(r) for r in runs], seeds=sorted(map(str, seeds))), f, indent=1)
+    lines = _table_lines(result, len(runs), seeds, high_safety, ceiling) + _advice_lines(result, runs, per_class, high_safety)
     from dngjax.tools.sample import plots
     plots.plot_selection(result, os.path.join(out, "selection.png"))
     lines += ["", "![KL and FD of each setting at equal safety](selection.png)"]
