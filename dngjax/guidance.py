@@ -15,7 +15,7 @@ over a small state, the :class:`Rule` protocol:
 
 ``eps_u`` and ``eps_c`` are predictions (arrays of the shape of x_t), the outputs
 of the sampler's two denoisers at x_t: ``eps_u`` the unconditional one, ``eps_c``
-the unwanted concept's eps(x | c-) for NP, SLD and DNG, the wanted condition's
+the negative concept's eps(x | c-) for NP, SLD and DNG, the wanted condition's
 eps(x | c) for CFG. ``step`` is a :class:`Step` with the chain's quantities.
 
 A new rule subclasses :class:`GuidanceRule` (defaults: no state, no update, no

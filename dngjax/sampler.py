@@ -393,7 +393,7 @@ def _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta, solver=None):
     if member(rule, "needs_second_prediction"):
         if denoiser_c is None:
             raise ValueError(f"{type(rule).__name__} combines two predictions: pass denoiser_c "
-                             "(the unwanted concept's denoiser for NP/SLD/DNG, the condition's for CFG)")
+                             "(the negative concept's denoiser for NP/SLD/DNG, the condition's for CFG)")
         many = isinstance(denoiser_c, (list, tuple))
         k = member(rule, "num_conditions")
         if k is None:
