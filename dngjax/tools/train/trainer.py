@@ -682,8 +682,10 @@ def _final_card(s: _Setup, step: int, loss_avg: float, wall: float) -> Dict[str,
         "batch_size": int(config.batch_size),
         "train_examples": int(s.n_ex),
         "wall_time_s": round(wall, 1),
-        "cpu_core_hours": round(wall * _cores_used() / 3600, 2) if jax.default_backend() == "cpu" else None,
-        "cpu_core_hours_note": "training wall time x the CPU cores the process could use (its affinity)",
+        "cpu_core_hours": (round(wall * _cores_used() * jax.process_count() / 3600, 2)
+                           if jax.default_backend() == "cpu" else None),
+        "cpu_core_hours_note": "training wall time x the CPU cores the process could use (its affinity) "
+                               "x the processes of the job",
         "hardware": hardware_description(),
         "final_loss": round(loss_avg, 5),
         "final_loss_note": "exponential moving average (0.98) of the training loss",
