@@ -186,6 +186,14 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Union[i
     return jax.process_count() > 1
 
 
+def joined() -> bool:
+    """True when this process has joined a job of several processes (starts no backend: safe to ask early)."""
+    if not (_initialized_here or _already_initialized()):
+        return False
+    import jax
+    return jax.process_count() > 1
+
+
 def env_timeout() -> Optional[str]:
     return os.environ.get(ENV_TIMEOUT) or None
 

@@ -214,9 +214,9 @@ MULTIPROCESS_JOBS = ("class_removal",)
 
 
 def main(argv):
-    import jax
+    from dngjax import distributed
     logging.set_verbosity(logging.WARNING)
-    if jax.process_count() > 1 and FLAGS.job not in MULTIPROCESS_JOBS:
+    if distributed.joined() and FLAGS.job not in MULTIPROCESS_JOBS:
         cli.fail(f"--job={FLAGS.job} runs as one process; several processes run --job="
                  f"{' or --job='.join(MULTIPROCESS_JOBS)} (drop --num_processes and the DNGJAX_* variables)")
     JOBS[FLAGS.job](FLAGS.config)
