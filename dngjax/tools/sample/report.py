@@ -98,6 +98,24 @@ def group_runs(runs: List[str]) -> List[List[str]]:
     return list(groups.values())
 
 
+def _point_parts(runs: List[str]) -> Dict[tuple, List]:
+    """(method key, scale) -> [(row, seeds, labels, features)]: each point's part in each run (in the order of the
+    first run's grid and then of the later runs' new points)."""
+    from dngjax.tools.sample.methods import method_key
+
+    parts: Dict[tuple, List] = {}
+    for run in runs:
+        rows = json.load(open(os.path.join(run, "results.json")))
+        labels = np.load(os.path.join(run, "labels.npz"))
+        has_feats = os.path.isfile(os.path.join(run, "features.npz"))
+        feats = np.load(os.path.join(run, "features.npz")) if has_feats else None
+        for r, k in zip(rows, point_keys(rows)):
+            name = "none" if r["method"] == "none" else method_key(r["method"])
+            parts.setdefault((name, round(float(r["scale"]), 12)), []).append(
+                (r, labels["seeds"], labels[k].astype(np.int64), None if feats is None else feats[k]))
+    return parts
+
+
 class PerSample:
     """Per-sample data of a group of runs (seeds, labels, scoring features, reference statistics), for
     merging points sampled in several runs and for paired bootstrap comparisons: points that share
@@ -111,8 +129,6 @@ class PerSample:
 
     def __init__(self, runs: List[str]):
         from ml_collections import ConfigDict
-        from dngjax.tools.sample.methods import method_key
-        from dngjax.tools.sample.scoring import score_labels
 
         if isinstance(runs, str):
             runs = [runs]
@@ -142,45 +158,44 @@ class PerSample:
                 ref = np.load(os.path.join(run, "reference.npz"))
                 self.ref = (ref["mu"], ref["sigma"])
                 break
-        parts: Dict[tuple, List] = {}                  # (method key, scale) -> [(row, seeds, labels, features)]
-        for run in runs:
-            rows = json.load(open(os.path.join(run, "results.json")))
-            labels = np.load(os.path.join(run, "labels.npz"))
-            feats = np.load(os.path.join(run, "features.npz")) if have(run, "features.npz") else None
-            for r, k in zip(rows, point_keys(rows)):
-                name = "none" if r["method"] == "none" else method_key(r["method"])
-                parts.setdefault((name, round(float(r["scale"]), 12)), []).append(
-                    (r, labels["seeds"], labels[k].astype(np.int64), None if feats is None else feats[k]))
         self.rows = []
-        for (name, scale), ps in parts.items():
-            # a part whose seeds another part holds adds nothing (e.g. a point resampled at a larger n)
-            ps = sorted(ps, key=lambda p: -len(p[1]))
-            keep = []
-            for p in ps:
-                if not any(np.isin(p[1], q[1]).all() for q in keep):
-                    keep.append(p)
-            seeds = np.concatenate([p[1] for p in keep])
-            if len(np.unique(seeds)) != len(seeds):
-                raise ValueError(f"{name} at scale {scale:g}: runs {runs} share some of its seeds but not all; "
-                                 "merging needs disjoint seed ranges")
-            order = np.argsort(seeds, kind="stable")
-            labels = np.concatenate([p[2] for p in keep])[order]
-            has_f = all(p[3] is not None for p in keep)
-            feats = np.concatenate([p[3] for p in keep])[order] if has_f else None
-            row = dict(keep[0][0])
-            if len(keep) > 1:
-                if not has_f:
-                    raise ValueError(f"{name} at scale {scale:g}: a run of {runs} has no features.npz, so the "
-                                     "FD of the merged point cannot be computed")
-                cfg = ConfigDict(dict(config, seed=int(seeds.min())))
-                row.update({k: v for k, v in score_labels(labels, feats, self.ref, cfg).items()
-                            if k not in ("labels", "features")})
-                row.update(n=len(seeds), seed=int(seeds.min()),
-                           mean_lambda=float(sum(p[0]["mean_lambda"] * len(p[1]) for p in keep) / len(seeds)),
-                           sample_seconds=sum(p[0].get("sample_seconds", 0.0) for p in keep))
+        for (name, scale), ps in _point_parts(runs).items():
+            row, data = self._merged_point(name, scale, ps, config)
             self.rows.append(row)
-            self.data[id(row)] = {"seeds": seeds[order], "labels": labels, "features": feats}
+            self.data[id(row)] = data
         self.pseudo_count = config.get("kl_pseudo_count")
+
+    def _merged_point(self, name: str, scale: float, ps: List, config: Dict) -> Tuple[Dict, Dict[str, np.ndarray]]:
+        """(row, {seeds, labels, features}) of one point from its parts in the runs (:func:`_point_parts`)."""
+        from ml_collections import ConfigDict
+        from dngjax.tools.sample.scoring import score_labels
+
+        # a part whose seeds another part holds adds nothing (e.g. a point resampled at a larger n)
+        ps = sorted(ps, key=lambda p: -len(p[1]))
+        keep = []
+        for p in ps:
+            if not any(np.isin(p[1], q[1]).all() for q in keep):
+                keep.append(p)
+        seeds = np.concatenate([p[1] for p in keep])
+        if len(np.unique(seeds)) != len(seeds):
+            raise ValueError(f"{name} at scale {scale:g}: runs {self.runs} share some of its seeds but not all; "
+                             "merging needs disjoint seed ranges")
+        order = np.argsort(seeds, kind="stable")
+        labels = np.concatenate([p[2] for p in keep])[order]
+        has_f = all(p[3] is not None for p in keep)
+        feats = np.concatenate([p[3] for p in keep])[order] if has_f else None
+        row = dict(keep[0][0])
+        if len(keep) > 1:
+            if not has_f:
+                raise ValueError(f"{name} at scale {scale:g}: a run of {self.runs} has no features.npz, so the "
+                                 "FD of the merged point cannot be computed")
+            cfg = ConfigDict(dict(config, seed=int(seeds.min())))
+            row.update({k: v for k, v in score_labels(labels, feats, self.ref, cfg).items()
+                        if k not in ("labels", "features")})
+            row.update(n=len(seeds), seed=int(seeds.min()),
+                       mean_lambda=float(sum(p[0]["mean_lambda"] * len(p[1]) for p in keep) / len(seeds)),
+                       sample_seconds=sum(p[0].get("sample_seconds", 0.0) for p in keep))
+        return row, {"seeds": seeds[order], "labels": labels, "features": feats}
 
     def statistic(self, row: Dict, key: str, idx: np.ndarray) -> float:
         """``key`` ("safety", "kl" or "fd") of the row's samples at indices ``idx`` (into its seeds, in
@@ -414,6 +429,44 @@ def summarise(per_sample: PerSample, high_safety: float = 1.0) -> Dict:
     return out
 
 
+def _group_lines(per_sample: PerSample, g: Dict) -> List[str]:
+    """report.md's section of one group: its chain and runs, then a table of its points."""
+    pm = lambda v, f: "" if v is None else f" ± {v:{f}}"
+    removed = g["removed"]
+    lines: List[str] = []
+    rows = per_sample.rows
+    r0 = rows[0]
+    ns = sorted({r["n"] for r in rows})
+    n_str = f"n = {ns[0]} per point" + (f", {'/'.join(map(str, ns[1:]))} where the n column says so"
+                                        if len(ns) > 1 else "")
+    lines.append(f"### {r0['dataset']}, removed class {removed} "
+                 f"({n_str}, {r0['steps']}-step chain, T = {r0['T']}, seeds from {r0['seed']})\n")
+    if len(per_sample.runs) > 1:
+        lines.append("Merged runs (the points they share pool their seeds): "
+                     + ", ".join(f"`{r}`" for r in g["runs"]) + "\n")
+    lines.append(f"Sampling time: {g['sample_hours']:.2f} h (wall clock, the points' sampling summed, "
+                 "top-up included; compilation and scoring not counted).\n")
+    from dngjax.tools.sample.run_store import provenance_text
+    for run in per_sample.runs:
+        record = run_config(run)
+        if record is not None:
+            lines.append(f"`{os.path.basename(os.path.normpath(run))}`: "
+                         + provenance_text(record).replace("\n", "; ") + "\n")
+    lines.append("| method | scale | n | safety % | KL | FD | empty classes | mean lambda | non-finite |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        bad = r.get("nonfinite", 0)
+        lines.append(f"| {r['method']} | {r['scale']:g} | {r['n']} | {r['safety_pct']:.2f}{pm(r.get('safety_std'), '.2f')} | "
+                     f"{r['kl']:.4f}{pm(r.get('kl_std'), '.4f')} | {r['fd']:.2f}{pm(r.get('fd_std'), '.2f')} | "
+                     f"{r['n_empty_classes']} | {r['mean_lambda']:.3g} | {bad}{' **invalid**' if bad else ''} |")
+    if any(not is_valid(r) for r in rows):
+        lines.append("\n**Invalid points** (non-finite: samples with a NaN or inf element): safety % counts "
+                     "them as the removed class, KL and FD use the finite samples only, and the verdicts "
+                     "above leave these points out.")
+    lines.append("")
+    return lines
+
+
 def markdown(per_samples: List[PerSample], summaries: List[Dict], high_safety: float = 1.0) -> str:
     """report.md: the verdict tables over every group (from :func:`summarise`), then each group's points."""
     pm = lambda v, f: "" if v is None else f" ± {v:{f}}"
@@ -442,36 +495,7 @@ def markdown(per_samples: List[PerSample], summaries: List[Dict], high_safety: f
             claims_exact.append(f"| {removed} | {m} | {claim_text(c['at_safety']['kl'])} | "
                                 f"{claim_text(c['at_safety']['fd'])} |")
 
-        rows = per_sample.rows
-        r0 = rows[0]
-        ns = sorted({r["n"] for r in rows})
-        n_str = f"n = {ns[0]} per point" + (f", {'/'.join(map(str, ns[1:]))} where the n column says so"
-                                            if len(ns) > 1 else "")
-        lines.append(f"### {r0['dataset']}, removed class {removed} "
-                     f"({n_str}, {r0['steps']}-step chain, T = {r0['T']}, seeds from {r0['seed']})\n")
-        if len(per_sample.runs) > 1:
-            lines.append("Merged runs (the points they share pool their seeds): "
-                         + ", ".join(f"`{r}`" for r in g["runs"]) + "\n")
-        lines.append(f"Sampling time: {g['sample_hours']:.2f} h (wall clock, the points' sampling summed, "
-                     "top-up included; compilation and scoring not counted).\n")
-        from dngjax.tools.sample.run_store import provenance_text
-        for run in per_sample.runs:
-            record = run_config(run)
-            if record is not None:
-                lines.append(f"`{os.path.basename(os.path.normpath(run))}`: "
-                             + provenance_text(record).replace("\n", "; ") + "\n")
-        lines.append("| method | scale | n | safety % | KL | FD | empty classes | mean lambda | non-finite |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for r in rows:
-            bad = r.get("nonfinite", 0)
-            lines.append(f"| {r['method']} | {r['scale']:g} | {r['n']} | {r['safety_pct']:.2f}{pm(r.get('safety_std'), '.2f')} | "
-                         f"{r['kl']:.4f}{pm(r.get('kl_std'), '.4f')} | {r['fd']:.2f}{pm(r.get('fd_std'), '.2f')} | "
-                         f"{r['n_empty_classes']} | {r['mean_lambda']:.3g} | {bad}{' **invalid**' if bad else ''} |")
-        if any(not is_valid(r) for r in rows):
-            lines.append("\n**Invalid points** (non-finite: samples with a NaN or inf element): safety % counts "
-                         "them as the removed class, KL and FD use the finite samples only, and the verdicts "
-                         "above leave these points out.")
-        lines.append("")
+        lines += _group_lines(per_sample, g)
     head = [f"Among the grid points with <= {high_safety:g}% of samples in the removed class, each method's "
             "lowest KL and lowest FD (its guidance scale and number of samples in brackets); -- : the method "
             "never reaches that safety on its grid. ±: bootstrap standard errors (resampling the n samples of "
