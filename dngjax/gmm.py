@@ -266,7 +266,7 @@ def mixture_score_fn(mixture: GaussianMixture, schedule: Schedule) -> Denoiser:
 
 
 def log_posterior(mixture: GaussianMixture, negative: Sequence[int], x: Array, alpha_bar) -> Array:
-    """log p(c- | x_t) = log(c_- p_-,t(x)) - log p_t(x) (B,), c_- the negative components' weight."""
+    """``log p(c- | x_t) = log(c_- p_-,t(x)) - log p_t(x)``, shape (B,); ``c_-`` the negative components' weight."""
     negative = np.asarray(negative, np.int64).reshape(-1)
     joint = mixture._terms(x, alpha_bar)[2]                                      # (K, B)
     lse = jax.scipy.special.logsumexp
@@ -317,7 +317,7 @@ class NegativeSplit:
     Attributes:
       full, negative_mixture, remember_mixture: the mixtures (sub-mixtures renormalised).
       negative: the negative components; remember: the others.
-      negative_weight: c_-, the prior probability of the negative concept.
+      negative_weight: ``c_-``, the prior probability of the negative concept.
       denoiser_full, denoiser_neg, denoiser_remember: exact Denoisers eps(x, t).
       posterior_fn: hashable log p(c- | x_t) for ExactDynamicNegativeGuidance(log_space=True).
 
@@ -357,7 +357,7 @@ class NegativeSplit:
 
     def approximate_dng(self, scale=1.0, temperature=1.0, offset=0.0, p_min=1e-6, p_max=0.99,
                         update_variance: str = "beta", **deprecated) -> DynamicNegativeGuidance:
-        """DNG with the Markov-chain posterior estimate, prior = c_-.
+        """DNG with the Markov-chain posterior estimate, prior = ``c_-``.
 
         The defaults are the estimator with nothing tuned: the prior is the true negative
         weight, temperature 1 and offset 0 make each update the exact log-likelihood
