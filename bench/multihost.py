@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Two processes x one core against one process x two cores: what JAX's distributed runtime costs here.
 
-    python bench/multihost.py                        # both layouts, training and sampling, ~3 min on 2 cores
+    python bench/multihost.py                        # both layouts, training and sampling, ~10 min on 2 busy cores
     python bench/multihost.py --batch 64 --seeds 128 --steps 20
 
 Both layouts run the same global work on the same two cores (``os.sched_setaffinity``):
@@ -17,8 +17,9 @@ Measured in each: the library's train step (``dngjax.tools.train.trainer.make_tr
 ``mnist_ddpm.py:tiny`` UNet, global batch ``--batch`` sharded on the data axis, as ``train/main.py``
 runs it) in steps/s after a warm-up step, and a DNG sweep (``dngjax.sweep``, 2 grid points, ``--seeds``
 seeds over ``--steps`` respaced steps, the same UNet for both predictions) in seconds after a warm-up
-call. Compilation is excluded. The ratio printed is (2 processes x 1 core) / (1 process x 2 cores) in
-time: above 1 means the processes cost more.
+call, each timed ``--repeats`` times (medians), in wall time and in the CPU time of all processes
+together (less sensitive to other jobs on a shared machine). Compilation is excluded. The ratio
+printed is (2 processes x 1 core) / (1 process x 2 cores): above 1 means the processes cost more.
 """
 
 from __future__ import annotations
@@ -38,12 +39,10 @@ def child(args) -> None:
     from dngjax import distributed
     distributed.initialize()
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     import dngjax as dj
-    from dngjax import data as data_lib
     from dngjax.denoiser import denoiser
     from dngjax.tools.train import trainer
     from dngjax.tools.train.configs import mnist_ddpm
@@ -65,15 +64,35 @@ def child(args) -> None:
     y = distributed.put_global(y_all, data_sh)
     key = jax.random.PRNGKey(0)
 
+    def all_cpu(seconds):
+        """The CPU seconds of every process, summed."""
+        if jax.process_count() == 1:
+            return seconds
+        from jax.experimental import multihost_utils
+        return float(np.sum(multihost_utils.process_allgather(np.asarray([seconds], np.float64))))
+
+    def timed(fn, name):
+        """(wall s, CPU s of all processes) of ``fn()``, medians over ``--repeats`` rounds."""
+        walls, cpus = [], []
+        for r in range(args.repeats):
+            distributed.barrier(f"{name}_start_{r}")
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            distributed.barrier(f"{name}_end_{r}")
+            walls.append(time.perf_counter() - t0)
+            cpus.append(all_cpu(time.process_time() - c0))
+        return float(np.median(walls)), float(np.median(cpus))
+
     state, m = step_fn(state, x, y, key)                       # compile + warm-up
     jax.block_until_ready(m)
-    distributed.barrier("bench_train_start")
-    t0 = time.perf_counter()
-    for i in range(args.train_steps):
-        state, m = step_fn(state, x, y, jax.random.fold_in(key, i))
-    jax.block_until_ready(m)
-    distributed.barrier("bench_train_end")
-    train_s = (time.perf_counter() - t0) / args.train_steps
+
+    def train_round():
+        nonlocal state
+        for i in range(args.train_steps):
+            state, m = step_fn(state, x, y, jax.random.fold_in(key, i))
+        jax.block_until_ready(m)
+
+    train_s, train_cpu = (v / args.train_steps for v in timed(train_round, "bench_train"))
 
     params = jax.device_get(state["ema_params"])
     den = denoiser(module, params)
@@ -82,14 +101,11 @@ def child(args) -> None:
     chain = dj.respace(sched, args.steps)
     run = lambda: dj.sweep(den, chain, keys, (28, 28, 1), rule=rule, grid={"scale": [1.0, 5.0]}, denoiser_c=den,
                            chunk_size=args.seeds)
-    run()                                                      # compile + warm-up
-    distributed.barrier("bench_sample_start")
-    t0 = time.perf_counter()
-    x_s = run()
-    distributed.barrier("bench_sample_end")
-    sample_s = time.perf_counter() - t0
+    x_s = run()                                                # compile + warm-up
+    sample_s, sample_cpu = timed(run, "bench_sample")
     if jax.process_index() == 0:
         print("RESULT " + json.dumps({"train_s_per_step": train_s, "sample_s": sample_s,
+                                      "train_cpu_s_per_step": train_cpu, "sample_cpu_s": sample_cpu,
                                       "processes": jax.process_count(), "devices": jax.device_count(),
                                       "checksum": float(np.abs(x_s).sum())}), flush=True)
 
@@ -111,7 +127,8 @@ def _launch(args, n: int, devices: int, cores_per_process) -> dict:
         if n > 1:
             env.update(DNGJAX_COORDINATOR=f"127.0.0.1:{port}", DNGJAX_NUM_PROCESSES=str(n), DNGJAX_PROCESS_ID=str(i))
         cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--batch={args.batch}",
-               f"--seeds={args.seeds}", f"--steps={args.steps}", f"--train_steps={args.train_steps}"]
+               f"--seeds={args.seeds}", f"--steps={args.steps}", f"--train_steps={args.train_steps}",
+               f"--repeats={args.repeats}"]
         cores = cores_per_process[i]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       preexec_fn=lambda c=cores: os.sched_setaffinity(0, c)))
@@ -129,7 +146,8 @@ def main() -> None:
     ap.add_argument("--train_steps", type=int, default=10, help="timed training steps")
     ap.add_argument("--seeds", type=int, default=64, help="sampling seeds (a multiple of 2)")
     ap.add_argument("--steps", type=int, default=20, help="respaced chain steps of the sweep")
-    ap.add_argument("--timeout", type=int, default=900, help="seconds before a layout counts as hung")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds of each; medians are printed")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds before a layout counts as hung")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -143,9 +161,12 @@ def main() -> None:
     print(f"global batch {args.batch}, sweep of 2 points x {args.seeds} seeds x {args.steps} steps "
           f"(mnist_ddpm.py:tiny UNet, both predictions), jax {__import__('jax').__version__}, cores {a},{b}")
     print(f"{'':<28}{'1 process x 2 cores':>22}{'2 processes x 1 core':>22}{'ratio (2p / 1p)':>17}")
-    print(f"{'train step (s)':<28}{one['train_s_per_step']:>22.4f}{two['train_s_per_step']:>22.4f}"
-          f"{two['train_s_per_step'] / one['train_s_per_step']:>17.2f}")
-    print(f"{'sweep (s)':<28}{one['sample_s']:>22.3f}{two['sample_s']:>22.3f}{two['sample_s'] / one['sample_s']:>17.2f}")
+    rows = [("train step, wall s", "train_s_per_step"), ("train step, CPU s", "train_cpu_s_per_step"),
+            ("sweep, wall s", "sample_s"), ("sweep, CPU s", "sample_cpu_s")]
+    for label, k in rows:
+        print(f"{label:<28}{one[k]:>22.4f}{two[k]:>22.4f}{two[k] / one[k]:>17.2f}")
+    print(f"(medians of {args.repeats} rounds; CPU s: all processes together; load average during the run: "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())})")
     print(f"sweep samples identical in both layouts: {same}")
 
 
