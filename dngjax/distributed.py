@@ -158,9 +158,10 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Union[i
     """Join the job's processes (``jax.distributed.initialize``); True when there are several.
 
     A no-op (False) with one process, and when this process has already joined (True then if the job has
-    several). Call it before anything uses JAX's devices. ``initialization_timeout`` (seconds to wait for
-    the other processes; default ``$DNGJAX_INIT_TIMEOUT`` or 300) makes a missing process an error instead
-    of a wait. See the module's documentation for where the settings come from.
+    several). Call it before anything uses JAX's devices. ``initialization_timeout``: seconds to wait for
+    the other processes (default ``$DNGJAX_INIT_TIMEOUT`` or 300); when one never comes, JAX's runtime
+    ends this process (jax 0.10 aborts it, exit code 134, rather than raising). See the module's
+    documentation for where the settings come from.
     """
     global _initialized_here
     import jax
@@ -174,7 +175,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Union[i
     _enable_cpu_collectives()
     try:
         jax.distributed.initialize(**kwargs, initialization_timeout=timeout or 300)
-    except Exception as e:                  # the runtime started too late, or the other processes never came
+    except Exception as e:                  # the runtime started too late (or a jax that raises on a timeout)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "before" in first or "already" in first:
             raise ValueError(f"the distributed runtime must start before JAX runs anything: {first}") from None
