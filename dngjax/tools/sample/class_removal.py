@@ -348,23 +348,22 @@ class Points:
             self.samples[row["key"]] = samples
 
 
-def sample_points(job: Job, work: str, done: Dict[str, Any]) -> Points:
-    """The reused points, then every other point sampled (one chunked sweep per method and run of
-    scales), scored and saved as it finishes (:func:`save_point`)."""
-    from tqdm.auto import tqdm
-    import dngjax as dj
+def _point_fields(job: Job) -> Dict[str, Any]:
+    """The fields every point's row of this run shares (chain, seeds, data set, scoring, models)."""
+    config = job.config
+    return dict(n=config.n, seed=config.seed, steps=job.schedule.num_steps, T=config.T, noise=config.noise,
+                solver=config.solver,
+                dataset=config.dataset, removed_class=config.removed_class, removed_classes=class_tag(config),
+                feature_space=job.space,
+                models=job.models)
+
+
+def _recorder(job: Job, work: str, points: "Points"):
+    """record(row, x, curves): score a finished point's samples x, save it (process 0) and add it to ``points``."""
     from dngjax.data import to_uint8
-    from dngjax.tools.sample import plots
 
     config = job.config
     main = distributed.is_main_process()
-    keys = dj.keys_from_seeds(job.seeds)
-    common = dict(n=config.n, seed=config.seed, steps=job.schedule.num_steps, T=config.T, noise=config.noise,
-                  solver=config.solver,
-                  dataset=config.dataset, removed_class=config.removed_class, removed_classes=class_tag(config),
-                  feature_space=job.space,
-                  models=job.models)
-    points = Points()
     keep = max(config.grid_images, 16)
 
     def record(row, x, curves):
@@ -377,6 +376,23 @@ def sample_points(job: Job, work: str, done: Dict[str, Any]) -> Points:
         if main:
             save_point(work, row, np.asarray(x[:keep]), curves, samples)
         points.add(row, np.asarray(x[:keep]), curves, samples)
+
+    return record
+
+
+def sample_points(job: Job, work: str, done: Dict[str, Any]) -> Points:
+    """The reused points, then every other point sampled (one chunked sweep per method and run of
+    scales), scored and saved as it finishes (:func:`save_point`)."""
+    from tqdm.auto import tqdm
+    import dngjax as dj
+    from dngjax.tools.sample import plots
+
+    config = job.config
+    main = distributed.is_main_process()
+    keys = dj.keys_from_seeds(job.seeds)
+    common = _point_fields(job)
+    points = Points()
+    record = _recorder(job, work, points)
 
     for row, preview, curves, samples in done.values():
         points.add(row, preview, curves, samples)
