@@ -8,6 +8,10 @@ from dngjax.models.configs import cifar10_unet, mnist_unet
 
 from compile_count import count_compiles
 
+# what these tests check (labels, dropout, micro-batching, recompilation) does not depend on the depth:
+# one level without attention compiles several times faster than the 3-level MNIST net
+ONE_LEVEL = dict(ch=8, groups=4, ch_mult=(1,), attn_resolutions=())
+
 
 def _count(module, shape):
     p = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros(shape[0], jnp.int32)))
@@ -36,7 +40,7 @@ def test_output_shape_equals_input_shape(shape, kw):
 
 
 def test_class_conditioning_and_null_label():
-    m = mnist_unet(ch=8, groups=4, num_classes=10)
+    m = mnist_unet(**ONE_LEVEL, num_classes=10)
     x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
     t = jnp.array([10, 10])
     params = jax.jit(m.init)(jax.random.key(0), x, t)
@@ -51,12 +55,12 @@ def test_class_conditioning_and_null_label():
     cond = dj.denoiser(m, params, label=3)
     np.testing.assert_allclose(cond(x, t), y_3, rtol=1e-5, atol=1e-6)  # another compilation of the same net
     with pytest.raises(ValueError, match="unconditional"):
-        u = mnist_unet(ch=8, groups=4)
+        u = mnist_unet(**ONE_LEVEL)
         jax.eval_shape(lambda p: u.apply(p, x, t, label=1), jax.eval_shape(u.init, jax.random.key(0), x, t))
 
 
 def test_dropout_only_in_training():
-    m = mnist_unet(ch=8, groups=4, dropout=0.5)
+    m = mnist_unet(**ONE_LEVEL, dropout=0.5)
     x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
     t = jnp.array([5, 6])
     params = jax.jit(m.init)(jax.random.key(0), x, t)
@@ -69,7 +73,7 @@ def test_dropout_only_in_training():
 
 
 def test_denoiser_runs_in_sampler_without_recompiling_for_new_params():
-    m = mnist_unet(ch=8, groups=4)
+    m = mnist_unet(**ONE_LEVEL)
     x = jnp.zeros((1, 28, 28, 1))
     p1 = jax.jit(m.init)(jax.random.key(0), x, jnp.zeros(1, jnp.int32))
     p2 = jax.tree.map(lambda a: a + 0.01, p1)
@@ -77,7 +81,7 @@ def test_denoiser_runs_in_sampler_without_recompiling_for_new_params():
     keys = dj.keys_from_seeds([0, 1])
     with count_compiles("_grid_impl") as compiles:
         a = dj.sample(dj.denoiser(m, p1), sched, keys, (28, 28, 1))
-        b = dj.sample(dj.denoiser(mnist_unet(ch=8, groups=4), p2), sched, keys, (28, 28, 1))
+        b = dj.sample(dj.denoiser(mnist_unet(**ONE_LEVEL), p2), sched, keys, (28, 28, 1))
     assert len(compiles) == 1
     assert a.shape == (2, 28, 28, 1) and not np.allclose(a, b)
 
@@ -85,7 +89,7 @@ def test_denoiser_runs_in_sampler_without_recompiling_for_new_params():
 @pytest.mark.parametrize("b,label", [(37, None), (37, "per_image"), (37, 3), (16, None), (5, "per_image")])
 def test_micro_batched_denoiser_computes_the_whole_batch(b, label):
     # 37 = 2 x 16 + 5: the last micro-batch is padded; 16 and 5: no split at all
-    m = mnist_unet(ch=8, groups=4, num_classes=10)
+    m = mnist_unet(**ONE_LEVEL, num_classes=10)
     p = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
     p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape), p)  # no zero layers
     rng = np.random.default_rng(0)
@@ -107,7 +111,7 @@ def test_micro_batched_denoiser_computes_the_whole_batch(b, label):
 def test_micro_batched_denoiser_folds_a_vmapped_grid_into_its_micro_batches():
     # a sweep vmaps the chain over guidance scales: the network must still see parts of micro_batch
     # images (3 x 12 = 36 -> 3 parts of 16), and compute what the whole batch does
-    m = mnist_unet(ch=8, groups=4, num_classes=10)
+    m = mnist_unet(**ONE_LEVEL, num_classes=10)
     p = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
     p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape), p)
     rng = np.random.default_rng(0)
