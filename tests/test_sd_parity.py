@@ -24,6 +24,9 @@ SCHEDULERS = {"DDIMScheduler": dict(set_alpha_to_one=False), "DPMSolverMultistep
 
 
 ALL = [(name, spacing) for name in SCHEDULERS for spacing in ("leading", "trailing", "linspace")]
+# every scheduler and every spacing once (a Latin square of ALL); the slow test runs all nine
+EACH_ONCE = [("DDIMScheduler", "leading"), ("DPMSolverMultistepScheduler", "trailing"),
+             ("EulerDiscreteScheduler", "linspace")]
 
 
 def _compare(folder, prediction, cases, zero_snr=False):
@@ -61,7 +64,14 @@ def _compare(folder, prediction, cases, zero_snr=False):
 
 
 def test_eps_generation_matches_diffusers_pipeline(tmp_path):
-    """DDIM (eta 0, set_alpha_to_one=False), DPM-Solver++(2M), Euler x leading / trailing / linspace."""
+    """DDIM (eta 0, set_alpha_to_one=False), DPM-Solver++(2M), Euler, each with one of leading / trailing /
+    linspace (each step of every combination: tests/test_sd_scheduler.py)."""
+    worst = _compare(tmp_path / "sd", "epsilon", EACH_ONCE)
+    assert max(worst.values()) < 2e-5, worst
+
+
+@pytest.mark.slow
+def test_eps_generation_matches_diffusers_pipeline_for_every_scheduler_and_spacing(tmp_path):
     worst = _compare(tmp_path / "sd", "epsilon", ALL)
     assert max(worst.values()) < 2e-5, worst
 
