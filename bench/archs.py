@@ -1,7 +1,7 @@
 """The MNIST UNet architectures the benchmarks compare, by name.
 
 * ``cpu``: ``train/configs/mnist_ddpm.py:cpu``, the shipped models (ch 16 x (1, 2, 4));
-* ``cpu_v1``: the models shipped before issue 11 (ch 16 x (1, 2, 2));
+* ``cpu_v1``: the earlier CPU architecture (ch 16 x (1, 2, 2)), the baseline the shipped one was chosen against;
 * ``gpu``: ``mnist_ddpm.py:gpu`` (= ``mnist_unet()``, ch 32), without dropout;
 * ``cpu_136`` / ``cpu_r2``: the capacity candidates of the pilot (checkpoints/train_state/README.md):
   more channels at 14 and 7 pixels, or two ResBlocks per level.

@@ -230,7 +230,7 @@ def unet_variant(name, **overrides):
 
 
 def flax_gn_unet(base):
-    """The UNet ``base`` with flax's ``nn.GroupNorm`` (the library's formulation before issue 11)."""
+    """The UNet ``base`` with flax's ``nn.GroupNorm`` (the formulation the library's own GroupNorm replaced)."""
     mod = unet_variant("flaxgn", GroupNorm=lambda num_groups, epsilon=1e-6, dtype=None, name=None:
                        nn.GroupNorm(num_groups, epsilon=epsilon, dtype=dtype, name=name))
     kw = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name not in ("parent", "name")}

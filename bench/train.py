@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train-step benchmark (issue 11): dngjax vs an equivalent PyTorch step, where the time goes, what helps.
+"""Train-step benchmark: dngjax vs an equivalent PyTorch step, where the time goes, what helps.
 
     python bench/train.py                  # everything, ~15 min on 2 cores
     python bench/train.py --only torch --cores 2 --batches 64,128

@@ -47,7 +47,7 @@ QUALITY_SEEDS = 32  # 100 steps x 32 seeds: ~15 s per model on one core
 # tests/test_checkpoints.py loads every shipped model and guides a few steps with it in the default run
 @pytest.mark.parametrize("c", [c if c == 0 else pytest.param(c, marks=pytest.mark.slow) for c in FORGET_CLASSES])
 def test_forget_model_reproduces_its_card(models, c):
-    """The card's claim (>= 95% of 1000 samples are class c; "passed" says whether issue 11's 99 %
+    """The card's claim (>= 95% of 1000 samples are class c; "passed" says whether the 99 %
     target is met) is reproduced by the shipped weights: the first 32 of the card's seeds, on the
     card's chain and noise, give a share within three binomial standard errors of the card's."""
     from dngjax import checkpoint

@@ -1,4 +1,4 @@
-"""The published numbers reproduce with today's code (issue 45, "behaviour unchanged").
+"""The published numbers reproduce with today's code.
 
 * docs/runs/**: the archived class-removal runs re-summarised (:mod:`dngjax.tools.sample.report`) into a
   temporary folder give the archived ``report.json``, bit for bit, in everything the archive holds the

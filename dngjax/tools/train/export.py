@@ -12,7 +12,7 @@ Steps (each can be skipped with --noX flags):
    (``train_without_C.npz``);
 3. eval: sample each DDPM on a respaced ancestral chain (``--steps``, ``--noise``), score the
    samples with the shipped classifier (:mod:`dngjax.evaluation`) and write the result into the
-   model card (``quality``), with the targets of issue 11:
+   model card (``quality``), with the quality targets:
 
    * ``ddpm`` and ``cond`` with the null label: FD to ``train_all`` <= 2x the FD of as many real
      MNIST test images; >= 93 % of samples classified with p > 0.9; KL(train histogram ||
