@@ -40,20 +40,6 @@ def env(tmp_path_factory):
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-@pytest.fixture(scope="module")
-def train_data(tmp_path_factory):
-    """A small MNIST-like npz (class = position of a bright square), as in tests/test_train.py."""
-    d = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    y = (np.arange(300) % 10).astype(np.uint8)
-    x = rng.integers(0, 40, (300, 28, 28), dtype=np.uint8)
-    for i, c in enumerate(y):
-        r, q = divmod(int(c), 5)
-        x[i, 4 + 10 * r:12 + 10 * r, 2 + 5 * q:7 + 5 * q] = 250
-    np.savez(d / "mnist.npz", x_train=x, y_train=y, x_test=x[:50], y_test=y[:50])
-    return str(d)
-
-
 def launch(cmd, env, log, marker, delay=None, timeout=600):
     """Run ``cmd`` (output into ``log``); ``delay`` seconds after ``marker`` appears in its output, SIGKILL it.
 
