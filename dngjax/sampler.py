@@ -22,6 +22,7 @@ callers that reduce them on the fly.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -165,9 +166,62 @@ def chain_steps(schedule: Schedule, noise: str = "beta", eta: Optional[float] = 
                 mean_x0_prev=x0_prev)
 
 
+def _predictions(denoiser_u: Denoiser, denoiser_c, second: bool, k_cond: Optional[int], x: Array, t: Array,
+                 step: Step):
+    """(eps_u, eps_c) at x (B, *shape): the predictions a rule combines (the second network call only if it
+    needs one; eps_c a tuple of K predictions for a rule over ``k_cond`` conditions)."""
+    eps_u = _prediction("denoiser_u", denoiser_u, x, t, step)
+    if not second:
+        return eps_u, eps_u
+    if k_cond is None:
+        return eps_u, _prediction("denoiser_c", denoiser_c, x, t, step)
+    return eps_u, tuple(_prediction(f"denoiser_c[{k}]", d, x, t, step) for k, d in enumerate(denoiser_c))
+
+
+def _probe_keys(keys: Array) -> Array:
+    """The probe directions' keys of a step: (B, 2) split keys -> (B,) keys (apart from the step noise's)."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys[:, 1])
+
+
+def _finite_difference_tangents(predictions, num_probes: int, probe_hint, state, x: Array, step: Step,
+                                keys: Array):
+    """(eps_u, eps_c, tangents) from finite differences eps(x + delta v) - eps(x), delta = FD_STEP
+    sqrt(1 - alpha_bar): one batch of (K + 1) B images. keys: the step's (B, 2) split keys."""
+    probes, weight = _probes(("hutchinson", num_probes), _probe_keys(keys), x, probe_hint(state))
+    k = probes.shape[0]
+    delta = FD_STEP * jnp.sqrt(step.one_minus_alpha_bar)
+    xs = jnp.concatenate([x[None], x[None] + delta * probes]).reshape((-1,) + x.shape[1:])
+    big_u, big_c = predictions(xs, jnp.broadcast_to(step.t, (xs.shape[0],)), step)
+    split_k = lambda a: a.reshape((k + 1,) + x.shape)
+    fd = lambda a: (split_k(a)[1:] - split_k(a)[:1]) / delta
+    eps_u = split_k(big_u)[0]
+    eps_c = jax.tree.map(lambda a: split_k(a)[0], big_c)
+    return eps_u, eps_c, Tangents(probes, fd(big_u), jax.tree.map(fd, big_c), weight)
+
+
+def _predictions_and_tangents(predictions, spec, probe_hint, state, x: Array, t: Array, step: Step, keys: Array):
+    """(eps_u, eps_c, extra): the predictions at x_t (B, *shape) and the rule's extra ``guide`` arguments.
+
+    For a rule that needs div(eps_c - eps_u) (the continuous-time DNG posterior; ``spec`` its tangent_spec)
+    extra holds their derivatives along probe directions v_k (finite differences, or one jvp per prediction
+    and probe), else it is {}. keys: the step's (B, 2) split keys (the probes use column 1).
+    """
+    if spec is None:
+        eps_u, eps_c = predictions(x, t, step)
+        return eps_u, eps_c, {}
+    if spec[0] == "finite_difference":
+        eps_u, eps_c, tangents = _finite_difference_tangents(predictions, spec[1], probe_hint, state, x, step, keys)
+        return eps_u, eps_c, {"tangents": tangents}
+    probes, weight = _probes(spec, _probe_keys(keys), x, probe_hint(state))
+    f = lambda y: predictions(y, t, step)
+    (eps_u, eps_c), (du, dc) = jax.vmap(lambda v: jax.jvp(f, (x,), (v,)), out_axes=(None, 0))(probes)
+    return eps_u, eps_c, {"tangents": Tangents(probes, du, dc, weight)}
+
+
 def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Rule,
                  schedule: Schedule, keys: Array, shape: Tuple[int, ...], return_trace: bool, noise: str,
                  eta: Optional[float], x_T: Optional[Array] = None, solver: Optional[str] = None):
+    """The whole guided chain as one scan: (x_0 (B, *shape), Trace) or (x_0, (S, B) non-finite flags)."""
     batch = keys.shape[0]
     split = jax.vmap(jax.random.split)                       # (B,) -> (B, 2)
     normal = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))
@@ -180,46 +234,16 @@ def _sample_impl(denoiser_u: Denoiser, denoiser_c: Optional[Denoiser], rule: Rul
     steps = jax.tree.map(lambda a: a[::-1], chain_steps(schedule, noise, eta, solver))   # noisiest step first
 
     spec = member(rule, "tangent_spec")()
-    second, k_cond = member(rule, "needs_second_prediction"), member(rule, "num_conditions")
+    predictions = functools.partial(_predictions, denoiser_u, denoiser_c, member(rule, "needs_second_prediction"),
+                                    member(rule, "num_conditions"))
     probe_hint, update, posterior = (member(rule, n) for n in ("probe_hint", "update", "posterior"))
-
-    def predictions(x, t, step):
-        """(eps_u, eps_c): the predictions the rule combines (the second network call only if it needs one)."""
-        eps_u = _prediction("denoiser_u", denoiser_u, x, t, step)
-        if not second:
-            return eps_u, eps_u
-        if k_cond is None:
-            return eps_u, _prediction("denoiser_c", denoiser_c, x, t, step)
-        return eps_u, tuple(_prediction(f"denoiser_c[{k}]", d, x, t, step) for k, d in enumerate(denoiser_c))
 
     def body(carry, step: Step):
         x, state, keys, x0_prev = carry
         t = jnp.broadcast_to(step.t, (batch,))
         keys = split(keys)
-        # 1. the predictions at x_t; for a rule that needs div(eps_c - eps_u) (the continuous-time DNG
-        #    posterior), their jvps along probe directions v_k too, one jvp per prediction and probe
-        if spec is None:
-            eps_u, eps_c = predictions(x, t, step)
-            extra = {}
-        elif spec[0] == "finite_difference":
-            # eps(x + delta v) - eps(x), delta = FD_STEP sqrt(1 - alpha_bar): one batch of (K + 1) B images
-            probes, weight = _probes(("hutchinson", spec[1]), jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys[:, 1]),
-                                     x, probe_hint(state))
-            k = probes.shape[0]
-            delta = FD_STEP * jnp.sqrt(step.one_minus_alpha_bar)
-            xs = jnp.concatenate([x[None], x[None] + delta * probes]).reshape((-1,) + x.shape[1:])
-            big_u, big_c = predictions(xs, jnp.broadcast_to(step.t, (xs.shape[0],)), step)
-            split_k = lambda a: a.reshape((k + 1,) + x.shape)
-            fd = lambda a: (split_k(a)[1:] - split_k(a)[:1]) / delta
-            eps_u = split_k(big_u)[0]
-            eps_c = jax.tree.map(lambda a: split_k(a)[0], big_c)
-            extra = {"tangents": Tangents(probes, fd(big_u), jax.tree.map(fd, big_c), weight)}
-        else:
-            probes, weight = _probes(spec, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys[:, 1]), x,
-                                     probe_hint(state))
-            f = lambda y: predictions(y, t, step)
-            (eps_u, eps_c), (du, dc) = jax.vmap(lambda v: jax.jvp(f, (x,), (v,)), out_axes=(None, 0))(probes)
-            extra = {"tangents": Tangents(probes, du, dc, weight)}
+        # 1. the predictions at x_t (and, for a rule that needs div(eps_c - eps_u), their tangents)
+        eps_u, eps_c, extra = _predictions_and_tangents(predictions, spec, probe_hint, state, x, t, step, keys)
         # 2. the guided prediction, and the posterior the rule used for it (traces)
         eps, lam, state = rule.guide(state, x, eps_u, eps_c, step, **extra)
         p = posterior(state, batch)
@@ -551,6 +575,16 @@ def _gather(chunks: Iterator[Chunk], axis: int, return_trace: bool):
                     nonfinite=sum(c.trace.nonfinite for c in parts))
 
 
+def _sample_in_one_call(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, x_T, solver):
+    """:func:`sample` without chunks, on one device (jax arrays; usable inside ``jax.jit``): (x_0 (N, *shape),
+    the trace or None, the (S, N) non-finite flags), after the arguments' checks."""
+    denoiser_u, denoiser_c, shape, eta, solver = _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta, solver)
+    keys = _as_keys(keys)
+    x_T = _check_x_T(x_T, keys.shape[0], shape)
+    x, tr = _grid_jit(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, (), x_T, solver)
+    return (x, tr, tr.nonfinite) if return_trace else (x, None, tr)
+
+
 def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
            rule: Rule = NoGuidance(), denoiser_c=None, noise: str = "beta", eta: Optional[float] = None,
            solver: Optional[str] = None,
@@ -599,17 +633,11 @@ def sample(denoiser_u, schedule: Schedule, keys, shape: Sequence[int], *,
     """
     noise = variance_value(noise, "noise")
     if chunk_size is None and not progress and jax.device_count() == 1:
-        denoiser_u, denoiser_c, shape, eta, solver = _prepare(denoiser_u, denoiser_c, rule, shape, noise, eta, solver)
-        keys = _as_keys(keys)
-        x_T = _check_x_T(x_T, keys.shape[0], shape)
-        x, tr = _grid_jit(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise, eta, (), x_T,
-                          solver)
-        flags = tr.nonfinite if return_trace else tr
+        x, tr, flags = _sample_in_one_call(denoiser_u, denoiser_c, rule, schedule, keys, shape, return_trace, noise,
+                                           eta, x_T, solver)
         if not isinstance(flags, jax.core.Tracer):             # inside jit nothing can be checked
-            _warn_nonfinite(np.asarray(flags), np.asarray(schedule.timesteps)[::-1], 0, keys.shape[0])
-        if return_trace:
-            return x, tr._replace(nonfinite=flags.sum(-1))
-        return x
+            _warn_nonfinite(np.asarray(flags), np.asarray(schedule.timesteps)[::-1], 0, flags.shape[-1])
+        return (x, tr._replace(nonfinite=flags.sum(-1))) if return_trace else x
     chunks = sample_chunks(denoiser_u, schedule, keys, shape, rule=rule, denoiser_c=denoiser_c,
                            chunk_size=chunk_size, noise=noise, eta=eta, solver=solver, return_trace=return_trace,
                            progress=progress, x_T=x_T)
