@@ -209,6 +209,53 @@ def _pixels(name: str, value, downscale: int) -> int:
     return int(value)
 
 
+def _checked_latent_shape(latent_shape, downscale: int, training_shape: Tuple[int, int, int]) -> Tuple[int, int, int]:
+    """``latent_shape`` as (h, w, C) ints, checked: C the UNet's channels (last), and no image size in pixels
+    (``training_shape``: the UNet's (h0, w0, C) latents)."""
+    d, (h0, w0, c) = downscale, training_shape
+    try:
+        shape = tuple(int(s) for s in latent_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"latent_shape must be (h, w, {c}) latents, got {latent_shape!r}") from None
+    if len(shape) != 3 or shape[2] != c or min(shape) < 1:
+        raise ValueError(f"latent_shape must be (h, w, {c}): latents of the UNet's {c} channels, channels last; "
+                         f"got {shape}" + ("; for an image size in pixels pass height=, width="
+                                           if len(shape) == 2 else ""))
+    if shape[:2] == (h0 * d, w0 * d) or (d > 1 and shape[0] % d == 0 and shape[1] % d == 0
+                                           and shape[0] >= 4 * h0 and shape[1] >= 4 * w0):
+        raise ValueError(f"latent_shape={shape} looks like an image size in pixels: latents are 1/{d} of it "
+                         f"(the training size is {h0} x {w0} latents = {h0 * d} x {w0 * d} px); pass "
+                         f"height={shape[0]}, width={shape[1]} (pixels) or latent_shape="
+                         f"{(shape[0] // d, shape[1] // d, c)}")
+    return shape
+
+
+def _checked_x_T(x_T, n: Optional[int], shape: Optional[Tuple[int, int, int]], asked_in_latents: bool,
+                 downscale: int, channels: int) -> Tuple[Tuple[int, int, int], np.ndarray]:
+    """(their latent shape (h, w, C), x_T as float32 numpy) of starting latents x_T (N, h, w, C), checked:
+    channels last, N = ``n`` (one per seed; None: any), the size ``shape`` asked for (None: any; asked as
+    ``latent_shape`` or as height / width, for the message) and finite values."""
+    d, c = downscale, channels
+    if not hasattr(x_T, "shape") or len(x_T.shape) != 4:
+        got = tuple(x_T.shape) if hasattr(x_T, "shape") else type(x_T).__name__
+        raise ValueError(f"x_T must be starting latents (N, h, w, {c}), one per seed; got {got}")
+    xs = tuple(int(s) for s in x_T.shape)
+    if xs[-1] != c:
+        hint = (" (channels first, as diffusers' latents: pass x_T.transpose(0, 2, 3, 1))" if xs[1] == c
+                else " (images? x_T are latents, 1/%d of the image size)" % d if xs[-1] == 3 else "")
+        raise ValueError(f"x_T must be channels-last latents (N, h, w, {c}); got shape {xs}{hint}")
+    if n is not None and xs[0] != n:
+        raise ValueError(f"x_T holds {xs[0]} starting latents for {n} seeds: one per seed")
+    if shape is not None and xs[1:] != shape:
+        asked = f"latent_shape={shape}" if asked_in_latents else \
+            f"height={shape[0] * d}, width={shape[1] * d} px = latents {shape}"
+        raise ValueError(f"x_T has latents {xs[1:]} but {asked}: pass one of them, or matching ones")
+    x_T = np.asarray(x_T, np.float32)
+    if not np.isfinite(x_T).all():
+        raise ValueError("x_T holds non-finite values")
+    return xs[1:], x_T
+
+
 def latent_size(pipe: StableDiffusion, height: Optional[int] = None, width: Optional[int] = None,
                 latent_shape: Optional[Sequence[int]] = None, x_T=None, n: Optional[int] = None
                 ) -> Tuple[Tuple[int, int, int], Optional[np.ndarray]]:
@@ -230,20 +277,7 @@ def latent_size(pipe: StableDiffusion, height: Optional[int] = None, width: Opti
         raise ValueError(f"pass the size either in pixels (height={height}, width={width}) or in latents "
                          f"(latent_shape={tuple(latent_shape)}), not both")
     if latent_shape is not None:
-        try:
-            shape = tuple(int(s) for s in latent_shape)
-        except (TypeError, ValueError):
-            raise ValueError(f"latent_shape must be (h, w, {c}) latents, got {latent_shape!r}") from None
-        if len(shape) != 3 or shape[2] != c or min(shape) < 1:
-            raise ValueError(f"latent_shape must be (h, w, {c}): latents of the UNet's {c} channels, channels last; "
-                             f"got {shape}" + ("; for an image size in pixels pass height=, width="
-                                               if len(shape) == 2 else ""))
-        if shape[:2] == (h0 * d, w0 * d) or (d > 1 and shape[0] % d == 0 and shape[1] % d == 0
-                                               and shape[0] >= 4 * h0 and shape[1] >= 4 * w0):
-            raise ValueError(f"latent_shape={shape} looks like an image size in pixels: latents are 1/{d} of it "
-                             f"(the training size is {h0} x {w0} latents = {h0 * d} x {w0 * d} px); pass "
-                             f"height={shape[0]}, width={shape[1]} (pixels) or latent_shape="
-                             f"{(shape[0] // d, shape[1] // d, c)}")
+        shape = _checked_latent_shape(latent_shape, d, (h0, w0, c))
     elif height is not None or width is not None:
         hp = _pixels("height", h0 * d if height is None else height, d)
         wp = _pixels("width", w0 * d if width is None else width, d)
@@ -251,24 +285,7 @@ def latent_size(pipe: StableDiffusion, height: Optional[int] = None, width: Opti
     else:
         shape = None
     if x_T is not None:
-        if not hasattr(x_T, "shape") or len(x_T.shape) != 4:
-            got = tuple(x_T.shape) if hasattr(x_T, "shape") else type(x_T).__name__
-            raise ValueError(f"x_T must be starting latents (N, h, w, {c}), one per seed; got {got}")
-        xs = tuple(int(s) for s in x_T.shape)
-        if xs[-1] != c:
-            hint = (" (channels first, as diffusers' latents: pass x_T.transpose(0, 2, 3, 1))" if xs[1] == c
-                    else " (images? x_T are latents, 1/%d of the image size)" % d if xs[-1] == 3 else "")
-            raise ValueError(f"x_T must be channels-last latents (N, h, w, {c}); got shape {xs}{hint}")
-        if n is not None and xs[0] != n:
-            raise ValueError(f"x_T holds {xs[0]} starting latents for {n} seeds: one per seed")
-        if shape is not None and xs[1:] != shape:
-            asked = f"latent_shape={shape}" if latent_shape is not None else \
-                f"height={shape[0] * d}, width={shape[1] * d} px = latents {shape}"
-            raise ValueError(f"x_T has latents {xs[1:]} but {asked}: pass one of them, or matching ones")
-        shape = xs[1:]
-        x_T = np.asarray(x_T, np.float32)
-        if not np.isfinite(x_T).all():
-            raise ValueError("x_T holds non-finite values")
+        shape, x_T = _checked_x_T(x_T, n, shape, latent_shape is not None, d, c)
     return shape or (h0, w0, c), x_T
 
 
@@ -302,59 +319,9 @@ def check_latent_size(pipe: StableDiffusion, shape: Tuple[int, int, int]) -> Non
         raise ValueError(f"this UNet cannot denoise {h} x {w} latents ({h * d} x {w * d} px){hint} ({reason})")
 
 
-def generate(pipe: StableDiffusion, prompt: str, negative_prompt: Optional[str], seeds: Sequence[int], *,
-             rule: GuidanceRule, grid: Optional[Mapping[str, Any]] = None, steps: int = 50,
-             noise: Optional[str] = None, eta: Optional[float] = None, solver: Optional[str] = None,
-             height: Optional[int] = None, width: Optional[int] = None,
-             latent_shape: Optional[Tuple[int, int, int]] = None, x_T=None,
-             chunk_size: Optional[int] = None, return_trace: bool = False, return_latents: bool = False,
-             progress: bool = False):
-    """Images for ``prompt`` (away from ``negative_prompt``), one per seed and grid point.
-
-    What ``rule`` does with the prompts (the UNet passes per step in brackets):
-
-    * ``dj.ClassifierFreeGuidance(scale)`` [2]: eps = eps_u + scale (eps(prompt) - eps_u) with eps_u =
-      eps(negative_prompt), or eps("") without one: diffusers' ``guidance_scale`` and ``negative_prompt``
-      (``StableDiffusionPipeline(prompt, negative_prompt=..., guidance_scale=scale)``), the negative
-      prompt replacing the unconditional prediction;
-    * a rule in the positive mode [3] (``dj.PositiveMode(rule, cfg_scale)`` over ``dj.DynamicNegativeGuidance``,
-      ``NegativePrompting`` or ``SafeLatentDiffusion``): predictions "", prompt and negative prompt (required), CFG
-      toward the prompt with ``cfg_scale`` and the rule's negative guidance relative to the prompt's
-      prediction (the paper's section 4.2);
-    * ``dj.NoGuidance()`` [1]: the prompt's model alone (no negative prompt).
-
-    Compilation: the prompts' text features (77, D) and the rule's hyperparameters (and the grid's
-    values) are traced arguments of the one compiled sampler, so calls that differ only in prompts,
-    negative prompts, scales or grid values (of the same length) reuse it: one compilation per rule
-    class, static options (solver, noise, grid names and length, return_trace), steps, latent shape and
-    seed chunk. CFG with and without a negative prompt share theirs.
-
-    Args:
-      seeds: N ints; sample n starts from the N(0, I) draw of seeds[n] (or from ``x_T[n]``) and takes
-        its step noise from it.
-      grid: rule leaves to sweep, e.g. {"scale": [0, 27]} (scale 0: plain CFG toward the prompt, the
-        unguided reference of the same seeds); all points in one compiled call.
-      steps: chain length. The folder's scheduler config decides the chain as diffusers'
-        ``set_timesteps`` would (:func:`chain`: timestep spacing, steps_offset, set_alpha_to_one,
-        rescale_betas_zero_snr; refusals name the option): ``solver=None`` steps with the folder's
-        scheduler class, ``solver="ddim" | "ddpm" | "dpmpp_2m" | "euler" | "euler_ancestral"`` with that
-        class built from the folder's config (diffusers' ``from_config``); a folder whose scheduler is
-        PNDM (SD 1.5, SD 2 base) needs a ``solver``. ``eta``: DDIM's (alone it selects DDIM).
-        ``noise``: the ancestral step's variance, by default the config's ``variance_type``. DNG on a
-        deterministic solver needs its continuous-time posterior (``estimator="stratonovich"``).
-      height, width: the image size in pixels, each a multiple of ``pipe.downscale`` (8 for SD, as in
-        diffusers); latents (height / 8, width / 8, 4). Default: the UNet's training size.
-      latent_shape: (h, w, C) latents instead of height / width (not both).
-      x_T: (N, h, w, C) starting latents, channels last (diffusers' NCHW ``latents`` transposed by
-        (0, 2, 3, 1)), scaled by the scheduler as diffusers' ``init_noise_sigma`` scales them; their size must agree with height / width or latent_shape where given.
-        Sizes are checked (:func:`latent_size`, :func:`check_latent_size`) before anything is traced.
-    Returns:
-      uint8 images (K, N, H, W, 3) (K = grid points, 1 without a grid; H, W in pixels), and with
-      ``return_trace`` the :class:`dngjax.Trace` (t: (S,) timesteps in sampling order; lambda_t,
-      p_t: (K, S, N)); with ``return_latents`` the latents (K, N, h, w, C) as well
-      (images, latents[, trace]).
-    """
-    positive = getattr(rule, "num_conditions", None) == 2
+def _check_rule_and_prompts(rule: GuidanceRule, prompt, negative_prompt, positive: bool) -> None:
+    """Raise a ValueError unless :func:`generate` takes ``rule`` (``positive``: a rule in the positive mode) with
+    these prompts: one string each, a negative prompt for the positive mode and none for NoGuidance."""
     name = type(rule).__name__
     if positive and negative_prompt is None:
         raise ValueError(f"{name} needs a negative prompt (predictions '', prompt and negative prompt)")
@@ -370,33 +337,116 @@ def generate(pipe: StableDiffusion, prompt: str, negative_prompt: Optional[str],
     for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if text is not None and not isinstance(text, str):
             raise ValueError(f"{what} must be one string (one prompt per call), got {type(text).__name__}")
+
+
+def _checked_seeds_and_size(pipe: StableDiffusion, seeds: Sequence[int], height, width, latent_shape, x_T):
+    """(seeds as an (N,) array, latent shape (h, w, C), x_T as float32 numpy or None), checked (:func:`latent_size`,
+    :func:`check_latent_size`) before anything is traced."""
     seeds = np.asarray(list(seeds))
     if seeds.size == 0:
         raise ValueError("no seeds")
     shape, x_T = latent_size(pipe, height, width, latent_shape, x_T, n=seeds.size)
     check_latent_size(pipe, shape)
+    return seeds, shape, x_T
+
+
+def _prompt_denoisers(pipe: StableDiffusion, rule: GuidanceRule, prompt: str, negative_prompt: Optional[str],
+                      positive: bool):
+    """(denoiser_u, denoiser_c) for :func:`generate`'s rule: ("", (prompt, negative prompt)) in the positive mode,
+    (negative prompt or "", prompt) for CFG, (prompt, None) for NoGuidance."""
     if positive:
-        ctx = encode_prompts(pipe, ["", prompt, negative_prompt])
-        denoiser_u, denoiser_c = text_denoiser(pipe, ctx[0]), (text_denoiser(pipe, ctx[1]), text_denoiser(pipe, ctx[2]))
-    elif isinstance(rule, ClassifierFreeGuidance):
-        ctx = encode_prompts(pipe, [negative_prompt or "", prompt])
-        denoiser_u, denoiser_c = text_denoiser(pipe, ctx[0]), text_denoiser(pipe, ctx[1])
-    else:
-        denoiser_u, denoiser_c = text_denoiser(pipe, encode_prompts(pipe, [prompt])[0]), None
-    # the folder's scheduler config decides the chain (spacing, offsets, final alpha, the solver)
+        return denoisers(pipe, prompt, negative_prompt)
+    if isinstance(rule, ClassifierFreeGuidance):
+        denoiser_u, (denoiser_c,) = denoisers(pipe, prompt, null_prompt=negative_prompt or "")
+        return denoiser_u, denoiser_c
+    return text_denoiser(pipe, encode_prompts(pipe, [prompt])[0]), None
+
+
+def _solver_for_eta(pipe: StableDiffusion, solver: Optional[str], eta: Optional[float]) -> Optional[str]:
+    """The ``solver`` :func:`generate` asks :func:`chain` for: eta alone selects DDIM from the folder's config
+    (where the folder's scheduler is not DDIM already)."""
     if eta is not None and solver is None and pipe.scheduler_config is not None \
             and pipe.scheduler_config.get("_class_name") != "DDIMScheduler":
-        solver = "ddim"                                # eta alone: DDIM from the folder's config
-    c = chain(pipe, steps, solver=solver, eta=eta)
-    keys = keys_from_seeds(seeds)
-    if c.x_T_scale != 1.0:                             # diffusers' init_noise_sigma, in the sampler's variables
-        if x_T is None:                                # the seeds' own N(0, I) draws, as the sampler makes them
-            x_T = jax.vmap(lambda k: jax.random.normal(jax.random.split(k)[0], shape, jnp.float32))(keys)
-        x_T = np.asarray(x_T, np.float32) * np.float32(c.x_T_scale)
-    out = sweep(denoiser_u, c.schedule, keys, shape, rule=rule, grid=grid or {},
-                denoiser_c=denoiser_c, noise=noise or c.noise, eta=c.eta, solver=c.solver, chunk_size=chunk_size,
-                return_trace=return_trace, progress=progress, x_T=x_T)
+        return "ddim"
+    return solver
+
+
+def _scaled_x_T(x_T: Optional[np.ndarray], scale: float, keys, shape: Tuple[int, int, int]):
+    """The starting latents (N, h, w, C) in the sampler's variables: x_T -- or the seeds' own N(0, I) draws, as
+    the sampler makes them from ``keys`` -- times diffusers' init_noise_sigma ``scale`` (x_T as is at scale 1)."""
+    if scale == 1.0:
+        return x_T
+    if x_T is None:
+        x_T = jax.vmap(lambda k: jax.random.normal(jax.random.split(k)[0], shape, jnp.float32))(keys)
+    return np.asarray(x_T, np.float32) * np.float32(scale)
+
+
+def _generate_outputs(pipe: StableDiffusion, out, return_trace: bool, return_latents: bool):
+    """:func:`generate`'s return value from the sampler's output (latents[, trace]): the decoded images, or the
+    tuple (images[, latents][, trace])."""
     latents, trace = out if return_trace else (out, None)
     images = decode(pipe, latents)
     result = (images,) + ((latents,) if return_latents else ()) + ((trace,) if return_trace else ())
     return result[0] if len(result) == 1 else result
+
+
+def generate(pipe: StableDiffusion, prompt: str, negative_prompt: Optional[str], seeds: Sequence[int], *,
+             rule: GuidanceRule, grid: Optional[Mapping[str, Any]] = None, steps: int = 50, noise: Optional[str] = None,
+             eta: Optional[float] = None, solver: Optional[str] = None, height: Optional[int] = None,
+             width: Optional[int] = None, latent_shape: Optional[Tuple[int, int, int]] = None, x_T=None,
+             chunk_size: Optional[int] = None, return_trace: bool = False, return_latents: bool = False,
+             progress: bool = False):
+    """Images for ``prompt`` (away from ``negative_prompt``), one per seed and grid point.
+
+    What ``rule`` does with the prompts (the UNet passes per step in brackets):
+
+    * ``dj.ClassifierFreeGuidance(scale)`` [2]: eps = eps_u + scale (eps(prompt) - eps_u) with eps_u =
+      eps(negative_prompt), or eps("") without one: diffusers' ``guidance_scale`` and ``negative_prompt``
+      (``StableDiffusionPipeline(prompt, negative_prompt=..., guidance_scale=scale)``), the negative prompt replacing
+      the unconditional prediction;
+    * a rule in the positive mode [3] (``dj.PositiveMode(rule, cfg_scale)`` over ``dj.DynamicNegativeGuidance``,
+      ``NegativePrompting`` or ``SafeLatentDiffusion``): predictions "", prompt and negative prompt (required), CFG
+      toward the prompt with ``cfg_scale`` and the rule's negative guidance relative to the prompt's prediction (the
+      paper's section 4.2);
+    * ``dj.NoGuidance()`` [1]: the prompt's model alone (no negative prompt).
+
+    Compilation: the prompts' text features (77, D), the rule's hyperparameters and the grid's values are traced
+    arguments of the one compiled sampler, so calls that differ only in prompts, negative prompts, scales or grid
+    values (of the same length) reuse it: one compilation per rule class, static options (solver, noise, grid names
+    and length, return_trace), steps, latent shape and seed chunk; CFG with and without a negative prompt share one.
+
+    Args:
+      seeds: N ints; sample n starts from the N(0, I) draw of seeds[n] (or from ``x_T[n]``) and takes its step
+        noise from it.
+      grid: rule leaves to sweep, e.g. {"scale": [0, 27]} (scale 0: plain CFG toward the prompt, the unguided
+        reference of the same seeds); all points in one compiled call.
+      steps: chain length. The folder's scheduler config decides the chain as diffusers' ``set_timesteps``
+        would (:func:`chain`: timestep spacing, steps_offset, set_alpha_to_one, rescale_betas_zero_snr; refusals
+        name the option): ``solver=None`` steps with the folder's scheduler class, ``solver="ddim" | "ddpm" |
+        "dpmpp_2m" | "euler" | "euler_ancestral"`` with that class built from the folder's config (diffusers'
+        ``from_config``); a folder whose scheduler is PNDM (SD 1.5, SD 2 base) needs a ``solver``. ``eta``:
+        DDIM's (alone it selects DDIM). ``noise``: the ancestral step's variance, by default the config's
+        ``variance_type``. DNG on a deterministic solver needs its continuous-time posterior
+        (``estimator="stratonovich"``).
+      height, width: the image size in pixels, each a multiple of ``pipe.downscale`` (8 for SD, as in
+        diffusers); latents (height / 8, width / 8, 4). Default: the UNet's training size.
+      latent_shape: (h, w, C) latents instead of height / width (not both).
+      x_T: (N, h, w, C) starting latents, channels last (diffusers' NCHW ``latents`` transposed by (0, 2, 3, 1)),
+        scaled by the scheduler as diffusers' ``init_noise_sigma`` scales them; their size must agree with
+        height / width or latent_shape where given. Sizes are checked (:func:`latent_size`,
+        :func:`check_latent_size`) before anything is traced.
+    Returns:
+      uint8 images (K, N, H, W, 3) (K = grid points, 1 without a grid; H, W in pixels), and with ``return_trace``
+      the :class:`dngjax.Trace` (t: (S,) timesteps in sampling order; lambda_t, p_t: (K, S, N)); with
+      ``return_latents`` the latents (K, N, h, w, C) as well (images, latents[, trace]).
+    """
+    positive = getattr(rule, "num_conditions", None) == 2
+    _check_rule_and_prompts(rule, prompt, negative_prompt, positive)
+    seeds, shape, x_T = _checked_seeds_and_size(pipe, seeds, height, width, latent_shape, x_T)
+    denoiser_u, denoiser_c = _prompt_denoisers(pipe, rule, prompt, negative_prompt, positive)
+    c = chain(pipe, steps, solver=_solver_for_eta(pipe, solver, eta), eta=eta)   # the folder's config decides
+    keys = keys_from_seeds(seeds)
+    out = sweep(denoiser_u, c.schedule, keys, shape, rule=rule, grid=grid or {}, denoiser_c=denoiser_c,
+                noise=noise or c.noise, eta=c.eta, solver=c.solver, chunk_size=chunk_size, return_trace=return_trace,
+                progress=progress, x_T=_scaled_x_T(x_T, c.x_T_scale, keys, shape))
+    return _generate_outputs(pipe, out, return_trace, return_latents)
