@@ -64,59 +64,54 @@ def _reject(field: str, value: Any, why: str) -> None:
     raise ValueError(f"unsupported diffusers UNet2DModel config: {field}={value!r}: {why}")
 
 
-def unet_kwargs_from_config(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """Validate a diffusers ``UNet2DModel`` config; return the equivalent ``UNet(**kwargs)``.
+def _need(cfg: Mapping[str, Any], field: str, ok: bool, why: str) -> None:
+    """Reject ``cfg[field]`` (see :func:`_reject`) unless ``ok``."""
+    if not ok:
+        _reject(field, cfg[field], why)
 
-    Raises:
-      ValueError: naming the first field the Flax UNet cannot represent exactly.
-    """
-    cls = config.get("_class_name", "UNet2DModel")
-    if cls != "UNet2DModel":
-        _reject("_class_name", cls, "only UNet2DModel checkpoints can be converted")
-    cfg = dict(DIFFUSERS_DEFAULTS)
-    cfg.update({k: v for k, v in config.items() if not k.startswith("_")})
 
-    def need(field: str, ok: bool, why: str) -> None:
-        if not ok:
-            _reject(field, cfg[field], why)
+def _check_scalar_fields(cfg: Mapping[str, Any]) -> None:
+    """Reject the embedding, activation, mid-block, resampling and norm options the Flax UNet lacks."""
+    _need(cfg, "time_embedding_type", cfg["time_embedding_type"] == "positional",
+          "only the 'positional' sinusoidal embedding is supported")
+    _need(cfg, "flip_sin_to_cos", cfg["flip_sin_to_cos"] is False,
+          "the Flax UNet's timestep embedding is [sin, cos] (flip_sin_to_cos=False)")
+    _need(cfg, "freq_shift", cfg["freq_shift"] == 1,
+          "the Flax UNet's frequencies are exp(-log(10000) i / (half - 1)) (freq_shift=1)")
+    _need(cfg, "center_input_sample", not cfg["center_input_sample"], "must be False")
+    _need(cfg, "act_fn", cfg["act_fn"] in ("silu", "swish"), "only silu/swish is supported")
+    _need(cfg, "resnet_time_scale_shift", cfg["resnet_time_scale_shift"] == "default",
+          "only 'default' (additive timestep embedding) is supported")
+    _need(cfg, "class_embed_type", cfg["class_embed_type"] is None,
+          "class-conditional diffusers models are not supported")
+    _need(cfg, "num_class_embeds", cfg["num_class_embeds"] is None,
+          "class-conditional diffusers models are not supported")
+    _need(cfg, "mid_block_type", cfg["mid_block_type"] == "UNetMidBlock2D",
+          "only 'UNetMidBlock2D' is supported")
+    _need(cfg, "add_attention", cfg["add_attention"] is True,
+          "the Flax UNet always has mid-block attention")
+    _need(cfg, "mid_block_scale_factor", cfg["mid_block_scale_factor"] == 1, "must be 1")
+    _need(cfg, "downsample_type", cfg["downsample_type"] == "conv", "only 'conv' is supported")
+    _need(cfg, "upsample_type", cfg["upsample_type"] == "conv", "only 'conv' is supported")
+    _need(cfg, "downsample_padding", cfg["downsample_padding"] in (0, 1), "must be 0 or 1")
+    _need(cfg, "norm_eps", isinstance(cfg["norm_eps"], (int, float))
+          and math.isclose(cfg["norm_eps"], _FLAX_NORM_EPS, rel_tol=1e-6),
+          f"the Flax UNet's GroupNorm eps is {_FLAX_NORM_EPS}")
 
-    need("time_embedding_type", cfg["time_embedding_type"] == "positional",
-         "only the 'positional' sinusoidal embedding is supported")
-    need("flip_sin_to_cos", cfg["flip_sin_to_cos"] is False,
-         "the Flax UNet's timestep embedding is [sin, cos] (flip_sin_to_cos=False)")
-    need("freq_shift", cfg["freq_shift"] == 1,
-         "the Flax UNet's frequencies are exp(-log(10000) i / (half - 1)) (freq_shift=1)")
-    need("center_input_sample", not cfg["center_input_sample"], "must be False")
-    need("act_fn", cfg["act_fn"] in ("silu", "swish"), "only silu/swish is supported")
-    need("resnet_time_scale_shift", cfg["resnet_time_scale_shift"] == "default",
-         "only 'default' (additive timestep embedding) is supported")
-    need("class_embed_type", cfg["class_embed_type"] is None,
-         "class-conditional diffusers models are not supported")
-    need("num_class_embeds", cfg["num_class_embeds"] is None,
-         "class-conditional diffusers models are not supported")
-    need("mid_block_type", cfg["mid_block_type"] == "UNetMidBlock2D",
-         "only 'UNetMidBlock2D' is supported")
-    need("add_attention", cfg["add_attention"] is True,
-         "the Flax UNet always has mid-block attention")
-    need("mid_block_scale_factor", cfg["mid_block_scale_factor"] == 1, "must be 1")
-    need("downsample_type", cfg["downsample_type"] == "conv", "only 'conv' is supported")
-    need("upsample_type", cfg["upsample_type"] == "conv", "only 'conv' is supported")
-    need("downsample_padding", cfg["downsample_padding"] in (0, 1), "must be 0 or 1")
-    need("norm_eps", isinstance(cfg["norm_eps"], (int, float))
-         and math.isclose(cfg["norm_eps"], _FLAX_NORM_EPS, rel_tol=1e-6),
-         f"the Flax UNet's GroupNorm eps is {_FLAX_NORM_EPS}")
 
+def _block_layout(cfg: Mapping[str, Any]) -> Tuple[Tuple[int, ...], list]:
+    """(block_out_channels as a tuple, the levels with attention): the block channels and types checked, the up
+    blocks mirroring the down blocks."""
     boc = cfg["block_out_channels"]
-    need("block_out_channels", isinstance(boc, (list, tuple)) and len(boc) >= 1
-         and all(isinstance(c, int) and c > 0 for c in boc), "must be a list of positive ints")
+    _need(cfg, "block_out_channels", isinstance(boc, (list, tuple)) and len(boc) >= 1
+          and all(isinstance(c, int) and c > 0 for c in boc), "must be a list of positive ints")
     boc = tuple(boc)
-    ch = boc[0]
-    need("block_out_channels", all(c % ch == 0 for c in boc),
-         "every entry must be a multiple of the first (the Flax UNet uses ch * ch_mult)")
+    _need(cfg, "block_out_channels", all(c % boc[0] == 0 for c in boc),
+          "every entry must be a multiple of the first (the Flax UNet uses ch * ch_mult)")
     n = len(boc)
     down, up = tuple(cfg["down_block_types"]), tuple(cfg["up_block_types"])
-    need("down_block_types", len(down) == n, "must have one entry per block_out_channels entry")
-    need("up_block_types", len(up) == n, "must have one entry per block_out_channels entry")
+    _need(cfg, "down_block_types", len(down) == n, "must have one entry per block_out_channels entry")
+    _need(cfg, "up_block_types", len(up) == n, "must have one entry per block_out_channels entry")
     for i, d in enumerate(down):
         if d not in _DOWN_TYPES:
             _reject(f"down_block_types[{i}]", d, f"supported block types are {_DOWN_TYPES}")
@@ -131,48 +126,74 @@ def unet_kwargs_from_config(config: Mapping[str, Any]) -> Dict[str, Any]:
                     f"up_block_types[{j}] ({u}) must mirror down_block_types[{level}] "
                     f"({down[level]}): the Flax UNet uses attention at the same resolutions "
                     "on both paths")
+    return boc, attn_levels
 
+
+def _check_widths(cfg: Mapping[str, Any], boc: Tuple[int, ...], attn_levels: list) -> None:
+    """Reject layer counts, group counts, time-embedding and attention-head widths the Flax UNet lacks."""
     lpb = cfg["layers_per_block"]
-    need("layers_per_block", isinstance(lpb, int) and lpb >= 1, "must be a positive int")
+    _need(cfg, "layers_per_block", isinstance(lpb, int) and lpb >= 1, "must be a positive int")
     groups = cfg["norm_num_groups"]
-    need("norm_num_groups", isinstance(groups, int) and groups > 0
-         and all(c % groups == 0 for c in boc), "must be a positive int dividing every channel count")
-    need("attn_norm_num_groups", cfg["attn_norm_num_groups"] in (None, groups),
-         "the Flax UNet's attention GroupNorm uses norm_num_groups")
-    temb_dim = cfg["time_embedding_dim"]
-    need("time_embedding_dim", temb_dim in (None, 4 * ch),
-         f"the Flax UNet's time embedding has 4 * block_out_channels[0] = {4 * ch} features")
+    _need(cfg, "norm_num_groups", isinstance(groups, int) and groups > 0
+          and all(c % groups == 0 for c in boc), "must be a positive int dividing every channel count")
+    _need(cfg, "attn_norm_num_groups", cfg["attn_norm_num_groups"] in (None, groups),
+          "the Flax UNet's attention GroupNorm uses norm_num_groups")
+    ch = boc[0]
+    _need(cfg, "time_embedding_dim", cfg["time_embedding_dim"] in (None, 4 * ch),
+          f"the Flax UNet's time embedding has 4 * block_out_channels[0] = {4 * ch} features")
     head_dim = cfg["attention_head_dim"]
     attn_channels = sorted({boc[i] for i in attn_levels} | {boc[-1]})  # + the mid block
-    need("attention_head_dim", head_dim is None or all(c == head_dim for c in attn_channels),
-         f"the Flax UNet's attention is single-head: attention_head_dim must be null or equal "
-         f"to the channels of every attention block {attn_channels}")
+    _need(cfg, "attention_head_dim", head_dim is None or all(c == head_dim for c in attn_channels),
+          f"the Flax UNet's attention is single-head: attention_head_dim must be null or equal "
+          f"to the channels of every attention block {attn_channels}")
 
+
+def _sample_height(cfg: Mapping[str, Any], num_levels: int) -> int:
+    """The sample height (``sample_size``: an int or [height, width]), checked to be divisible by every level's
+    downsampling."""
     size = cfg["sample_size"]
     if isinstance(size, (list, tuple)):
-        need("sample_size", len(size) == 2 and all(isinstance(s, int) for s in size),
-             "must be an int or [height, width]")
+        _need(cfg, "sample_size", len(size) == 2 and all(isinstance(s, int) for s in size),
+              "must be an int or [height, width]")
         height = size[0]
     else:
-        need("sample_size", isinstance(size, int) and size > 0,
-             "an int is needed to place attention by resolution")
+        _need(cfg, "sample_size", isinstance(size, int) and size > 0,
+              "an int is needed to place attention by resolution")
         height = size
-    need("sample_size", height % (2 ** (n - 1)) == 0,
-         f"the height must be divisible by 2**(len(block_out_channels)-1) = {2 ** (n - 1)}")
-    for name in ("in_channels", "out_channels"):
-        need(name, isinstance(cfg[name], int) and cfg[name] > 0, "must be a positive int")
-    dropout = cfg["dropout"]
-    need("dropout", isinstance(dropout, (int, float)) and 0 <= dropout < 1, "must be in [0, 1)")
+    _need(cfg, "sample_size", height % (2 ** (num_levels - 1)) == 0,
+          f"the height must be divisible by 2**(len(block_out_channels)-1) = {2 ** (num_levels - 1)}")
+    return height
 
+
+def unet_kwargs_from_config(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """Validate a diffusers ``UNet2DModel`` config; return the equivalent ``UNet(**kwargs)``.
+
+    Raises:
+      ValueError: naming the first field the Flax UNet cannot represent exactly.
+    """
+    cls = config.get("_class_name", "UNet2DModel")
+    if cls != "UNet2DModel":
+        _reject("_class_name", cls, "only UNet2DModel checkpoints can be converted")
+    cfg = dict(DIFFUSERS_DEFAULTS)
+    cfg.update({k: v for k, v in config.items() if not k.startswith("_")})
+    _check_scalar_fields(cfg)
+    boc, attn_levels = _block_layout(cfg)
+    _check_widths(cfg, boc, attn_levels)
+    height = _sample_height(cfg, len(boc))
+    for name in ("in_channels", "out_channels"):
+        _need(cfg, name, isinstance(cfg[name], int) and cfg[name] > 0, "must be a positive int")
+    dropout = cfg["dropout"]
+    _need(cfg, "dropout", isinstance(dropout, (int, float)) and 0 <= dropout < 1, "must be in [0, 1)")
+    ch = boc[0]
     return dict(
         ch=ch,
         ch_mult=tuple(c // ch for c in boc),
-        num_res_blocks=lpb,
+        num_res_blocks=cfg["layers_per_block"],
         attn_resolutions=tuple(height // 2 ** i for i in attn_levels),
         dropout=float(dropout),
         out_ch=cfg["out_channels"],
         num_classes=0,
-        groups=groups,
+        groups=cfg["norm_num_groups"],
         downsample_padding=cfg["downsample_padding"],
     )
 
