@@ -29,6 +29,7 @@ Steps (each can be skipped with --noX flags):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -157,79 +158,129 @@ def _fmt_uncond(q):
             f"with p > 0.9, KL {q['kl_train_to_samples']:.4f}")
 
 
+def _draw(model, n, *, seed, steps, chunk, noise, label=None):
+    """n samples (n, *input_shape) of a loaded model, in sampler calls of at most ``chunk`` seeds."""
+    return _sample(model, n, seed, steps, min(chunk, n), noise, label=label)
+
+
+def _real_image_fd(score, train_stats, data_dir):
+    """fd_real(n): the FD of n real MNIST test images to train_all, the floor of the FD at this sample size
+    (each n measured once)."""
+    real_fd = {}
+
+    def fd_real(n):
+        if n not in real_fd:
+            from dngjax import data, metrics
+            x_test, _ = data.load_dataset("mnist", "test", data_dir=data_dir)
+            real_fd[n] = round(metrics.frechet_distance_features(score(x_test[:n]).features, *train_stats), 3)
+        return real_fd[n]
+    return fd_real
+
+
+def _common_quality_fields(steps, noise, seed, classifier_card):
+    """The quality fields every model's card shares: the sampler, the first seed, the scoring classifier."""
+    return {"sampler": f"ancestral DDPM, linear betas respaced to {steps} steps, reverse-step noise "
+                       f"sigma_t^2 = {'beta_t' if noise == 'beta' else 'beta_tilde_t'} ({noise!r})",
+            "seed_first": int(seed),
+            "scored_by": f"classifier (checkpoints/mnist/classifier, test accuracy "
+                         f"{classifier_card.get('test_accuracy')})"}
+
+
+def _to_measure(name, d, only, reeval) -> bool:
+    """Whether model ``name`` (exported into ``d``) is measured: named in ``only`` (when given), exported, and
+    without its quality in the card unless ``reeval`` or ``only``; says why it is skipped."""
+    if only and name not in only:
+        return False
+    if not os.path.isfile(os.path.join(d, "card.json")):
+        print(f"skip {name}: not exported")
+        return False
+    if "quality" in _read(d) and not reeval and not only:
+        print(f"skip {name}: its card has its quality (a new model is copied without; --reeval or --only "
+              "measures again)")
+        return False
+    return True
+
+
+def _null_label_quality(model, name, common, draw, n_uncond, score, train_stats, train_hist, fd_real):
+    """(quality, its first 64 samples) of ddpm or of cond with the null label: n_uncond samples against
+    train_all (FD, confident share, KL of the class histograms)."""
+    q = dict(common)
+    x = draw(model, n_uncond)
+    q.update(_unconditional_quality(x, score, train_stats, train_hist, fd_real(n_uncond)))
+    print(f"{name}{' (null label)' if name == 'cond' else ''}: {_fmt_uncond(q)}  hist={q['class_histogram']}")
+    return q, x[:64]
+
+
+def _per_label_quality(model, common, null_label, draw, n_per_class, score):
+    """(quality, 10 samples per label (100, ...)) of cond: the null label's quality and, per label c, the share
+    of its n_per_class samples classified as c."""
+    q = {**common, "null_label": null_label, "per_label": {}}
+    rows = []
+    for c in range(10):
+        xc = draw(model, n_per_class, label=c)
+        share = float(np.mean(score(xc).labels == c))
+        q["per_label"][str(c)] = {"num_samples": n_per_class, "fraction_classified_as_label": round(share, 4)}
+        rows.append(xc[:10])
+        print(f"cond label {c}: {100 * share:.1f}% classified as {c}")
+    worst = min(v["fraction_classified_as_label"] for v in q["per_label"].values())
+    q["targets"] = {"null_label": q["null_label"]["targets"], "per_label": ">= 0.98 classified as the label"}
+    q["passed"] = bool(q["null_label"]["passed"] and worst >= 0.98)
+    return q, np.concatenate(rows)
+
+
+def _forget_quality(model, name, common, draw, n_forget, score):
+    """(quality, its first 64 samples) of a forget-class model: the share of n_forget samples classified as
+    its class."""
+    q = dict(common)
+    c = model.card["only_class"]
+    x = draw(model, n_forget)
+    labels = score(x).labels
+    frac = float(np.mean(labels == c))
+    q.update({"num_samples": int(n_forget), "class_histogram": np.bincount(labels, minlength=10).tolist(),
+              "fraction_classified_as_class": round(frac, 4),
+              "targets": {"fraction_classified_as_class": ">= 0.99"}, "passed": bool(frac >= 0.99)})
+    print(f"{name}: {100 * frac:.1f}% classified as {c}  hist={q['class_histogram']}")
+    return q, x[:64]
+
+
+def _write_quality(d, q, grid, nrow):
+    """Write the sample grid ``samples.png`` (``nrow`` per row) into ``d`` and the quality ``q`` into its card."""
+    from dngjax.tools.train.trainer import write_png_grid
+    write_png_grid(grid, os.path.join(d, "samples.png"), nrow=nrow)
+    card = _read(d)
+    card["quality"] = q
+    card["samples_png"] = "samples.png"
+    _write(d, card)
+
+
 def evaluate(out, classes, data_dir, n_uncond, n_per_class, n_forget, steps, chunk, seed, noise, only=(),
              reeval=False):
+    """Measure each exported DDPM's sample quality (ddpm, cond, forget_C) and write it into its card, with a
+    sample grid (the module docstring's step 3 and targets)."""
     from dngjax import checkpoint, data
-    from dngjax.tools.train.trainer import write_png_grid
 
     score = _scorer(out)
     _, y_train = data.load_dataset("mnist", "train", data_dir=data_dir, as_float=False)
     train_hist = np.bincount(y_train, minlength=10)
     train_stats = checkpoint.load_reference_stats(os.path.join(out, "reference_stats", "train_all.npz"))
-    ccard = _read(os.path.join(out, "classifier"))
-    real_fd = {}
-
-    def fd_real(n):  # FD of n real test images: the floor of the FD at this sample size
-        if n not in real_fd:
-            from dngjax import metrics
-            x_test, _ = data.load_dataset("mnist", "test", data_dir=data_dir)
-            real_fd[n] = round(metrics.frechet_distance_features(score(x_test[:n]).features, *train_stats), 3)
-        return real_fd[n]
-
-    common = {"sampler": f"ancestral DDPM, linear betas respaced to {steps} steps, reverse-step noise "
-                         f"sigma_t^2 = {'beta_t' if noise == 'beta' else 'beta_tilde_t'} ({noise!r})",
-              "seed_first": int(seed),
-              "scored_by": f"classifier (checkpoints/mnist/classifier, test accuracy {ccard.get('test_accuracy')})"}
-    todo = ["ddpm", "cond"] + [f"forget_{c}" for c in classes]
-    for name in todo:
-        if only and name not in only:
-            continue
+    fd_real = _real_image_fd(score, train_stats, data_dir)
+    common = _common_quality_fields(steps, noise, seed, _read(os.path.join(out, "classifier")))
+    draw = functools.partial(_draw, seed=seed, steps=steps, chunk=chunk, noise=noise)
+    for name in ["ddpm", "cond"] + [f"forget_{c}" for c in classes]:
         d = os.path.join(out, name)
-        if not os.path.isfile(os.path.join(d, "card.json")):
-            print(f"skip {name}: not exported")
-            continue
-        if "quality" in _read(d) and not reeval and not only:
-            print(f"skip {name}: its card has its quality (a new model is copied without; --reeval or --only "
-                  "measures again)")
+        if not _to_measure(name, d, only, reeval):
             continue
         model = checkpoint.load_diffusion_model(d)
-        card = model.card
         t0 = time.time()
-        q = dict(common)
         if name == "ddpm" or name == "cond":
-            x = _sample(model, n_uncond, seed, steps, min(chunk, n_uncond), noise)
-            q.update(_unconditional_quality(x, score, train_stats, train_hist, fd_real(n_uncond)))
-            print(f"{name}{' (null label)' if name == 'cond' else ''}: {_fmt_uncond(q)}  hist={q['class_histogram']}")
-            grid = x[:64]
+            q, grid = _null_label_quality(model, name, common, draw, n_uncond, score, train_stats, train_hist,
+                                          fd_real)
         if name == "cond":
-            q = {**common, "null_label": q, "per_label": {}}
-            rows = []
-            for c in range(10):
-                xc = _sample(model, n_per_class, seed, steps, min(chunk, n_per_class), noise, label=c)
-                share = float(np.mean(score(xc).labels == c))
-                q["per_label"][str(c)] = {"num_samples": n_per_class, "fraction_classified_as_label": round(share, 4)}
-                rows.append(xc[:10])
-                print(f"cond label {c}: {100 * share:.1f}% classified as {c}")
-            worst = min(v["fraction_classified_as_label"] for v in q["per_label"].values())
-            q["targets"] = {"null_label": q["null_label"]["targets"], "per_label": ">= 0.98 classified as the label"}
-            q["passed"] = bool(q["null_label"]["passed"] and worst >= 0.98)
-            grid = np.concatenate(rows)
+            q, grid = _per_label_quality(model, common, q, draw, n_per_class, score)
         elif name.startswith("forget_"):
-            c = card["only_class"]
-            x = _sample(model, n_forget, seed, steps, min(chunk, n_forget), noise)
-            labels = score(x).labels
-            frac = float(np.mean(labels == c))
-            q.update({"num_samples": int(n_forget), "class_histogram": np.bincount(labels, minlength=10).tolist(),
-                      "fraction_classified_as_class": round(frac, 4),
-                      "targets": {"fraction_classified_as_class": ">= 0.99"}, "passed": bool(frac >= 0.99)})
-            print(f"{name}: {100 * frac:.1f}% classified as {c}  hist={q['class_histogram']}")
-            grid = x[:64]
+            q, grid = _forget_quality(model, name, common, draw, n_forget, score)
         q["sampling_wall_time_s"] = round(time.time() - t0, 1)
-        write_png_grid(grid, os.path.join(d, "samples.png"), nrow=10 if name == "cond" else 8)
-        card = _read(d)
-        card["quality"] = q
-        card["samples_png"] = "samples.png"
-        _write(d, card)
+        _write_quality(d, q, grid, nrow=10 if name == "cond" else 8)
 
 
 def write_readme(out, classes):
