@@ -178,21 +178,21 @@ def field_table(lab, n=4000):
     return rows
 
 
-def run(args):
-    sched = chain(args.steps)
-    lab = lab_2d(sched)
-    out = prepare_out(args.out)
-
+def _fig7_scores(lab, path):
+    """Fig. 7: the unconditional, forbidden-concept and desired scores over log p_t."""
     def vec(name):
         return lambda c, f: (c[name], f["logdens"][name], "", None)
 
     _figure(lab, [("unconditional score $s_u = \\nabla\\log p_t(x)$", vec("s_u")),
                   ("forbidden-concept score $s_- = \\nabla\\log p_t(x|c^-)$", vec("s_f")),
                   ("desired score $s_r$ (remaining modes)", vec("s_r"))],
-            os.path.join(out, "fig7_scores.png"),
+            path,
             "Fig. 7 - exact scores of the 2-D mixture (forbidden mode: red X; kept modes: white dots)\n"
             "background: log density of the same $p_t$", "density")
 
+
+def _fig8_guidance(lab, path):
+    """Fig. 8: the CFG, NP and DNG guidance terms over the exact posterior p(c- | x_t)."""
     def guid(m, label):
         def fn(c, f):
             kept, forb = _at_modes(lab, c["t"], m)
@@ -203,11 +203,14 @@ def run(args):
     _figure(lab, [guid("cfg", "CFG guidance $\\lambda(s_r - s_u)$, $\\lambda=1$"),
                          guid("np", "NP guidance $-\\lambda(s_- - s_u)$, $\\lambda=1$"),
                          guid("dng_exact", "DNG guidance $-\\lambda_0\\frac{p}{1-p}(s_- - s_u)$, $\\lambda_0=1$")],
-            os.path.join(out, "fig8_guidance.png"),
+            path,
             "Fig. 8 - guidance terms added to the unconditional score (score units)\nbackground: exact "
             "posterior $p(c^-|x_t)$; hatched: $1-p<10^{-12}$, where $\\frac{p}{1-p}(s_- - s_u)$ is $\\infty\\cdot 0$",
             "posterior")
 
+
+def _fig9_total(lab, path):
+    """Fig. 9: the total guided fields s_u + guidance over the desired log p_t."""
     def total(m, label):
         def fn(c, f):
             v = c["s_u"] + c["g"][m]
@@ -219,37 +222,54 @@ def run(args):
 
     _figure(lab, [total("cfg", "CFG total field $s_u + \\lambda(s_r - s_u)$"), total("np", "NP total field"),
                   total("dng_exact", "DNG total field")],
-            os.path.join(out, "fig9_total.png"),
+            path,
             "Fig. 9 - total guided score fields\nbackground: log density of the desired (remaining-modes) $p_t$; "
             "hatched as in fig. 8", "density")
 
+
+def _field_magnitudes_table(lab):
+    """The printed table of :func:`field_table` (median guidance and deviation magnitudes)."""
     rows = field_table(lab)
     cols = [("t", "t", "d"), ("method", "rule", ""), ("g_kept", "median abs(guidance), kept modes", ".3g"),
             ("g_forb", "median abs(guidance), forbidden mode", ".3g"),
             ("dev_kept", "median abs(total - desired), kept", ".2g"),
             ("dev_forb", "median abs(total - desired), forbidden", ".2g"),
             ("undef_forb", "share of forbidden points left out (1-p < 1e-12)", ".3f")]
-    t1 = print_table("Appendix A - field magnitudes (score units, float64) at 4,000 points distributed as p_t "
-                     "of each group", rows, cols)
-    t2 = ""
-    if args.n > 0:
-        srows = []
-        means = np.asarray(lab.full.means)
-        for m in ("none", "cfg", "np", "dng_exact", "dng_approx"):
-            rule, eps_c = rule_for(lab, m, 1.0)
-            with Timer() as tm:
-                x = sample_chunked(lab, rule, eps_c, sched, args.n, seed0=args.seed, chunk=args.chunk,
-                                   progress=not args.no_progress, desc=m)
-            fr = lab.remember_fractions(x)
-            comp = np.asarray(lab.full.classify(jnp.asarray(x)))
-            srows.append({"method": METHOD_LABELS[m], "forbidden": float(lab.in_negative(x).mean()),
-                          "w0": float(fr[0]), "w1": float(fr[1]),
-                          "r": float(np.median(np.linalg.norm(x - means[comp], axis=-1))), "seconds": tm.s})
-        t2 = print_table(f"Appendix A - 2-D samples, n = {args.n} per rule, chain = {sched.num_steps} steps "
-                         "(target: forbidden mass ~0, kept weights 0.5 / 0.5, median distance to own mode "
-                         "0.5 sqrt(2 ln 2) = 0.589)", srows,
-                         [("method", "rule", ""), ("forbidden", "forbidden mass", ".4f"),
-                          ("w0", "w(left) among kept", ".4f"), ("w1", "w(right) among kept", ".4f"),
-                          ("r", "median distance to own mode", ".3f"), ("seconds", "seconds", ".0f")])
+    return print_table("Appendix A - field magnitudes (score units, float64) at 4,000 points distributed as p_t "
+                       "of each group", rows, cols)
+
+
+def _samples_table(lab, sched, args):
+    """The printed table of ``args.n`` 2-D samples per rule: forbidden mass, kept weights, distance to own mode."""
+    srows = []
+    means = np.asarray(lab.full.means)
+    for m in ("none", "cfg", "np", "dng_exact", "dng_approx"):
+        rule, eps_c = rule_for(lab, m, 1.0)
+        with Timer() as tm:
+            x = sample_chunked(lab, rule, eps_c, sched, args.n, seed0=args.seed, chunk=args.chunk,
+                               progress=not args.no_progress, desc=m)
+        fr = lab.remember_fractions(x)
+        comp = np.asarray(lab.full.classify(jnp.asarray(x)))
+        srows.append({"method": METHOD_LABELS[m], "forbidden": float(lab.in_negative(x).mean()),
+                      "w0": float(fr[0]), "w1": float(fr[1]),
+                      "r": float(np.median(np.linalg.norm(x - means[comp], axis=-1))), "seconds": tm.s})
+    return print_table(f"Appendix A - 2-D samples, n = {args.n} per rule, chain = {sched.num_steps} steps "
+                       "(target: forbidden mass ~0, kept weights 0.5 / 0.5, median distance to own mode "
+                       "0.5 sqrt(2 ln 2) = 0.589)", srows,
+                       [("method", "rule", ""), ("forbidden", "forbidden mass", ".4f"),
+                        ("w0", "w(left) among kept", ".4f"), ("w1", "w(right) among kept", ".4f"),
+                        ("r", "median distance to own mode", ".3f"), ("seconds", "seconds", ".0f")])
+
+
+def run(args):
+    """Figs. 7-9 and the field table (and, unless ``args.n`` is 0, the samples table); writes appendix_table.md."""
+    sched = chain(args.steps)
+    lab = lab_2d(sched)
+    out = prepare_out(args.out)
+    _fig7_scores(lab, os.path.join(out, "fig7_scores.png"))
+    _fig8_guidance(lab, os.path.join(out, "fig8_guidance.png"))
+    _fig9_total(lab, os.path.join(out, "fig9_total.png"))
+    t1 = _field_magnitudes_table(lab)
+    t2 = _samples_table(lab, sched, args) if args.n > 0 else ""
     with open(os.path.join(out, "appendix_table.md"), "w") as f:
         f.write(t1 + "\n" + t2 + "\n")

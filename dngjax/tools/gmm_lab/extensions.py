@@ -22,6 +22,7 @@ Writes extensions_table.md and extensions.png.
 
 from __future__ import annotations
 
+import functools
 import os
 import textwrap
 
@@ -47,20 +48,16 @@ def _modes(mixture, x):
     return np.bincount(np.asarray(mixture.classify(np.asarray(x))), minlength=4) / len(x)
 
 
-def run(args):
-    out = prepare_out(args.out)
-    steps = 250 if args.steps == 1000 else args.steps          # --steps' default (1000) means 250 here
-    sched = chain(steps)
-    keys = dj.keys_from_seeds(np.arange(args.seed, args.seed + args.n))
-    mixture, concepts = toy_2d_two_concepts()
+def _draw(sched, keys, args, denoiser_u, rule=dj.NoGuidance(), denoiser_c=None):
+    """(samples (n, 2) as numpy, seconds) of one rule on the chain ``sched``, one sample per key."""
+    with Timer() as tm:
+        x = dj.sample(denoiser_u, sched, keys, (2,), rule=rule, denoiser_c=denoiser_c, chunk_size=args.chunk,
+                      progress=not args.no_progress)
+    return np.asarray(x), tm.s
 
-    def draw(denoiser_u, rule=dj.NoGuidance(), denoiser_c=None):
-        with Timer() as tm:
-            x = dj.sample(denoiser_u, sched, keys, (2,), rule=rule, denoiser_c=denoiser_c, chunk_size=args.chunk,
-                          progress=not args.no_progress)
-        return np.asarray(x), tm.s
 
-    # ---- several concepts
+def _several_concepts(mixture, concepts, sched, draw, steps, n):
+    """Forbid mode 2 and mode 3 as two concepts: ({method: (label, (samples, seconds))}, table rows, table)."""
     lab = ConceptSplit(mixture, concepts, sched)
     target = lab.union.remember_mixture
     multi = {"none": ("no guidance", draw(lab.denoiser_full)),
@@ -75,18 +72,24 @@ def run(args):
         w = _modes(mixture, x)
         rows_m.append({"label": label, "c1": w[2], "c2": w[3], "w0": w[0] / max(w[0] + w[1], 1e-12),
                        "W1x": _marginal_w1(x, target, 0), "W1y": _marginal_w1(x, target, 1), "s": sec})
-    ref = np.asarray(target.sample(dj.keys_from_seeds([10 ** 6])[0], args.n))
-    rows_m.append({"label": f"(exact draws from the target, n = {args.n}: the sampling floor)",
+    ref = np.asarray(target.sample(dj.keys_from_seeds([10 ** 6])[0], n))
+    rows_m.append({"label": f"(exact draws from the target, n = {n}: the sampling floor)",
                    "c1": _modes(mixture, ref)[2], "c2": _modes(mixture, ref)[3],
                    "w0": _modes(mixture, ref)[0] / max(_modes(mixture, ref)[:2].sum(), 1e-12),
                    "W1x": _marginal_w1(ref, target, 0), "W1y": _marginal_w1(ref, target, 1), "s": 0.0})
-    t1 = print_table(f"Several concepts - 2-D lab, forbid mode 2 and mode 3 as two concepts; {steps}-step chain, "
-                     f"n = {args.n}", rows_m,
-                     [("label", "method", ""), ("c1", "mass in concept 1 (mode 2)", ".4f"),
-                      ("c2", "mass in concept 2 (mode 3)", ".4f"), ("w0", "w(mode 0) among kept (target 0.5)", ".3f"),
-                      ("W1x", "W1 of x-marginal", ".4f"), ("W1y", "W1 of y-marginal", ".4f"), ("s", "seconds", ".0f")])
+    table = print_table(f"Several concepts - 2-D lab, forbid mode 2 and mode 3 as two concepts; {steps}-step chain, "
+                        f"n = {n}", rows_m,
+                        [("label", "method", ""), ("c1", "mass in concept 1 (mode 2)", ".4f"),
+                         ("c2", "mass in concept 2 (mode 3)", ".4f"),
+                         ("w0", "w(mode 0) among kept (target 0.5)", ".3f"),
+                         ("W1x", "W1 of x-marginal", ".4f"), ("W1y", "W1 of y-marginal", ".4f"),
+                         ("s", "seconds", ".0f")])
+    return multi, rows_m, table
 
-    # ---- positive-prompt mode
+
+def _positive_mode(mixture, sched, draw, steps, n):
+    """c+ = modes {0, 2}, c- = modes {2, 3} (target: mode 0): ({method: (label, (samples, seconds))}, table rows,
+    table)."""
     pos = NegativeSplit(mixture.subset([0, 2]), [1], sched)
     null = mixture_denoiser(mixture, sched)
     standin = mixture_denoiser(mixture.subset([2, 3]), sched)
@@ -108,31 +111,48 @@ def run(args):
     for key, (label, (x, sec)) in positive.items():
         w = _modes(mixture, x)
         rows_p.append({"label": label, "m0": w[0], "m2": w[2], "other": w[1] + w[3],
-                       "W1x": _marginal_w1(x, pos.remember_mixture, 0), "W1y": _marginal_w1(x, pos.remember_mixture, 1),
-                       "s": sec})
-    t2 = print_table(f"Positive-prompt mode - c+ = modes {{0, 2}}, c- = modes {{2, 3}}, target = mode 0; {steps}-step "
-                     f"chain, n = {args.n}", rows_p,
-                     [("label", "method", ""), ("m0", "mode 0 (target)", ".4f"), ("m2", "mode 2 (c+ and c-)", ".4f"),
-                      ("other", "modes 1, 3", ".4f"), ("W1x", "W1 of x-marginal to mode 0", ".4f"),
-                      ("W1y", "W1 of y-marginal to mode 0", ".4f"), ("s", "seconds", ".0f")])
+                       "W1x": _marginal_w1(x, pos.remember_mixture, 0),
+                       "W1y": _marginal_w1(x, pos.remember_mixture, 1), "s": sec})
+    table = print_table(f"Positive-prompt mode - c+ = modes {{0, 2}}, c- = modes {{2, 3}}, target = mode 0; "
+                        f"{steps}-step chain, n = {n}", rows_p,
+                        [("label", "method", ""), ("m0", "mode 0 (target)", ".4f"), ("m2", "mode 2 (c+ and c-)", ".4f"),
+                         ("other", "modes 1, 3", ".4f"), ("W1x", "W1 of x-marginal to mode 0", ".4f"),
+                         ("W1y", "W1 of y-marginal to mode 0", ".4f"), ("s", "seconds", ".0f")])
+    return positive, rows_p, table
 
-    # ---- calibration
+
+def _calibration(sched, keys, chunk, n):
+    """The smallest NP and tracked-DNG scale keeping the 1-D lab's forbidden mass <= 1 % at 95 %: (table rows,
+    table)."""
     lab1 = lab_1d(sched)
     rows_c = []
     for name, rule, grid in (("NP", dj.NegativePrompting(), NP_GRID), ("DNG (tracked)", lab1.approximate_dng(), DNG_GRID)):
         cal = dj.calibrate(lab1.denoiser_full, sched, keys, (1,), rule=rule, scales=grid, is_unwanted=lab1.in_negative,
-                           target=0.01, denoiser_c=lab1.denoiser_neg, chunk_size=args.chunk)
+                           target=0.01, denoiser_c=lab1.denoiser_neg, chunk_size=chunk)
         print(f"\n{name}:\n{cal.table()}")
         k = None if cal.scale is None else list(cal.scales).index(cal.scale)
         rows_c.append({"label": name, "grid": " ".join(f"{s:g}" for s in grid),
                        "scale": "none" if k is None else f"{cal.scale:g}",
                        "rate": np.nan if k is None else 100 * cal.rate[k],
                        "upper": np.nan if k is None else 100 * cal.upper[k]})
-    t3 = print_table(f"Calibration - 1-D lab, target <= 1 % forbidden mass at 95 % (one-sided Clopper-Pearson), "
-                     f"n = {args.n} per scale", rows_c,
-                     [("label", "method", ""), ("grid", "candidate scales", ""), ("scale", "chosen scale", ""),
-                      ("rate", "measured %", ".3f"), ("upper", "upper bound %", ".3f")])
+    table = print_table(f"Calibration - 1-D lab, target <= 1 % forbidden mass at 95 % (one-sided Clopper-Pearson), "
+                        f"n = {n} per scale", rows_c,
+                        [("label", "method", ""), ("grid", "candidate scales", ""), ("scale", "chosen scale", ""),
+                         ("rate", "measured %", ".3f"), ("upper", "upper bound %", ".3f")])
+    return rows_c, table
 
+
+def run(args):
+    """The three extension studies; writes extensions_table.md and extensions.png, returns their table rows."""
+    out = prepare_out(args.out)
+    steps = 250 if args.steps == 1000 else args.steps          # --steps' default (1000) means 250 here
+    sched = chain(steps)
+    keys = dj.keys_from_seeds(np.arange(args.seed, args.seed + args.n))
+    mixture, concepts = toy_2d_two_concepts()
+    draw = functools.partial(_draw, sched, keys, args)
+    multi, rows_m, t1 = _several_concepts(mixture, concepts, sched, draw, steps, args.n)
+    positive, rows_p, t2 = _positive_mode(mixture, sched, draw, steps, args.n)
+    rows_c, t3 = _calibration(sched, keys, args.chunk, args.n)
     with open(os.path.join(out, "extensions_table.md"), "w") as f:
         f.write("\n".join([t1, t2, t3]) + "\n")
     plot(multi, positive, mixture, os.path.join(out, "extensions.png"), steps, args.n)

@@ -55,14 +55,11 @@ class _GroupStats:
         return np.concatenate(self.p, axis=1)
 
 
-def run(args):
-    sched = chain(args.steps)
-    lab = lab_1d(sched)
-    out = prepare_out(args.out)
+def _track_at_lambda_zero(lab, sched, args):
+    """(a) Each of ``args.n_track`` trajectories at lambda = 0 under the Markov-chain estimate and under the exact
+    posterior: (their _GroupStats, x0 of each run (n_track, 1), seconds)."""
     chunk_tr = min(args.chunk, 10_000)
     prog = not args.no_progress
-
-    # (a) tracking at lambda = 0
     approx0 = lab.approximate_dng(0.0, p_min=1e-6, p_max=1 - 1e-6, update_variance=args.update_variance)
     exact0 = lab.exact_dng(0.0)
     ga, ge = _GroupStats(lab), _GroupStats(lab)
@@ -73,6 +70,35 @@ def run(args):
         xe = sample_chunked(lab, exact0, lab.denoiser_neg, sched, args.n_track, seed0=args.seed,
                             chunk=chunk_tr, progress=prog, desc="track: exact posterior",
                             trace_reducer=ge)
+    return ga, ge, xa, xe, tm_a.s
+
+
+def _dng_at_lambda_one(lab, sched, args):
+    """(b) DNG with the estimate at lambda0 = 1 against exact draws of the target: (its samples (n, 1), table rows,
+    table)."""
+    rule = lab.approximate_dng(1.0, p_max=args.p_max, update_variance=args.update_variance)
+    with Timer() as tm_b:
+        xb = sample_chunked(lab, rule, lab.denoiser_neg, sched, args.n, seed0=args.seed, chunk=args.chunk,
+                            progress=not args.no_progress, desc="DNG (Markov-chain posterior), lambda0 = 1")
+    import jax
+    xt = np.asarray(lab.remember_mixture.sample(jax.random.key(args.seed + 12345), args.n))
+    rows_b = [{"method": f"DNG, Markov-chain posterior, lambda0=1, p_max={args.p_max}", **summarize_1d(lab, xb),
+               "seconds": tm_b.s},
+              {"method": "exact samples of the target (reference)", **summarize_1d(lab, xt), "seconds": 0.0}]
+    cols_b = [("method", "method", ""), ("W1", "W1 to target", ".4f"), ("forbidden", "forbidden mass", ".5f"),
+              ("w_left", "w(-3) among kept", ".4f"), ("w_right", "w(+3) among kept", ".4f"),
+              ("seconds", "seconds", ".0f")]
+    t2 = print_table(f"Fig. 3b - n = {args.n}, chain = {sched.num_steps} steps (unguided forbidden mass 0.35; "
+                     "target weights among kept modes 0.3846 / 0.6154)", rows_b, cols_b)
+    return xb, rows_b, t2
+
+
+def run(args):
+    """Fig. 3 (a) and (b); writes fig3_table.md and fig3_posterior_tracking.png, returns their table rows."""
+    sched = chain(args.steps)
+    lab = lab_1d(sched)
+    out = prepare_out(args.out)
+    ga, ge, xa, xe, seconds_a = _track_at_lambda_zero(lab, sched, args)
     same_traj = float(np.abs(xa - xe).max())
     ma, me = ga.means(), ge.means()
     gap = np.abs(ma - me)                                       # (2, S)
@@ -98,23 +124,8 @@ def run(args):
         f"Fig. 3a - posterior tracking at lambda = 0, n = {args.n_track}, chain = {sched.num_steps} steps, "
         f"estimate: prior {lab.negative_weight:.2f}, temperature 1, offset 0, variance {args.update_variance!r} "
         f"(same trajectories: max abs dx0 between the two runs = {same_traj:.1e}; per-sample mean abs(p_approx - p_exact) "
-        f"over all steps = {per_sample_mae:.4f}; {tm_a.s:.0f} s)", track_rows, track_cols)
-
-    # (b) DNG with the estimate at lambda0 = 1
-    rule = lab.approximate_dng(1.0, p_max=args.p_max, update_variance=args.update_variance)
-    with Timer() as tm_b:
-        xb = sample_chunked(lab, rule, lab.denoiser_neg, sched, args.n, seed0=args.seed, chunk=args.chunk,
-                            progress=prog, desc="DNG (Markov-chain posterior), lambda0 = 1")
-    import jax
-    xt = np.asarray(lab.remember_mixture.sample(jax.random.key(args.seed + 12345), args.n))
-    rows_b = [{"method": f"DNG, Markov-chain posterior, lambda0=1, p_max={args.p_max}", **summarize_1d(lab, xb),
-               "seconds": tm_b.s},
-              {"method": "exact samples of the target (reference)", **summarize_1d(lab, xt), "seconds": 0.0}]
-    cols_b = [("method", "method", ""), ("W1", "W1 to target", ".4f"), ("forbidden", "forbidden mass", ".5f"),
-              ("w_left", "w(-3) among kept", ".4f"), ("w_right", "w(+3) among kept", ".4f"),
-              ("seconds", "seconds", ".0f")]
-    t2 = print_table(f"Fig. 3b - n = {args.n}, chain = {sched.num_steps} steps (unguided forbidden mass 0.35; "
-                     "target weights among kept modes 0.3846 / 0.6154)", rows_b, cols_b)
+        f"over all steps = {per_sample_mae:.4f}; {seconds_a:.0f} s)", track_rows, track_cols)
+    xb, rows_b, t2 = _dng_at_lambda_one(lab, sched, args)
     with open(os.path.join(out, "fig3_table.md"), "w") as f:
         f.write(t1 + "\n" + t2 + "\n")
     plot(lab, t, ma, me, pa_all, forb, xb, rows_b[0], os.path.join(out, "fig3_posterior_tracking.png"),
