@@ -35,21 +35,46 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def child(args) -> None:
+def _all_cpu(seconds: float) -> float:
+    """The CPU seconds of every process, summed."""
+    import jax
+    import numpy as np
+    if jax.process_count() == 1:
+        return seconds
+    from jax.experimental import multihost_utils
+    return float(np.sum(multihost_utils.process_allgather(np.asarray([seconds], np.float64))))
+
+
+def _timed(fn, name: str, repeats: int):
+    """(wall s, CPU s of all processes) of ``fn()``, medians over ``repeats`` rounds between barriers."""
+    import numpy as np
     from dngjax import distributed
-    distributed.initialize()
+    walls, cpus = [], []
+    for r in range(repeats):
+        distributed.barrier(f"{name}_start_{r}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        distributed.barrier(f"{name}_end_{r}")
+        walls.append(time.perf_counter() - t0)
+        cpus.append(_all_cpu(time.process_time() - c0))
+    return float(np.median(walls)), float(np.median(cpus))
+
+
+def _training_setup(batch: int):
+    """(module, schedule, jitted train step, replicated state, x (batch, 28, 28, 1), y (batch,), key): the tiny
+    MNIST UNet's library train step, its random batch sharded on the data axis."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     import dngjax as dj
-    from dngjax.denoiser import denoiser
+    from dngjax import distributed
     from dngjax.tools.train import trainer
     from dngjax.tools.train.configs import mnist_ddpm
 
     config = mnist_ddpm.get_config("tiny")
     with config.unlocked():
-        config.batch_size = args.batch
+        config.batch_size = batch
     module = trainer.build_model(config)
     opt = trainer.make_optimizer(config)
     sched = dj.linear_schedule()
@@ -58,31 +83,17 @@ def child(args) -> None:
     repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     state = jax.device_put(jax.device_get(trainer._init_state(module, opt, config, (28, 28, 1))), repl)
     rng = np.random.default_rng(0)
-    x_all = rng.uniform(-1, 1, (args.batch, 28, 28, 1)).astype(np.float32)
-    y_all = rng.integers(0, 10, args.batch).astype(np.int32)
+    x_all = rng.uniform(-1, 1, (batch, 28, 28, 1)).astype(np.float32)
+    y_all = rng.integers(0, 10, batch).astype(np.int32)
     x = distributed.put_global(x_all, data_sh)
     y = distributed.put_global(y_all, data_sh)
-    key = jax.random.PRNGKey(0)
+    return module, sched, step_fn, state, x, y, jax.random.PRNGKey(0)
 
-    def all_cpu(seconds):
-        """The CPU seconds of every process, summed."""
-        if jax.process_count() == 1:
-            return seconds
-        from jax.experimental import multihost_utils
-        return float(np.sum(multihost_utils.process_allgather(np.asarray([seconds], np.float64))))
 
-    def timed(fn, name):
-        """(wall s, CPU s of all processes) of ``fn()``, medians over ``--repeats`` rounds."""
-        walls, cpus = [], []
-        for r in range(args.repeats):
-            distributed.barrier(f"{name}_start_{r}")
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            distributed.barrier(f"{name}_end_{r}")
-            walls.append(time.perf_counter() - t0)
-            cpus.append(all_cpu(time.process_time() - c0))
-        return float(np.median(walls)), float(np.median(cpus))
-
+def _time_training(step_fn, state, x, y, key, args):
+    """(the state after them, wall s per step, CPU s per step) of ``args.train_steps`` steps per round, after a
+    warm-up step."""
+    import jax
     state, m = step_fn(state, x, y, key)                       # compile + warm-up
     jax.block_until_ready(m)
 
@@ -92,9 +103,16 @@ def child(args) -> None:
             state, m = step_fn(state, x, y, jax.random.fold_in(key, i))
         jax.block_until_ready(m)
 
-    train_s, train_cpu = (v / args.train_steps for v in timed(train_round, "bench_train"))
+    train_s, train_cpu = (v / args.train_steps for v in _timed(train_round, "bench_train", args.repeats))
+    return state, train_s, train_cpu
 
-    params = jax.device_get(state["ema_params"])
+
+def _time_sweep(module, params, sched, args):
+    """(wall s, CPU s, samples (2, seeds, 28, 28, 1)) of a 2-point DNG sweep, the same UNet for both predictions,
+    after a warm-up call."""
+    import numpy as np
+    import dngjax as dj
+    from dngjax.denoiser import denoiser
     den = denoiser(module, params)
     rule = dj.DynamicNegativeGuidance(1.0, prior=0.01, temperature=0.2)
     keys = dj.keys_from_seeds(np.arange(args.seeds))
@@ -102,7 +120,20 @@ def child(args) -> None:
     run = lambda: dj.sweep(den, chain, keys, (28, 28, 1), rule=rule, grid={"scale": [1.0, 5.0]}, denoiser_c=den,
                            chunk_size=args.seeds)
     x_s = run()                                                # compile + warm-up
-    sample_s, sample_cpu = timed(run, "bench_sample")
+    sample_s, sample_cpu = _timed(run, "bench_sample", args.repeats)
+    return sample_s, sample_cpu, x_s
+
+
+def child(args) -> None:
+    """One process of a layout: time the train step and the sweep; process 0 prints the RESULT line."""
+    from dngjax import distributed
+    distributed.initialize()
+    import jax
+    import numpy as np
+
+    module, sched, step_fn, state, x, y, key = _training_setup(args.batch)
+    state, train_s, train_cpu = _time_training(step_fn, state, x, y, key, args)
+    sample_s, sample_cpu, x_s = _time_sweep(module, jax.device_get(state["ema_params"]), sched, args)
     if jax.process_index() == 0:
         print("RESULT " + json.dumps({"train_s_per_step": train_s, "sample_s": sample_s,
                                       "train_cpu_s_per_step": train_cpu, "sample_cpu_s": sample_cpu,
