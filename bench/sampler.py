@@ -410,85 +410,93 @@ def section_archs(tab, ctx, names=("cpu", "cpu_r2", "cpu_136")):
                            f"({sched.num_steps} steps, {m})")
 
 
-def section_variants(tab, ctx):
-    """Network-level (one forward pass) comparisons of what might speed up CPU sampling."""
+def _repeated(f, n_inner, *a):
+    """A zero-argument callable running ``f(*a)`` ``n_inner`` times, waiting for each result."""
+    def g():
+        for _ in range(n_inner):
+            jax.block_until_ready(f(*a))
+    return g
+
+
+def _max_rel_err(got, want, ref):
+    """max |got - want| relative to max |ref| (want, ref: numpy)."""
+    return np.abs(np.asarray(got) - want).max() / np.abs(ref).max()
+
+
+def _jax_variants(module, pu, pn, x, t, n_inner):
+    """({variant: timed callable}, {variant: max rel err to the base forward}) of one UNet forward on x (B, 28, 28, 1):
+    base, flax GroupNorm, bf16, YNNPACK off (CPU), micro-batches of 16 (B > 16), two calls vs one vmap pair."""
+    b = x.shape[0]
+    base = jax.jit(module.apply)
+    ref = np.asarray(base(pu, x, t))
+    fns = {"base": _repeated(base, n_inner, pu, x, t)}
+    errs = {}
+    flaxm = flax_gn_unet(module)
+    f_flax = jax.jit(flaxm.apply)
+    fns["flaxgn"] = _repeated(f_flax, n_inner, pu, x, t)
+    errs["flaxgn"] = _max_rel_err(f_flax(pu, x, t), ref, ref)
+    bf = module.clone(dtype=jnp.bfloat16)
+    f_bf = jax.jit(bf.apply)
+    fns["bf16"] = _repeated(f_bf, n_inner, pu, x, t)
+    errs["bf16"] = _max_rel_err(f_bf(pu, x, t), ref, ref)
+    if jax.default_backend() == "cpu":
+        f_eigen = jax.jit(module.apply, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
+        fns["no_ynn"] = _repeated(f_eigen, n_inner, pu, x, t)
+    if b > 16:
+        mb = jax.jit(lambda p, x, t: dj.denoiser(module, p, micro_batch=16)(x, t))
+        fns["ubatch16"] = _repeated(mb, n_inner, pu, x, t)
+        errs["ubatch16"] = _max_rel_err(mb(pu, x, t), ref, ref)
+    # two network calls (eps_u, eps_neg) as two calls vs one vmap over stacked params
+    two = jax.jit(lambda pa, pb, x, t: (module.apply(pa, x, t), module.apply(pb, x, t)))
+    stacked = jax.tree.map(lambda a, c: jnp.stack([a, c]), pu, pn)
+    fused = jax.jit(jax.vmap(module.apply, in_axes=(0, None, None)))
+    fns["two_calls"] = _repeated(two, n_inner, pu, pn, x, t)
+    fns["vmap_pair"] = _repeated(fused, n_inner, stacked, x, t)
+    errs["vmap_pair"] = _max_rel_err(fused(stacked, x, t)[1], np.asarray(two(pu, pn, x, t)[1]), ref)
+    return fns, errs
+
+
+def _torch_variants(module, pu, x, t, n_inner):
+    """{variant: timed callable} of the PyTorch twin's forward on x: NCHW ("torch") and channels_last."""
     import torch
     TorchUNet = _sibling("torch_reference").TorchUNet
+    tu = TorchUNet(module, pu).eval()
+    tcl = TorchUNet(module, pu).eval().to(memory_format=torch.channels_last)
+    xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    xcl = xt.contiguous(memory_format=torch.channels_last)
+    tt = torch.from_numpy(np.asarray(t)).long()
 
-    module, pu, pn = ctx["module"], ctx["pu"], ctx["pn"]
-    reps = ctx["repeats"]
-    rng = np.random.default_rng(2)
-    big = max(ctx["batches"])
-    for b in sorted({16, big}):
-        x = jnp.asarray(rng.normal(size=(b, *SHAPE)), jnp.float32)
-        t = jnp.full((b,), 500, jnp.int32)
-        n_inner = max(1, 64 // b)
-
-        def loop(f, *a):
-            def g():
+    def tloop(model, xx):
+        def g():
+            with torch.no_grad():
                 for _ in range(n_inner):
-                    jax.block_until_ready(f(*a))
-            return g
+                    model(xx, tt)
+        return g
 
-        base = jax.jit(module.apply)
-        ref = np.asarray(base(pu, x, t))
-        fns = {"base": loop(base, pu, x, t)}
-        errs = {}
-        flaxm = flax_gn_unet(module)
-        f_flax = jax.jit(flaxm.apply)
-        fns["flaxgn"] = loop(f_flax, pu, x, t)
-        errs["flaxgn"] = np.abs(np.asarray(f_flax(pu, x, t)) - ref).max() / np.abs(ref).max()
-        bf = module.clone(dtype=jnp.bfloat16)
-        f_bf = jax.jit(bf.apply)
-        fns["bf16"] = loop(f_bf, pu, x, t)
-        errs["bf16"] = np.abs(np.asarray(f_bf(pu, x, t)) - ref).max() / np.abs(ref).max()
-        if jax.default_backend() == "cpu":
-            f_eigen = jax.jit(module.apply, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
-            fns["no_ynn"] = loop(f_eigen, pu, x, t)
-        if b > 16:
-            mb = jax.jit(lambda p, x, t: dj.denoiser(module, p, micro_batch=16)(x, t))
-            fns["ubatch16"] = loop(mb, pu, x, t)
-            errs["ubatch16"] = np.abs(np.asarray(mb(pu, x, t)) - ref).max() / np.abs(ref).max()
-        # two network calls (eps_u, eps_neg) as two calls vs one vmap over stacked params
-        two = jax.jit(lambda pa, pb, x, t: (module.apply(pa, x, t), module.apply(pb, x, t)))
-        stacked = jax.tree.map(lambda a, c: jnp.stack([a, c]), pu, pn)
-        fused = jax.jit(jax.vmap(module.apply, in_axes=(0, None, None)))
-        fns["two_calls"] = loop(two, pu, pn, x, t)
-        fns["vmap_pair"] = loop(fused, stacked, x, t)
-        errs["vmap_pair"] = np.abs(np.asarray(fused(stacked, x, t)[1]) - np.asarray(two(pu, pn, x, t)[1])).max() \
-            / np.abs(ref).max()
-        tu = TorchUNet(module, pu).eval()
-        tcl = TorchUNet(module, pu).eval().to(memory_format=torch.channels_last)
-        xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
-        xcl = xt.contiguous(memory_format=torch.channels_last)
-        tt = torch.from_numpy(np.asarray(t)).long()
+    return {"torch": tloop(tu, xt), "torch_cl": tloop(tcl, xcl)}
 
-        def tloop(model, xx):
-            def g():
-                with torch.no_grad():
-                    for _ in range(n_inner):
-                        model(xx, tt)
-            return g
 
-        fns["torch"] = tloop(tu, xt)
-        fns["torch_cl"] = tloop(tcl, xcl)
-        r = measure(fns, reps)
-        e = lambda k: f"; max rel err {errs[k]:.1e}" if k in errs else ""
-        tab.add(f"flax nn.GroupNorm / the library's GroupNorm, fwd B={b}", r["flaxgn"], r["base"],
-                detail="UNet forward" + e("flaxgn"))
-        if b > 16:
-            tab.add(f"micro-batches of 16 (lax.map) / whole batch, fwd B={b}", r["ubatch16"], r["base"],
-                    detail="UNet forward" + e("ubatch16"))
-        tab.add(f"bf16 compute / f32, fwd B={b}", r["bf16"], r["base"], detail="UNet forward" + e("bf16"))
-        if "no_ynn" in r:
-            tab.add(f"XLA YNNPACK off (Eigen) / default, fwd B={b}", r["no_ynn"], r["base"],
-                    detail="compiler_options xla_cpu_experimental_ynn_fusion_type=''")
-        tab.add(f"vmap over stacked params / two calls, B={b}", r["vmap_pair"], r["two_calls"],
-                detail="eps_u and eps_neg in one call" + e("vmap_pair"))
-        tab.add(f"torch NCHW / jax, fwd B={b}", r["torch"], r["base"], detail=">1: jax faster (one forward pass)")
-        tab.add(f"torch channels_last / jax, fwd B={b}", r["torch_cl"], r["base"],
-                detail="not the authors' style; oneDNN NHWC convolutions")
-    # convolution layout in XLA: NCHW vs NHWC, one 3x3 conv 32->32 at 28x28, batch 16
+def _add_variant_rows(tab, r, errs, b):
+    """The table rows of one batch's variants (timings ``r``, errors ``errs``), each against its baseline."""
+    e = lambda k: f"; max rel err {errs[k]:.1e}" if k in errs else ""
+    tab.add(f"flax nn.GroupNorm / the library's GroupNorm, fwd B={b}", r["flaxgn"], r["base"],
+            detail="UNet forward" + e("flaxgn"))
+    if b > 16:
+        tab.add(f"micro-batches of 16 (lax.map) / whole batch, fwd B={b}", r["ubatch16"], r["base"],
+                detail="UNet forward" + e("ubatch16"))
+    tab.add(f"bf16 compute / f32, fwd B={b}", r["bf16"], r["base"], detail="UNet forward" + e("bf16"))
+    if "no_ynn" in r:
+        tab.add(f"XLA YNNPACK off (Eigen) / default, fwd B={b}", r["no_ynn"], r["base"],
+                detail="compiler_options xla_cpu_experimental_ynn_fusion_type=''")
+    tab.add(f"vmap over stacked params / two calls, B={b}", r["vmap_pair"], r["two_calls"],
+            detail="eps_u and eps_neg in one call" + e("vmap_pair"))
+    tab.add(f"torch NCHW / jax, fwd B={b}", r["torch"], r["base"], detail=">1: jax faster (one forward pass)")
+    tab.add(f"torch channels_last / jax, fwd B={b}", r["torch_cl"], r["base"],
+            detail="not the authors' style; oneDNN NHWC convolutions")
+
+
+def _conv_layout(tab, rng, reps):
+    """Convolution layout in XLA: NCHW vs NHWC, one 3x3 conv 32->32 at 28x28, batch 16."""
     x = jnp.asarray(rng.normal(size=(16, 28, 28, 32)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 3, 32, 32)), jnp.float32)
     conv = lambda dn: jax.jit(lambda x, w: jax.lax.conv_general_dilated(
@@ -498,6 +506,22 @@ def section_variants(tab, ctx):
     r = measure({"nhwc": lambda: [nhwc(x, w).block_until_ready() for _ in range(8)],
                  "nchw": lambda: [nchw(xc, wc).block_until_ready() for _ in range(8)]}, reps)
     tab.add("JAX conv NCHW / NHWC (3x3 32->32, 28x28, B=16)", r["nchw"], r["nhwc"], detail="layout")
+
+
+def section_variants(tab, ctx):
+    """Network-level (one forward pass) comparisons of what might speed up CPU sampling."""
+    module, pu, pn = ctx["module"], ctx["pu"], ctx["pn"]
+    reps = ctx["repeats"]
+    rng = np.random.default_rng(2)
+    big = max(ctx["batches"])
+    for b in sorted({16, big}):
+        x = jnp.asarray(rng.normal(size=(b, *SHAPE)), jnp.float32)
+        t = jnp.full((b,), 500, jnp.int32)
+        n_inner = max(1, 64 // b)
+        fns, errs = _jax_variants(module, pu, pn, x, t, n_inner)
+        fns.update(_torch_variants(module, pu, x, t, n_inner))
+        _add_variant_rows(tab, measure(fns, reps), errs, b)
+    _conv_layout(tab, rng, reps)
 
 
 # --------------------------------------------------------------------------- main
