@@ -26,6 +26,7 @@ the estimated cost (calls x a first measured pass) is printed.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -110,68 +111,71 @@ def n_params(params):
     return sum(a.size for a in jax.tree_util.tree_leaves(params))
 
 
-def main(argv=None):
-    args = _parse_args(argv)
-    _set_threads(args.threads)
+def _timed(fn, use_cpu):
+    """Seconds of one call of ``fn``: process CPU time (``use_cpu``) or wall time."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return (time.process_time() - c) if use_cpu else (time.perf_counter() - w)
+
+
+def _forward_runs(unet, model, params, x, t, ctx, bf16):
+    """{name: zero-argument call} of one forward pass each: torch, jax float32 (and jax bf16); outputs numpy."""
     import numpy as np
     import jax
     import jax.numpy as jnp
     import torch
-    torch.set_num_threads(max(args.threads, 1) if args.threads > 0 else os.cpu_count())
+    tx, tt, tc = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t), torch.from_numpy(ctx)
+    jx, jt, jc = jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)
+    fwd = jax.jit(model.apply)
+    runs = {"torch": lambda: unet(tx, tt, encoder_hidden_states=tc).sample.numpy(),
+            "jax": lambda: np.asarray(fwd(params, jx, jt, jc))}
+    if bf16:
+        model16 = model.clone(dtype=jnp.bfloat16)
+        params16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+        fwd16 = jax.jit(model16.apply)
+        runs["jax bf16"] = lambda: np.asarray(fwd16(params16, jx, jt, jc))
+    return runs
 
-    use_cpu = args.threads == 1
-    clock = "cpu" if use_cpu else "wall"
 
-    def timed(fn):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        return (time.process_time() - c) if use_cpu else (time.perf_counter() - w)
+def _rel_errors(outs, bf16):
+    """{name: max |out - torch| / max |torch|} of each JAX output (NHWC) against torch's (NCHW), and bf16 vs f32."""
+    import numpy as np
+    ref = outs["torch"].transpose(0, 2, 3, 1)
+    err = {k: float(np.abs(v - ref).max() / np.abs(ref).max()) for k, v in outs.items() if k != "torch"}
+    if bf16:
+        err["bf16 vs f32"] = float(np.abs(outs["jax bf16"] - outs["jax"]).max() / np.abs(outs["jax"]).max())
+    return err
 
-    print(f"one UNet pass, batch {args.batch}, {args.threads} thread(s) (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-          f"torch.get_num_threads()={torch.get_num_threads()}), {clock} time, jax {jax.__version__} "
-          f"({jax.default_backend()}), torch {torch.__version__}", flush=True)
-    if args.parts:
-        for name in args.sizes.split(","):
-            parts(name, args, timed, clock)
-        return
-    rows = []
-    for name in args.sizes.split(","):
-        unet, model, params, (x, t, ctx) = build(name, args.batch)
-        size = SIZES[name][1]
-        tx, tt, tc = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t), torch.from_numpy(ctx)
-        jx, jt, jc = jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)
-        fwd = jax.jit(model.apply)
-        runs = {"torch": lambda: unet(tx, tt, encoder_hidden_states=tc).sample.numpy(),
-                "jax": lambda: np.asarray(fwd(params, jx, jt, jc))}
-        if args.bf16:
-            model16 = model.clone(dtype=jnp.bfloat16)
-            params16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
-            fwd16 = jax.jit(model16.apply)
-            runs["jax bf16"] = lambda: np.asarray(fwd16(params16, jx, jt, jc))
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            outs = {k: fn() for k, fn in runs.items()}        # warm-up: compilation, allocations
-            first = time.perf_counter() - t0
-            ref = outs["torch"].transpose(0, 2, 3, 1)
-            err = {k: float(np.abs(v - ref).max() / np.abs(ref).max()) for k, v in outs.items() if k != "torch"}
-            if args.bf16:
-                err["bf16 vs f32"] = float(np.abs(outs["jax bf16"] - outs["jax"]).max() / np.abs(outs["jax"]).max())
-            one = {k: timed(fn) for k, fn in runs.items()}
-            reps = args.full_repeats if name == "full" else args.repeats
-            print(f"[{name}] {n_params(params) / 1e6:.1f} M parameters, {size} x {size} latents; first calls "
-                  f"{first:.1f} s; one pass " + ", ".join(f"{k} {v:.3f} s" for k, v in one.items())
-                  + f"; estimated {reps - 1} more repeats: {(reps - 1) * sum(one.values()):.0f} s ({clock})", flush=True)
-            times = {k: [v] for k, v in one.items()}            # the estimate's pass is the first repeat
-            for r in range(1, reps):
-                for k in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-                    times[k].append(timed(runs[k]))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        row = dict(name=name, params=n_params(params), size=size, reps=reps, med=med, err=err)
-        rows.append(row)
-        print(f"[{name}] median " + ", ".join(f"{k} {v:.4f} s" for k, v in med.items())
-              + f"; torch / jax {med['torch'] / med['jax']:.2f}x; rel. error " + ", ".join(
-                  f"{k} {v:.1e}" for k, v in err.items()), flush=True)
-        unet = model = params = runs = outs = params16 = None          # free this size before the next
+
+def _measure_size(name, args, timed, clock):
+    """One size's row: parameters, latent size, repeats, median seconds per pass and the errors of each run."""
+    import torch
+    unet, model, params, (x, t, ctx) = build(name, args.batch)
+    size = SIZES[name][1]
+    runs = _forward_runs(unet, model, params, x, t, ctx, args.bf16)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        outs = {k: fn() for k, fn in runs.items()}        # warm-up: compilation, allocations
+        first = time.perf_counter() - t0
+        err = _rel_errors(outs, args.bf16)
+        one = {k: timed(fn) for k, fn in runs.items()}
+        reps = args.full_repeats if name == "full" else args.repeats
+        print(f"[{name}] {n_params(params) / 1e6:.1f} M parameters, {size} x {size} latents; first calls "
+              f"{first:.1f} s; one pass " + ", ".join(f"{k} {v:.3f} s" for k, v in one.items())
+              + f"; estimated {reps - 1} more repeats: {(reps - 1) * sum(one.values()):.0f} s ({clock})", flush=True)
+        times = {k: [v] for k, v in one.items()}            # the estimate's pass is the first repeat
+        for r in range(1, reps):
+            for k in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                times[k].append(timed(runs[k]))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"[{name}] median " + ", ".join(f"{k} {v:.4f} s" for k, v in med.items())
+          + f"; torch / jax {med['torch'] / med['jax']:.2f}x; rel. error " + ", ".join(
+              f"{k} {v:.1e}" for k, v in err.items()), flush=True)
+    return dict(name=name, params=n_params(params), size=size, reps=reps, med=med, err=err)
+
+
+def _print_summary(rows, args, clock):
+    """The table of every size: medians, torch / jax (and bf16's speed-up and error)."""
     print()
     head = f"{'size':8s} {'params':>8s} {'latents':>8s} {'reps':>5s} {'torch s':>9s} {'jax s':>9s} {'torch/jax':>10s}"
     if args.bf16:
@@ -186,23 +190,86 @@ def main(argv=None):
         print(line)
 
 
-def parts(name, args, timed, clock):
-    """Per level of the down path: its first ResNet, its transformer, and inside them the attention
-    core (softmax(q k^T / sqrt(d)) v: torch's ``scaled_dot_product_attention`` as diffusers calls it),
-    a GroupNorm and a 3x3 convolution, each jitted alone (the weights as compile-time constants), torch
-    vs JAX on the same weights and inputs."""
-    import numpy as np
+def main(argv=None):
+    args = _parse_args(argv)
+    _set_threads(args.threads)
+    import jax
+    import torch
+    torch.set_num_threads(max(args.threads, 1) if args.threads > 0 else os.cpu_count())
+
+    use_cpu = args.threads == 1
+    clock = "cpu" if use_cpu else "wall"
+    timed = functools.partial(_timed, use_cpu=use_cpu)
+    print(f"one UNet pass, batch {args.batch}, {args.threads} thread(s) (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"torch.get_num_threads()={torch.get_num_threads()}), {clock} time, jax {jax.__version__} "
+          f"({jax.default_backend()}), torch {torch.__version__}", flush=True)
+    if args.parts:
+        for name in args.sizes.split(","):
+            parts(name, args, timed, clock)
+        return
+    rows = [_measure_size(name, args, timed, clock) for name in args.sizes.split(",")]
+    _print_summary(rows, args, clock)
+
+
+def _nchw(a):
+    """An NHWC numpy array as an NCHW torch tensor."""
+    import torch
+    return torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
+
+
+def _resnet_cases(i, s, ch, cfg, blk, pb, h, hc, temb):
+    """Level i's (label, torch fn, jitted jax fn, jax args) of its first ResNet, a GroupNorm + SiLU and a 3x3 conv."""
     import jax
     import jax.numpy as jnp
     import torch
     import flax.linen as nn
     from dngjax.models import sd_unet as su
+    res = su.ResnetBlock(ch, cfg["norm_num_groups"], 1e-5)
+    gn = su.GroupNorm(cfg["norm_num_groups"], 1e-5)
+    conv = su.Conv3x3(ch)                          # the UNet's (im2col at <= 8 x 8)
+    return [(f"L{i} {s}x{s}x{ch} resnet", lambda: blk.resnets[0](_nchw(h), torch.from_numpy(temb)),
+             jax.jit(lambda h, e: res.apply({"params": pb["resnets_0"]}, h, e)),
+             (jnp.asarray(h), jnp.asarray(temb))),
+            (f"L{i} GroupNorm+SiLU", lambda: torch.nn.functional.silu(blk.resnets[0].norm2(_nchw(hc))),
+             jax.jit(lambda h: nn.swish(gn.apply({"params": pb["resnets_0"]["norm2"]}, h))), (jnp.asarray(hc),)),
+            (f"L{i} conv3x3", lambda: blk.resnets[0].conv2(_nchw(hc)),
+             jax.jit(lambda h: conv.apply({"params": pb["resnets_0"]["conv2"]}, h)), (jnp.asarray(hc),))]
 
-    unet, model, params, (x, t, ctx) = build(name, args.batch)
+
+def _attention_cases(i, s, ch, cfg, model, blk, pb, hc, ctx, rng, b):
+    """Level i's cases of its transformer and its self- and cross-attention cores (q, k, v drawn from ``rng``)."""
+    import numpy as np
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from dngjax.models import sd_unet as su
+    heads = model.heads[i]
+    st = su.SpatialTransformer(heads, model.transformer_layers[i], model.use_linear_projection,
+                               cfg["norm_num_groups"])
+    tc = torch.from_numpy(ctx)
+    cases = [(f"L{i} transformer", lambda: blk.attentions[0](_nchw(hc), tc).sample,
+              jax.jit(lambda h, c: st.apply({"params": pb["attentions_0"]}, h, c)),
+              (jnp.asarray(hc), jnp.asarray(ctx)))]
+    d = ch // heads
+    for kind, m in (("self", s * s), ("cross", 77)):
+        q = rng.standard_normal((b, s * s, ch)).astype(np.float32)
+        kv = rng.standard_normal((b, m, ch)).astype(np.float32)
+        th = lambda a: torch.from_numpy(a).view(b, -1, heads, d).transpose(1, 2)
+        cases.append((f"L{i} attention core, {kind} ({s * s}x{m}, {heads} heads of {d})",
+                      lambda q=q, kv=kv: torch.nn.functional.scaled_dot_product_attention(
+                          th(q), th(kv), th(kv)).transpose(1, 2).reshape(b, -1, ch),
+                      jax.jit(lambda q, k: su.attend(q, k, k, heads)),
+                      (jnp.asarray(q), jnp.asarray(kv))))
+    return cases
+
+
+def _part_cases(name, b):
+    """[(label, torch fn, jitted jax fn, jax args)] of each down level's parts of size ``name``, batch b."""
+    import numpy as np
+    unet, model, params, (x, t, ctx) = build(name, b)
     p = params["params"]
     cfg, size = SIZES[name]
     rng = np.random.default_rng(1)
-    b = args.batch
     temb = rng.standard_normal((b, 4 * cfg["block_out_channels"][0])).astype(np.float32)
     cases = []
     for i, ch in enumerate(cfg["block_out_channels"]):
@@ -210,39 +277,23 @@ def parts(name, args, timed, clock):
         cin = cfg["block_out_channels"][max(i - 1, 0)]
         h = rng.standard_normal((b, s, s, cin)).astype(np.float32)
         hc = rng.standard_normal((b, s, s, ch)).astype(np.float32)
-        nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
         blk, pb = unet.down_blocks[i], p[f"down_blocks_{i}"]
-        res = su.ResnetBlock(ch, cfg["norm_num_groups"], 1e-5)
-        cases.append((f"L{i} {s}x{s}x{ch} resnet", lambda blk=blk, h=h: blk.resnets[0](nchw(h), torch.from_numpy(temb)),
-                      jax.jit(lambda h, e, res=res, pb=pb: res.apply({"params": pb["resnets_0"]}, h, e)),
-                      (jnp.asarray(h), jnp.asarray(temb))))
-        gn = su.GroupNorm(cfg["norm_num_groups"], 1e-5)
-        cases.append((f"L{i} GroupNorm+SiLU", lambda blk=blk, hc=hc: torch.nn.functional.silu(blk.resnets[0].norm2(nchw(hc))),
-                      jax.jit(lambda h, gn=gn, pb=pb: nn.swish(gn.apply({"params": pb["resnets_0"]["norm2"]}, h))),
-                      (jnp.asarray(hc),)))
-        conv = su.Conv3x3(ch)                          # the UNet's (im2col at <= 8 x 8)
-        cases.append((f"L{i} conv3x3", lambda blk=blk, hc=hc: blk.resnets[0].conv2(nchw(hc)),
-                      jax.jit(lambda h, conv=conv, pb=pb: conv.apply({"params": pb["resnets_0"]["conv2"]}, h)),
-                      (jnp.asarray(hc),)))
+        cases += _resnet_cases(i, s, ch, cfg, blk, pb, h, hc, temb)
         if hasattr(blk, "attentions"):
-            heads = model.heads[i]
-            st = su.SpatialTransformer(heads, model.transformer_layers[i], model.use_linear_projection,
-                                       cfg["norm_num_groups"])
-            tc = torch.from_numpy(ctx)
-            cases.append((f"L{i} transformer", lambda blk=blk, hc=hc, tc=tc: blk.attentions[0](nchw(hc), tc).sample,
-                          jax.jit(lambda h, c, st=st, pb=pb: st.apply({"params": pb["attentions_0"]}, h, c)),
-                          (jnp.asarray(hc), jnp.asarray(ctx))))
-            d = ch // heads
-            for kind, m in (("self", s * s), ("cross", 77)):
-                q = rng.standard_normal((b, s * s, ch)).astype(np.float32)
-                kv = rng.standard_normal((b, m, ch)).astype(np.float32)
-                th = lambda a, heads=heads, d=d: torch.from_numpy(a).view(b, -1, heads, d).transpose(1, 2)
-                cases.append((f"L{i} attention core, {kind} ({s * s}x{m}, {heads} heads of {d})",
-                              lambda q=q, kv=kv, th=th, ch=ch: torch.nn.functional.scaled_dot_product_attention(
-                                  th(q), th(kv), th(kv)).transpose(1, 2).reshape(b, -1, ch),
-                              jax.jit(lambda q, k, heads=heads: su.attend(q, k, k, heads)),
-                              (jnp.asarray(q), jnp.asarray(kv))))
-    print(f"[{name}] parts, batch {b}, {clock} time, median of {args.repeats}")
+            cases += _attention_cases(i, s, ch, cfg, model, blk, pb, hc, ctx, rng, b)
+    return cases
+
+
+def parts(name, args, timed, clock):
+    """Per level of the down path: its first ResNet, its transformer, and inside them the attention
+    core (softmax(q k^T / sqrt(d)) v: torch's ``scaled_dot_product_attention`` as diffusers calls it),
+    a GroupNorm and a 3x3 convolution, each jitted alone (the weights as compile-time constants), torch
+    vs JAX on the same weights and inputs."""
+    import numpy as np
+    import torch
+
+    cases = _part_cases(name, args.batch)
+    print(f"[{name}] parts, batch {args.batch}, {clock} time, median of {args.repeats}")
     print(f"{'part':52s} {'torch ms':>9s} {'jax ms':>9s} {'torch/jax':>10s}")
     with torch.inference_mode():
         for label, tf, jf, ja in cases:
