@@ -390,19 +390,15 @@ def _resize_up(h):
     return jax.image.resize(h, (b, 2 * hh, 2 * ww, c), method="nearest")
 
 
-def section_levers(tab, ctx):
-    arch = ctx["archs"][0]
-    b = ctx["batches"][0]
-    base = archs.unet(arch)
-    params = perturbed_params(base)
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(b, *SHAPE)), jnp.float32)
-    t = jnp.asarray(rng.integers(0, 1000, b), jnp.int32)
+def _timed_grad(module, params, x, t, **jit_kw):
+    """A zero-argument call of the jitted gradient of the MSE of ``module(params, x, t)`` against x, waited for."""
+    g = jax.jit(jax.grad(lambda p: jnp.mean((module.apply(p, x, t) - x) ** 2)), **jit_kw)
+    return lambda: jax.block_until_ready(g(params))
 
-    def grad_fn(module, **jit_kw):
-        g = jax.jit(jax.grad(lambda p: jnp.mean((module.apply(p, x, t) - x) ** 2)), **jit_kw)
-        return lambda: jax.block_until_ready(g(params))
 
+def _network_levers(tab, arch, b, base, params, x, t, repeats):
+    """fwd+bwd of UNet variants and compiler options against the library's UNet, on x (b, 28, 28, 1)."""
+    grad_fn = lambda module, **jit_kw: _timed_grad(module, params, x, t, **jit_kw)
     variants = {
         "flax_gn": archs.unet(arch, unet_variant("flax_gn", GroupNorm=_flax_gn)),
         "conv_1x1": archs.unet(arch, unet_variant("conv1x1", Conv1x1=_conv_1x1)),
@@ -417,7 +413,7 @@ def section_levers(tab, ctx):
         fns["no_ynn"] = grad_fn(base, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
         fns["ynn_all"] = grad_fn(base, compiler_options={"xla_cpu_experimental_ynn_fusion_type": YNN_ALL})
     fns["bf16"] = grad_fn(archs.unet(arch).clone(dtype=jnp.bfloat16))
-    r = measure(fns, ctx["repeats"])
+    r = measure(fns, repeats)
     lib = r["library"].wall
     what = {"flax_gn": "flax nn.GroupNorm instead of the library's GroupNorm",
             "conv_1x1": "1x1 nn.Conv shortcut instead of Conv1x1 (a matmul)",
@@ -431,7 +427,11 @@ def section_levers(tab, ctx):
         if k != "library":
             tab.add(f"{k} / library, fwd+bwd, {arch}, B={b}", r[k].wall / lib, None, "",
                     f"{what[k]}; library {lib * 1e3:.0f} ms")
-    # whole steps: 4 per jitted call vs 4 calls; donation off vs on; the whole batch vs the config's micro-batches
+
+
+def _step_levers(tab, arch, b, base, params, repeats):
+    """Whole train steps: 4 per jitted call vs 4 calls; donation off vs on; the whole batch vs the config's
+    micro-batches; micro-batch gradients as separate jitted calls."""
     k = 4
     one, scan, nodonate = JaxStep(base, params, b), ScanStep(base, params, b, k), JaxStep(base, params, b, donate=False)
     whole = JaxStep(base, params, b, micro=0)
@@ -440,7 +440,7 @@ def section_levers(tab, ctx):
         fns["whole"] = lambda: whole(k)
     splits = {m: SplitStep(base, params, b, m) for m in (16, 8) if b % m == 0}
     fns.update({f"split{m}": (lambda s=s: s(k)) for m, s in splits.items()})
-    r = measure(fns, ctx["repeats"])
+    r = measure(fns, repeats)
     for m in splits:
         tab.add(f"micro-batch gradients of {m} as separate jitted calls / the library's step, {arch}, B={b}",
                 r[f"split{m}"].wall / r["one"].wall, None, "",
@@ -451,6 +451,19 @@ def section_levers(tab, ctx):
     tab.add(f"{k} steps in one scan call / {k} calls, {arch}, B={b}", r["scan"].wall / r["one"].wall, None, "",
             f"{r['one'].wall / k * 1e3:.0f} ms/step in single calls")
     tab.add(f"no state donation / donation, {arch}, B={b}", r["nodonate"].wall / r["one"].wall, None, "", "")
+
+
+def section_levers(tab, ctx):
+    """What speeds up training: UNet variants and compiler options (fwd+bwd), then whole-step levers."""
+    arch = ctx["archs"][0]
+    b = ctx["batches"][0]
+    base = archs.unet(arch)
+    params = perturbed_params(base)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b, *SHAPE)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 1000, b), jnp.int32)
+    _network_levers(tab, arch, b, base, params, x, t, ctx["repeats"])
+    _step_levers(tab, arch, b, base, params, ctx["repeats"])
 
 
 def _profile_ops(fn, args, n=3):
