@@ -551,10 +551,10 @@ def section_profile(tab, ctx):
                  "grad": lambda: jax.block_until_ready(grad(params, x, t)), "step": js}, ctx["repeats"])
     tab.add(f"forward / whole step, {arch}, B={b}", r["fwd"].wall / r["step"].wall, None, "",
             f"forward {r['fwd'].wall * 1e3:.0f} ms, step {r['step'].wall * 1e3:.0f} ms")
-    tab.add(f"backward (fwd+bwd - fwd) / whole step", (r["grad"].wall - r["fwd"].wall) / r["step"].wall, None, "",
+    tab.add("backward (fwd+bwd - fwd) / whole step", (r["grad"].wall - r["fwd"].wall) / r["step"].wall, None, "",
             f"backward {(r['grad'].wall - r['fwd'].wall) * 1e3:.0f} ms = "
             f"{(r['grad'].wall - r['fwd'].wall) / r['fwd'].wall:.2f}x the forward")
-    tab.add(f"optimizer + EMA + noise (step - fwd+bwd) / whole step", (r["step"].wall - r["grad"].wall) / r["step"].wall,
+    tab.add("optimizer + EMA + noise (step - fwd+bwd) / whole step", (r["step"].wall - r["grad"].wall) / r["step"].wall,
             None, "", "")
     agg = _profile_ops(js.fn, (js.state, js.x, js.y, js.key))
     kinds = _op_kinds(js.fn.lower(js.state, js.x, js.y, js.key).compile().as_text())
