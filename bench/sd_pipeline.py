@@ -72,28 +72,19 @@ def _timer(threads):
     return run
 
 
-def main(argv=None):
-    args = _parse_args(argv)
-    if args.memory_case:
-        return _memory_case(args)
-    if args.memory:
-        return _memory(args)
-    if args.threads == 1:
-        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-    import jax
-    import dngjax as dj
+def _bench_folder(unet, threads):
+    """(diffusers pipeline, dngjax pipeline, image size in px) of the tests' tiny SD folder, written to a temporary
+    folder; ``unet="small"``: its UNet replaced by SD 2 base's structure at 1/4 width on 32 x 32 latents. Torch
+    (imported after JAX) runs on ``threads`` threads."""
     from dngjax import stable_diffusion as sd
-
-    if args.real_size:
-        return _real_size(args)
     import torch
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     from tests.sd_tiny import make_folder                        # run from the repository root (PYTHONPATH=.)
 
     folder = os.path.join(tempfile.mkdtemp(prefix="dngjax-sd-bench-"), "tiny-sd")
     torch_pipe = make_folder(folder)
     px = 16
-    if args.unet == "small":
+    if unet == "small":
         import diffusers
         from bench.sd_unet_pass import SD2_BASE
         torch.manual_seed(0)
@@ -103,9 +94,17 @@ def main(argv=None):
         torch_pipe.save_pretrained(folder, safe_serialization=True)
         px = 32 * torch_pipe.vae_scale_factor
     torch_pipe.set_progress_bar_config(disable=True)
-    pipe = sd.load(folder)
-    prompt, negative, b, s = "a cat", "a dog", args.batch, args.steps
-    runs = {
+    return torch_pipe, sd.load(folder), px
+
+
+def _pipeline_runs(torch_pipe, pipe, px, b, s):
+    """{label: (UNet passes per step, zero-argument call)}: diffusers' negative prompt first, then dngjax's
+    negative prompt, positive NP and positive DNG, b images of s steps each."""
+    import torch
+    import dngjax as dj
+    from dngjax import stable_diffusion as sd
+    prompt, negative = "a cat", "a dog"
+    return {
         "diffusers, negative prompt (2 passes/step)": (2, lambda: torch_pipe(
             prompt, negative_prompt=negative, num_images_per_prompt=b, num_inference_steps=s, guidance_scale=7.5,
             height=px, width=px, output_type="np", generator=torch.Generator().manual_seed(0)).images),
@@ -118,14 +117,27 @@ def main(argv=None):
             pipe, prompt, negative, range(b), rule=dj.PositiveMode(dj.DynamicNegativeGuidance(scale=5.0), cfg_scale=7.5),
             steps=s, height=px, width=px)),
     }
-    timer = _timer(args.threads)
+
+
+def _time_runs(runs, threads, repeats):
+    """{label: [(wall s, cpu s)] per repeat} of each run, after a warm-up call each, interleaved (order
+    alternating)."""
+    timer = _timer(threads)
     for _, (_, fn) in runs.items():
         fn()                                                    # warm-up: compilation, caches
     times = {k: [] for k in runs}
-    for r in range(args.repeats):
+    for r in range(repeats):
         order = list(runs) if r % 2 == 0 else list(reversed(runs))
         for k in order:
             times[k].append(timer(runs[k][1]))
+    return times
+
+
+def _print_pipeline_results(runs, times, args, px):
+    """Images/s and UNet passes/s of each run (medians), and each dngjax run's ratio to diffusers'."""
+    import jax
+    import torch
+    b, s = args.batch, args.steps
     use = 1 if args.threads == 1 else 0
     print(f"{args.unet} SD UNet, {px} x {px} images, batch {b}, {s} steps, {args.threads} thread(s), median of {args.repeats}; "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
@@ -138,6 +150,21 @@ def main(argv=None):
     for k in list(runs)[1:]:
         img = med[ref][use] / med[k][use]
         print(f"ratio {k} / diffusers: images/s {img:.2f}x, UNet passes/s {img * runs[k][0] / runs[ref][0]:.2f}x")
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    if args.memory_case:
+        return _memory_case(args)
+    if args.memory:
+        return _memory(args)
+    if args.threads == 1:
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    if args.real_size:
+        return _real_size(args)
+    torch_pipe, pipe, px = _bench_folder(args.unet, args.threads)
+    runs = _pipeline_runs(torch_pipe, pipe, px, args.batch, args.steps)
+    _print_pipeline_results(runs, _time_runs(runs, args.threads, args.repeats), args, px)
 
 
 def _real_size(args):
